@@ -1,0 +1,38 @@
+"""jaxcomp: model compression for JAX/Flax as pure module rewrites.
+
+Public API, one name a line. Numerics (``jaxcomp.quant``) work on plain arrays without Flax.
+"""
+
+from jaxcomp.quant.core import compute_scale
+from jaxcomp.quant.core import dequantize
+from jaxcomp.quant.core import fake_quant
+from jaxcomp.quant.core import lsq_fake_quant
+from jaxcomp.quant.core import quantize_per_token
+from jaxcomp.quant.core import quantize as quantize_array
+from jaxcomp.quant.dot import quant_dot_general
+from jaxcomp.quant.spec import Quant
+from jaxcomp.quant.spec import SpecError
+from jaxcomp.recipe import MatchReport
+from jaxcomp.recipe import Recipe
+from jaxcomp.recipe import RecipeError
+from jaxcomp.recipe import Rule
+from jaxcomp.rewrite import quantize
+from jaxcomp.rewrite import report
+
+__all__ = [
+    "MatchReport",
+    "Quant",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "SpecError",
+    "compute_scale",
+    "dequantize",
+    "fake_quant",
+    "lsq_fake_quant",
+    "quant_dot_general",
+    "quantize",
+    "quantize_array",
+    "quantize_per_token",
+    "report",
+]

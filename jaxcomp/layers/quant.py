@@ -1,0 +1,216 @@
+"""Quantized building blocks that the rewrite engine puts into Flax NNX models.
+
+Flax's layers expose injection points (``dot_general`` on Linear/LinearGeneral, ``einsum_op``
+on Einsum, ``conv_general_dilated`` on Conv); a quantized layer is the *same* layer with its
+injection point set to one of the modules here, so the class, the parameter names and the
+kernel's sharding metadata are all kept. Embed has no such point and gets `QuantEmbed`, a
+subclass that takes over the original embedding parameter.
+
+The math lives in `jaxcomp.quant`; these modules only hold the spec and the learned steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcomp.quant import core
+from jaxcomp.quant import dot as qdot
+from jaxcomp.quant.spec import Quant
+
+Array = jax.Array
+
+
+class QuantScale(nnx.Param):
+  """A learned quantization step size (LSQ). A `nnx.Param`, so it trains with the weights;
+  filter on `QuantScale` to give it its own optimizer settings."""
+
+
+def make_step(kernel: nnx.Variable, contracting: Sequence[int], spec: Quant) -> QuantScale:
+  """LSQ step for ``kernel`` (shape from `weight_scale_shape`), initialised from the calibrated
+  scale and carrying the kernel's logical axis names on its non-contracting axes.
+
+  Example:
+    >>> lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    >>> make_step(lin.kernel, (0,), jc.Quant(w_bits=4, learn_scale=True)).shape
+    (1, 32)
+  """
+  w = kernel[...]
+  shape = qdot.weight_scale_shape(w.shape, contracting, spec)
+  contracting = tuple(a % w.ndim for a in contracting)
+  step = _block_lsq_init(w, shape, spec)
+  names = kernel.get_metadata().get("out_sharding")
+  meta = {}
+  if names is not None:
+    meta["out_sharding"] = tuple(None if a in contracting else n for a, n in enumerate(names))
+  sharding = getattr(w, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and names is not None:
+    spec_names = tuple(
+        None if a in contracting else p for a, p in enumerate(tuple(sharding.spec) + (None,) * w.ndim)
+    )[: w.ndim]
+    step = jax.device_put(step, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec_names)))
+  return QuantScale(step, eager_sharding=False, **meta)
+
+
+def _block_lsq_init(w: Array, shape: Sequence[int], spec: Quant) -> Array:
+  """Initial steps: the calibrated scale (``spec.calibration``) of each block of ``w`` that maps
+  onto one entry of ``shape``. QAT starts from trained weights, where this beats LSQ's
+  ``2 mean|w| / sqrt(Qp)`` (`jaxcomp.quant.core.lsq_init`), which is coarse at 8 bits."""
+  split = []
+  for size, n in zip(w.shape, shape):
+    split += [n, size // n]
+  blocks = w.reshape(split)
+  init, _ = core.compute_scale(blocks, spec.w_bits, axes=tuple(range(1, 2 * w.ndim, 2)),
+                               symmetric=True, calibration=spec.calibration,
+                               percentile=spec.percentile)
+  return init.reshape(tuple(shape)).astype(jnp.float32)
+
+
+class QuantDot(nnx.Module):
+  """A ``dot_general`` for `nnx.Linear` / `nnx.LinearGeneral`: the right operand is the kernel.
+
+  Example:
+    >>> lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    >>> lin.dot_general = QuantDot(jc.Quant(w_bits=8, a_bits=8))
+    >>> lin(jnp.ones((4, 64))).shape
+    (4, 32)
+  """
+
+  def __init__(self, spec: Quant, w_step: QuantScale | None = None):
+    self.spec = spec
+    self.w_step = w_step
+
+  def __call__(self, lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+               preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+    return qdot.quant_dot_general(
+        lhs, rhs, dimension_numbers, self.spec, w_step=_value(self.w_step), precision=precision,
+        preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
+class QuantEinsum(nnx.Module):
+  """An ``einsum_op`` for `nnx.Einsum`: lowers the two-operand einsum to `quant_dot_general`.
+
+  Example:
+    >>> e = nnx.Einsum("bd,dhk->bhk", (64, 4, 16), rngs=nnx.Rngs(0))
+    >>> e.einsum_op = QuantEinsum(jc.Quant(w_bits=4))
+    >>> e(jnp.ones((2, 64))).shape
+    (2, 4, 16)
+  """
+
+  def __init__(self, spec: Quant, w_step: QuantScale | None = None):
+    self.spec = spec
+    self.w_step = w_step
+
+  def __call__(self, einsum_str: str, lhs: Array, rhs: Array, precision: Any = None,
+               preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+    dims, perm = einsum_dimension_numbers(einsum_str, lhs.ndim, rhs.ndim)
+    y = qdot.quant_dot_general(lhs, rhs, dims, self.spec, w_step=_value(self.w_step),
+                               precision=precision, preferred_element_type=preferred_element_type)
+    return jnp.transpose(y, perm)
+
+
+class QuantConv(nnx.Module):
+  """A ``conv_general_dilated`` for `nnx.Conv`: the kernel (and optionally the input) quantized.
+
+  Example:
+    >>> conv = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+    >>> conv.conv_general_dilated = QuantConv(jc.Quant(w_bits=4))
+    >>> conv(jnp.ones((1, 16, 16, 3))).shape
+    (1, 16, 16, 8)
+  """
+
+  def __init__(self, spec: Quant, w_step: QuantScale | None = None):
+    self.spec = spec
+    self.w_step = w_step
+
+  def __call__(self, lhs: Array, rhs: Array, *args: Any, out_sharding: Any = None,
+               **kwargs: Any) -> Array:
+    return qdot.quant_conv_general_dilated(lhs, rhs, *args, spec=self.spec,
+                                           w_step=_value(self.w_step), **kwargs)
+
+
+class QuantEmbed(nnx.Embed):
+  """`nnx.Embed` with a weight-only quantized table (one scale per row, or per group of the
+  feature axis); both the lookup and `attend` (a tied output head) see the quantized table.
+
+  Built from an existing Embed, whose parameter it takes over (same name, same metadata).
+
+  Example:
+    >>> emb = nnx.Embed(100, 16, rngs=nnx.Rngs(0))
+    >>> q = QuantEmbed(emb, jc.Quant(w_bits=4))
+    >>> q(jnp.array([1, 2])).shape, q.attend(jnp.ones((2, 16))).shape
+    ((2, 16), (2, 100))
+  """
+
+  def __init__(self, embed: nnx.Embed, spec: Quant, w_step: QuantScale | None = None):
+    # Deliberately not calling nnx.Embed.__init__: no new table is created.
+    self.embedding = embed.embedding
+    self.num_embeddings = embed.num_embeddings
+    self.features = embed.features
+    self.dtype = embed.dtype
+    self.param_dtype = embed.param_dtype
+    self.promote_dtype = embed.promote_dtype
+    self.spec = spec
+    self.w_step = w_step
+
+  def _table(self) -> Array:
+    return qdot.fake_quant_weight(self.embedding[...], (1,), self.spec, _value(self.w_step))
+
+  def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f"QuantEmbed input must be integers, got {inputs.dtype}")
+    (table,) = self.promote_dtype((self._table(),), dtype=self.dtype, inexact=False)
+    return jnp.take(table, inputs, axis=0)
+
+  def attend(self, query: Array, out_sharding: Any = None) -> Array:
+    query, table = self.promote_dtype((query, self._table()), dtype=self.dtype)
+    return jnp.dot(query, table.T)
+
+
+def _value(v: nnx.Variable | None) -> Array | None:
+  return None if v is None else v[...]
+
+
+def einsum_dimension_numbers(
+    equation: str, lhs_ndim: int, rhs_ndim: int
+) -> tuple[Any, tuple[int, ...]]:
+  """``dot_general`` dimension numbers and output permutation of a two-operand einsum.
+
+  ``jnp.einsum(eq, a, b) == jnp.transpose(lax.dot_general(a, b, dims), perm)``.
+
+  Example:
+    >>> einsum_dimension_numbers("bsd,dhk->bshk", 3, 3)
+    ((((2,), (0,)), ((), ())), (0, 1, 2, 3))
+  """
+  eq = equation.replace(" ", "")
+  if "->" not in eq or eq.count(",") != 1:
+    raise ValueError(f"einsum {equation!r}: need the explicit form 'lhs,rhs->out'")
+  ins, out = eq.split("->")
+  a, b = ins.split(",")
+  spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+  if "..." in eq:
+    extra = lambda s, nd: nd - (len(s) - 3) if "..." in s else 0
+    n = max(extra(a, lhs_ndim), extra(b, rhs_ndim))
+    ell = "".join(next(spare) for _ in range(n))
+    expand = lambda s, nd: s.replace("...", ell[n - extra(s, nd):])
+    a, b, out = expand(a, lhs_ndim), expand(b, rhs_ndim), out.replace("...", ell)
+  for s in (a, b, out):
+    if len(set(s)) != len(s):
+      raise ValueError(f"einsum {equation!r}: repeated index within one operand")
+  if len(a) != lhs_ndim or len(b) != rhs_ndim:
+    raise ValueError(f"einsum {equation!r} does not fit operand ranks {lhs_ndim}, {rhs_ndim}")
+  for c in a + b:
+    if c not in out and (c not in a or c not in b):
+      raise ValueError(f"einsum {equation!r}: index {c!r} is summed within one operand")
+  contracting = [c for c in a if c in b and c not in out]
+  batch = [c for c in a if c in b and c in out]
+  lf = [c for c in a if c not in b]
+  rf = [c for c in b if c not in a]
+  dims = ((tuple(a.index(c) for c in contracting), tuple(b.index(c) for c in contracting)),
+          (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+  produced = batch + lf + rf
+  return dims, tuple(produced.index(c) for c in out)

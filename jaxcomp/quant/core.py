@@ -1,0 +1,336 @@
+"""Quantization numerics on plain arrays: ranges, scales, quantize/dequantize, STE, LSQ.
+
+Conventions used throughout (and by `jaxcomp.quant.dot`):
+
+* A b-bit symmetric grid is the narrow signed range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (so int8 is
+  [-127, 127] and negation is exact); an asymmetric grid is the full signed range
+  ``[-2^(b-1), 2^(b-1) - 1]`` with a zero point ``z``. Both fit in int8 for b <= 8.
+* ``x_hat = (q - z) * s`` with ``q = clip(round(x / s) + z, qmin, qmax)``.
+* Scales are reduced over ``axes`` with ``keepdims=True`` so they broadcast against ``x``.
+
+Nothing here imports flax: these are the functions another codebase may want on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Axes = int | Sequence[int] | None
+
+# Clipping ratios tried by the MSE scale search (fraction of the absmax range).
+_MSE_GRID = 20
+_MSE_MIN_RATIO = 0.5
+
+
+def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
+  """The integer range ``(qmin, qmax)`` of a ``bits``-bit grid.
+
+  Example:
+    >>> qrange(8), qrange(4, symmetric=False)
+    ((-127, 127), (-8, 7))
+  """
+  if symmetric:
+    q = 2 ** (bits - 1) - 1
+    return -q, q
+  return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _axes(x: Array, axes: Axes) -> tuple[int, ...]:
+  if axes is None:
+    return tuple(range(x.ndim))
+  if isinstance(axes, int):
+    axes = (axes,)
+  return tuple(a % x.ndim for a in axes)
+
+
+def round_ste(x: Array) -> Array:
+  """``round(x)`` in the forward pass, identity in the backward pass (straight-through)."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def grad_scale(x: Array, g: float | Array) -> Array:
+  """Identity in the forward pass; multiplies the incoming gradient by ``g`` (LSQ's trick)."""
+  return jax.lax.stop_gradient(x - x * g) + x * g
+
+
+def _safe(s: Array) -> Array:
+  return jnp.where(s > 0, s, jnp.ones_like(s))
+
+
+def _range_bounds(
+    x: Array, axes: tuple[int, ...], symmetric: bool, calibration: str, percentile: float
+) -> tuple[Array, Array]:
+  """(lo, hi) of the float range to map onto the grid, reduced over ``axes`` (keepdims)."""
+  if calibration == "percentile" and percentile < 100.0:
+    if symmetric:
+      hi = jnp.percentile(jnp.abs(x), percentile, axis=axes, keepdims=True)
+      return -hi, hi
+    lo = jnp.percentile(x, 100.0 - percentile, axis=axes, keepdims=True)
+    hi = jnp.percentile(x, percentile, axis=axes, keepdims=True)
+  else:
+    if symmetric:
+      hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+      return -hi, hi
+    lo = jnp.min(x, axis=axes, keepdims=True)
+    hi = jnp.max(x, axis=axes, keepdims=True)
+  # The range always holds 0 so that zero (padding, ReLU outputs) is exact.
+  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
+def scale_from_range(
+    lo: Array, hi: Array, bits: int, symmetric: bool = True
+) -> tuple[Array, Array | None]:
+  """Scale (and zero point, if asymmetric) mapping ``[lo, hi]`` onto the ``bits`` grid.
+
+  Args:
+    lo, hi: range bounds, broadcast-compatible (``lo <= 0 <= hi``).
+    bits: grid width.
+    symmetric: symmetric grid (``hi`` alone sets the scale; no zero point).
+
+  Returns:
+    ``(scale, zero_point)``; ``zero_point`` is None when symmetric, else float, integer-valued.
+  """
+  qmin, qmax = qrange(bits, symmetric)
+  if symmetric:
+    return _safe(jnp.maximum(-lo, hi) / qmax), None
+  s = _safe((hi - lo) / (qmax - qmin))
+  z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
+  return s, z
+
+
+def compute_scale(
+    x: Array,
+    bits: int,
+    *,
+    axes: Axes = None,
+    symmetric: bool = True,
+    calibration: str = "absmax",
+    percentile: float = 99.9,
+) -> tuple[Array, Array | None]:
+  """Chooses the quantization scale of ``x``, reduced over ``axes`` (kept as size-1 dims).
+
+  ``absmax`` maps the extreme value onto the grid's edge; ``percentile`` clips at the given
+  percentile of ``|x|`` (of ``x`` on both sides when asymmetric); ``mse`` searches clipping
+  ratios in [0.5, 1] of the absmax range and keeps, per output slice, the one minimising
+  :math:`\\sum (\\hat x - x)^2` over ``axes``.
+
+  Args:
+    x: float array of any shape.
+    bits: grid width, 2..8.
+    axes: axes reduced into one scale (None: the whole tensor). E.g. for a (K, N) kernel,
+      ``axes=0`` gives one scale per output channel, shape (1, N).
+    symmetric, calibration, percentile: as in `jaxcomp.Quant`.
+
+  Returns:
+    ``(scale, zero_point)`` with the shape of ``x`` reduced over ``axes`` (keepdims);
+    zero_point is None when symmetric.
+
+  Example:
+    >>> w = jnp.array([[1.0, -4.0], [2.0, 0.5]])
+    >>> s, _ = compute_scale(w, 8, axes=0)
+    >>> s.shape, float(s[0, 1]) == 4.0 / 127
+    ((1, 2), True)
+  """
+  axes = _axes(x, axes)
+  x = x.astype(jnp.float32)
+  lo, hi = _range_bounds(x, axes, symmetric, calibration, percentile)
+  if calibration != "mse":
+    return scale_from_range(lo, hi, bits, symmetric)
+
+  def candidate(ratio):
+    s, z = scale_from_range(lo * ratio, hi * ratio, bits, symmetric)
+    err = jnp.sum(jnp.square(fake_quant_with_scale(x, s, z, bits, symmetric) - x), axes, keepdims=True)
+    return err, s, z
+
+  def body(i, carry):
+    best_err, best_s, best_z = carry
+    ratio = 1.0 - (1.0 - _MSE_MIN_RATIO) * i / (_MSE_GRID - 1)
+    err, s, z = candidate(ratio)
+    better = err < best_err
+    best_z = None if best_z is None else jnp.where(better, z, best_z)
+    return jnp.where(better, err, best_err), jnp.where(better, s, best_s), best_z
+
+  init = candidate(1.0)
+  _, s, z = jax.lax.fori_loop(1, _MSE_GRID, body, init)
+  return s, z
+
+
+def quantize(
+    x: Array, scale: Array, zero_point: Array | None = None, *, bits: int, symmetric: bool = True
+) -> Array:
+  """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` as int8 (``bits <= 8``).
+
+  Args:
+    x: float array; scale/zero_point broadcast against it.
+
+  Returns:
+    int8 array of x's shape.
+
+  Example:
+    >>> quantize(jnp.array([0.5, -1.0, 9.0]), jnp.array(0.5), bits=4)
+    Array([ 1, -2,  7], dtype=int8)
+  """
+  qmin, qmax = qrange(bits, symmetric)
+  q = jnp.round(x.astype(jnp.float32) / scale)
+  if zero_point is not None:
+    q = q + zero_point
+  return jnp.clip(q, qmin, qmax).astype(jnp.int8)
+
+
+def dequantize(
+    q: Array, scale: Array, zero_point: Array | None = None, dtype: jnp.dtype = jnp.float32
+) -> Array:
+  """``(q - zero_point) * scale`` in ``dtype``.
+
+  Example:
+    >>> dequantize(jnp.array([1, -2], jnp.int8), jnp.array(0.5))
+    Array([ 0.5, -1. ], dtype=float32)
+  """
+  q = q.astype(jnp.float32)
+  if zero_point is not None:
+    q = q - zero_point
+  return (q * scale).astype(dtype)
+
+
+def fake_quant_with_scale(
+    x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True
+) -> Array:
+  """Quantize then dequantize with the given scale, differentiable in ``x`` and ``scale``.
+
+  Gradients: the straight-through estimator clipped to the grid,
+  :math:`\\partial \\hat x / \\partial x = 1` inside ``[(qmin - z) s, (qmax - z) s]`` and 0
+  outside; and LSQ's step gradient :math:`\\partial \\hat x / \\partial s = -x/s + round(x/s)`
+  inside, ``qmin - z`` or ``qmax - z`` outside (Esser et al., 2020, eq. 3). Stop the gradient
+  of ``scale`` yourself when it is not learned.
+
+  Example:
+    >>> fake_quant_with_scale(jnp.array([0.26, 9.0]), jnp.array(0.5), None, 4)
+    Array([0.5, 3.5], dtype=float32)
+  """
+  return grid_value(x, scale, zero_point, bits, symmetric) * scale
+
+
+def grid_value(
+    x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True
+) -> Array:
+  """``clip(round_ste(x / s) + z, qmin, qmax) - z``: the integer-valued grid coordinate (float).
+
+  ``grid_value(x, s, z, b) * s`` is the fake-quantized ``x``; keeping the two factors apart lets
+  `jaxcomp.quant.dot` run the product as a real integer dot.
+  """
+  qmin, qmax = qrange(bits, symmetric)
+  v = round_ste(x.astype(jnp.float32) / scale)
+  if zero_point is None:
+    return _clip(v, qmin, qmax)
+  z = jax.lax.stop_gradient(zero_point)
+  return _clip(v + z, qmin, qmax) - z
+
+
+def _clip(v: Array, lo: float, hi: float) -> Array:
+  """Clip whose gradient is 1 on the closed range [lo, hi] (jnp.clip halves it at the edges)."""
+  return jnp.where(v > hi, hi, jnp.where(v < lo, lo, v))
+
+
+def fake_quant(
+    x: Array,
+    bits: int,
+    *,
+    axes: Axes = None,
+    symmetric: bool = True,
+    calibration: str = "absmax",
+    percentile: float = 99.9,
+) -> Array:
+  """Fake quantization with a calibrated, constant scale and a straight-through gradient.
+
+  .. math::  \\hat x = (clip(round(x / s) + z, q_{min}, q_{max}) - z) \\, s
+
+  with ``s, z = compute_scale(x, bits, axes=axes, ...)`` held constant (stop-gradient). The
+  backward pass is the clipped STE: gradient 1 where ``x`` lies inside the grid's range, 0
+  outside (only clipping calibrations clip).
+
+  Args:
+    x: float array.
+    bits: 2..8.
+    axes: axes sharing one scale (None: per tensor).
+
+  Returns:
+    Array of x's shape and dtype, on the grid.
+
+  Example:
+    >>> x = jnp.linspace(-1, 1, 5)
+    >>> fake_quant(x, 2)     # grid {-1, 0, 1} * 1.0
+    Array([-1., -0.,  0.,  0.,  1.], dtype=float32)
+  """
+  s, z = compute_scale(x, bits, axes=axes, symmetric=symmetric, calibration=calibration,
+                       percentile=percentile)
+  s = jax.lax.stop_gradient(s)
+  return fake_quant_with_scale(x, s, z, bits, symmetric).astype(x.dtype)
+
+
+def lsq_init(x: Array, bits: int, *, axes: Axes = None, symmetric: bool = True) -> Array:
+  """LSQ's initial step size ``2 mean(|x|) / sqrt(Qp)`` reduced over ``axes`` (keepdims).
+
+  Example:
+    >>> lsq_init(jnp.ones((4, 2)), 8, axes=0).shape
+    (1, 2)
+  """
+  _, qmax = qrange(bits, symmetric)
+  m = jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=_axes(x, axes), keepdims=True)
+  return _safe(2.0 * m / jnp.sqrt(qmax))
+
+
+def lsq_grad_scale(x_size: int, step_size: int, bits: int, symmetric: bool = True) -> float:
+  """LSQ's step-gradient scale ``1 / sqrt(N * Qp)``, N the elements sharing one step."""
+  _, qmax = qrange(bits, symmetric)
+  n = max(x_size // max(step_size, 1), 1)
+  return 1.0 / (n * qmax) ** 0.5
+
+
+def lsq_fake_quant(
+    x: Array, step: Array, bits: int, *, symmetric: bool = True, zero_point: Array | None = None
+) -> Array:
+  """Fake quantization with a learned step size (LSQ, Esser et al., 2020).
+
+  .. math::  \\hat x = clip(round(x / s), q_{min}, q_{max}) \\, s
+
+  The gradient to ``x`` is the clipped STE; the gradient to ``step`` is LSQ's
+  ``-x/s + round(x/s)`` inside the range, ``qmin``/``qmax`` outside, scaled by
+  :math:`g = 1 / \\sqrt{N Q_p}` with N the number of elements sharing one step.
+
+  Args:
+    x: float array.
+    step: positive step sizes broadcasting against ``x`` (e.g. (1, N) for a (K, N) kernel).
+    bits: 2..8.
+
+  Example:
+    >>> w = jnp.array([[0.3, -1.2], [0.9, 0.1]])
+    >>> step = lsq_init(w, 4, axes=0)
+    >>> jax.grad(lambda s: lsq_fake_quant(w, s, 4).sum())(step).shape
+    (1, 2)
+  """
+  g = lsq_grad_scale(x.size, step.size, bits, symmetric)
+  s = grad_scale(step, g)
+  return fake_quant_with_scale(x, s, zero_point, bits, symmetric).astype(x.dtype)
+
+
+def quantize_per_token(x: Array, bits: int = 8) -> tuple[Array, Array]:
+  """Dynamic symmetric per-token quantization: one scale per row (last axis reduced).
+
+  Args:
+    x: float[..., K].
+
+  Returns:
+    ``(q int8[..., K], scale float32[..., 1])`` with ``x ~= q * scale``.
+
+  Example:
+    >>> q, s = quantize_per_token(jnp.array([[1.0, -2.0], [0.1, 0.2]]))
+    >>> q
+    Array([[ 64, -127],
+           [ 64,  127]], dtype=int8)
+  """
+  s, _ = compute_scale(x, bits, axes=-1)
+  return quantize(x, s, bits=bits), s

@@ -1,0 +1,398 @@
+"""The quantized ``dot_general``: the one place where a quantized matmul is computed.
+
+Every quantized layer (linear, general linear, einsum, tied embedding head) ends here. Operands
+are first brought to a canonical frame, ``lhs -> (B, M, K)`` and ``rhs -> (B, K, N)`` (B the
+batch dims, M/N the free dims, K the contracting dims, each flattened), where granularity has
+one meaning for every layer type: per-token activation scales reduce over K per (b, m);
+per-channel weight scales reduce over K per (b, n); per-group weight scales reduce over
+consecutive runs of ``group`` elements of K.
+
+When both operands are quantized on symmetric grids, the forward pass runs a real
+``int8 x int8 -> int32`` dot and rescales once (AQT-style). With ``Quant.g_bits`` the two
+backward dots run in int8 as well: the output gradient is quantized per row for
+``d lhs = G W^T`` and per column for ``d rhs = X^T G``, the other operand re-quantized along
+the matching axis. The gradient seen by the float inputs is the straight-through estimator of
+the fake-quantized product, so QAT and this path share their numerics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcomp.quant import core
+from jaxcomp.quant.spec import Quant, SpecError
+
+Array = jax.Array
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+# --------------------------------------------------------------------------- canonical frame
+
+
+class _Frame:
+  """Index bookkeeping that maps a dot_general to (B, M, K) x (B, K, N) and back."""
+
+  def __init__(self, lhs_shape, rhs_shape, dimension_numbers: DimensionNumbers):
+    (lc, rc), (lb, rb) = dimension_numbers
+    nl, nr = len(lhs_shape), len(rhs_shape)
+    self.lc = tuple(a % nl for a in lc)
+    self.rc = tuple(a % nr for a in rc)
+    self.lb = tuple(a % nl for a in lb)
+    self.rb = tuple(a % nr for a in rb)
+    if len(self.lc) != len(self.rc) or len(self.lb) != len(self.rb):
+      raise ValueError(f"dot_general: unpaired dimension numbers {dimension_numbers}")
+    for a, b in zip(self.lc, self.rc):
+      if lhs_shape[a] != rhs_shape[b]:
+        raise ValueError(
+            f"dot_general: contracting dims differ: lhs{tuple(lhs_shape)} axis {a} vs "
+            f"rhs{tuple(rhs_shape)} axis {b}")
+    self.lf = tuple(a for a in range(nl) if a not in self.lc + self.lb)
+    self.rf = tuple(a for a in range(nr) if a not in self.rc + self.rb)
+    self.batch_shape = tuple(lhs_shape[a] for a in self.lb)
+    self.m_shape = tuple(lhs_shape[a] for a in self.lf)
+    self.n_shape = tuple(rhs_shape[a] for a in self.rf)
+    self.k_shape = tuple(lhs_shape[a] for a in self.lc)
+    self.B = math.prod(self.batch_shape)
+    self.M = math.prod(self.m_shape)
+    self.N = math.prod(self.n_shape)
+    self.K = math.prod(self.k_shape)
+
+  def lhs(self, x: Array) -> Array:
+    return jnp.transpose(x, self.lb + self.lf + self.lc).reshape(self.B, self.M, self.K)
+
+  def rhs(self, w: Array) -> Array:
+    """(B, Kc, N) for the kernel or a kernel-layout scale (contracting dims may be size 1)."""
+    t = jnp.transpose(w, self.rb + self.rc + self.rf)
+    size = lambda axes: math.prod(w.shape[a] for a in axes)
+    return t.reshape(size(self.rb), size(self.rc), size(self.rf))
+
+  def out(self, y: Array) -> Array:
+    return y.reshape(self.batch_shape + self.m_shape + self.n_shape)
+
+
+def weight_scale_shape(
+    kernel_shape: Sequence[int], contracting: Sequence[int], spec: Quant
+) -> tuple[int, ...]:
+  """Shape of the (LSQ) weight step of a kernel, in the kernel's own layout.
+
+  Contracting axes collapse to 1 (per channel), or, per group, the last contracting axis to
+  ``size // group`` and the others keep their size; per tensor every axis is 1.
+
+  Example:
+    >>> weight_scale_shape((512, 2048), (0,), jc.Quant(w_bits=4, group=128))
+    (4, 2048)
+  """
+  nd = len(kernel_shape)
+  contracting = tuple(a % nd for a in contracting)
+  if spec.granularity == "tensor":
+    return (1,) * nd
+  shape = list(kernel_shape)
+  if spec.granularity == "channel":
+    for a in contracting:
+      shape[a] = 1
+    return tuple(shape)
+  last = contracting[-1]
+  if kernel_shape[last] % spec.group:
+    raise SpecError(
+        f"Quant.group={spec.group} does not divide the contraction axis of size "
+        f"{kernel_shape[last]} (kernel shape {tuple(kernel_shape)})")
+  shape[last] = kernel_shape[last] // spec.group
+  return tuple(shape)
+
+
+# --------------------------------------------------------------------------- operand grids
+
+
+def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Array]:
+  """Integer-valued grid ``u`` and scale ``s`` of a canonical (B, K, N) weight.
+
+  Per group the result is (B, G, g, N) with scale (B, G, 1, N); otherwise (B, K, N), (B, 1, N)
+  (or (1, 1, 1) per tensor).
+  """
+  b, k, n = w3.shape
+  if spec.granularity == "group":
+    if k % spec.group:
+      raise SpecError(f"Quant.group={spec.group} does not divide the contraction size {k}")
+    w3 = w3.reshape(b, k // spec.group, spec.group, n)
+    axes = (2,)
+    if step3 is not None:
+      step3 = step3.reshape(b, k // spec.group, 1, n)
+  elif spec.granularity == "channel":
+    axes = (1,)
+  else:
+    axes = None
+  if step3 is not None:  # LSQ: the step is a trained parameter.
+    g = core.lsq_grad_scale(w3.size, step3.size, spec.w_bits, spec.w_symmetric)
+    s, z = core.grad_scale(step3, g), None
+  else:
+    s, z = core.compute_scale(w3, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
+                              calibration=spec.calibration, percentile=spec.percentile)
+    s = jax.lax.stop_gradient(s)
+  return core.grid_value(w3, s, z, spec.w_bits, spec.w_symmetric), s
+
+
+def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
+  """Dynamic grid of a canonical (B, M, K) activation: per token (B, M, 1) or per tensor."""
+  axes = (2,) if spec.a_granularity == "token" else None
+  s, z = core.compute_scale(x3, spec.a_bits, axes=axes, symmetric=spec.a_symmetric)
+  s = jax.lax.stop_gradient(s)
+  return core.grid_value(x3, s, z, spec.a_bits, spec.a_symmetric), s
+
+
+def fake_quant_weight(
+    w: Array, contracting: Sequence[int], spec: Quant, step: Array | None = None
+) -> Array:
+  """Fake-quantizes a kernel in its own layout, scales shared along ``contracting`` axes.
+
+  Args:
+    w: kernel of any rank, e.g. (K, N) dense, (H, W, Cin, Cout) conv, (V, D) embedding.
+    contracting: the axes the layer contracts over (0 for dense, (0, 1, 2) for HWIO conv,
+      1 for an embedding table used as ``x @ E.T``).
+    spec: the quantization spec (w_bits, granularity, group, calibration, symmetry).
+    step: optional LSQ step in the shape `weight_scale_shape` gives.
+
+  Returns:
+    The fake-quantized kernel, same shape and dtype, with STE (and LSQ) gradients.
+
+  Example:
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> fake_quant_weight(w, (0,), jc.Quant(w_bits=4)).shape
+    (64, 32)
+  """
+  nd = w.ndim
+  contracting = tuple(a % nd for a in contracting)
+  free = tuple(a for a in range(nd) if a not in contracting)
+  frame = _Frame((1,) + tuple(w.shape[a] for a in contracting), w.shape,
+                 (((*range(1, len(contracting) + 1),), contracting), ((), ())))
+  step3 = None if step is None else frame.rhs(step)
+  u, s = _weight_grid(frame.rhs(w), spec, step3)
+  w_hat = (u * s).reshape(1, frame.K, frame.N)
+  t = w_hat.reshape(tuple(w.shape[a] for a in contracting + free))
+  return jnp.transpose(t, np.argsort(contracting + free)).astype(w.dtype)
+
+
+# --------------------------------------------------------------------------- the integer dot
+
+
+def _int8(u: Array) -> Array:
+  return u.astype(jnp.int8)
+
+
+def _idot(a: Array, b: Array, *, b_transposed: bool = False) -> Array:
+  """int8 (B, M, K) x int8 (B, K, N) -> int32 (B, M, N); ``b_transposed``: b is (B, N, K).
+
+  Only these two layouts (contraction on the last axis of ``a``) reach the fast int8 GEMMs of
+  XLA's CPU backend; a batch of one is dropped to a plain 2-D dot for the same reason.
+  """
+  a, b = _int8(a), _int8(b)
+  rc = 2 if b_transposed else 1
+  if a.shape[0] == 1:
+    y = jax.lax.dot_general(a[0], b[0], (((1,), (rc - 1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+    return y[None]
+  return jax.lax.dot_general(a, b, (((2,), (rc,)), ((0,), (0,))),
+                             preferred_element_type=jnp.int32)
+
+
+def _swap_materialized(x: Array) -> Array:
+  """(B, R, C) -> (B, C, R) as a real copy in row-major order.
+
+  A bare transpose is folded by XLA into the consumer dot as a column-major operand, which on
+  CPU falls off the fast int8 GEMM (about 40x slower); the flatten behind an optimization
+  barrier forces the copy.
+  """
+  b, r, c = x.shape
+  flat = jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2).reshape(-1))
+  return flat.reshape(b, c, r)
+
+
+def _requant(x: Array, axis: int, bits: int) -> tuple[Array, Array]:
+  s, _ = core.compute_scale(x, bits, axes=axis)
+  return core.grid_value(x, s, None, bits), s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, g_bits: int | None) -> Array:
+  """``(u_x s_x) @ (u_w s_w)`` batched, with the product ``u_x @ u_w`` run in int8 -> int32.
+
+  Args:
+    u_x: float (B, M, K), integer-valued in [-127, 127] (an activation grid).
+    s_x: float (B, M, 1) per-row scales (or broadcastable).
+    u_w: float (B, K, N), integer-valued in [-127, 127] (a weight grid).
+    s_w: float (B, 1, N) per-column scales (or broadcastable).
+    g_bits: None to run the two backward dots in float, else the bits of the output gradient
+      in int8 backward dots.
+
+  Returns:
+    float32 (B, M, N). Gradients flow to all four arrays as for the float product.
+  """
+  acc = _idot(u_x, u_w)
+  return acc.astype(jnp.float32) * s_x * s_w
+
+
+def _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits):
+  return int_dot(u_x, s_x, u_w, s_w, g_bits), (u_x, s_x, u_w, s_w)
+
+
+def _int_dot_bwd(g_bits, res, g):
+  u_x, s_x, u_w, s_w = res
+  if g_bits is None:
+    w_hat, x_hat = u_w * s_w, u_x * s_x
+    dx_hat = jnp.einsum("bmn,bkn->bmk", g, w_hat)
+    dw_hat = jnp.einsum("bmk,bmn->bkn", x_hat, g)
+  else:
+    # d x_hat = G W^T contracts N: G per row (b, m), W_hat re-quantized per row (b, k).
+    ug, sg = _requant(g, 2, g_bits)
+    uw2, sw2 = _requant(u_w * s_w, 2, 8)
+    dx_hat = _idot(ug, uw2, b_transposed=True).astype(jnp.float32) * sg * jnp.swapaxes(sw2, 1, 2)
+    # d w_hat = X^T G contracts M: X_hat per column (b, k), G per column (b, n).
+    ux2, sx2 = _requant(u_x * s_x, 1, 8)
+    ug2, sg2 = _requant(g, 1, g_bits)
+    dw_hat = _idot(_swap_materialized(_int8(ux2)), ug2).astype(jnp.float32) * jnp.swapaxes(
+        sx2, 1, 2) * sg2
+  du_x = dx_hat * s_x
+  du_w = dw_hat * s_w
+  ds_x = jnp.sum(u_x * dx_hat, axis=2, keepdims=True)
+  ds_w = jnp.sum(u_w * dw_hat, axis=1, keepdims=True)
+  return (du_x, _unbroadcast(ds_x, s_x.shape), du_w, _unbroadcast(ds_w, s_w.shape))
+
+
+def _unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
+  axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
+  return jnp.sum(g, axis=axes, keepdims=True) if axes else g
+
+
+int_dot.defvjp(_int_dot_fwd, _int_dot_bwd)
+
+
+# --------------------------------------------------------------------------- public dot
+
+
+def quant_dot_general(
+    lhs: Array,
+    rhs: Array,
+    dimension_numbers: DimensionNumbers,
+    spec: Quant,
+    *,
+    w_step: Array | None = None,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+) -> Array:
+  """``lax.dot_general(lhs, rhs)`` with ``rhs`` (the weight) and optionally ``lhs`` quantized.
+
+  .. math::  y = \\hat x \\cdot \\hat w, \\quad \\hat w = Q_{w}(rhs), \\; \\hat x = Q_{a}(lhs)
+
+  Weights get ``spec.w_bits`` with per-tensor / per-channel / per-group scales (calibrated each
+  call, or LSQ-learned when ``w_step`` is given); activations, when ``spec.a_bits`` is set, get
+  dynamic per-token or per-tensor scales. With both on symmetric grids the product is a real
+  ``int8 x int8 -> int32`` dot (per group: one per group, rescaled and summed), else a float dot
+  of the fake-quantized operands. Gradients are the STE (and LSQ for ``w_step``).
+
+  Args:
+    lhs: activations, any shape, e.g. (batch, seq, K).
+    rhs: weight, e.g. (K, N).
+    dimension_numbers: as for `jax.lax.dot_general`.
+    spec: a `jaxcomp.Quant`.
+    w_step: LSQ weight step in the kernel layout given by `weight_scale_shape`.
+    precision, preferred_element_type, out_sharding: passed to the float dot.
+
+  Returns:
+    The dot_general output, in ``preferred_element_type`` or the promoted input dtype.
+
+  Example:
+    >>> x = jnp.ones((2, 8, 64)); w = jnp.ones((64, 32)) / 64
+    >>> y = quant_dot_general(x, w, (((2,), (0,)), ((), ())), jc.Quant(w_bits=8, a_bits=8))
+    >>> y.shape
+    (2, 8, 32)
+  """
+  frame = _Frame(lhs.shape, rhs.shape, dimension_numbers)
+  out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+  if w_step is not None and w_step.ndim != rhs.ndim:
+    raise ValueError(f"w_step must have the kernel's rank {rhs.ndim}, got shape {w_step.shape}")
+
+  if spec.a_bits is None:  # Weight-only: the layer's own float dot on the fake-quantized kernel.
+    w_hat = fake_quant_weight(rhs, frame.rc, spec, w_step)
+    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+    return jax.lax.dot_general(lhs, w_hat, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kw)
+
+  x3, w3 = frame.lhs(lhs), frame.rhs(rhs)
+  step3 = None if w_step is None else frame.rhs(w_step)
+  u_w, s_w = _weight_grid(w3, spec, step3)
+
+  u_x, s_x = _act_grid(x3, spec)
+  if spec.int_dot:
+    if spec.granularity == "group":
+      b, g, gs, n = u_w.shape
+      ux = u_x.reshape(b, frame.M, g, gs).transpose(0, 2, 1, 3).reshape(b * g, frame.M, gs)
+      sx = jnp.broadcast_to(s_x[:, None], (b, g) + s_x.shape[1:]).reshape(b * g, -1, 1)
+      y = int_dot(ux, sx, u_w.reshape(b * g, gs, n), s_w.reshape(b * g, 1, n), spec.g_bits)
+      y = y.reshape(b, g, frame.M, n).sum(axis=1)
+    else:
+      y = int_dot(u_x, jnp.broadcast_to(s_x, (frame.B, frame.M, 1)), u_w,
+                  jnp.broadcast_to(s_w, (frame.B, 1, frame.N)), spec.g_bits)
+    return frame.out(y).astype(out_dtype)
+
+  # Asymmetric grids: a float dot of the fake-quantized operands.
+  x_hat = (u_x * s_x).astype(lhs.dtype)
+  w_hat = (u_w * s_w).reshape(w3.shape).astype(rhs.dtype)
+  y = jnp.einsum("bmk,bkn->bmn", x_hat, w_hat, precision=precision,
+                 preferred_element_type=preferred_element_type)
+  return frame.out(y).astype(out_dtype)
+
+
+def quant_conv_general_dilated(
+    lhs: Array, rhs: Array, *args: Any, spec: Quant, w_step: Array | None = None,
+    dimension_numbers: Any = None, **kwargs: Any
+) -> Array:
+  """``lax.conv_general_dilated`` with the kernel (and optionally the input) fake-quantized.
+
+  The kernel shares one scale per output feature (or per group of input features, or per
+  tensor); the input, when ``spec.a_bits`` is set, is quantized dynamically per example
+  ("token") or per tensor. The convolution itself runs in float on the quantized values.
+
+  Args:
+    lhs: input, e.g. (N, H, W, C).
+    rhs: kernel, e.g. (kh, kw, C, O).
+    *args, dimension_numbers, **kwargs: as for `jax.lax.conv_general_dilated`.
+    spec: a `jaxcomp.Quant`.
+    w_step: LSQ weight step (kernel layout, `weight_scale_shape` with every axis but the output
+      feature axis contracting).
+
+  Example:
+    >>> x = jnp.ones((1, 8, 8, 3)); k = jnp.ones((3, 3, 3, 4))
+    >>> dn = ("NHWC", "HWIO", "NHWC")
+    >>> quant_conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn,
+    ...                            spec=jc.Quant(w_bits=4)).shape
+    (1, 8, 8, 4)
+  """
+  w_hat = fake_quant_weight(rhs, conv_contracting_axes(rhs.ndim, lhs.shape, dimension_numbers),
+                            spec, w_step)
+  if spec.a_bits is not None:
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    batch_axis = dn.lhs_spec[0]
+    axes = tuple(a for a in range(lhs.ndim) if a != batch_axis) if (
+        spec.a_granularity == "token") else None
+    lhs = core.fake_quant(lhs, spec.a_bits, axes=axes, symmetric=spec.a_symmetric)
+  return jax.lax.conv_general_dilated(lhs, w_hat, *args, dimension_numbers=dimension_numbers,
+                                      **kwargs)
+
+
+def conv_contracting_axes(
+    kernel_ndim: int, lhs_shape: Sequence[int] | None = None, dimension_numbers: Any = None
+) -> tuple[int, ...]:
+  """Every kernel axis but the output-feature axis (HWIO's last axis unless told otherwise)."""
+  if dimension_numbers is None or lhs_shape is None:
+    out_axis = kernel_ndim - 1
+  else:
+    dn = jax.lax.conv_dimension_numbers(tuple(lhs_shape), (1,) * kernel_ndim, dimension_numbers)
+    out_axis = dn.rhs_spec[0]
+  return tuple(a for a in range(kernel_ndim) if a != out_axis)

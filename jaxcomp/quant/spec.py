@@ -1,0 +1,121 @@
+"""The quantization spec: what to quantize, how finely, and how to pick scales.
+
+`Quant` is a frozen, keyword-only dataclass validated on construction, so a bad value fails
+where it is written (a config file, a recipe) with the field's name in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+Granularity = Literal["tensor", "channel", "group"]
+ActGranularity = Literal["tensor", "token"]
+Calibration = Literal["absmax", "percentile", "mse"]
+
+GRANULARITIES = ("tensor", "channel", "group")
+ACT_GRANULARITIES = ("tensor", "token")
+CALIBRATIONS = ("absmax", "percentile", "mse")
+
+
+class SpecError(ValueError):
+  """A spec field holds a bad value; the message names the field."""
+
+
+def _check_bits(owner: str, name: str, value: Any, lo: int, hi: int, *, optional: bool) -> None:
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    allowed = f"an int in [{lo}, {hi}]" + (" or None" if optional else "")
+    raise SpecError(f"{owner}.{name} must be {allowed}, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise SpecError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise SpecError(f"{owner}.{name} must be a bool, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Quant:
+  """How one layer is quantized (weights, and optionally activations and gradients).
+
+  Weights are quantized along the layer's output channels: one scale per output channel
+  (``granularity="channel"``), per tensor, or per group of ``group`` consecutive input
+  (contraction) elements. Activations are quantized dynamically per token (one scale per row
+  of the matmul's left operand) or per tensor. With ``learn_scale`` the weight (and
+  per-tensor activation) step sizes are trained with LSQ (Esser et al., 2020).
+
+  Example:
+    >>> import jaxcomp as jc
+    >>> jc.Quant(w_bits=4, group=128)                    # w4 weight-only, g128
+    Quant(w_bits=4, a_bits=None, ...)
+    >>> jc.Quant(w_bits=8, a_bits=8, learn_scale=True)   # w8a8 QAT with LSQ
+    Quant(w_bits=8, a_bits=8, ...)
+  """
+
+  w_bits: int = 8  # weight bits, 2..8.
+  a_bits: int | None = None  # activation bits, 4..8; None keeps activations in float.
+  g_bits: int | None = None  # bits of the output gradient in the two backward dots; None: float.
+  w_symmetric: bool = True  # symmetric weights (no zero point).
+  a_symmetric: bool = True  # symmetric activations (no zero point).
+  granularity: Granularity = "channel"  # weight scale: per tensor, output channel or group.
+  group: int | None = None  # group size along the contraction axis; implies granularity="group".
+  a_granularity: ActGranularity = "token"  # activation scale: per token (row) or per tensor.
+  calibration: Calibration = "absmax"  # how weight scales are chosen: absmax, percentile, mse.
+  percentile: float = 99.9  # used by calibration="percentile", in (0, 100].
+  learn_scale: bool = False  # LSQ: train the step sizes (Esser et al., 2020).
+
+  def __post_init__(self) -> None:
+    o = "Quant"
+    _check_bits(o, "w_bits", self.w_bits, 2, 8, optional=False)
+    _check_bits(o, "a_bits", self.a_bits, 4, 8, optional=True)
+    _check_bits(o, "g_bits", self.g_bits, 4, 8, optional=True)
+    _check_bool(o, "w_symmetric", self.w_symmetric)
+    _check_bool(o, "a_symmetric", self.a_symmetric)
+    _check_bool(o, "learn_scale", self.learn_scale)
+    _check_choice(o, "granularity", self.granularity, GRANULARITIES)
+    _check_choice(o, "a_granularity", self.a_granularity, ACT_GRANULARITIES)
+    _check_choice(o, "calibration", self.calibration, CALIBRATIONS)
+    if self.group is not None:
+      if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+        raise SpecError(f"Quant.group must be a positive int or None, got {self.group!r}")
+      if self.granularity == "tensor":
+        raise SpecError("Quant.group is set but Quant.granularity is 'tensor'; drop one of them")
+      object.__setattr__(self, "granularity", "group")
+    elif self.granularity == "group":
+      raise SpecError("Quant.group must be set when Quant.granularity is 'group'")
+    if (
+        isinstance(self.percentile, bool)
+        or not isinstance(self.percentile, (int, float))
+        or not 0.0 < self.percentile <= 100.0
+    ):
+      raise SpecError(f"Quant.percentile must be a number in (0, 100], got {self.percentile!r}")
+    object.__setattr__(self, "percentile", float(self.percentile))
+    if self.a_bits is None and self.g_bits is not None:
+      raise SpecError("Quant.g_bits needs Quant.a_bits: the int8 backward dots use both operands")
+    if self.learn_scale and not self.w_symmetric:
+      raise SpecError("Quant.learn_scale=True needs w_symmetric=True (LSQ learns a step, no zero point)")
+
+  @property
+  def int_dot(self) -> bool:
+    """Whether the forward pass runs a real integer dot (both operands quantized, symmetric)."""
+    return self.a_bits is not None and self.w_symmetric and self.a_symmetric
+
+  def to_dict(self) -> dict[str, Any]:
+    """The fields as a plain dict (round-trips through `Quant(**d)`)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "Quant":
+    """Builds a spec from a mapping, rejecting unknown keys by name."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise SpecError(f"Quant has no field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
+    return cls(**d)

@@ -1,0 +1,9 @@
+"""Pure model rewrites: `quantize(model, recipe)` and `report(model, recipe)` for NNX and Linen."""
+
+from jaxcomp.rewrite.api import quantize
+from jaxcomp.rewrite.api import report
+
+__all__ = [
+    "quantize",
+    "report",
+]

@@ -1,0 +1,91 @@
+"""Entry points of the rewrite engine, dispatching on the kind of model (NNX or Linen)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import logging
+from flax import linen as nn
+from flax import nnx
+
+from jaxcomp.recipe import MatchReport, Recipe
+from jaxcomp.rewrite import linen_rewrite, nnx_rewrite
+
+
+def _check_recipe(recipe: Any) -> None:
+  if not isinstance(recipe, Recipe):
+    raise TypeError(f"recipe must be a jaxcomp.Recipe, got {type(recipe).__name__}")
+
+
+def quantize(
+    model: nnx.Module | nn.Module,
+    recipe: Recipe,
+    *,
+    variables: Any = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    strict: bool = False,
+) -> Any:
+  """Returns a quantized copy of ``model``; ``model`` (and ``variables``) are left untouched.
+
+  Each layer whose path matches a rule with ``quant=`` gets that `Quant` spec: Linear/Dense,
+  LinearGeneral/DenseGeneral, Einsum and Conv quantize their kernel (and activations when
+  ``a_bits`` is set, as a real int8 dot where both are symmetric); Embed quantizes its table
+  (weight-only). Parameter names, shapes and logical sharding metadata are kept; LSQ steps
+  (``learn_scale=True``) are added as `QuantScale` params.
+
+  Args:
+    model: an NNX module, or a Linen module (then ``variables`` and ``args`` are needed).
+    recipe: a `jaxcomp.Recipe`.
+    variables: Linen only: the module's variables (``{"params": ...}``).
+    args, kwargs: Linen only: example call arguments (arrays or `jax.ShapeDtypeStruct`), used to
+      trace the module once, abstractly, to find its layers.
+    strict: raise if a rule matches no layer or matches a layer type that cannot be quantized.
+
+  Returns:
+    NNX: the new model. Linen: ``(new_module, new_variables)``.
+
+  Example:
+    >>> recipe = jc.Recipe([jc.Rule(r".*", quant=jc.Quant(w_bits=8, a_bits=8))])
+    >>> qmodel = jc.quantize(nnx_model, recipe)
+    >>> qmodule, qvars = jc.quantize(linen_module, recipe, variables=variables, args=(x,))
+  """
+  _check_recipe(recipe)
+  if isinstance(model, nnx.Module):
+    if variables is not None or args:
+      raise TypeError("quantize: variables= and args= are for Linen modules, not NNX models")
+    new, rep = nnx_rewrite.rewrite(model, recipe, handlers=nnx_rewrite.QUANT_HANDLERS,
+                                   kind=lambda r: r.quant, strict=strict)
+    logging.info("jaxcomp.quantize:\n%s", rep)
+    return new
+  if isinstance(model, nn.Module):
+    if variables is None or not args:
+      raise TypeError("quantize: a Linen module needs variables= and args=(example inputs,)")
+    module, new_vars, rep = linen_rewrite.quantize_linen(
+        model, recipe, variables=variables, args=tuple(args), kwargs=kwargs, strict=strict)
+    logging.info("jaxcomp.quantize:\n%s", rep)
+    return module, new_vars
+  raise TypeError(f"quantize: expected a flax.nnx or flax.linen Module, got {type(model).__name__}")
+
+
+def report(
+    model: nnx.Module | nn.Module,
+    recipe: Recipe,
+    *,
+    variables: Any = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> MatchReport:
+  """Which layers each rule of ``recipe`` would quantize, and which rules match nothing.
+
+  Example:
+    >>> print(jc.report(model, recipe))
+    rule                                     layers
+    .*attn/.*                                8
+  """
+  _check_recipe(recipe)
+  if isinstance(model, nnx.Module):
+    return nnx_rewrite.plan(model, recipe, nnx_rewrite.QUANT_HANDLERS, lambda r: r.quant)[1]
+  if variables is None or not args:
+    raise TypeError("report: a Linen module needs variables= and args=(example inputs,)")
+  return linen_rewrite.report_linen(model, recipe, variables, tuple(args), kwargs or {})

@@ -1,0 +1,228 @@
+"""Rewrites of Flax Linen modules: interception inside a wrapper, plus a pure variable transform.
+
+Linen modules are built lazily by their call, so a rewrite cannot swap nodes ahead of time.
+Instead `QuantizedLinen` runs the original module under `flax.linen.intercept_methods`: each
+call of a matched Dense / DenseGeneral / Conv is re-issued on a clone whose ``dot_general`` /
+``conv_general_dilated`` injection point is the quantized dot, and Einsum / Embed are computed
+with the same `jaxcomp.quant` functions. The wrapper shares the inner module's scope
+(`nn.share_scope`), so parameter paths stay exactly as they were; learned step sizes are added
+next to their kernel as ``w_step``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant import dot as qdot
+from jaxcomp.quant.spec import Quant
+from jaxcomp.recipe import MatchReport, Recipe
+
+_SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed)
+
+
+class _QuantDotFn:
+  """A ``dot_general`` bound to a spec and a step (marks a clone as already quantized)."""
+
+  def __init__(self, spec: Quant, w_step: jax.Array | None):
+    self.spec, self.w_step = spec, w_step
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+               **unused):
+    return qdot.quant_dot_general(lhs, rhs, dimension_numbers, self.spec, w_step=self.w_step,
+                                  precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+
+class _QuantConvFn(_QuantDotFn):
+
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    kwargs.pop("out_sharding", None)
+    return qdot.quant_conv_general_dilated(lhs, rhs, *args, spec=self.spec, w_step=self.w_step,
+                                           **kwargs)
+
+
+def _contracting(m: nn.Module, kernel: jax.Array, einsum_str: str | None) -> tuple[int, ...]:
+  if isinstance(m, nn.Dense):
+    return (0,)
+  if isinstance(m, nn.DenseGeneral):
+    axis = (m.axis,) if isinstance(m.axis, int) else tuple(m.axis)
+    n_batch = len((m.batch_dims,) if isinstance(m.batch_dims, int) else tuple(m.batch_dims))
+    return tuple(range(n_batch, n_batch + len(axis)))
+  if isinstance(m, nn.Conv):
+    return tuple(range(kernel.ndim - 1))
+  if isinstance(m, nn.Embed):
+    return (1,)
+  eq = einsum_str.replace(" ", "")
+  lhs = eq.split("->")[0].split(",")[0]
+  lhs_ndim = len(lhs.replace("...", "")) + (1 if "..." in lhs else 0)
+  (_, rc), _ = qlayers.einsum_dimension_numbers(eq, lhs_ndim, kernel.ndim)[0]
+  return tuple(rc)
+
+
+def _kernel_name(m: nn.Module) -> str:
+  return "embedding" if isinstance(m, nn.Embed) else "kernel"
+
+
+def _step(m: nn.Module, spec: Quant, contracting: tuple[int, ...]) -> jax.Array | None:
+  """The layer's LSQ step: read, or (when params are mutable) created from the kernel."""
+  if not spec.learn_scale:
+    return None
+  kernel = m.scope.get_variable("params", _kernel_name(m))
+  init = lambda *_: qlayers._block_lsq_init(  # pylint: disable=protected-access
+      kernel, qdot.weight_scale_shape(kernel.shape, contracting, spec), spec)
+  if m.scope.has_variable("params", "w_step"):
+    return m.scope.get_variable("params", "w_step")
+  if m.scope.is_mutable_collection("params"):
+    return m.scope.param("w_step", init)
+  raise ValueError(
+      f"{'/'.join(m.path)}: no 'w_step' param; build the variables with "
+      "jc.quantize(module, recipe, variables=..., args=...) or module.init")
+
+
+def _einsum_str(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
+  if not isinstance(m, nn.Einsum):
+    return None
+  return kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or m.einsum_str
+
+
+def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs) -> Any:
+  einsum_str = _einsum_str(m, args, kwargs)
+  kernel = m.scope.get_variable("params", _kernel_name(m))
+  contracting = _contracting(m, kernel, einsum_str)
+  step = _step(m, spec, contracting)
+  if isinstance(m, (nn.Dense, nn.DenseGeneral)):
+    clone = m.clone(parent=m.scope, dot_general=_QuantDotFn(spec, step), dot_general_cls=None)
+    return getattr(clone, method)(*args, **kwargs)
+  if isinstance(m, nn.Conv):
+    clone = m.clone(parent=m.scope, conv_general_dilated=_QuantConvFn(spec, step),
+                    conv_general_dilated_cls=None)
+    return getattr(clone, method)(*args, **kwargs)
+  if isinstance(m, nn.Embed):
+    table = qdot.fake_quant_weight(kernel, contracting, spec, step)
+    if method == "attend":
+      query, table = m.promote_dtype(args[0], table, dtype=m.dtype)
+      return jnp.dot(query, table.T)
+    (table,) = m.promote_dtype(table, dtype=m.dtype, inexact=False)
+    return jnp.take(table, args[0], axis=0)
+  # nn.Einsum
+  inputs = args[0]
+  bias = m.scope.get_variable("params", "bias") if m.use_bias else None
+  inputs, kernel, bias = m.promote_dtype(inputs, kernel, bias, dtype=m.dtype)
+  dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
+  y = jnp.transpose(qdot.quant_dot_general(
+      inputs, kernel, dims, spec, w_step=step, precision=m.precision,
+      preferred_element_type=m.preferred_element_type), perm)
+  if bias is not None:
+    _, shape = m._get_bias_shape(einsum_str.replace(" ", ""), inputs, kernel)  # pylint: disable=protected-access
+    y = y + jnp.reshape(bias, shape)
+  return y
+
+
+def _already_quantized(m: nn.Module) -> bool:
+  return isinstance(getattr(m, "dot_general", None), _QuantDotFn) or isinstance(
+      getattr(m, "conv_general_dilated", None), _QuantDotFn)
+
+
+def _intercept(recipe: Recipe, next_fun, args, kwargs, context):
+  """Re-issues a matched layer call quantized; passes everything else through."""
+  m = context.module
+  if (type(m) not in _SUPPORTED or context.method_name not in ("__call__", "attend")
+      or _already_quantized(m)):
+    return next_fun(*args, **kwargs)
+  rule = recipe.match("/".join(m.path))
+  if rule is None or rule.skip or rule.quant is None:
+    return next_fun(*args, **kwargs)
+  if not m.scope.has_variable("params", _kernel_name(m)):
+    # Initialisation: the layer creates its params, then its LSQ step is made from the kernel.
+    # (The output of `init` is the float layer's; every apply is quantized.)
+    out = next_fun(*args, **kwargs)
+    kernel = m.scope.get_variable("params", _kernel_name(m))
+    _step(m, rule.quant, _contracting(m, kernel, _einsum_str(m, args, kwargs)))
+    return out
+  return _quantized_call(m, context.method_name, rule.quant, args, kwargs)
+
+
+class QuantizedLinen(nn.Module):
+  """Runs ``inner`` with the layers that ``recipe`` matches quantized; same variable layout.
+
+  Attributes:
+    inner: the original Linen module.
+    recipe: the rules (regex on the Linen module path, e.g. ``Dense_0`` or ``block/attn/query``).
+
+  Example:
+    >>> qmodel, qvars = jc.quantize(model, recipe, variables=variables, args=(x,))
+    >>> qmodel.apply(qvars, x)
+  """
+
+  inner: nn.Module
+  recipe: Recipe
+
+  def setup(self):
+    nn.share_scope(self, self.inner)
+
+  def __call__(self, *args, **kwargs):
+    # A plain function, not a method: Linen would intercept a method of its own.
+    with nn.intercept_methods(functools.partial(_intercept, self.recipe)):
+      return self.inner(*args, **kwargs)
+
+
+def _record(recipe: Recipe, seen: dict[str, str]):
+  """Interceptor that records the path and type of every layer that owns params."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    m = context.module
+    params = m.scope.variables().get("params", {}) if m.scope is not None else {}
+    if m.path and any(not isinstance(v, dict) and hasattr(v, "shape")
+                      for v in params.values()):
+      seen.setdefault("/".join(m.path), type(m).__name__)
+    return out
+
+  return interceptor
+
+
+def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
+                 kwargs: dict) -> MatchReport:
+  """Which Linen layers the recipe matches (traced abstractly on the example arguments)."""
+  seen: dict[str, str] = {}
+
+  def run(variables, *args):
+    with nn.intercept_methods(_record(recipe, seen)):
+      return module.apply(variables, *args, **kwargs)
+
+  jax.eval_shape(run, variables, *args)
+  matched = {r.label: [] for r in recipe.rules}
+  unsupported = []
+  supported_names = {t.__name__ for t in _SUPPORTED}
+  for path, kind in seen.items():
+    rule = recipe.match(path)
+    if rule is None:
+      continue
+    if rule.skip or kind in supported_names:
+      matched[rule.label].append(path)
+    else:
+      unsupported.append((path, kind))
+  unused = [label for label, paths in matched.items() if not paths]
+  return MatchReport(matched=matched, unused=unused, unsupported=unsupported)
+
+
+def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: tuple,
+                   kwargs: dict | None, strict: bool) -> tuple[nn.Module, Any, MatchReport]:
+  """``(QuantizedLinen(module), new variables, report)``; ``variables`` is not modified."""
+  kwargs = kwargs or {}
+  report = report_linen(module, recipe, variables, args, kwargs)
+  if strict:
+    report.check()
+  wrapped = QuantizedLinen(inner=module, recipe=recipe)
+  # Adding the LSQ steps: one forward with params mutable creates them from the kernels.
+  apply = functools.partial(wrapped.apply, mutable=["params"], rngs={"params": jax.random.key(0)})
+  _, updates = jax.jit(lambda v, *a: apply(v, *a, **kwargs))(variables, *args)
+  new_vars = {**jax.tree.map(lambda x: x, dict(variables)), **updates}
+  return wrapped, new_vars, report
