@@ -106,7 +106,8 @@ class Recipe:
   # ---------------------------------------------------------------- config round trip
 
   def to_config(self) -> ml_collections.ConfigDict:
-    """The recipe as a ConfigDict: ``rules`` maps each rule's label to its fields, in order.
+    """The recipe as a ConfigDict: ``rules`` maps each rule's name (``rule<i>`` when unnamed) to
+    its fields, in order.
 
     Example:
       >>> cfg = Recipe([Rule(".*", quant=Quant(w_bits=4), name="all")]).to_config()
@@ -114,9 +115,10 @@ class Recipe:
       4
     """
     rules = {}
-    for r in self.rules:
-      rules[r.label] = {
+    for i, r in enumerate(self.rules):  # keys are rule names (patterns may hold dots)
+      rules[r.name or f"rule{i}"] = {
           "pattern": r.pattern,
+          "name": r.name,
           "skip": r.skip,
           "quant": None if r.quant is None else r.quant.to_dict(),
       }
@@ -161,7 +163,7 @@ def _rule_from_mapping(where: str, name: str | None, v: Any) -> Rule:
     if quant is not None:
       quant = Quant.from_dict(quant)
     return Rule(v["pattern"], quant=quant, skip=v.get("skip", False),
-                name=v.get("name", name) if name is None or v.get("name") else name)
+                name=v["name"] if "name" in v else name)
   except (SpecError, RecipeError) as e:
     raise RecipeError(f"{where}: {e}") from None
 

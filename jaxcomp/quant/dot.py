@@ -213,55 +213,61 @@ def _swap_materialized(x: Array) -> Array:
   return flat.reshape(b, c, r)
 
 
-def _requant(x: Array, axis: int, bits: int) -> tuple[Array, Array]:
+def _quant_rows(x: Array, axis: int, bits: int) -> tuple[Array, Array]:
+  """Dynamic symmetric quantization of ``x`` with one scale per slice along ``axis``."""
   s, _ = core.compute_scale(x, bits, axes=axis)
-  return core.grid_value(x, s, None, bits), s
+  return core.quantize(x, s, bits=bits), s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, g_bits: int | None) -> Array:
   """``(u_x s_x) @ (u_w s_w)`` batched, with the product ``u_x @ u_w`` run in int8 -> int32.
 
+  Backward (the STE of the float product), with ``G`` the output gradient:
+  ``du_x = s_x ((G s_w) u_w^T)`` and ``du_w = s_w (u_x^T (s_x G))``: the operand scales move
+  onto ``G``, so the int8 grids saved from the forward pass are reused as they are. With
+  ``g_bits`` the scaled gradients are quantized (per row for ``du_x``, per column for ``du_w``)
+  and both dots run in int8 too; otherwise they run in float32.
+
   Args:
     u_x: float (B, M, K), integer-valued in [-127, 127] (an activation grid).
-    s_x: float (B, M, 1) per-row scales (or broadcastable).
+    s_x: float (B, M, 1) per-row scales.
     u_w: float (B, K, N), integer-valued in [-127, 127] (a weight grid).
-    s_w: float (B, 1, N) per-column scales (or broadcastable).
-    g_bits: None to run the two backward dots in float, else the bits of the output gradient
-      in int8 backward dots.
+    s_w: float (B, 1, N) per-column scales.
+    g_bits: None for float backward dots, else the bits of the quantized output gradient.
 
   Returns:
     float32 (B, M, N). Gradients flow to all four arrays as for the float product.
+
+  Example:
+    >>> u = jnp.ones((1, 4, 8)); v = jnp.ones((1, 8, 2))
+    >>> int_dot(u, jnp.full((1, 4, 1), 0.5), v, jnp.ones((1, 1, 2)), None)[0, 0]
+    Array([4., 4.], dtype=float32)
   """
-  acc = _idot(u_x, u_w)
-  return acc.astype(jnp.float32) * s_x * s_w
+  return _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits)[0]
 
 
 def _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits):
-  return int_dot(u_x, s_x, u_w, s_w, g_bits), (u_x, s_x, u_w, s_w)
+  qx, qw = _int8(u_x), _int8(u_w)
+  y = _idot(qx, qw).astype(jnp.float32) * s_x * s_w
+  return y, (qx, s_x, qw, s_w)
 
 
 def _int_dot_bwd(g_bits, res, g):
-  u_x, s_x, u_w, s_w = res
+  qx, s_x, qw, s_w = res
+  gw, gx = g * s_w, g * s_x  # (B, M, N): the scale of the other operand moved onto G
   if g_bits is None:
-    w_hat, x_hat = u_w * s_w, u_x * s_x
-    dx_hat = jnp.einsum("bmn,bkn->bmk", g, w_hat)
-    dw_hat = jnp.einsum("bmk,bmn->bkn", x_hat, g)
+    dux = jnp.einsum("bmn,bkn->bmk", gw, qw.astype(jnp.float32))
+    duw = jnp.einsum("bmk,bmn->bkn", qx.astype(jnp.float32), gx)
   else:
-    # d x_hat = G W^T contracts N: G per row (b, m), W_hat re-quantized per row (b, k).
-    ug, sg = _requant(g, 2, g_bits)
-    uw2, sw2 = _requant(u_w * s_w, 2, 8)
-    dx_hat = _idot(ug, uw2, b_transposed=True).astype(jnp.float32) * sg * jnp.swapaxes(sw2, 1, 2)
-    # d w_hat = X^T G contracts M: X_hat per column (b, k), G per column (b, n).
-    ux2, sx2 = _requant(u_x * s_x, 1, 8)
-    ug2, sg2 = _requant(g, 1, g_bits)
-    dw_hat = _idot(_swap_materialized(_int8(ux2)), ug2).astype(jnp.float32) * jnp.swapaxes(
-        sx2, 1, 2) * sg2
-  du_x = dx_hat * s_x
-  du_w = dw_hat * s_w
-  ds_x = jnp.sum(u_x * dx_hat, axis=2, keepdims=True)
-  ds_w = jnp.sum(u_w * dw_hat, axis=1, keepdims=True)
-  return (du_x, _unbroadcast(ds_x, s_x.shape), du_w, _unbroadcast(ds_w, s_w.shape))
+    qg, sg = _quant_rows(gw, 2, g_bits)  # per row: contracted over N
+    dux = _idot(qg, qw, b_transposed=True).astype(jnp.float32) * sg
+    qg, sg = _quant_rows(gx, 1, g_bits)  # per column: contracted over M
+    duw = _idot(_swap_materialized(qx), qg).astype(jnp.float32) * sg
+  # dux = dL/dx_hat without the s_x factor (likewise duw): x_hat = u_x s_x.
+  ds_x = jnp.sum(qx.astype(jnp.float32) * dux, axis=2, keepdims=True)
+  ds_w = jnp.sum(qw.astype(jnp.float32) * duw, axis=1, keepdims=True)
+  return (dux * s_x, _unbroadcast(ds_x, s_x.shape), duw * s_w, _unbroadcast(ds_w, s_w.shape))
 
 
 def _unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
