@@ -215,17 +215,20 @@ def fake_quant_with_scale(
 
 
 def grid_value(
-    x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True
+    x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True,
+    *, clip: bool = True
 ) -> Array:
   """``clip(round_ste(x / s) + z, qmin, qmax) - z``: the integer-valued grid coordinate (float).
 
   ``grid_value(x, s, z, b) * s`` is the fake-quantized ``x``; keeping the two factors apart lets
-  `jaxcomp.quant.dot` run the product as a real integer dot.
+  `jaxcomp.quant.dot` run the product as a real integer dot. ``clip=False`` is for symmetric
+  absmax scales of ``x`` itself, where nothing lies outside the grid: the result is the same
+  and the backward pass needs no mask (so no second read of ``x``).
   """
   qmin, qmax = qrange(bits, symmetric)
   v = round_ste(x.astype(jnp.float32) / scale)
   if zero_point is None:
-    return _clip(v, qmin, qmax)
+    return _clip(v, qmin, qmax) if clip else v
   z = jax.lax.stop_gradient(zero_point)
   return _clip(v + z, qmin, qmax) - z
 

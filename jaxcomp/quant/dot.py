@@ -135,7 +135,8 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Ar
     s, z = core.compute_scale(w3, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile)
     s = jax.lax.stop_gradient(s)
-  return core.grid_value(w3, s, z, spec.w_bits, spec.w_symmetric), s
+  exact = step3 is None and spec.calibration == "absmax" and spec.w_symmetric
+  return core.grid_value(w3, s, z, spec.w_bits, spec.w_symmetric, clip=not exact), s
 
 
 def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
@@ -143,7 +144,7 @@ def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
   axes = (2,) if spec.a_granularity == "token" else None
   s, z = core.compute_scale(x3, spec.a_bits, axes=axes, symmetric=spec.a_symmetric)
   s = jax.lax.stop_gradient(s)
-  return core.grid_value(x3, s, z, spec.a_bits, spec.a_symmetric), s
+  return core.grid_value(x3, s, z, spec.a_bits, spec.a_symmetric, clip=not spec.a_symmetric), s
 
 
 def fake_quant_weight(
@@ -206,7 +207,7 @@ def _swap_materialized(x: Array) -> Array:
 
   A bare transpose is folded by XLA into the consumer dot as a column-major operand, which on
   CPU falls off the fast int8 GEMM (about 40x slower); the flatten behind an optimization
-  barrier forces the copy.
+  barrier forces the copy. On TPU/GPU this is a cheap relayout of int8 data.
   """
   b, r, c = x.shape
   flat = jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2).reshape(-1))
@@ -263,7 +264,12 @@ def _int_dot_bwd(g_bits, res, g):
     qg, sg = _quant_rows(gw, 2, g_bits)  # per row: contracted over N
     dux = _idot(qg, qw, b_transposed=True).astype(jnp.float32) * sg
     qg, sg = _quant_rows(gx, 1, g_bits)  # per column: contracted over M
-    duw = _idot(_swap_materialized(qx), qg).astype(jnp.float32) * sg
+    # X^T G contracts the leading axis of both; one operand must be transposed for the fast
+    # GEMM, and we transpose the smaller one (an int8 copy, but XLA recomputes its producer).
+    if qg.shape[2] < qx.shape[2]:
+      duw = jnp.swapaxes(_idot(_swap_materialized(qg), qx), 1, 2).astype(jnp.float32) * sg
+    else:
+      duw = _idot(_swap_materialized(qx), qg).astype(jnp.float32) * sg
   # dux = dL/dx_hat without the s_x factor (likewise duw): x_hat = u_x s_x.
   ds_x = jnp.sum(qx.astype(jnp.float32) * dux, axis=2, keepdims=True)
   ds_w = jnp.sum(qw.astype(jnp.float32) * duw, axis=1, keepdims=True)
