@@ -4,23 +4,33 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed
+STAMP   := $(VENV)/.installed-core
+TSTAMP  := $(VENV)/.installed-test
+BSTAMP  := $(VENV)/.installed-bench
 
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[test,bench]"
+	$(VPY) -m pip install -q -e .
 	touch $(STAMP)
+
+$(TSTAMP): $(STAMP)
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(TSTAMP)
+
+$(BSTAMP): $(STAMP)
+	$(VPY) -m pip install -q -e ".[bench]"
+	touch $(BSTAMP)
 
 demo: $(STAMP)
 	$(VPY) -m jaxcomp.demo
 
-test: $(STAMP)
+test: $(TSTAMP)
 	$(VPY) -m pytest -q -n 2 tests
 
-bench: $(STAMP)
+bench: $(BSTAMP)
 	$(VPY) bench/qat_step.py
 
 clean:
