@@ -62,19 +62,21 @@ def test_forward_equals_fake_quant_reference(spec):
 
 @pytest.mark.parametrize("spec", [jc.Quant(w_bits=8, a_bits=8), jc.Quant(w_bits=4, group=16),
                                   jc.Quant(w_bits=4, a_bits=8, group=16)], ids=str)
-def test_gradients_are_the_ste_of_the_reference(spec):
-  """The custom VJP of the integer path equals autodiff through the fake-quant reference."""
-  x, w = _data()
-  up = jax.random.normal(jax.random.key(5), (2, 8, 48))
+@pytest.mark.parametrize("k,n", [(64, 48), (48, 64)])  # both weight-gradient layouts
+def test_gradients_are_the_ste_of_the_reference(spec, k, n):
+  """The custom VJPs (int8 and CPU float paths) equal autodiff through the fake-quant reference."""
+  x, w = _data(k=k, n=n)
+  up = jax.random.normal(jax.random.key(5), (2, 8, n))
   f = lambda x, w: jnp.sum(qdot.quant_dot_general(x, w, DN, spec) * up)
   g = lambda x, w: jnp.sum(_fake_quant_reference(x, w, spec) * up)
   for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_int8_backward_close_to_float_backward():
-  x, w = _data(k=256, n=128)
-  up = jax.random.normal(jax.random.key(5), (2, 8, 128))
+@pytest.mark.parametrize("k,n", [(256, 128), (128, 256)])  # both weight-gradient layouts
+def test_int8_backward_close_to_float_backward(k, n):
+  x, w = _data(k=k, n=n)
+  up = jax.random.normal(jax.random.key(5), (2, 8, n))
   grads = {}
   for g_bits in (None, 8):
     spec = jc.Quant(w_bits=8, a_bits=8, g_bits=g_bits)
