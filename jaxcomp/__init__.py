@@ -3,6 +3,7 @@
 Public API, one name a line. Numerics (``jaxcomp.quant``) work on plain arrays without Flax.
 """
 
+from jaxcomp.layers import QuantScale
 from jaxcomp.quant.core import compute_scale
 from jaxcomp.quant.core import dequantize
 from jaxcomp.quant.core import fake_quant
@@ -22,6 +23,7 @@ from jaxcomp.rewrite import report
 __all__ = [
     "MatchReport",
     "Quant",
+    "QuantScale",
     "Recipe",
     "RecipeError",
     "Rule",

@@ -30,8 +30,11 @@ class Rule:
   """One recipe line: the layers whose path fully matches ``pattern`` and what they get.
 
   Example:
-    >>> Rule(r".*attn/(q|k|v|o)_proj", quant=Quant(w_bits=8, a_bits=8))
-    >>> Rule(r"lm_head|embed", skip=True)
+    >>> rule = Rule(r".*attn/(q|k|v|o)_proj", quant=Quant(w_bits=8, a_bits=8))
+    >>> rule.matches("layers/0/attn/q_proj"), rule.matches("layers/0/mlp/up_proj")
+    (True, False)
+    >>> Rule(r"lm_head|embed", skip=True).label
+    'lm_head|embed'
   """
 
   pattern: str  # regex, matched against the whole module path (re.fullmatch).

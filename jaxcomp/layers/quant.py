@@ -75,7 +75,7 @@ class QuantDot(nnx.Module):
 
   Example:
     >>> lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
-    >>> lin.dot_general = QuantDot(jc.Quant(w_bits=8, a_bits=8))
+    >>> lin.dot_general = nnx.data(QuantDot(jc.Quant(w_bits=8, a_bits=8)))
     >>> lin(jnp.ones((4, 64))).shape
     (4, 32)
   """
@@ -96,7 +96,7 @@ class QuantEinsum(nnx.Module):
 
   Example:
     >>> e = nnx.Einsum("bd,dhk->bhk", (64, 4, 16), rngs=nnx.Rngs(0))
-    >>> e.einsum_op = QuantEinsum(jc.Quant(w_bits=4))
+    >>> e.einsum_op = nnx.data(QuantEinsum(jc.Quant(w_bits=4)))
     >>> e(jnp.ones((2, 64))).shape
     (2, 4, 16)
   """
@@ -118,7 +118,7 @@ class QuantConv(nnx.Module):
 
   Example:
     >>> conv = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
-    >>> conv.conv_general_dilated = QuantConv(jc.Quant(w_bits=4))
+    >>> conv.conv_general_dilated = nnx.data(QuantConv(jc.Quant(w_bits=4)))
     >>> conv(jnp.ones((1, 16, 16, 3))).shape
     (1, 16, 16, 8)
   """

@@ -447,7 +447,12 @@ def quant_conv_general_dilated(
 def conv_contracting_axes(
     kernel_ndim: int, lhs_shape: Sequence[int] | None = None, dimension_numbers: Any = None
 ) -> tuple[int, ...]:
-  """Every kernel axis but the output-feature axis (HWIO's last axis unless told otherwise)."""
+  """Every kernel axis but the output-feature axis (HWIO's last axis unless told otherwise).
+
+  Example:
+    >>> conv_contracting_axes(4)
+    (0, 1, 2)
+  """
   if dimension_numbers is None or lhs_shape is None:
     out_axis = kernel_ndim - 1
   else:

@@ -173,7 +173,7 @@ class QuantizedLinen(nn.Module):
       return self.inner(*args, **kwargs)
 
 
-def _record(recipe: Recipe, seen: dict[str, str]):
+def _record(seen: dict[str, str]):
   """Interceptor that records the path and type of every layer that owns params."""
 
   def interceptor(next_fun, args, kwargs, context):
@@ -194,7 +194,7 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
   seen: dict[str, str] = {}
 
   def run(variables, *args):
-    with nn.intercept_methods(_record(recipe, seen)):
+    with nn.intercept_methods(_record(seen)):
       return module.apply(variables, *args, **kwargs)
 
   jax.eval_shape(run, variables, *args)

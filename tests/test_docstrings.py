@@ -1,0 +1,29 @@
+"""Every docstring example of the numerics, recipe and layer modules runs and prints what it says."""
+
+import doctest
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import jaxcomp as jc
+
+MODULES = [
+    "jaxcomp.quant.core",
+    "jaxcomp.quant.dot",
+    "jaxcomp.quant.spec",
+    "jaxcomp.recipe",
+    "jaxcomp.layers.quant",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  module = importlib.import_module(name)
+  globs = {**vars(module), "jc": jc, "jax": jax, "jnp": jnp, "nnx": nnx}
+  flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  result = doctest.testmod(module, globs=globs, optionflags=flags, verbose=False)
+  assert result.attempted > 0
+  assert result.failed == 0
