@@ -23,6 +23,7 @@ from absl import app, flags
 from flax import nnx
 
 import jaxcomp as jc
+from jaxcomp.eval.size import model_bits
 from jaxcomp.models import Llama, LlamaConfig
 
 _FLOAT_STEPS = flags.DEFINE_integer("float_steps", 400, "Float training steps.")
@@ -87,20 +88,6 @@ def evaluate(model: nnx.Module) -> float:
   return float(jax.jit(lambda t: loss_and_accuracy(model, t)[1])(tokens))
 
 
-def weight_bits(model: nnx.Module, recipe: jc.Recipe | None) -> int:
-  """Bits of the weights as they would be stored: quantized kernels at their width, else 32."""
-  total = 0
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    if path[-1] in ("w_step",) or "dot_general" in path:
-      total += 32 * var.get_value().size  # the learned scales themselves
-      continue
-    layer = "/".join(str(p) for p in path[:-1])
-    rule = recipe.match(layer) if recipe else None
-    bits = rule.quant.w_bits if rule and rule.quant and path[-1] == "kernel" else 32
-    total += bits * var.get_value().size
-  return total
-
-
 def main(argv: list[str]) -> None:
   del argv
   key = jax.random.key(_SEED.value)
@@ -109,7 +96,7 @@ def main(argv: list[str]) -> None:
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
   base, t_float = train(Llama(cfg, rngs=nnx.Rngs(_SEED.value)), _FLOAT_STEPS.value, 3e-3, key)
   rows: list[tuple[str, float, float, float, int]] = []
-  float_bits = weight_bits(base, None)
+  float_bits = model_bits(base)
   rows.append(("float32", float("nan"), evaluate(base), t_float, float_bits))
   # The fair reference for QAT: the float model trained for the same extra steps.
   tuned, t_tuned = train(base, _QAT_STEPS.value, 1e-3, jax.random.fold_in(key, 1))
@@ -119,7 +106,7 @@ def main(argv: list[str]) -> None:
     qmodel = jc.quantize(base, recipe, strict=True)
     before = evaluate(qmodel)
     qmodel, t_step = train(qmodel, _QAT_STEPS.value, 1e-3, jax.random.fold_in(key, 1))
-    rows.append((name, before, evaluate(qmodel), t_step, weight_bits(qmodel, recipe)))
+    rows.append((name, before, evaluate(qmodel), t_step, model_bits(qmodel, recipe)))
   print(f"\n{'variant':<26} {'acc after quantize':>18} {'acc after QAT':>14} "
         f"{'step ms':>8} {'weight KiB':>10}")
   for name, before, after, t, bits in rows:

@@ -1,0 +1,1 @@
+"""Command line: ``python -m jaxcomp --config configs/x.py[:variant] --workdir DIR``."""

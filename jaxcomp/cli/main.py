@@ -1,0 +1,88 @@
+"""``python -m jaxcomp --config configs/<experiment>.py[:variant] --workdir DIR``.
+
+Trains (or resumes) the experiment in DIR and prints a short report, also written to
+``DIR/report.json`` and ``DIR/report.md``. Bad input (config, variant, workdir, checkpoint,
+dataset) ends with one line on stderr and exit status 1; nothing already in DIR is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally ':variant'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, report).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _report_md(report: dict, config_name: str) -> str:
+  lines = [f"# {config_name}", "", "| metric | value |", "|---|---:|"]
+  for k, v in report.items():
+    lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Imported here so that `--help` and flag errors do not wait for JAX.
+  from jaxcomp.quant.spec import SpecError  # pylint: disable=import-outside-toplevel
+  from jaxcomp.recipe import RecipeError  # pylint: disable=import-outside-toplevel
+  from jaxcomp.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from jaxcomp.train.loop import TrainingDiverged, train  # pylint: disable=import-outside-toplevel
+
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    report = train(config, workdir)
+  except (CheckpointError, TrainingDiverged, FileNotFoundError, SpecError, RecipeError,
+          ValueError) as e:
+    if os.environ.get("JAXCOMP_TRACEBACK"):
+      raise
+    sys.exit(f"jaxcomp: error: {e}")
+  name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"],
+                                                          "config_filename") else "run"
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  md = _report_md(report, str(name))
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(md)
+  logging.info("report written to %s", workdir)
+  print(md)
+
+
+def _one_line(e: BaseException) -> str:
+  """The gist of an error whose message may hold a whole traceback (config-file errors do)."""
+  lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
+  for line in reversed(lines):  # the innermost "SomeError: message" line of a traceback
+    if ": " in line and line.split(":")[0].endswith(("Error", "Exception")):
+      return line.split(": ", 1)[1]
+  return " ".join(l.replace("\\", "").strip("'\"") for l in lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (bad variant, unknown --config.x key) are one line."""
+  try:
+    rest = flags.FLAGS(argv)
+    if flags.FLAGS["config"].present:
+      _CONFIG.value.to_dict()  # config files load lazily; fail here, not halfway through
+    return rest
+  except OSError as e:
+    path = flags.FLAGS["config"].serialize().split("=", 1)[-1]
+    sys.exit(f"jaxcomp: error: cannot load config file {path}: {_one_line(e.__cause__ or e)}")
+  except flags.Error as e:
+    sys.exit(f"jaxcomp: error: {_one_line(e)}")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    msg = _one_line(e)
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if re.search(rf"\b{re.escape(o.rsplit('.', 1)[-1])}\b", msg)]
+    sys.exit(f"jaxcomp: error: bad config override ({', '.join(named or overrides)}): {msg}")
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,150 @@
+"""The training loop: one function, read top to bottom.
+
+State is a pytree (`TrainState`: step, params, optimizer state, rng) placed on a device mesh
+with shardings from the params' logical axis names; the batch for step ``s`` is a pure
+function of (seed, s), so a checkpoint at step ``s`` plus the config is the whole run.
+Compression composes in before the loop (``config.recipe`` rewrites the model); the step
+itself has no branches on it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from jaxcomp.eval.size import model_bits
+from jaxcomp.recipe import Recipe
+from jaxcomp.rewrite import quantize
+from jaxcomp.train import sharding as sh
+from jaxcomp.train import tasks
+from jaxcomp.train.checkpoint import Checkpointer, check_workdir_config
+from jaxcomp.train.metrics import MetricWriter
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training (checkpointed as one pytree)."""
+
+  step: jax.Array  # int32 scalar: steps taken.
+  params: nnx.State  # the model's nnx.Param leaves (quantization steps included).
+  opt_state: optax.OptState  # optimizer state, mirroring params.
+  rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s).
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/inf; the last finite checkpoint is kept."""
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay over ``total_steps``.
+
+  Example:
+    >>> tx = make_optimizer(ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10,
+    ...                     weight_decay=0.0, grad_clip=1.0)), total_steps=100)
+  """
+  if not 0 <= cfg.warmup_steps < total_steps:
+    raise ValueError(f"train.warmup_steps={cfg.warmup_steps} must be in [0, {total_steps}), the "
+                     "run's number of steps")
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, total_steps)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config``'s model in ``workdir``, resuming from its last checkpoint.
+
+  Returns:
+    The final report: test accuracy and loss, median step time, model size in bytes (weights
+    at their stored bit width), steps run.
+  """
+  # ----------------------------------------------------------------------- set-up
+  task = tasks.get(config)
+  check_workdir_config(workdir, config)
+  data = task.data(config)
+  total_steps = config.train.epochs * data.steps_per_epoch
+  mesh = sh.make_mesh(config.mesh)
+
+  model = task.model(config, rngs=nnx.Rngs(config.seed))
+  recipe = Recipe.from_config(config.recipe) if config.get("recipe") else None
+  if recipe is not None:
+    model = quantize(model, recipe, strict=True)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = make_optimizer(config.train, total_steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(config.seed)))
+  state = jax.device_put(state, sh.state_shardings(state, mesh, config.mesh.rules))
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
+                      keep=config.train.keep_checkpoints)
+  state = ckpt.restore_latest(state)
+  start = int(state.step)
+  if start:
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  writer = MetricWriter(workdir, start_step=start)
+  batch_sharding = sh.batch_sharding(mesh)
+
+  # ----------------------------------------------------------------------- step
+  @jax.jit
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      return task.loss(nnx.merge(graphdef, params, rest), batch, rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  # ----------------------------------------------------------------------- loop
+  marks: list[tuple[int, float]] = []  # (step, time) at each host sync, for step times
+  pending: list[dict[str, jax.Array]] = []
+  last_good = start
+  progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
+                  disable=not config.train.progress, desc=os.path.basename(workdir.rstrip("/")))
+  for step in progress:
+    batch = jax.device_put(data.batch_at(step), batch_sharding)
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    if done % config.train.log_every == 0 or done % ckpt.every == 0 or done == total_steps:
+      rows = jax.device_get(pending)
+      pending = []
+      if not all(np.isfinite(r["loss"]) for r in rows):
+        ckpt.close()
+        raise TrainingDiverged(
+            f"loss is not finite at or before step {done}; stopped, the last good checkpoint "
+            f"(step {last_good if ckpt.latest_step() is not None else 'none'}) is kept")
+      marks.append((done, time.perf_counter()))
+      means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+      writer.write(done, means)
+      progress.set_postfix(loss=f"{means['loss']:.4f}")
+      if ckpt.save(done, state, force=done == total_steps):
+        last_good = done
+  ckpt.close()
+
+  # ----------------------------------------------------------------------- report
+  final = nnx.merge(graphdef, state.params, rest)
+  evaluation = task.evaluate(final, data)
+  # Per-step time between host syncs; the first interval (compilation) is left out.
+  times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:])]
+  report = {
+      **evaluation,
+      "steps": total_steps,
+      "step_time_ms": 1e3 * statistics.median(times) if times else float("nan"),
+      "model_bytes": model_bits(final, recipe) // 8,
+  }
+  writer.write(total_steps, {f"final/{k}": v for k, v in report.items()})
+  writer.close()
+  return report

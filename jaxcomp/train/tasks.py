@@ -1,0 +1,111 @@
+"""Tasks: what the training loop trains (data, model, loss, evaluation), chosen by config.
+
+A task is a small object with four methods; the loop calls nothing else, so a new task (text
+LM, distillation) adds a class here and no branch to the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxcomp.models import CNN, CNNConfig, ViT, ViTConfig
+
+
+class Data(Protocol):
+  """Deterministic input: ``batch_at(step)`` is a pure function of (seed, step)."""
+
+  steps_per_epoch: int
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]: ...
+
+  def eval_batches(self) -> Any: ...
+
+
+class Task(Protocol):
+
+  def data(self, config: ml_collections.ConfigDict) -> Data: ...
+
+  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module: ...
+
+  def loss(self, model: nnx.Module, batch: dict[str, jax.Array],
+           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+  def evaluate(self, model: nnx.Module, data: Data) -> dict[str, float]: ...
+
+
+class _ImageData:
+  """Train batches by step (grain sampler over the tfds data source) and a padded test pass."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    from jaxcomp.data import fashion_mnist, sampler  # pylint: disable=import-outside-toplevel
+    if config.data.name != "fashion_mnist":
+      raise ValueError(f"data.name must be 'fashion_mnist', got {config.data.name!r}")
+    self._test = fashion_mnist.load(config.data.data_dir, "test")
+    self._train = sampler.TrainSampler(
+        fashion_mnist.load(config.data.data_dir, "train"), batch_size=config.data.batch_size,
+        seed=config.seed, transform=fashion_mnist.preprocess)
+    self._eval_batch = config.data.eval_batch_size
+    self.steps_per_epoch = self._train.steps_per_epoch
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    return self._train.batch_at(step)
+
+  def eval_batches(self):
+    from jaxcomp.data import fashion_mnist, sampler  # pylint: disable=import-outside-toplevel
+    return sampler.eval_batches(self._test, batch_size=self._eval_batch,
+                                transform=fashion_mnist.preprocess)
+
+
+class ImageClassification:
+  """Fashion-MNIST-style classification with a CNN or ViT; cross-entropy, accuracy."""
+
+  def data(self, config: ml_collections.ConfigDict) -> Data:
+    return _ImageData(config)
+
+  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    cfg = config.model
+    if cfg.name == "cnn":
+      base = CNNConfig.tiny() if cfg.size == "tiny" else CNNConfig()
+      return CNN(base, rngs=rngs)
+    if cfg.name == "vit":
+      base = ViTConfig.tiny() if cfg.size == "tiny" else ViTConfig()
+      return ViT(base, rngs=rngs)
+    raise ValueError(f"model.name must be 'cnn' or 'vit', got {cfg.name!r}")
+
+  def loss(self, model, batch, rng):
+    del rng  # no dropout in these models
+    logits = model(batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+  def evaluate(self, model, data) -> dict[str, float]:
+    @jax.jit
+    def counts(batch):
+      logits = model(batch["image"])
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+      mask = batch.get("mask", jnp.ones_like(nll))
+      return (jnp.sum(mask * (jnp.argmax(logits, -1) == batch["label"])), jnp.sum(mask * nll),
+              jnp.sum(mask))
+
+    correct = nll = n = 0.0
+    for batch in data.eval_batches():
+      c, l, m = jax.device_get(counts(batch))
+      correct, nll, n = correct + c, nll + l, n + m
+    return {"test_accuracy": float(correct / n), "test_loss": float(nll / n)}
+
+
+TASKS: dict[str, Task] = {"image_classification": ImageClassification()}
+
+
+def get(config: ml_collections.ConfigDict) -> Task:
+  """The task named by ``config.task``."""
+  if config.task not in TASKS:
+    raise ValueError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}")
+  return TASKS[config.task]
