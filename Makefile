@@ -1,6 +1,8 @@
 # Two entry points, each sets itself up on a fresh machine:
-#   make demo   - the main job (a short QAT run on an embedded synthetic task)
+#   make demo   - the main job: Fashion-MNIST QAT (w4a8 + LSQ CNN) through the CLI
 #   make test   - the test suite
+# Also: make data (Fashion-MNIST from Debian's dataset-fashion-mnist into $(DATA_DIR)),
+#       make bench (QAT step times vs Qwix), make synthetic (the no-data QAT demo).
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -8,7 +10,11 @@ STAMP   := $(VENV)/.installed-core
 TSTAMP  := $(VENV)/.installed-test
 BSTAMP  := $(VENV)/.installed-bench
 
-.PHONY: demo test bench clean
+DATA_DIR ?= $(or $(TFDS_DATA_DIR),$(HOME)/tensorflow_datasets)
+FMNIST_SRC := /usr/share/datasets/fashion-mnist
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test bench data synthetic clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -24,7 +30,16 @@ $(BSTAMP): $(STAMP)
 	$(VPY) -m pip install -q -e ".[bench]"
 	touch $(BSTAMP)
 
-demo: $(STAMP)
+data: $(STAMP)
+	test -f $(FMNIST_SRC)/train-images-idx3-ubyte.gz || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+	$(VPY) -m jaxcomp.data.fashion_mnist --data_dir $(DATA_DIR)
+
+demo: data
+	$(VPY) -m jaxcomp --config configs/fmnist_qat.py:w4a8_lsq --workdir runs/fmnist/w4a8_lsq \
+	  --config.data.data_dir=$(DATA_DIR)
+
+synthetic: $(STAMP)
 	$(VPY) -m jaxcomp.demo
 
 test: $(TSTAMP)

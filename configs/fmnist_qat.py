@@ -48,9 +48,9 @@ def get_config(arg: str = "float") -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = dict(name="cnn", size="tiny" if tiny else "default")
   config.data = dict(name="fashion_mnist", data_dir=os.environ.get("TFDS_DATA_DIR", DEFAULT_DATA_DIR),
-                     batch_size=32 if tiny else 128, eval_batch_size=1000)
+                     batch_size=32 if tiny else 128, eval_batch_size=1000, cache=True)
   config.train = dict(
-      epochs=3 if tiny else 10,
+      epochs=3 if tiny else 4,
       lr=2e-3,
       warmup_steps=2 if tiny else 200,
       weight_decay=1e-4,

@@ -47,10 +47,12 @@ class _ImageData:
     from jaxcomp.data import fashion_mnist, sampler  # pylint: disable=import-outside-toplevel
     if config.data.name != "fashion_mnist":
       raise ValueError(f"data.name must be 'fashion_mnist', got {config.data.name!r}")
+    train = fashion_mnist.load(config.data.data_dir, "train")
     self._test = fashion_mnist.load(config.data.data_dir, "test")
-    self._train = sampler.TrainSampler(
-        fashion_mnist.load(config.data.data_dir, "train"), batch_size=config.data.batch_size,
-        seed=config.seed, transform=fashion_mnist.preprocess)
+    if config.data.cache:  # decode once; batches then cost an index, not B PNG decodes
+      train, self._test = sampler.InMemorySource(train), sampler.InMemorySource(self._test)
+    self._train = sampler.TrainSampler(train, batch_size=config.data.batch_size,
+                                       seed=config.seed, transform=fashion_mnist.preprocess)
     self._eval_batch = config.data.eval_batch_size
     self.steps_per_epoch = self._train.steps_per_epoch
 
