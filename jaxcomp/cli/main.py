@@ -28,6 +28,12 @@ def _report_md(report: dict, config_name: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -47,11 +53,9 @@ def main(argv: list[str]) -> None:
     sys.exit(f"jaxcomp: error: {e}")
   name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"],
                                                           "config_filename") else "run"
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
   md = _report_md(report, str(name))
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(md)
+  _write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+  _write_atomic(os.path.join(workdir, "report.md"), md)
   logging.info("report written to %s", workdir)
   print(md)
 
