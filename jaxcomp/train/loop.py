@@ -82,7 +82,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = make_optimizer(config.train, total_steps)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.key_data(jax.random.key(config.seed)))
-  state = jax.device_put(state, sh.state_shardings(state, mesh, config.mesh.rules))
+  state_sharding = sh.state_shardings(state, mesh, config.mesh.rules)
+  state = jax.device_put(state, state_sharding)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
@@ -94,7 +95,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sh.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------- step
-  @jax.jit
+  @jax.jit(in_shardings=(state_sharding, batch_sharding),
+           out_shardings=(state_sharding, None), donate_argnums=0)
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
