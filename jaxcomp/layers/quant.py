@@ -175,6 +175,19 @@ def _value(v: nnx.Variable | None) -> Array | None:
   return None if v is None else v[...]
 
 
+def einsum_kernel_contracting(equation: str, kernel_ndim: int) -> tuple[int, ...]:
+  """The kernel (right operand) axes that a two-operand einsum contracts.
+
+  Example:
+    >>> einsum_kernel_contracting("bthk,hkd->btd", 3)
+    (0, 1)
+  """
+  lhs = equation.replace(" ", "").split("->")[0].split(",")[0]
+  lhs_ndim = len(lhs.replace("...", "")) + (1 if "..." in lhs else 0)
+  (_, rc), _ = einsum_dimension_numbers(equation, lhs_ndim, kernel_ndim)[0]
+  return tuple(rc)
+
+
 def einsum_dimension_numbers(
     equation: str, lhs_ndim: int, rhs_ndim: int
 ) -> tuple[Any, tuple[int, ...]]:

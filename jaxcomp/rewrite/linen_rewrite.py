@@ -59,11 +59,7 @@ def _contracting(m: nn.Module, kernel: jax.Array, einsum_str: str | None) -> tup
     return tuple(range(kernel.ndim - 1))
   if isinstance(m, nn.Embed):
     return (1,)
-  eq = einsum_str.replace(" ", "")
-  lhs = eq.split("->")[0].split(",")[0]
-  lhs_ndim = len(lhs.replace("...", "")) + (1 if "..." in lhs else 0)
-  (_, rc), _ = qlayers.einsum_dimension_numbers(eq, lhs_ndim, kernel.ndim)[0]
-  return tuple(rc)
+  return qlayers.einsum_kernel_contracting(einsum_str, kernel.ndim)
 
 
 def _kernel_name(m: nn.Module) -> str:

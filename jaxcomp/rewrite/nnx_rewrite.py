@@ -71,12 +71,9 @@ def _quant_linear_general(m: nnx.LinearGeneral, spec: Quant) -> nnx.Module:
 
 
 def _quant_einsum(m: nnx.Einsum, spec: Quant) -> nnx.Module:
-  eq = m.einsum_str.replace(" ", "")
-  lhs = eq.split("->")[0].split(",")[0]
-  lhs_ndim = len(lhs.replace("...", "")) + (1 if "..." in lhs else 0)
-  (_, contracting), _ = qlayers.einsum_dimension_numbers(eq, lhs_ndim, m.kernel[...].ndim)[0]
+  contracting = qlayers.einsum_kernel_contracting(m.einsum_str, m.kernel[...].ndim)
   _check_group(m.kernel, contracting, spec)
-  m.einsum_op = nnx.data(qlayers.QuantEinsum(spec, _step(m.kernel, tuple(contracting), spec)))
+  m.einsum_op = nnx.data(qlayers.QuantEinsum(spec, _step(m.kernel, contracting, spec)))
   return m
 
 
