@@ -13,6 +13,7 @@ import jaxcomp as jc
 MODULES = [
     "jaxcomp.quant.core",
     "jaxcomp.quant.dot",
+    "jaxcomp.quant.qarray",
     "jaxcomp.quant.spec",
     "jaxcomp.recipe",
     "jaxcomp.layers.quant",

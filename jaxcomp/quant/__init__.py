@@ -16,10 +16,15 @@ from jaxcomp.quant.dot import int_dot
 from jaxcomp.quant.dot import quant_conv_general_dilated
 from jaxcomp.quant.dot import quant_dot_general
 from jaxcomp.quant.dot import weight_scale_shape
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.quant.qarray import pack_int4
+from jaxcomp.quant.qarray import quantize_weight
+from jaxcomp.quant.qarray import unpack_int4
 from jaxcomp.quant.spec import Quant
 from jaxcomp.quant.spec import SpecError
 
 __all__ = [
+    "QArray",
     "Quant",
     "SpecError",
     "compute_scale",
@@ -31,11 +36,14 @@ __all__ = [
     "int_dot",
     "lsq_fake_quant",
     "lsq_init",
+    "pack_int4",
     "qrange",
     "quant_conv_general_dilated",
     "quant_dot_general",
     "quantize",
     "quantize_per_token",
+    "quantize_weight",
     "round_ste",
+    "unpack_int4",
     "weight_scale_shape",
 ]

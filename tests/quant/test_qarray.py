@@ -1,0 +1,66 @@
+"""Packed weights: int4 packing round trips; QArray equals fake quantization; bits per param."""
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcomp as jc
+from jaxcomp.quant.dot import fake_quant_weight
+from jaxcomp.quant.qarray import QArray, pack_int4, quantize_weight, unpack_int4
+
+int4_arrays = hnp.arrays(
+    np.int8, st.tuples(st.integers(1, 8).map(lambda n: 2 * n), st.integers(1, 5)),
+    elements=st.integers(-8, 7))
+
+
+@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.given(q=int4_arrays, axis=st.sampled_from([0, -2]))
+def test_pack_unpack_roundtrip(q, axis):
+  packed = pack_int4(jnp.asarray(q), axis)
+  assert packed.dtype == jnp.uint8 and packed.shape[0] == q.shape[0] // 2
+  np.testing.assert_array_equal(np.asarray(unpack_int4(packed, axis)), q)
+
+
+def test_pack_rejects_odd_axis():
+  with pytest.raises(ValueError, match="odd length 3"):
+    pack_int4(jnp.zeros((3, 2), jnp.int8))
+
+
+@pytest.mark.parametrize("shape,contracting,spec", [
+    ((64, 32), (0,), jc.Quant(w_bits=8)),
+    ((64, 32), (0,), jc.Quant(w_bits=4, group=16)),
+    ((64, 32), (0,), jc.Quant(w_bits=4, w_symmetric=False)),
+    ((64, 32), (0,), jc.Quant(w_bits=3, group=32)),
+    ((64, 32), (0,), jc.Quant(w_bits=4, calibration="percentile", percentile=99.0)),
+    ((3, 3, 8, 16), (0, 1, 2), jc.Quant(w_bits=4, group=4)),
+    ((50, 16), (1,), jc.Quant(w_bits=4)),  # an embedding table, rows are channels
+], ids=str)
+def test_dequantize_equals_fake_quant(shape, contracting, spec):
+  w = jax.random.normal(jax.random.key(0), shape)
+  qa = quantize_weight(w, contracting, spec)
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()),
+                                np.asarray(fake_quant_weight(w, contracting, spec)))
+  assert (qa.pack_axis is not None) == (spec.w_bits <= 4)
+  assert qa.ints().shape == shape
+
+
+def test_bits_per_param():
+  w = jax.random.normal(jax.random.key(1), (1024, 256))
+  g128 = quantize_weight(w, (0,), jc.Quant(w_bits=4, group=128))
+  int8 = quantize_weight(w, (0,), jc.Quant(w_bits=8))
+  assert 8 * g128.nbytes / w.size == pytest.approx(4.25)
+  assert 8 * int8.nbytes / w.size == pytest.approx(8 + 32 / 1024)
+
+
+def test_qarray_is_a_pytree_under_jit():
+  w = jax.random.normal(jax.random.key(2), (32, 8))
+  qa = quantize_weight(w, (0,), jc.Quant(w_bits=4))
+  leaves = jax.tree.leaves(qa)
+  assert len(leaves) == 2  # values, scale (symmetric: no zero point)
+  out = jax.jit(lambda q: q.dequantize())(qa)
+  np.testing.assert_array_equal(out, qa.dequantize())
+  assert isinstance(jax.tree.map(lambda x: x, qa), QArray)
