@@ -15,6 +15,7 @@ MODULES = [
     "jaxcomp.quant.dot",
     "jaxcomp.quant.qarray",
     "jaxcomp.quant.spec",
+    "jaxcomp.ptq.gptq_core",
     "jaxcomp.recipe",
     "jaxcomp.layers.quant",
 ]
