@@ -4,6 +4,10 @@ Public API, one name a line. Numerics (``jaxcomp.quant``) work on plain arrays w
 """
 
 from jaxcomp.layers import QuantScale
+from jaxcomp.packed_io import packed_skeleton
+from jaxcomp.packed_io import restore_packed
+from jaxcomp.packed_io import save_packed
+from jaxcomp.ptq import ptq
 from jaxcomp.quant.core import compute_scale
 from jaxcomp.quant.core import dequantize
 from jaxcomp.quant.core import fake_quant
@@ -12,16 +16,19 @@ from jaxcomp.quant.core import quantize_per_token
 from jaxcomp.quant.core import quantize as quantize_array
 from jaxcomp.quant.dot import quant_dot_general
 from jaxcomp.quant.spec import Quant
+from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import SpecError
 from jaxcomp.recipe import MatchReport
 from jaxcomp.recipe import Recipe
 from jaxcomp.recipe import RecipeError
 from jaxcomp.recipe import Rule
+from jaxcomp.rewrite import convert
 from jaxcomp.rewrite import quantize
 from jaxcomp.rewrite import report
 
 __all__ = [
     "MatchReport",
+    "QArray",
     "Quant",
     "QuantScale",
     "Recipe",
@@ -29,12 +36,17 @@ __all__ = [
     "Rule",
     "SpecError",
     "compute_scale",
+    "convert",
     "dequantize",
     "fake_quant",
     "lsq_fake_quant",
+    "packed_skeleton",
+    "ptq",
     "quant_dot_general",
     "quantize",
     "quantize_array",
     "quantize_per_token",
     "report",
+    "restore_packed",
+    "save_packed",
 ]

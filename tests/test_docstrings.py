@@ -16,6 +16,9 @@ MODULES = [
     "jaxcomp.quant.qarray",
     "jaxcomp.quant.spec",
     "jaxcomp.ptq.gptq_core",
+    "jaxcomp.ptq.awq_core",
+    "jaxcomp.ptq.smoothquant_core",
+    "jaxcomp.rewrite.convert",
     "jaxcomp.recipe",
     "jaxcomp.layers.quant",
 ]

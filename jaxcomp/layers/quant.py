@@ -16,10 +16,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from jaxcomp.quant import core
 from jaxcomp.quant import dot as qdot
+from jaxcomp.quant.qarray import QArray, quantize_weight  # noqa: F401 (doctest)
 from jaxcomp.quant.spec import Quant
 
 Array = jax.Array
@@ -28,6 +32,50 @@ Array = jax.Array
 class QuantScale(nnx.Param):
   """A learned quantization step size (LSQ). A `nnx.Param`, so it trains with the weights;
   filter on `QuantScale` to give it its own optimizer settings."""
+
+
+class SmoothScale(nnx.Variable):
+  """Per-input-feature smoothing ``s`` (AWQ, SmoothQuant): the layer computes
+  ``(x / s) @ Q(diag(s) W)``, which equals ``x @ W`` before rounding. Not a `nnx.Param`: it is
+  solved from calibration data, not trained."""
+
+
+def promote_keep_packed(args: Sequence[Any], dtype: Any = None, inexact: bool = True) -> list[Any]:
+  """Flax's ``promote_dtype`` for layers whose kernel may be a packed `QArray`.
+
+  Arrays are promoted as usual; a `QArray` is passed through (the quantized dot reads its
+  integers and scales directly). Set as a converted layer's ``promote_dtype``.
+
+  Example:
+    >>> qa = quantize_weight(jnp.ones((4, 2)), (0,), jc.Quant(w_bits=8))
+    >>> x, k, b = promote_keep_packed((jnp.ones(4, jnp.bfloat16), qa, None), dtype=jnp.float32)
+    >>> x.dtype, type(k).__name__, b
+    (dtype('float32'), 'QArray', None)
+  """
+  packed = {i: a for i, a in enumerate(args) if isinstance(a, QArray)}
+  rest = [None if i in packed else a for i, a in enumerate(args)]
+  promoted = list(nnx_dtypes.promote_dtype(tuple(rest), dtype=dtype, inexact=inexact))
+  for i, a in packed.items():
+    promoted[i] = a
+  return promoted
+
+
+def divide_contracting(x: Array, s: Array, contracting: Sequence[int]) -> Array:
+  """``x / s`` with ``s`` laid along the ``contracting`` axes of ``x`` (in that order).
+
+  Example:
+    >>> divide_contracting(jnp.ones((2, 3)), jnp.array([1.0, 2.0, 4.0]), (1,))[0]
+    Array([1.  , 0.5 , 0.25], dtype=float32)
+  """
+  nd = x.ndim
+  contracting = tuple(a % nd for a in contracting)
+  s = s.reshape(tuple(x.shape[a] for a in contracting))
+  order = np.argsort(contracting)
+  s = jnp.transpose(s, order)
+  shape = [1] * nd
+  for a in sorted(contracting):
+    shape[a] = x.shape[a]
+  return (x / s.reshape(shape).astype(x.dtype)).astype(x.dtype)
 
 
 def make_step(kernel: nnx.Variable, contracting: Sequence[int], spec: Quant) -> QuantScale:
@@ -41,8 +89,20 @@ def make_step(kernel: nnx.Variable, contracting: Sequence[int], spec: Quant) -> 
   """
   w = kernel[...]
   shape = qdot.weight_scale_shape(w.shape, contracting, spec)
+  return step_variable(kernel, contracting, _block_lsq_init(w, shape, spec))
+
+
+def step_variable(kernel: nnx.Variable, contracting: Sequence[int], step: Array) -> QuantScale:
+  """Wraps a step array (kernel layout) as a `QuantScale` sharded like ``kernel``'s free axes.
+
+  Example:
+    >>> lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    >>> step_variable(lin.kernel, (0,), jnp.ones((1, 32))).shape
+    (1, 32)
+  """
+  w = kernel[...]
   contracting = tuple(a % w.ndim for a in contracting)
-  step = _block_lsq_init(w, shape, spec)
+  step = jnp.asarray(step, jnp.float32)
   names = kernel.get_metadata().get("out_sharding")
   meta = {}
   if names is not None:
@@ -80,12 +140,17 @@ class QuantDot(nnx.Module):
     (4, 32)
   """
 
-  def __init__(self, spec: Quant, w_step: QuantScale | None = None):
+  def __init__(self, spec: Quant, w_step: QuantScale | None = None,
+               in_scale: SmoothScale | None = None):
     self.spec = spec
-    self.w_step = w_step
+    self.w_step = nnx.data(w_step)
+    self.in_scale = nnx.data(in_scale)  # AWQ / SmoothQuant smoothing of the input features
 
-  def __call__(self, lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
-               preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+  def __call__(self, lhs: Array, rhs: Array | QArray, dimension_numbers: Any,
+               precision: Any = None, preferred_element_type: Any = None,
+               out_sharding: Any = None) -> Array:
+    if self.in_scale is not None:
+      lhs = divide_contracting(lhs, self.in_scale[...], dimension_numbers[0][0])
     return qdot.quant_dot_general(
         lhs, rhs, dimension_numbers, self.spec, w_step=_value(self.w_step), precision=precision,
         preferred_element_type=preferred_element_type, out_sharding=out_sharding)
@@ -103,7 +168,7 @@ class QuantEinsum(nnx.Module):
 
   def __init__(self, spec: Quant, w_step: QuantScale | None = None):
     self.spec = spec
-    self.w_step = w_step
+    self.w_step = nnx.data(w_step)
 
   def __call__(self, einsum_str: str, lhs: Array, rhs: Array, precision: Any = None,
                preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
@@ -125,7 +190,7 @@ class QuantConv(nnx.Module):
 
   def __init__(self, spec: Quant, w_step: QuantScale | None = None):
     self.spec = spec
-    self.w_step = w_step
+    self.w_step = nnx.data(w_step)
 
   def __call__(self, lhs: Array, rhs: Array, *args: Any, out_sharding: Any = None,
                **kwargs: Any) -> Array:
@@ -155,20 +220,36 @@ class QuantEmbed(nnx.Embed):
     self.param_dtype = embed.param_dtype
     self.promote_dtype = embed.promote_dtype
     self.spec = spec
-    self.w_step = w_step
+    self.w_step = nnx.data(w_step)
 
-  def _table(self) -> Array:
-    return qdot.fake_quant_weight(self.embedding[...], (1,), self.spec, _value(self.w_step))
+  def _rows(self, inputs: Array) -> Array:
+    table = self.embedding[...]
+    if isinstance(table, QArray):  # packed: gather the rows, then dequantize only those
+      rows = QArray(values=jnp.take(table.values, inputs.reshape(-1), axis=0),
+                    scale=jnp.take(table.scale, inputs.reshape(-1), axis=0, mode="clip")
+                    if table.scale.shape[0] > 1 else table.scale,
+                    zero_point=None, bits=table.bits,
+                    shape=(inputs.size, table.shape[1]), contracting=(1,), packed=table.packed)
+      if table.zero_point is not None:
+        raise ValueError("QuantEmbed: asymmetric packed tables are not supported")
+      return rows.dequantize_canonical().reshape(inputs.shape + (table.shape[1],))
+    fq = qdot.fake_quant_weight(table, (1,), self.spec, _value(self.w_step))
+    return jnp.take(fq, inputs, axis=0)
 
   def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
       raise ValueError(f"QuantEmbed input must be integers, got {inputs.dtype}")
-    (table,) = self.promote_dtype((self._table(),), dtype=self.dtype, inexact=False)
-    return jnp.take(table, inputs, axis=0)
+    (rows,) = nnx_dtypes.promote_dtype((self._rows(inputs),), dtype=self.dtype, inexact=False)
+    return rows
 
   def attend(self, query: Array, out_sharding: Any = None) -> Array:
-    query, table = self.promote_dtype((query, self._table()), dtype=self.dtype)
-    return jnp.dot(query, table.T)
+    """``query @ table.T`` through the quantized dot (a tied output head; W8A8 with a_bits)."""
+    table = self.embedding[...]
+    (query,) = nnx_dtypes.promote_dtype((query,), dtype=self.dtype)
+    if not isinstance(table, QArray):
+      (table,) = nnx_dtypes.promote_dtype((table,), dtype=self.dtype)
+    dims = (((query.ndim - 1,), (1,)), ((), ()))
+    return qdot.quant_dot_general(query, table, dims, self.spec, w_step=_value(self.w_step))
 
 
 def _value(v: nnx.Variable | None) -> Array | None:

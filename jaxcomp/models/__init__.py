@@ -12,10 +12,13 @@ Example::
   cnn = models.CNN(models.CNNConfig(), rngs=nnx.Rngs(0))
 """
 
+from jaxcomp.models.llama import KVCache
 from jaxcomp.models.llama import LOGICAL_AXES
 from jaxcomp.models.llama import Llama
 from jaxcomp.models.llama import LlamaConfig
 from jaxcomp.models.llama import apply_rope
+from jaxcomp.models.llama import generate
+from jaxcomp.models.llama import make_decode_fns
 from jaxcomp.models.llama import permute_rope_kernel
 from jaxcomp.models.vision import CNN
 from jaxcomp.models.vision import CNNConfig
@@ -26,6 +29,7 @@ from jaxcomp.models.vision import ViTConfig
 __all__ = [
     "CNN",
     "CNNConfig",
+    "KVCache",
     "LOGICAL_AXES",
     "Llama",
     "LlamaConfig",
@@ -33,5 +37,7 @@ __all__ = [
     "ViT",
     "ViTConfig",
     "apply_rope",
+    "generate",
+    "make_decode_fns",
     "permute_rope_kernel",
 ]

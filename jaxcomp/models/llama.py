@@ -46,6 +46,17 @@ Example::
   model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
   logits = model(jnp.zeros((2, 8), jnp.int32))        # float32[2, 8, 256]
   logits, hiddens = model(jnp.zeros((2, 8), jnp.int32), return_hidden=True)
+
+Incremental decoding keeps each layer's keys and values in a :class:`KVCache`
+(``k``/``v``: ``[n_layers, B, S_max, KV, Dh]``, the ``KV`` axis is what
+``"kv_heads"`` shards). ``model(tokens, cache=cache)`` appends ``tokens`` at
+``cache.index`` and returns ``(logits, new_cache)``; :func:`generate` decodes
+greedily and :func:`make_decode_fns` gives its jitted prefill / decode steps::
+
+  cache = model.init_cache(batch_size=2, max_len=32)
+  logits, cache = model(prompt, cache=cache)           # prefill, [2, T, 256]
+  logits, cache = model(next_tok[:, None], cache=cache)  # one step, [2, 1, 256]
+  tokens = generate(model, prompt, max_new_tokens=16)   # int32[2, T + 16]
 """
 
 from __future__ import annotations
@@ -235,6 +246,43 @@ def permute_rope_kernel(kernel: Any, n_heads: int, *, to: str) -> Any:
 
 
 # --------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer for incremental decoding (a pytree).
+
+  Slots ``[0, index)`` of the sequence axis hold the (RoPE-rotated) keys and
+  the values of the tokens seen so far; later slots are ignored by the
+  attention mask. All rows of the batch share ``index`` (no ragged prompts).
+  Make one with :meth:`Llama.init_cache`; ``Llama.__call__`` returns the
+  updated cache, this one is left as it was.
+
+  Attributes:
+    k: ``dtype[n_layers, B, S_max, KV, Dh]`` keys, in the model's compute dtype.
+    v: ``dtype[n_layers, B, S_max, KV, Dh]`` values.
+    index: ``int32[]`` number of sequence slots filled.
+
+  Example::
+
+    cache = model.init_cache(batch_size=2, max_len=64)
+    logits, cache = model(prompt, cache=cache)   # cache.index == prompt.shape[1]
+  """
+
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    """S_max: number of sequence slots."""
+    return self.k.shape[2]
+
+
+# --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------
 
@@ -300,8 +348,23 @@ class Attention(nnx.Module):
     self.rope_theta = config.rope_theta
     self.rope_style = config.rope_style
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Attends each token to itself and the tokens before it."""
+  def __call__(
+      self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+      layer: int = 0,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Attends each token to itself and the tokens before it.
+
+    Args:
+      x: ``[B, T, D]`` inputs.
+      positions: ``int[B, T]`` RoPE positions.
+      cache: if given, this call's keys and values are written to slots
+        ``[index, index + T)`` of layer ``layer`` and token ``t`` attends to
+        slots ``< index + t + 1``; ``cache.index`` is not advanced.
+      layer: which layer of ``cache`` this module owns (static).
+
+    Returns:
+      ``[B, T, D]``; with ``cache``, ``(out, cache)`` with the layer written.
+    """
     hd, kv = self.head_dim, self.n_kv_heads
     rope = functools.partial(apply_rope, positions=positions,
                              theta=self.rope_theta, style=self.rope_style)
@@ -309,14 +372,26 @@ class Attention(nnx.Module):
     k = rope(einops.rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=hd))
     v = einops.rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=hd)
     q = einops.rearrange(q, "b t (k g) d -> b t k g d", k=kv)
+    if cache is not None:
+      start = (layer, 0, cache.index, 0, 0)
+      cache = dataclasses.replace(
+          cache,
+          k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+          v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+      k, v = cache.k[layer], cache.v[layer]  # [B, S_max, KV, Dh]
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
                         preferred_element_type=jnp.float32) * hd**-0.5
     t = x.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    if cache is None:
+      mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    else:  # slot s is visible to new token i iff s <= index + i
+      slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+      mask = slots[None, :] <= cache.index + jnp.arange(t, dtype=jnp.int32)[:, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return self.o_proj(einops.rearrange(out, "b t k g d -> b t (k g d)"))
+    out = self.o_proj(einops.rearrange(out, "b t k g d -> b t (k g d)"))
+    return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):
@@ -356,10 +431,20 @@ class Block(nnx.Module):
     self.mlp_norm = norm()
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Adds attention then MLP to the residual stream ``x``."""
-    h = x + self.attn(self.attn_norm(x), positions)
-    return h + self.mlp(self.mlp_norm(h))
+  def __call__(
+      self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+      layer: int = 0,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Adds attention then MLP to the residual stream ``x``.
+
+    With ``cache``, returns ``(out, cache)`` (see :meth:`Attention.__call__`).
+    """
+    if cache is None:
+      h = x + self.attn(self.attn_norm(x), positions)
+      return h + self.mlp(self.mlp_norm(h))
+    a, cache = self.attn(self.attn_norm(x), positions, cache, layer)
+    h = x + a
+    return h + self.mlp(self.mlp_norm(h)), cache
 
 
 class Llama(nnx.Module):
@@ -377,6 +462,7 @@ class Llama(nnx.Module):
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
     logits = model(tokens)                                  # [B, T, V]
     logits, hiddens = model(tokens, return_hidden=True)     # n_layers x [B, T, D]
+    logits, cache = model(tokens, cache=model.init_cache(B, 64))  # KV-cached
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -391,41 +477,191 @@ class Llama(nnx.Module):
       self.lm_head = _linear(config, config.dim, config.vocab_size,
                              ("embed", "vocab"), rngs)
 
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    """An empty :class:`KVCache` for ``batch_size`` rows of up to ``max_len`` tokens.
+
+    Args:
+      batch_size: B.
+      max_len: S_max, ``<= config.max_seq_len``; prompt plus generated tokens.
+
+    Returns:
+      ``KVCache`` with zero ``k``/``v`` of shape ``[n_layers, B, S_max, KV, Dh]``
+      in ``config.dtype`` and ``index = 0``.
+
+    Example::
+
+      cache = model.init_cache(batch_size=2, max_len=64)
+    """
+    cfg = self.config
+    if not 0 < max_len <= cfg.max_seq_len:
+      raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={cfg.max_seq_len}]")
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, got {batch_size}")
+    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+                   index=jnp.zeros((), jnp.int32))
+
   def __call__(
       self, tokens: jax.Array, *, positions: jax.Array | None = None,
-      return_hidden: bool = False,
-  ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+      return_hidden: bool = False, cache: KVCache | None = None,
+  ) -> jax.Array | tuple[Any, ...]:
     """Computes next-token logits.
 
     Args:
       tokens: ``int[B, T]`` token ids, ``T <= config.max_seq_len``.
-      positions: ``int[B, T]`` RoPE positions; default ``arange(T)`` per row.
-        The causal mask always follows the order along ``T``.
+      positions: ``int[B, T]`` RoPE positions; default ``arange(T)`` per row
+        (with ``cache``: ``cache.index + arange(T)``). The causal mask always
+        follows the order along ``T`` (with ``cache``: the slot order).
       return_hidden: also return each block's output.
+      cache: a :class:`KVCache` (from :meth:`init_cache`) holding the
+        ``cache.index`` tokens before ``tokens``; they are appended at slots
+        ``[index, index + T)``, so ``index + T <= cache.max_len`` (checked when
+        ``index`` is concrete; under ``jit`` an overflowing write is clamped
+        by ``dynamic_update_slice`` and the result is wrong). Works with a
+        traced ``index``; shapes are static (attention spans all S_max slots).
 
     Returns:
       ``logits: dtype[B, T, V]``; with ``return_hidden``, ``(logits, hiddens)``
       where ``hiddens`` is a list of ``n_layers`` arrays ``dtype[B, T, D]``, the
-      residual stream after each block (before the final norm).
+      residual stream after each block (before the final norm). With ``cache``
+      the updated cache (``index`` advanced by ``T``) is appended:
+      ``(logits, new_cache)`` or ``(logits, hiddens, new_cache)``.
     """
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     b, t = tokens.shape
     if t > self.config.max_seq_len:
       raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
+    if cache is not None:
+      self._check_cache(cache, b, t)
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      positions = jnp.arange(t, dtype=jnp.int32)
+      if cache is not None:
+        positions = positions + cache.index
+      positions = jnp.broadcast_to(positions, (b, t))
     elif positions.shape != tokens.shape:
       raise ValueError(
           f"positions shape {positions.shape} must equal tokens shape {tokens.shape}")
     h = self.embed(tokens)
     hiddens = []
-    for block in self.layers:
-      h = block(h, positions)
+    for i, block in enumerate(self.layers):
+      if cache is None:
+        h = block(h, positions)
+      else:
+        h, cache = block(h, positions, cache, i)
       hiddens.append(h)
     h = self.norm(h)
     if self.config.tie_embeddings:
       logits = self.embed.attend(h)
     else:
       logits = self.lm_head(h)
-    return (logits, hiddens) if return_hidden else logits
+    if cache is None:
+      return (logits, hiddens) if return_hidden else logits
+    cache = dataclasses.replace(cache, index=cache.index + t)
+    return (logits, hiddens, cache) if return_hidden else (logits, cache)
+
+  def _check_cache(self, cache: KVCache, b: int, t: int) -> None:
+    """Raises ValueError if ``cache`` cannot take ``t`` more tokens of ``b`` rows."""
+    cfg = self.config
+    want = (cfg.n_layers, b, cache.max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    if cache.k.shape != want or cache.v.shape != want:
+      raise ValueError(
+          f"cache k/v shapes {cache.k.shape}/{cache.v.shape} must be {want} "
+          f"for tokens of shape {(b, t)}")
+    if t > cache.max_len:
+      raise ValueError(f"{t} tokens exceed the cache's max_len={cache.max_len}")
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
+      raise ValueError(
+          f"cache.index={int(cache.index)} + {t} tokens exceeds max_len={cache.max_len}")
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _prefill_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
+                  cache: KVCache) -> tuple[jax.Array, KVCache]:
+  logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array,
+                 cache: KVCache) -> tuple[jax.Array, KVCache]:
+  logits, cache = nnx.merge(graphdef, state)(token[:, None], cache=cache)
+  return logits[:, 0], cache
+
+
+def make_decode_fns(model: Llama) -> tuple[Any, Any]:
+  """Jitted prefill and single-token decode steps of ``model`` (for timing them).
+
+  The steps see a snapshot of ``model``'s state taken now (``nnx.split``);
+  they are module-level ``jax.jit`` functions keyed on the graph definition,
+  so models of the same structure share compilations (prefill compiles once
+  per prompt shape). Each step donates the cache it is given: use only the
+  cache it returns.
+
+  Args:
+    model: a :class:`Llama` (possibly rewritten, e.g. quantized).
+
+  Returns:
+    ``(prefill_fn, decode_fn)``:
+
+    * ``prefill_fn(tokens: int[B, T], cache) -> (logits: dtype[B, V], cache)``,
+      logits of the last token;
+    * ``decode_fn(token: int[B], cache) -> (logits: dtype[B, V], cache)``.
+
+  Example::
+
+    prefill_fn, decode_fn = make_decode_fns(model)
+    logits, cache = prefill_fn(prompt, model.init_cache(2, 64))
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    logits, cache = decode_fn(tok, cache)
+    jax.block_until_ready(logits)
+  """
+  graphdef, state = nnx.split(model)
+  prefill_fn = functools.partial(_prefill_step, graphdef, state)
+  decode_fn = functools.partial(_decode_step, graphdef, state)
+  return prefill_fn, decode_fn
+
+
+def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
+             max_len: int | None = None) -> jax.Array:
+  """Greedy decoding: one jitted prefill, then one jitted step per new token.
+
+  Args:
+    model: a :class:`Llama`.
+    prompt: ``int[B, T]`` token ids (all rows the same length, no padding).
+    max_new_tokens: number of tokens to append (``>= 0``).
+    max_len: cache length S_max, ``>= T + max_new_tokens`` and
+      ``<= config.max_seq_len``; default ``T + max_new_tokens``.
+
+  Returns:
+    ``int32[B, T + max_new_tokens]``: the prompt followed by the argmax tokens.
+
+  Example::
+
+    out = generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=8)  # int32[1, 11]
+  """
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {prompt.shape}")
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+  b, t = prompt.shape
+  prompt = jnp.asarray(prompt, jnp.int32)
+  max_len = t + max_new_tokens if max_len is None else max_len
+  if max_len < t + max_new_tokens:
+    raise ValueError(f"max_len={max_len} < prompt length {t} + max_new_tokens={max_new_tokens}")
+  if max_len > model.config.max_seq_len:
+    raise ValueError(f"max_len={max_len} exceeds max_seq_len={model.config.max_seq_len}")
+  if max_new_tokens == 0:
+    return prompt
+  prefill_fn, decode_fn = make_decode_fns(model)
+  logits, cache = prefill_fn(prompt, model.init_cache(b, max_len))
+  out = [jnp.argmax(logits, axis=-1).astype(jnp.int32)]
+  for _ in range(max_new_tokens - 1):
+    logits, cache = decode_fn(out[-1], cache)
+    out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+  return jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)

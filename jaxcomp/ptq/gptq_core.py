@@ -16,6 +16,7 @@ features — GPTQ's "static groups", which keeps act-order and groups compatible
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,11 +98,37 @@ def _gptq(w: Array, h: Array, damp: Array, spec: Quant, block_size: int,
     q_out = q_out.at[:, i1:i2].set(q1)
     wt = wt.at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
   inv = jnp.argsort(perm)
-  return q_out[:, inv].T.astype(w.dtype), jnp.all(jnp.isfinite(hinv))
+  return q_out[:, inv].T.astype(w.dtype), _step(s[:, inv], spec), jnp.all(jnp.isfinite(hinv))
+
+
+def _step(s: Array, spec: Quant) -> Array:
+  """Per-(row, column) scales (N, K) -> the kernel-layout step: (1, N) or (K // group, N)."""
+  if spec.granularity == "group":
+    return s[:, ::spec.group].T
+  return s[:, :1].T
+
+
+class GPTQResult(NamedTuple):
+  """What `gptq` returns."""
+
+  w_hat: Array  # (K, N) fake-quantized kernel: w_hat == clip(round(w_hat / step)) * step
+  step: Array  # (1, N) per channel or (K // group, N) per group: the grid's scales
+  damp: float  # the dampening that succeeded
+
+
+def weight_step(w: Array, spec: Quant) -> Array:
+  """The symmetric RTN step of a (K, N) kernel: (1, N) per channel, (K // group, N) per group.
+
+  Example:
+    >>> weight_step(jnp.ones((8, 4)) * 7, jc.Quant(w_bits=4))
+    Array([[1., 1., 1., 1.]], dtype=float32)
+  """
+  s, _ = _column_scales(w.T.astype(jnp.float32), spec)
+  return _step(s, spec)
 
 
 def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float = 0.01,
-         act_order: bool = False, max_damp_raises: int = 6) -> tuple[Array, float]:
+         act_order: bool = False, max_damp_raises: int = 6) -> GPTQResult:
   """Quantizes a (K, N) kernel with GPTQ given the (K, K) Hessian of its inputs.
 
   Args:
@@ -115,13 +142,13 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
       retry with 10x the dampening, at most this many times.
 
   Returns:
-    ``(w_hat, damp_used)``: the fake-quantized kernel (K, N) on ``spec``'s grid, and the
-    dampening that succeeded.
+    A `GPTQResult` ``(w_hat, step, damp)``: the fake-quantized kernel (K, N) on ``spec``'s
+    grid, its step (``(1, N)`` or ``(K // group, N)``), and the dampening that succeeded.
 
   Example:
     >>> x = jax.random.normal(jax.random.key(0), (256, 32))
     >>> w = jax.random.normal(jax.random.key(1), (32, 16))
-    >>> w_hat, _ = gptq(w, hessian(x), jc.Quant(w_bits=4))
+    >>> w_hat, step, _ = gptq(w, hessian(x), jc.Quant(w_bits=4))
     >>> w_hat.shape
     (32, 16)
   """
@@ -130,9 +157,9 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
   if h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"gptq: Hessian shape {h.shape} does not match kernel {w.shape}")
   for _ in range(max_damp_raises + 1):
-    w_hat, ok = _gptq(w, h, jnp.float32(damp), spec, block_size, act_order)
+    w_hat, step, ok = _gptq(w, h, jnp.float32(damp), spec, block_size, act_order)
     if bool(ok):
-      return w_hat, damp
+      return GPTQResult(w_hat, step, damp)
     damp *= 10.0
   raise ValueError(f"gptq: Hessian not positive definite even with dampening {damp / 10:g}")
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.quant import core
-from jaxcomp.quant.spec import Quant, SpecError
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.quant.spec import Quant, SpecError, weight_scale_shape  # noqa: F401 (re-export)
 
 Array = jax.Array
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -75,36 +76,6 @@ class _Frame:
 
   def out(self, y: Array) -> Array:
     return y.reshape(self.batch_shape + self.m_shape + self.n_shape)
-
-
-def weight_scale_shape(
-    kernel_shape: Sequence[int], contracting: Sequence[int], spec: Quant
-) -> tuple[int, ...]:
-  """Shape of the (LSQ) weight step of a kernel, in the kernel's own layout.
-
-  Contracting axes collapse to 1 (per channel), or, per group, the last contracting axis to
-  ``size // group`` and the others keep their size; per tensor every axis is 1.
-
-  Example:
-    >>> weight_scale_shape((512, 2048), (0,), jc.Quant(w_bits=4, group=128))
-    (4, 2048)
-  """
-  nd = len(kernel_shape)
-  contracting = tuple(a % nd for a in contracting)
-  if spec.granularity == "tensor":
-    return (1,) * nd
-  shape = list(kernel_shape)
-  if spec.granularity == "channel":
-    for a in contracting:
-      shape[a] = 1
-    return tuple(shape)
-  last = contracting[-1]
-  if kernel_shape[last] % spec.group:
-    raise SpecError(
-        f"Quant.group={spec.group} does not divide the contraction axis of size "
-        f"{kernel_shape[last]} (kernel shape {tuple(kernel_shape)})")
-  shape[last] = kernel_shape[last] // spec.group
-  return tuple(shape)
 
 
 # --------------------------------------------------------------------------- operand grids
@@ -332,7 +303,7 @@ _cpu_float_dot.defvjp(_cpu_float_dot_fwd, _cpu_float_dot_bwd)
 
 def quant_dot_general(
     lhs: Array,
-    rhs: Array,
+    rhs: Array | QArray,
     dimension_numbers: DimensionNumbers,
     spec: Quant,
     *,
@@ -353,7 +324,8 @@ def quant_dot_general(
 
   Args:
     lhs: activations, any shape, e.g. (batch, seq, K).
-    rhs: weight, e.g. (K, N).
+    rhs: weight, e.g. (K, N), or a packed `QArray` (the serving form `jaxcomp.convert`
+      makes): then the stored integers are used as they are, with the same result.
     dimension_numbers: as for `jax.lax.dot_general`.
     spec: a `jaxcomp.Quant`.
     w_step: LSQ weight step in the kernel layout given by `weight_scale_shape`.
@@ -368,6 +340,10 @@ def quant_dot_general(
     >>> y.shape
     (2, 8, 32)
   """
+  if isinstance(rhs, QArray):
+    return _packed_dot_general(lhs, rhs, dimension_numbers, spec, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out_sharding)
   frame = _Frame(lhs.shape, rhs.shape, dimension_numbers)
   out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
   if w_step is not None and w_step.ndim != rhs.ndim:
@@ -375,18 +351,35 @@ def quant_dot_general(
 
   if spec.a_bits is None:  # Weight-only: a float dot on the fake-quantized kernel.
     w_hat = fake_quant_weight(rhs, frame.rc, spec, w_step)
-    if jax.default_backend() == "cpu" and frame.B == 1 and preferred_element_type is None:
-      y = _cpu_float_dot(frame.lhs(lhs)[0], frame.rhs(w_hat)[0], precision)
-      return frame.out(y).astype(out_dtype)
-    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
-    return jax.lax.dot_general(lhs, w_hat, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, **kw)
+    return _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_element_type,
+                      out_sharding, out_dtype)
 
   x3, w3 = frame.lhs(lhs), frame.rhs(rhs)
   step3 = None if w_step is None else frame.rhs(w_step)
   u_w, s_w = _weight_grid(w3, spec, step3)
+  return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
+                            out_dtype, rhs.dtype)
 
-  u_x, s_x = _act_grid(x3, spec)
+
+def _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_element_type,
+               out_sharding, out_dtype):
+  """The float dot of a weight-only layer (on a fake-quantized or dequantized kernel)."""
+  if jax.default_backend() == "cpu" and frame.B == 1 and preferred_element_type is None:
+    y = _cpu_float_dot(frame.lhs(lhs)[0], frame.rhs(w_hat)[0], precision)
+    return frame.out(y).astype(out_dtype)
+  kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+  return jax.lax.dot_general(lhs, w_hat, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kw)
+
+
+def _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
+                       out_dtype, w_dtype):
+  """Quantizes the activations and multiplies with a weight grid ``u_w`` of scale ``s_w``.
+
+  ``u_w``/``s_w`` come from `_weight_grid`: (B, K, N)/(B, 1, N), or per group
+  (B, G, g, N)/(B, G, 1, N).
+  """
+  u_x, s_x = _act_grid(frame.lhs(lhs), spec)
   if spec.int_dot:
     if spec.granularity == "group":
       b, g, gs, n = u_w.shape
@@ -401,10 +394,63 @@ def quant_dot_general(
 
   # Asymmetric grids: a float dot of the fake-quantized operands.
   x_hat = (u_x * s_x).astype(lhs.dtype)
-  w_hat = (u_w * s_w).reshape(w3.shape).astype(rhs.dtype)
+  w_hat = (u_w * s_w).reshape(frame.B, frame.K, frame.N).astype(w_dtype)
   y = jnp.einsum("bmk,bkn->bmn", x_hat, w_hat, precision=precision,
                  preferred_element_type=preferred_element_type)
   return frame.out(y).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------- packed weights
+
+# Below this many rows, XLA's CPU int8 GEMM is fed the weight as its left operand and the rows
+# padded to this count: a plain int8 matrix-vector product is ~5-10x slower than float32 there,
+# while ``W (N, K) @ X^T (K, 8)`` hits the fast int8 GEMM (AMX / VNNI).
+_CPU_SKINNY_ROWS = 8
+
+
+def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumbers,
+                        spec: Quant, *, precision: Any, preferred_element_type: Any,
+                        out_sharding: Any) -> Array:
+  """`quant_dot_general` with a packed `QArray` weight: the serving path.
+
+  Its result equals the fake-quant layer's (the same integers and scales, the same int32 or
+  float dot): weight-only layers dequantize and run the float dot; W8A8 layers quantize the
+  activations per token and multiply int8 x int8 -> int32 against the stored values.
+  """
+  frame = _Frame(lhs.shape, qa.shape, dimension_numbers)
+  if frame.B != 1 or frame.rc != qa.contracting:
+    raise ValueError(
+        f"packed kernel {qa.shape} was packed for contracting axes {qa.contracting}, but the "
+        f"dot contracts {frame.rc} with batch axes {frame.rb}")
+  out_dtype = preferred_element_type or lhs.dtype
+  if spec.a_bits is None:
+    return _float_dot(lhs, qa.dequantize(lhs.dtype), frame, dimension_numbers, precision,
+                      preferred_element_type, out_sharding, out_dtype)
+  if spec.int_dot and spec.granularity != "group":
+    u_x, s_x = _act_grid(frame.lhs(lhs), spec)
+    qx, qw = _int8(u_x[0]), qa.ints()  # (M, K), (N, K)
+    m = qx.shape[0]
+    if jax.default_backend() == "cpu" and m < _CPU_SKINNY_ROWS:
+      qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
+      acc = jax.lax.dot_general(qw, qx, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.int32).T[:m]
+    else:
+      acc = jax.lax.dot_general(qx, qw, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+    y = acc[None].astype(jnp.float32) * s_x * qa.scale.T[None]
+    return frame.out(y).astype(out_dtype)
+  # Groups with int8 activations, or asymmetric grids: the shared path on the stored grid.
+  n, k = qa.values.shape[0], frame.K
+  u_w = qa.ints().astype(jnp.float32).T[None]  # (1, K, N)
+  s_w = qa.scale.T[None]  # (1, G, N)
+  if qa.zero_point is not None:
+    zp = jnp.repeat(qa.zero_point.T[None], k // qa.zero_point.shape[1], axis=1)
+    u_w = u_w - zp
+  if spec.granularity == "group":
+    g = s_w.shape[1]
+    u_w, s_w = u_w.reshape(1, g, k // g, n), s_w.reshape(1, g, 1, n)
+  return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
+                            out_dtype, lhs.dtype)
 
 
 def quant_conv_general_dilated(
@@ -432,8 +478,11 @@ def quant_conv_general_dilated(
     ...                            spec=jc.Quant(w_bits=4)).shape
     (1, 8, 8, 4)
   """
-  w_hat = fake_quant_weight(rhs, conv_contracting_axes(rhs.ndim, lhs.shape, dimension_numbers),
-                            spec, w_step)
+  if isinstance(rhs, QArray):
+    w_hat = rhs.dequantize(lhs.dtype)
+  else:
+    w_hat = fake_quant_weight(
+        rhs, conv_contracting_axes(rhs.ndim, lhs.shape, dimension_numbers), spec, w_step)
   if spec.a_bits is not None:
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     batch_axis = dn.lhs_spec[0]

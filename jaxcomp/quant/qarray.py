@@ -1,8 +1,8 @@
 """Packed quantized weights: `QArray` (a pytree) and int4 packing.
 
 A `QArray` holds a kernel as integers plus the scales (and zero points) needed to rebuild it:
-int8 values for 5-8 bits, or two 4-bit values per byte for 2-4 bits, packed along the kernel's
-last contracting axis. Its dequantized value equals `jaxcomp.quant.dot.fake_quant_weight` of the
+int8 values for 5-8 bits, or two 4-bit values per byte for 2-4 bits, in the canonical (N, K)
+layout (one row per output channel, the contracting axes flattened last). Its dequantized value equals `jaxcomp.quant.dot.fake_quant_weight` of the
 same kernel and spec exactly, so a QAT model and its packed serving form compute the same thing.
 """
 
@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.quant import core
-from jaxcomp.quant.dot import weight_scale_shape
-from jaxcomp.quant.spec import Quant
+from jaxcomp.quant.spec import Quant, weight_scale_shape
 
 Array = jax.Array
 
@@ -63,19 +62,58 @@ def unpack_int4(p: Array, axis: int = 0) -> Array:
   return both.reshape(shape)
 
 
+def canonical(w: Array, contracting: Sequence[int]) -> Array:
+  """A kernel as an (N, K) matrix: free axes flattened to rows, contracting axes to columns.
+
+  This is the layout a `QArray` stores (each output channel one contiguous row, the reduction
+  axis last: what int8 GEMMs and int4 packing want). Works on kernel-layout scales too.
+
+  Example:
+    >>> canonical(jnp.zeros((64, 32)), (0,)).shape
+    (32, 64)
+    >>> canonical(jnp.zeros((3, 3, 8, 16)), (0, 1, 2)).shape
+    (16, 72)
+  """
+  nd = w.ndim
+  contracting = tuple(a % nd for a in contracting)
+  free = tuple(a for a in range(nd) if a not in contracting)
+  t = jnp.transpose(w, free + contracting)
+  n = int(np.prod([w.shape[a] for a in free]))
+  return t.reshape(n, -1)
+
+
+def from_canonical(m: Array, shape: Sequence[int], contracting: Sequence[int]) -> Array:
+  """Inverse of `canonical`: an (N, K) matrix back to the kernel ``shape``.
+
+  Example:
+    >>> w = jnp.arange(6.0).reshape(2, 3)
+    >>> bool((from_canonical(canonical(w, (0,)), w.shape, (0,)) == w).all())
+    True
+  """
+  nd = len(shape)
+  contracting = tuple(a % nd for a in contracting)
+  free = tuple(a for a in range(nd) if a not in contracting)
+  t = m.reshape(tuple(shape[a] for a in free + contracting))
+  return jnp.transpose(t, np.argsort(free + contracting))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
   """A quantized kernel: integer values, scales, and how to put them back together.
 
+  Values are stored in the canonical (N, K) layout (`canonical`): one row per output channel,
+  the contracting axes flattened last, so a row's groups are consecutive and int4 pairs are
+  packed along K. ``dequantize()`` returns the kernel in its own (logical) layout.
+
   Attributes:
-    values: int8 (``bits > 4``) or uint8 with two values a byte along ``pack_axis``.
-    scale: float32 scales in the layout `weight_scale_shape` gives (contracting axes collapsed
-      to 1, or to ``size // group`` on the grouped axis).
-    zero_point: float32 zero points like ``scale`` (asymmetric), or None.
+    values: int8 (N, K) for 5-8 bits, or uint8 (N, K // 2) with two values a byte (2-4 bits).
+    scale: float32 (N, K // group) per group, (N, 1) per channel, (1, 1) per tensor.
+    zero_point: float32 like ``scale`` (asymmetric grids), or None.
     bits: grid width (static).
-    shape: the logical (unpacked) shape (static).
-    pack_axis: the axis holding packed pairs, or None when not packed (static).
+    shape: the kernel's logical shape (static).
+    contracting: the kernel axes the layer contracts over (static), e.g. ``(0,)`` for (K, N).
+    packed: whether ``values`` holds two 4-bit values a byte (static).
   """
 
   values: Array
@@ -83,7 +121,22 @@ class QArray:
   zero_point: Array | None
   bits: int = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  pack_axis: int | None = dataclasses.field(metadata=dict(static=True))
+  contracting: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  packed: bool = dataclasses.field(metadata=dict(static=True))
+
+  def __getitem__(self, index):
+    # ``variable[...]`` (how Flax layers read their kernel) returns the QArray itself.
+    if index is Ellipsis:
+      return self
+    raise TypeError("QArray supports only [...]; call .dequantize() for the float kernel")
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
 
   @property
   def nbytes(self) -> int:
@@ -92,26 +145,33 @@ class QArray:
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in leaves))
 
   def ints(self) -> Array:
-    """The integer grid values as int8, in the logical shape."""
-    if self.pack_axis is None:
-      return self.values
-    return unpack_int4(self.values, self.pack_axis)
+    """The integer grid values as int8, canonical (N, K)."""
+    return unpack_int4(self.values, 1) if self.packed else self.values
 
-  def dequantize(self, dtype: jnp.dtype = jnp.float32) -> Array:
-    """``(q - z) * s`` broadcast back to the logical shape."""
+  def dequantize_canonical(self, dtype: jnp.dtype = jnp.float32) -> Array:
+    """``(q - z) * s`` as the canonical (N, K) matrix."""
     q = self.ints().astype(jnp.float32)
-    s = _expand(self.scale, self.shape)
+    k = q.shape[1]
+    s = jnp.repeat(self.scale, k // self.scale.shape[1], axis=1)
     if self.zero_point is not None:
-      q = q - _expand(self.zero_point, self.shape)
+      q = q - jnp.repeat(self.zero_point, k // self.zero_point.shape[1], axis=1)
     return (q * s).astype(dtype)
 
+  def dequantize(self, dtype: jnp.dtype = jnp.float32) -> Array:
+    """The fake-quantized kernel in its logical shape and layout."""
+    return from_canonical(self.dequantize_canonical(dtype), self.shape, self.contracting)
 
-def _expand(s: Array, shape: Sequence[int]) -> Array:
-  """Repeats each entry of a scale along the axes it covers (block-wise) to ``shape``."""
-  for axis, (n, size) in enumerate(zip(s.shape, shape)):
-    if n != size:
-      s = jnp.repeat(s, size // n, axis=axis)
-  return s
+
+def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[int],
+               contracting: Sequence[int]) -> QArray:
+  """Builds a QArray from canonical int grid values (N, K) and (N, G) scales."""
+  q = q.astype(jnp.int8)
+  packed = bits <= 4 and q.shape[1] % 2 == 0
+  values = pack_int4(q, 1) if packed else q
+  return QArray(values=values, scale=s.astype(jnp.float32),
+                zero_point=None if z is None else z.astype(jnp.float32), bits=bits,
+                shape=tuple(int(d) for d in shape),
+                contracting=tuple(a % len(shape) for a in contracting), packed=packed)
 
 
 def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray:
@@ -119,8 +179,8 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
 
   Args:
     w: kernel, e.g. (K, N) for a dense layer.
-    contracting: the axes the layer contracts over (0 for (K, N)); the scale layout follows
-      `weight_scale_shape`, and int4 values are packed along the last contracting axis.
+    contracting: the axes the layer contracts over (0 for (K, N)); scales are per output
+      channel / per group of ``spec.group`` consecutive contracting elements / per tensor.
     spec: a `jaxcomp.Quant` (``w_bits``, ``granularity``/``group``, ``calibration``,
       ``w_symmetric``).
 
@@ -131,24 +191,48 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
     >>> w = jax.random.normal(jax.random.key(0), (256, 64))
     >>> qa = quantize_weight(w, (0,), jc.Quant(w_bits=4, group=128))
     >>> qa.values.shape, qa.values.dtype, qa.scale.shape
-    ((128, 64), dtype('uint8'), (2, 64))
+    ((64, 128), dtype('uint8'), (64, 2))
   """
-  nd = w.ndim
-  contracting = tuple(a % nd for a in contracting)
-  scale_shape = weight_scale_shape(w.shape, contracting, spec)
-  split = []
-  for size, n in zip(w.shape, scale_shape):
-    split += [n, size // n]
-  blocks = w.astype(jnp.float32).reshape(split)
-  axes = tuple(range(1, 2 * nd, 2))
+  weight_scale_shape(w.shape, contracting, spec)  # validates the group size
+  m = canonical(w.astype(jnp.float32), contracting)
+  n, k = m.shape
+  if spec.granularity == "group":
+    blocks, axes = m.reshape(n, k // spec.group, spec.group), (2,)
+  elif spec.granularity == "channel":
+    blocks, axes = m[:, None, :], (2,)
+  else:
+    blocks, axes = m[None, None, :].reshape(1, 1, -1), None
   s, z = core.compute_scale(blocks, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                             calibration=spec.calibration, percentile=spec.percentile)
-  q = core.quantize(blocks, s, z, bits=spec.w_bits, symmetric=spec.w_symmetric).reshape(w.shape)
-  s = s.reshape(scale_shape)
-  z = None if z is None else z.reshape(scale_shape)
-  pack_axis = None
-  if spec.w_bits <= 4 and w.shape[contracting[-1]] % 2 == 0:
-    pack_axis = contracting[-1]
-    q = pack_int4(q, pack_axis)
-  return QArray(values=q, scale=s, zero_point=z, bits=spec.w_bits, shape=tuple(w.shape),
-                pack_axis=pack_axis)
+  q = core.quantize(blocks, s, z, bits=spec.w_bits, symmetric=spec.w_symmetric).reshape(n, k)
+  g = s.shape[1] if s.ndim == 3 else 1
+  s = s.reshape(-1, g) if s.size > 1 else s.reshape(1, 1)
+  z = None if z is None else z.reshape(s.shape)
+  return _from_ints(q, s, z, spec.w_bits, w.shape, contracting)
+
+
+def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: int) -> QArray:
+  """Packs a kernel on a given symmetric step (LSQ-trained or solved by PTQ).
+
+  Args:
+    w: kernel in its own layout.
+    contracting: the axes the layer contracts over.
+    step: the step in the kernel layout given by `weight_scale_shape`.
+    bits: grid width.
+
+  Returns:
+    A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``.
+
+  Example:
+    >>> w = jnp.array([[0.5, -1.0], [0.26, 2.0]])
+    >>> quantize_with_step(w, (0,), jnp.array([[0.25, 0.5]]), 4).dequantize()
+    Array([[ 0.5 , -1.  ],
+           [ 0.25,  2.  ]], dtype=float32)
+  """
+  s = canonical(step.astype(jnp.float32), contracting)
+  m = canonical(w.astype(jnp.float32), contracting)
+  n, k = m.shape
+  s_full = jnp.broadcast_to(jnp.repeat(s, k // s.shape[1], axis=1), (n, k))
+  qmin, qmax = core.qrange(bits, True)
+  q = jnp.clip(jnp.round(m / s_full), qmin, qmax)
+  return _from_ints(q, s, None, bits, w.shape, contracting)

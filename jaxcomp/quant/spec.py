@@ -7,6 +7,7 @@ where it is written (a config file, a recipe) with the field's name in the messa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
 Granularity = Literal["tensor", "channel", "group"]
@@ -16,6 +17,10 @@ Calibration = Literal["absmax", "percentile", "mse"]
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_GRANULARITIES = ("tensor", "token")
 CALIBRATIONS = ("absmax", "percentile", "mse")
+Method = Literal["rtn", "gptq", "awq", "smoothquant"]
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+# Methods that solve for weights from calibration data (`jaxcomp.ptq`), not at run time.
+CALIBRATED_METHODS = ("gptq", "awq", "smoothquant")
 
 
 class SpecError(ValueError):
@@ -56,6 +61,13 @@ class Quant:
     Quant(w_bits=4, a_bits=None, ...)
     >>> jc.Quant(w_bits=8, a_bits=8, learn_scale=True)   # w8a8 QAT with LSQ
     Quant(w_bits=8, a_bits=8, ...)
+    >>> jc.Quant(w_bits=4, group=128, method="gptq", act_order=True)  # for jc.ptq
+    Quant(w_bits=4, a_bits=None, ...)
+
+  ``method`` picks the post-training solver used by `jaxcomp.ptq` (``"rtn"``: round to
+  nearest; ``"gptq"``: Frantar et al., 2022; ``"awq"``: activation-aware scaling, Lin et al.,
+  2023; ``"smoothquant"``: activation-to-weight difficulty migration for W8A8, Xiao et al.,
+  2022). `jaxcomp.quantize` (QAT) calibrates at run time and accepts ``"rtn"`` only.
   """
 
   w_bits: int = 8  # weight bits, 2..8.
@@ -69,6 +81,10 @@ class Quant:
   calibration: Calibration = "absmax"  # how weight scales are chosen: absmax, percentile, mse.
   percentile: float = 99.9  # used by calibration="percentile", in (0, 100].
   learn_scale: bool = False  # LSQ: train the step sizes (Esser et al., 2020).
+  method: Method = "rtn"  # PTQ solver: rtn, gptq, awq, smoothquant (see `jaxcomp.ptq`).
+  act_order: bool = False  # gptq: quantize input features by decreasing Hessian diagonal.
+  damp: float = 0.01  # gptq: dampening, a fraction of mean(diag(H)) added to the diagonal.
+  smooth_alpha: float = 0.5  # smoothquant: migration strength alpha in [0, 1].
 
   def __post_init__(self) -> None:
     o = "Quant"
@@ -81,6 +97,15 @@ class Quant:
     _check_choice(o, "granularity", self.granularity, GRANULARITIES)
     _check_choice(o, "a_granularity", self.a_granularity, ACT_GRANULARITIES)
     _check_choice(o, "calibration", self.calibration, CALIBRATIONS)
+    _check_choice(o, "method", self.method, METHODS)
+    _check_bool(o, "act_order", self.act_order)
+    for name, lo, hi, lo_open in (("damp", 0.0, 1.0, True), ("smooth_alpha", 0.0, 1.0, False)):
+      v = getattr(self, name)
+      bad = isinstance(v, bool) or not isinstance(v, (int, float))
+      if bad or not (lo < v <= hi if lo_open else lo <= v <= hi):
+        interval = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise SpecError(f"Quant.{name} must be a number in {interval}, got {v!r}")
+      object.__setattr__(self, name, float(v))
     if self.group is not None:
       if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
         raise SpecError(f"Quant.group must be a positive int or None, got {self.group!r}")
@@ -100,6 +125,16 @@ class Quant:
       raise SpecError("Quant.g_bits needs Quant.a_bits: the int8 backward dots use both operands")
     if self.learn_scale and not self.w_symmetric:
       raise SpecError("Quant.learn_scale=True needs w_symmetric=True (LSQ learns a step, no zero point)")
+    if self.method in CALIBRATED_METHODS and not self.w_symmetric:
+      raise SpecError(f"Quant.method={self.method!r} needs w_symmetric=True (solved weights keep "
+                      "a fixed symmetric step per channel/group)")
+    if self.method in CALIBRATED_METHODS and self.granularity == "tensor":
+      raise SpecError(f"Quant.method={self.method!r} needs granularity 'channel' or 'group'")
+    if self.method == "smoothquant" and self.a_bits is None:
+      raise SpecError("Quant.method='smoothquant' migrates activation outliers for W8A8: set a_bits")
+    if self.method == "awq" and self.a_bits is not None:
+      raise SpecError("Quant.method='awq' is weight-only (its search assumes float activations); "
+                      "drop a_bits or use method='smoothquant'")
 
   @property
   def int_dot(self) -> bool:
@@ -119,3 +154,33 @@ class Quant:
     if unknown:
       raise SpecError(f"Quant has no field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
     return cls(**d)
+
+
+def weight_scale_shape(
+    kernel_shape: Sequence[int], contracting: Sequence[int], spec: Quant
+) -> tuple[int, ...]:
+  """Shape of the (LSQ) weight step of a kernel, in the kernel's own layout.
+
+  Contracting axes collapse to 1 (per channel), or, per group, the last contracting axis to
+  ``size // group`` and the others keep their size; per tensor every axis is 1.
+
+  Example:
+    >>> weight_scale_shape((512, 2048), (0,), jc.Quant(w_bits=4, group=128))
+    (4, 2048)
+  """
+  nd = len(kernel_shape)
+  contracting = tuple(a % nd for a in contracting)
+  if spec.granularity == "tensor":
+    return (1,) * nd
+  shape = list(kernel_shape)
+  if spec.granularity == "channel":
+    for a in contracting:
+      shape[a] = 1
+    return tuple(shape)
+  last = contracting[-1]
+  if kernel_shape[last] % spec.group:
+    raise SpecError(
+        f"Quant.group={spec.group} does not divide the contraction axis of size "
+        f"{kernel_shape[last]} (kernel shape {tuple(kernel_shape)})")
+  shape[last] = kernel_shape[last] // spec.group
+  return tuple(shape)

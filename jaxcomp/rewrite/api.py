@@ -8,6 +8,7 @@ from absl import logging
 from flax import linen as nn
 from flax import nnx
 
+from jaxcomp.quant.spec import CALIBRATED_METHODS
 from jaxcomp.recipe import MatchReport, Recipe
 from jaxcomp.rewrite import linen_rewrite, nnx_rewrite
 
@@ -51,6 +52,10 @@ def quantize(
     >>> qmodule, qvars = jc.quantize(linen_module, recipe, variables=variables, args=(x,))
   """
   _check_recipe(recipe)
+  for rule in recipe.rules:
+    if rule.quant is not None and rule.quant.method in CALIBRATED_METHODS:
+      raise ValueError(f"Rule {rule.label!r}: Quant.method={rule.quant.method!r} solves weights "
+                       "from calibration data; use jc.ptq(model, recipe, calib=...)")
   if isinstance(model, nnx.Module):
     if variables is not None or args:
       raise TypeError("quantize: variables= and args= are for Linen modules, not NNX models")

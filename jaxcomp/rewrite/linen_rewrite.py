@@ -101,10 +101,11 @@ def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs) -> Any
                     conv_general_dilated_cls=None)
     return getattr(clone, method)(*args, **kwargs)
   if isinstance(m, nn.Embed):
+    if method == "attend":  # a tied output head: through the quantized dot (W8A8 with a_bits)
+      query, table = m.promote_dtype(args[0], kernel, dtype=m.dtype)
+      dims = (((query.ndim - 1,), (1,)), ((), ()))
+      return qdot.quant_dot_general(query, table, dims, spec, w_step=step)
     table = qdot.fake_quant_weight(kernel, contracting, spec, step)
-    if method == "attend":
-      query, table = m.promote_dtype(args[0], table, dtype=m.dtype)
-      return jnp.dot(query, table.T)
     (table,) = m.promote_dtype(table, dtype=m.dtype, inexact=False)
     return jnp.take(table, args[0], axis=0)
   # nn.Einsum

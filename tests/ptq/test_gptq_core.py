@@ -25,7 +25,7 @@ def _correlated(k=64, n=48, tokens=1024, key=0):
 ], ids=str)
 def test_gptq_beats_rtn_on_correlated_inputs(spec, act_order):
   x, w = _correlated()
-  w_gptq, _ = gptq(w, hessian(x), spec, block_size=16, act_order=act_order)
+  w_gptq, _, _ = gptq(w, hessian(x), spec, block_size=16, act_order=act_order)
   err_gptq, err_rtn = output_error(x, w, w_gptq), output_error(x, w, rtn(w, spec))
   assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
 
@@ -33,7 +33,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(spec, act_order):
 def test_gptq_output_lies_on_the_grid():
   x, w = _correlated()
   spec = jc.Quant(w_bits=4, group=16)
-  w_hat, _ = gptq(w, hessian(x), spec, block_size=32)
+  w_hat, step, _ = gptq(w, hessian(x), spec, block_size=32)
   s = np.abs(np.asarray(w)).reshape(4, 16, -1).max(axis=1) / 7  # static group scales
   q = np.asarray(w_hat).reshape(4, 16, -1) / s[:, None, :]
   np.testing.assert_allclose(q, np.round(q), atol=1e-3)
@@ -42,8 +42,8 @@ def test_gptq_output_lies_on_the_grid():
 
 def test_block_size_does_not_change_the_result():
   x, w = _correlated(k=32, n=8)
-  a, _ = gptq(w, hessian(x), jc.Quant(w_bits=4), block_size=8)
-  b, _ = gptq(w, hessian(x), jc.Quant(w_bits=4), block_size=32)
+  a, _, _ = gptq(w, hessian(x), jc.Quant(w_bits=4), block_size=8)
+  b, _, _ = gptq(w, hessian(x), jc.Quant(w_bits=4), block_size=32)
   np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -51,7 +51,7 @@ def test_dead_inputs_and_non_pd_hessian_raise_dampening():
   x, w = _correlated(k=32, n=8)
   x = x.at[:, 3].set(0.0)  # a dead input feature: H has a zero row and column
   h = hessian(x[:8])  # 8 tokens for 32 features: H is singular
-  w_hat, used = gptq(w, h, jc.Quant(w_bits=4), damp=1e-12)
+  w_hat, _, used = gptq(w, h, jc.Quant(w_bits=4), damp=1e-12)
   assert used > 1e-12 and bool(jnp.all(jnp.isfinite(w_hat)))
   np.testing.assert_array_equal(np.asarray(w_hat[3]), 0.0)  # dead row quantized to zero
 

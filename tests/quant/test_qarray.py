@@ -10,7 +10,8 @@ import pytest
 
 import jaxcomp as jc
 from jaxcomp.quant.dot import fake_quant_weight
-from jaxcomp.quant.qarray import QArray, pack_int4, quantize_weight, unpack_int4
+from jaxcomp.quant.qarray import (QArray, canonical, from_canonical, pack_int4, quantize_weight,
+                                  quantize_with_step, unpack_int4)
 
 int4_arrays = hnp.arrays(
     np.int8, st.tuples(st.integers(1, 8).map(lambda n: 2 * n), st.integers(1, 5)),
@@ -44,8 +45,30 @@ def test_dequantize_equals_fake_quant(shape, contracting, spec):
   qa = quantize_weight(w, contracting, spec)
   np.testing.assert_array_equal(np.asarray(qa.dequantize()),
                                 np.asarray(fake_quant_weight(w, contracting, spec)))
-  assert (qa.pack_axis is not None) == (spec.w_bits <= 4)
-  assert qa.ints().shape == shape
+  assert qa.packed == (spec.w_bits <= 4)
+  assert qa.dequantize().shape == shape
+  assert qa.ints().shape == canonical(w, contracting).shape
+
+
+def test_quantize_with_step_equals_fake_quant_with_that_step():
+  w = jax.random.normal(jax.random.key(3), (64, 48))
+  spec = jc.Quant(w_bits=4, group=16, learn_scale=True)
+  step = jnp.abs(jax.random.normal(jax.random.key(4), (4, 48))) * 0.1 + 0.05
+  qa = quantize_with_step(w, (0,), step, 4)
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()),
+                                np.asarray(fake_quant_weight(w, (0,), spec, step)))
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(shape=st.sampled_from([(8, 6), (2, 3, 4), (3, 3, 2, 5)]), data=st.data())
+def test_canonical_roundtrip(shape, data):
+  nd = len(shape)
+  contracting = tuple(sorted(data.draw(st.sets(st.integers(0, nd - 1), min_size=1,
+                                               max_size=nd - 1))))
+  w = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  m = canonical(w, contracting)
+  assert m.shape[1] == np.prod([shape[a] for a in contracting])
+  np.testing.assert_array_equal(from_canonical(m, shape, contracting), w)
 
 
 def test_bits_per_param():

@@ -1,0 +1,127 @@
+"""`convert`: a quantized (QAT or PTQ) NNX model -> its packed serving form.
+
+Each quantized layer's float kernel is replaced by a `QArray` (int8, or int4 two per byte, with
+its scales), computed from the kernel and the layer's step (learned by LSQ or solved by PTQ) or,
+without a step, by the same calibration the fake-quant forward uses. The layer keeps its
+quantized-dot hook, which now receives the `QArray` and runs the serving path of
+`jaxcomp.quant.dot.quant_dot_general`; its outputs equal the fake-quant model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from flax import nnx
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
+from jaxcomp.quant.spec import Quant
+from jaxcomp.rewrite.nnx_rewrite import iter_layers
+
+
+class QuantLayer(NamedTuple):
+  """A quantized layer found in a model: where its kernel and its quantization live."""
+
+  path: str
+  module: nnx.Module  # the layer (nnx.Linear, ..., or QuantEmbed)
+  hook: nnx.Module  # the module holding spec / w_step / in_scale (QuantDot, ...; or the layer)
+  kernel_name: str  # "kernel" or "embedding"
+  contracting: tuple[int, ...]  # kernel axes the layer contracts over
+  spec: Quant
+
+
+def quant_layers(model: nnx.Module) -> Iterator[QuantLayer]:
+  """Every quantized layer of ``model`` (as `jaxcomp.quantize` / `jaxcomp.ptq` leave them).
+
+  Example:
+    >>> q = jc.quantize(nnx.Linear(8, 4, rngs=nnx.Rngs(0)),
+    ...                 jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))]))
+    >>> [(l.kernel_name, l.contracting) for l in quant_layers(nnx.List([q]))]
+    [('kernel', (0,))]
+  """
+  for path, m in iter_layers(model):
+    if isinstance(m, qlayers.QuantEmbed):
+      yield QuantLayer(path, m, m, "embedding", (1,), m.spec)
+      continue
+    hook = getattr(m, "dot_general", None)
+    if isinstance(hook, qlayers.QuantDot):
+      if isinstance(m, nnx.LinearGeneral):
+        nb = len(m.batch_axis)
+        contracting = tuple(range(nb, nb + len(m.axis)))
+        if nb:
+          contracting = (-1,)  # marks "has batch axes"; rejected by `convert`
+      else:
+        contracting = (0,)
+      yield QuantLayer(path, m, hook, "kernel", contracting, hook.spec)
+      continue
+    hook = getattr(m, "einsum_op", None)
+    if isinstance(hook, qlayers.QuantEinsum):
+      ndim = m.kernel[...].ndim
+      yield QuantLayer(path, m, hook, "kernel",
+                       qlayers.einsum_kernel_contracting(m.einsum_str, ndim), hook.spec)
+      continue
+    hook = getattr(m, "conv_general_dilated", None)
+    if isinstance(hook, qlayers.QuantConv):
+      ndim = m.kernel[...].ndim
+      yield QuantLayer(path, m, hook, "kernel", tuple(range(ndim - 1)), hook.spec)
+
+
+def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
+                step: Any = None) -> QArray:
+  """The `QArray` of one kernel: on ``step`` when given (LSQ / PTQ), else calibrated by ``spec``.
+
+  Example:
+    >>> pack_kernel(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)).values.shape
+    (4, 4)
+  """
+  if step is not None:
+    return quantize_with_step(kernel, contracting, step, spec.w_bits)
+  return quantize_weight(kernel, contracting, spec)
+
+
+def convert(model: nnx.Module) -> nnx.Module:
+  """Returns the packed serving form of a quantized NNX model; ``model`` is left untouched.
+
+  Every layer quantized by `jaxcomp.quantize` (QAT) or `jaxcomp.ptq` gets its kernel replaced by a
+  `QArray` parameter (int8 values for 5-8 bits, int4 packed two per byte for 2-4 bits, float32
+  scales per channel or group). Its forward pass runs the integer path of the quantized dot:
+  int8 x int8 -> int32 for W8A8 layers, dequantize-and-dot for weight-only ones, with logits
+  equal to the fake-quant model's. Save it with `jaxcomp.save_packed`.
+
+  Args:
+    model: an NNX model with quantized layers.
+
+  Returns:
+    The new model.
+
+  Example:
+    >>> model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
+    >>> qmodel = jc.quantize(model, jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))]))
+    >>> packed = jc.convert(qmodel)
+    >>> type(packed.layers[0].kernel[...]).__name__
+    'QArray'
+    >>> x = jnp.ones((2, 64))
+    >>> bool((packed(x) == qmodel(x)).all())
+    True
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"convert: expected a flax.nnx Module, got {type(model).__name__}")
+  new = nnx.clone(model)
+  layers = list(quant_layers(new))
+  if not layers:
+    raise ValueError("convert: the model has no quantized layers; run jc.quantize or jc.ptq first")
+  for layer in layers:
+    var = getattr(layer.module, layer.kernel_name)
+    value = var[...]
+    if isinstance(value, QArray):
+      continue  # already packed
+    if layer.contracting == (-1,):
+      raise ValueError(f"{layer.path}: convert does not pack LinearGeneral kernels with batch axes")
+    step = layer.hook.w_step
+    qa = pack_kernel(value, layer.contracting, layer.spec, None if step is None else step[...])
+    setattr(layer.module, layer.kernel_name, nnx.Param(qa))
+    layer.hook.w_step = None
+    if not isinstance(layer.module, qlayers.QuantEmbed):
+      layer.module.promote_dtype = qlayers.promote_keep_packed
+  return new
