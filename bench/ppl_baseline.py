@@ -44,7 +44,7 @@ def main() -> None:
   t_fetch = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  model = io.load_gguf(path, rope_style=args.rope_style)
+  model = io.load_gguf(path, rope_style=args.rope_style, attn_batch_chunk=1)
   tokenizer = io.gguf_tokenizer(path)
   t_load = time.perf_counter() - t0
 

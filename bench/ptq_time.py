@@ -39,7 +39,7 @@ def main() -> None:
 
   t_start = time.perf_counter()
   path = io.fetch_smollm2(args.cache_dir)
-  model = io.load_gguf(path)
+  model = io.load_gguf(path, attn_batch_chunk=1)  # CPU: scores stay in cache
   tokenizer = io.gguf_tokenizer(path)
   calib = calib_tokens(tokenizer, n_seq=args.n_seq, seq_len=args.seq_len,
                        text_path=args.calib_text)

@@ -14,9 +14,11 @@ with Orbax in ``WORKDIR/packed`` and reports perplexity (non-overlapping 512-tok
 ``eval.split``; ``eval.max_tokens`` evaluates a prefix, 0 the whole split), bits per parameter
 from the bytes saved, and wall times.
 
-Modifiers: ",tiny" runs the same job on a tiny random Llama with a byte tokenizer over
-``eval.text_path`` (for tests); any field can be overridden, e.g. ``--config.eval.max_tokens=0``.
+Modifiers: ",tiny" runs the same job on a tiny random Llama (groups of 32) with a byte
+tokenizer over ``calib.text_path`` / ``eval.text_path`` (for tests); any field can be overridden, e.g. ``--config.eval.max_tokens=0``.
 """
+
+import dataclasses
 
 import ml_collections
 
@@ -57,6 +59,8 @@ def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
                      max_tokens=2048 if tiny else 32768, batch_size=4)
   config.save_packed = True
   quant = VARIANTS[variant]
+  if tiny and quant is not None and quant.group:
+    quant = dataclasses.replace(quant, group=32)  # the tiny model is 64 wide
   recipe = None if quant is None else jc.Recipe([jc.Rule(PROJ, quant=quant, name="proj")])
   config.recipe = None if recipe is None else recipe.to_config()
   return config

@@ -1,6 +1,7 @@
 """``python -m jaxcomp --config configs/<experiment>.py[:variant] --workdir DIR``.
 
-Trains (or resumes) the experiment in DIR and prints a short report, also written to
+Trains (or resumes) the experiment in DIR (or, for ``task = "ptq"`` configs, quantizes,
+packs and evaluates a model) and prints a short report, also written to
 ``DIR/report.json`` and ``DIR/report.md``. Bad input (config, variant, workdir, checkpoint,
 dataset) ends with one line on stderr and exit status 1; nothing already in DIR is overwritten.
 """
@@ -43,9 +44,12 @@ def main(argv: list[str]) -> None:
   from jaxcomp.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jaxcomp.train.loop import TrainingDiverged, train  # pylint: disable=import-outside-toplevel
 
+  from jaxcomp.ptq.job import run_ptq  # pylint: disable=import-outside-toplevel
+
   config, workdir = _CONFIG.value, _WORKDIR.value
+  job = run_ptq if config.get("task") == "ptq" else train  # training tasks: jaxcomp.train.tasks
   try:
-    report = train(config, workdir)
+    report = job(config, workdir)
   except (CheckpointError, TrainingDiverged, FileNotFoundError, SpecError, RecipeError,
           ValueError) as e:
     if os.environ.get("JAXCOMP_TRACEBACK"):

@@ -120,6 +120,9 @@ def _block_lsq_init(w: Array, shape: Sequence[int], spec: Quant) -> Array:
   """Initial steps: the calibrated scale (``spec.calibration``) of each block of ``w`` that maps
   onto one entry of ``shape``. QAT starts from trained weights, where this beats LSQ's
   ``2 mean|w| / sqrt(Qp)`` (`jaxcomp.quant.core.lsq_init`), which is coarse at 8 bits."""
+  for axis, (size, n) in enumerate(zip(w.shape, shape)):
+    if size % n:  # a shorter last group: zero-pad it (absmax ignores zeros)
+      w = core.pad_to_groups(w, axis, -(-size // n))
   split = []
   for size, n in zip(w.shape, shape):
     split += [n, size // n]
@@ -229,7 +232,8 @@ class QuantEmbed(nnx.Embed):
                     scale=jnp.take(table.scale, inputs.reshape(-1), axis=0, mode="clip")
                     if table.scale.shape[0] > 1 else table.scale,
                     zero_point=None, bits=table.bits,
-                    shape=(inputs.size, table.shape[1]), contracting=(1,), packed=table.packed)
+                    shape=(inputs.size, table.shape[1]), contracting=(1,), packed=table.packed,
+                    group=table.group)
       if table.zero_point is not None:
         raise ValueError("QuantEmbed: asymmetric packed tables are not supported")
       return rows.dequantize_canonical().reshape(inputs.shape + (table.shape[1],))

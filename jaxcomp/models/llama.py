@@ -103,6 +103,9 @@ class LlamaConfig:
   tie_embeddings: bool = False  # logits = embed.attend(h), no lm_head.
   rope_style: str = "half"  # "half" (HF rotate_half) or "interleaved" (GGUF).
   max_seq_len: int = 2048  # longest sequence the model accepts.
+  # Sequences per attention chunk (a loop over the batch); None: the whole batch at once.
+  # Bounds the [B, H, T, T] score memory; on CPU, 1 keeps the scores in cache (~2x faster).
+  attn_batch_chunk: int | None = None
   dtype: Any = jnp.float32  # compute dtype (activations, logits).
   param_dtype: Any = jnp.float32  # storage dtype of the parameters.
 
@@ -132,6 +135,11 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
     if not self.norm_eps > 0:
       raise ValueError(f"LlamaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+    if self.attn_batch_chunk is not None and (
+        not isinstance(self.attn_batch_chunk, int) or isinstance(self.attn_batch_chunk, bool)
+        or self.attn_batch_chunk <= 0):
+      raise ValueError(f"LlamaConfig.attn_batch_chunk must be a positive int or None, got "
+                       f"{self.attn_batch_chunk!r}")
     if self.rope_style not in ROPE_STYLES:
       raise ValueError(
           f"LlamaConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
@@ -347,6 +355,7 @@ class Attention(nnx.Module):
     self.head_dim = hd
     self.rope_theta = config.rope_theta
     self.rope_style = config.rope_style
+    self.attn_batch_chunk = config.attn_batch_chunk
 
   def __call__(
       self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
@@ -386,17 +395,27 @@ class Attention(nnx.Module):
     q = einops.rearrange(q, "b t (k g) d -> b k (g t) d", k=kv)
     k = einops.rearrange(k, "b s k d -> b k s d")
     v = einops.rearrange(v, "b s k d -> b k s d")
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k,
-                        preferred_element_type=jnp.float32) * hd**-0.5
-    scores = scores.reshape(scores.shape[0], kv, g, t, s)
     if cache is None:
       mask = jnp.tril(jnp.ones((t, t), dtype=bool))
     else:  # slot s is visible to new token i iff s <= index + i
       slots = jnp.arange(cache.max_len, dtype=jnp.int32)
       mask = slots[None, :] <= cache.index + jnp.arange(t, dtype=jnp.int32)[:, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(probs.shape[0], kv, g * t, s), v)
+
+    def attend(q, k, v):  # [b, k, g*t, d], [b, k, s, d] x2 -> [b, k, g*t, d]
+      scores = jnp.einsum("bkqd,bksd->bkqs", q, k,
+                          preferred_element_type=jnp.float32) * hd**-0.5
+      scores = scores.reshape(scores.shape[0], kv, g, t, s)
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+      return jnp.einsum("bkqs,bksd->bkqd", probs.reshape(probs.shape[0], kv, g * t, s), v)
+
+    chunk, b = self.attn_batch_chunk, x.shape[0]
+    if chunk is None or chunk >= b or b % chunk:
+      out = attend(q, k, v)
+    else:
+      split = lambda a: a.reshape((b // chunk, chunk) + a.shape[1:])
+      out = jax.lax.map(lambda a: attend(*a), (split(q), split(k), split(v)))
+      out = out.reshape((b,) + out.shape[2:])
     out = self.o_proj(einops.rearrange(out, "b k (g t) d -> b t (k g d)", g=g))
     return out if cache is None else (out, cache)
 

@@ -279,6 +279,9 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
           _run_block(block, args, kwargs)
 
       _capture_and_solve(new, mine, run_capture, results, calib_dtype)
+      if b == block_paths[-1] and not [t for t in calibrated if not inside(t[0], b) and
+                                       not any(inside(t[0], c) for c in block_paths)]:
+        break  # nothing after the last block needs its outputs
       with _calibration_dots(block, calib_dtype):
         inputs = [((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
                   for args, kwargs in inputs]

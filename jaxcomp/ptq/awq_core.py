@@ -56,7 +56,8 @@ def _check(fn: str, w: Array, h: Array, mean_abs: Array | None, spec: Quant,
         f"got {mean_abs.shape}")
   if not isinstance(spec, Quant):
     raise ValueError(f"{fn}: spec must be a jaxcomp.Quant, got {type(spec).__name__}")
-  if spec.granularity == "group" and k % spec.group:
+  if spec.granularity == "group" and k % spec.group and (
+      fn == "awq_clip" or spec.calibration != "absmax"):
     raise ValueError(f"{fn}: Quant.group={spec.group} does not divide the input size {k}")
   if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
     raise ValueError(f"{fn}: n_grid must be a positive int, got {n_grid!r}")

@@ -41,11 +41,11 @@ def hessian(x: Array) -> Array:
 def _column_scales(wt: Array, spec: Quant) -> tuple[Array, Array | None]:
   """Per-(row, column) scale and zero point of ``wt`` (N, K) from its original values."""
   n, k = wt.shape
-  if spec.granularity == "group":
-    g = wt.reshape(n, k // spec.group, spec.group)
+  if spec.granularity == "group":  # a shorter last group is zero-padded
+    g = core.pad_to_groups(wt, 1, spec.group).reshape(n, -1, spec.group)
     s, z = core.compute_scale(g, spec.w_bits, axes=2, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile)
-    rep = lambda a: None if a is None else jnp.repeat(a[..., 0], spec.group, axis=1)
+    rep = lambda a: None if a is None else core.expand_groups(a[..., 0], 1, spec.group, k)
     return rep(s), rep(z)
   axes = 1 if spec.granularity == "channel" else None
   s, z = core.compute_scale(wt, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
@@ -152,8 +152,9 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
     >>> w_hat.shape
     (32, 16)
   """
-  if spec.granularity == "group" and w.shape[0] % spec.group:
-    raise ValueError(f"Quant.group={spec.group} does not divide the input size {w.shape[0]}")
+  if spec.granularity == "group" and w.shape[0] % spec.group and spec.calibration != "absmax":
+    raise ValueError(f"Quant.group={spec.group} does not divide the input size {w.shape[0]} "
+                     "(a shorter last group needs calibration='absmax')")
   if h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"gptq: Hessian shape {h.shape} does not match kernel {w.shape}")
   for _ in range(max_damp_raises + 1):

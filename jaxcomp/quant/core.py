@@ -75,6 +75,34 @@ def _grad_scale(x: Array, g: Array) -> Array:
 _grad_scale.defvjp(lambda x, g: (x, g), lambda g, ct: (ct * g, jnp.zeros_like(g)))
 
 
+def pad_to_groups(x: Array, axis: int, group: int) -> Array:
+  """Zero-pads ``axis`` of ``x`` to a multiple of ``group`` (a shorter last group).
+
+  Zeros change neither an absmax scale nor a dot product.
+
+  Example:
+    >>> pad_to_groups(jnp.ones((2, 5)), 1, 4).shape
+    (2, 8)
+  """
+  axis = axis % x.ndim
+  extra = -x.shape[axis] % group
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def expand_groups(s: Array, axis: int, group: int, size: int) -> Array:
+  """Repeats each group's entry of ``s`` ``group`` times along ``axis``, cut to ``size``.
+
+  Example:
+    >>> expand_groups(jnp.array([[1.0, 2.0]]), 1, 3, 5)
+    Array([[1., 1., 1., 2., 2.]], dtype=float32)
+  """
+  return jax.lax.slice_in_dim(jnp.repeat(s, group, axis=axis), 0, size, axis=axis % s.ndim)
+
+
 def _safe(s: Array) -> Array:
   return jnp.where(s > 0, s, jnp.ones_like(s))
 

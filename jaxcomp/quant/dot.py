@@ -89,12 +89,14 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Ar
   """
   b, k, n = w3.shape
   if spec.granularity == "group":
-    if k % spec.group:
-      raise SpecError(f"Quant.group={spec.group} does not divide the contraction size {k}")
-    w3 = w3.reshape(b, k // spec.group, spec.group, n)
+    if k % spec.group and spec.calibration != "absmax":
+      raise SpecError(f"Quant.group={spec.group} does not divide the contraction size {k}; a "
+                      "shorter last group needs calibration='absmax'")
+    w3 = core.pad_to_groups(w3, 1, spec.group)
+    w3 = w3.reshape(b, w3.shape[1] // spec.group, spec.group, n)
     axes = (2,)
     if step3 is not None:
-      step3 = step3.reshape(b, k // spec.group, 1, n)
+      step3 = step3.reshape(b, w3.shape[1], 1, n)
   elif spec.granularity == "channel":
     axes = (1,)
   else:
@@ -145,7 +147,7 @@ def fake_quant_weight(
                  (((*range(1, len(contracting) + 1),), contracting), ((), ())))
   step3 = None if step is None else frame.rhs(step)
   u, s = _weight_grid(frame.rhs(w), spec, step3)
-  w_hat = (u * s).reshape(1, frame.K, frame.N)
+  w_hat = (u * s).reshape(1, -1, frame.N)[:, :frame.K]  # (a shorter last group is padded)
   t = w_hat.reshape(tuple(w.shape[a] for a in contracting + free))
   w_hat = jnp.transpose(t, np.argsort(contracting + free)).astype(w.dtype)
   if step is None and spec.calibration == "absmax" and spec.w_symmetric:
@@ -383,7 +385,7 @@ def _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_
   if spec.int_dot:
     if spec.granularity == "group":
       b, g, gs, n = u_w.shape
-      ux = u_x.reshape(b, frame.M, g, gs).transpose(0, 2, 1, 3).reshape(b * g, frame.M, gs)
+      ux = core.pad_to_groups(u_x, 2, gs).reshape(b, frame.M, g, gs).transpose(0, 2, 1, 3).reshape(b * g, frame.M, gs)
       sx = jnp.broadcast_to(s_x[:, None], (b, g) + s_x.shape[1:]).reshape(b * g, -1, 1)
       y = int_dot(ux, sx, u_w.reshape(b * g, gs, n), s_w.reshape(b * g, 1, n), spec.g_bits)
       y = y.reshape(b, g, frame.M, n).sum(axis=1)
@@ -394,7 +396,7 @@ def _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_
 
   # Asymmetric grids: a float dot of the fake-quantized operands.
   x_hat = (u_x * s_x).astype(lhs.dtype)
-  w_hat = (u_w * s_w).reshape(frame.B, frame.K, frame.N).astype(w_dtype)
+  w_hat = (u_w * s_w).reshape(frame.B, -1, frame.N)[:, :frame.K].astype(w_dtype)
   y = jnp.einsum("bmk,bkn->bmn", x_hat, w_hat, precision=precision,
                  preferred_element_type=preferred_element_type)
   return frame.out(y).astype(out_dtype)
@@ -444,11 +446,11 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
   u_w = qa.ints().astype(jnp.float32).T[None]  # (1, K, N)
   s_w = qa.scale.T[None]  # (1, G, N)
   if qa.zero_point is not None:
-    zp = jnp.repeat(qa.zero_point.T[None], k // qa.zero_point.shape[1], axis=1)
-    u_w = u_w - zp
+    u_w = u_w - core.expand_groups(qa.zero_point.T[None], 1, qa.group or k, k)
   if spec.granularity == "group":
     g = s_w.shape[1]
-    u_w, s_w = u_w.reshape(1, g, k // g, n), s_w.reshape(1, g, 1, n)
+    u_w = core.pad_to_groups(u_w, 1, spec.group).reshape(1, g, spec.group, n)
+    s_w = s_w.reshape(1, g, 1, n)
   return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
                             out_dtype, lhs.dtype)
 

@@ -108,12 +108,14 @@ class QArray:
 
   Attributes:
     values: int8 (N, K) for 5-8 bits, or uint8 (N, K // 2) with two values a byte (2-4 bits).
-    scale: float32 (N, K // group) per group, (N, 1) per channel, (1, 1) per tensor.
+    scale: float32 (N, ceil(K / group)) per group, (N, 1) per channel, (1, 1) per tensor.
     zero_point: float32 like ``scale`` (asymmetric grids), or None.
     bits: grid width (static).
     shape: the kernel's logical shape (static).
     contracting: the kernel axes the layer contracts over (static), e.g. ``(0,)`` for (K, N).
     packed: whether ``values`` holds two 4-bit values a byte (static).
+    group: elements of K per scale when grouped (the last group may be shorter), else None
+      (static).
   """
 
   values: Array
@@ -123,6 +125,7 @@ class QArray:
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   contracting: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   packed: bool = dataclasses.field(metadata=dict(static=True))
+  group: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   def __getitem__(self, index):
     # ``variable[...]`` (how Flax layers read their kernel) returns the QArray itself.
@@ -152,9 +155,9 @@ class QArray:
     """``(q - z) * s`` as the canonical (N, K) matrix."""
     q = self.ints().astype(jnp.float32)
     k = q.shape[1]
-    s = jnp.repeat(self.scale, k // self.scale.shape[1], axis=1)
+    s = core.expand_groups(self.scale, 1, self.group or k, k)
     if self.zero_point is not None:
-      q = q - jnp.repeat(self.zero_point, k // self.zero_point.shape[1], axis=1)
+      q = q - core.expand_groups(self.zero_point, 1, self.group or k, k)
     return (q * s).astype(dtype)
 
   def dequantize(self, dtype: jnp.dtype = jnp.float32) -> Array:
@@ -163,7 +166,7 @@ class QArray:
 
 
 def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[int],
-               contracting: Sequence[int]) -> QArray:
+               contracting: Sequence[int], group: int | None) -> QArray:
   """Builds a QArray from canonical int grid values (N, K) and (N, G) scales."""
   q = q.astype(jnp.int8)
   packed = bits <= 4 and q.shape[1] % 2 == 0
@@ -171,7 +174,8 @@ def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[i
   return QArray(values=values, scale=s.astype(jnp.float32),
                 zero_point=None if z is None else z.astype(jnp.float32), bits=bits,
                 shape=tuple(int(d) for d in shape),
-                contracting=tuple(a % len(shape) for a in contracting), packed=packed)
+                contracting=tuple(a % len(shape) for a in contracting), packed=packed,
+                group=group)
 
 
 def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray:
@@ -197,21 +201,25 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
   m = canonical(w.astype(jnp.float32), contracting)
   n, k = m.shape
   if spec.granularity == "group":
-    blocks, axes = m.reshape(n, k // spec.group, spec.group), (2,)
+    padded = core.pad_to_groups(m, 1, spec.group)
+    blocks, axes = padded.reshape(n, -1, spec.group), (2,)
   elif spec.granularity == "channel":
     blocks, axes = m[:, None, :], (2,)
   else:
     blocks, axes = m[None, None, :].reshape(1, 1, -1), None
   s, z = core.compute_scale(blocks, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                             calibration=spec.calibration, percentile=spec.percentile)
-  q = core.quantize(blocks, s, z, bits=spec.w_bits, symmetric=spec.w_symmetric).reshape(n, k)
+  q = core.quantize(blocks, s, z, bits=spec.w_bits, symmetric=spec.w_symmetric)
+  q = q.reshape(n, -1)[:, :k]
   g = s.shape[1] if s.ndim == 3 else 1
   s = s.reshape(-1, g) if s.size > 1 else s.reshape(1, 1)
   z = None if z is None else z.reshape(s.shape)
-  return _from_ints(q, s, z, spec.w_bits, w.shape, contracting)
+  group = spec.group if spec.granularity == "group" else None
+  return _from_ints(q, s, z, spec.w_bits, w.shape, contracting, group)
 
 
-def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: int) -> QArray:
+def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: int,
+                       group: int | None = None) -> QArray:
   """Packs a kernel on a given symmetric step (LSQ-trained or solved by PTQ).
 
   Args:
@@ -219,6 +227,7 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
     contracting: the axes the layer contracts over.
     step: the step in the kernel layout given by `weight_scale_shape`.
     bits: grid width.
+    group: the group size when ``step`` is per group (its last group may be shorter).
 
   Returns:
     A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``.
@@ -232,7 +241,9 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
   s = canonical(step.astype(jnp.float32), contracting)
   m = canonical(w.astype(jnp.float32), contracting)
   n, k = m.shape
-  s_full = jnp.broadcast_to(jnp.repeat(s, k // s.shape[1], axis=1), (n, k))
+  if s.shape[1] > 1 and group is None:
+    raise ValueError(f"quantize_with_step: step {step.shape} is per group; pass group=")
+  s_full = jnp.broadcast_to(core.expand_groups(s, 1, group if s.shape[1] > 1 else k, k), (n, k))
   qmin, qmax = core.qrange(bits, True)
   q = jnp.clip(jnp.round(m / s_full), qmin, qmax)
-  return _from_ints(q, s, None, bits, w.shape, contracting)
+  return _from_ints(q, s, None, bits, w.shape, contracting, group if s.shape[1] > 1 else None)

@@ -162,7 +162,10 @@ def weight_scale_shape(
   """Shape of the (LSQ) weight step of a kernel, in the kernel's own layout.
 
   Contracting axes collapse to 1 (per channel), or, per group, the last contracting axis to
-  ``size // group`` and the others keep their size; per tensor every axis is 1.
+  ``ceil(size / group)`` and the others keep their size; per tensor every axis is 1. When
+  ``group`` does not divide the axis the last group is shorter (as in GPTQ's reference; e.g.
+  SmolLM2's 576 = 4 x 128 + 64), which needs absmax calibration (zero padding would bias a
+  percentile or MSE search).
 
   Example:
     >>> weight_scale_shape((512, 2048), (0,), jc.Quant(w_bits=4, group=128))
@@ -178,9 +181,10 @@ def weight_scale_shape(
       shape[a] = 1
     return tuple(shape)
   last = contracting[-1]
-  if kernel_shape[last] % spec.group:
+  if kernel_shape[last] % spec.group and spec.calibration != "absmax":
     raise SpecError(
         f"Quant.group={spec.group} does not divide the contraction axis of size "
-        f"{kernel_shape[last]} (kernel shape {tuple(kernel_shape)})")
-  shape[last] = kernel_shape[last] // spec.group
+        f"{kernel_shape[last]} (kernel shape {tuple(kernel_shape)}); a shorter last group "
+        f"needs calibration='absmax'")
+  shape[last] = -(-kernel_shape[last] // spec.group)
   return tuple(shape)

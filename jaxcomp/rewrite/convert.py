@@ -35,10 +35,10 @@ def quant_layers(model: nnx.Module) -> Iterator[QuantLayer]:
   """Every quantized layer of ``model`` (as `jaxcomp.quantize` / `jaxcomp.ptq` leave them).
 
   Example:
-    >>> q = jc.quantize(nnx.Linear(8, 4, rngs=nnx.Rngs(0)),
+    >>> q = jc.quantize(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0))),
     ...                 jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))]))
-    >>> [(l.kernel_name, l.contracting) for l in quant_layers(nnx.List([q]))]
-    [('kernel', (0,))]
+    >>> [(l.path, l.contracting) for l in quant_layers(q)]
+    [('layers/0', (0,))]
   """
   for path, m in iter_layers(model):
     if isinstance(m, qlayers.QuantEmbed):
@@ -76,7 +76,7 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
     (4, 4)
   """
   if step is not None:
-    return quantize_with_step(kernel, contracting, step, spec.w_bits)
+    return quantize_with_step(kernel, contracting, step, spec.w_bits, spec.group)
   return quantize_weight(kernel, contracting, spec)
 
 

@@ -6,6 +6,8 @@ the tests share a handful of compilations.
 
 import dataclasses
 
+import jax
+
 from flax import nnx
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +118,14 @@ def test_max_len_and_overflow_raise():
     model(jnp.zeros((B, 3), jnp.int32), cache=cache)  # 6 + 3 > 8, checked before any compute
   with pytest.raises(ValueError, match="must be"):
     model(jnp.zeros((B + 1, 1), jnp.int32), cache=cache)  # batch mismatch
+
+
+def test_attention_batch_chunks_give_identical_logits():
+  tokens = jax.random.randint(jax.random.key(5), (4, 12), 0, 256)
+  ref = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  for chunk in (1, 2, 3):  # 3 does not divide the batch: the whole batch at once
+    model = Llama(LlamaConfig.tiny(attn_batch_chunk=chunk), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda t, m=model: m(t))(tokens)),
+                                  np.asarray(jax.jit(lambda t: ref(t))(tokens)))
+  with pytest.raises(ValueError, match="attn_batch_chunk must be a positive int"):
+    LlamaConfig.tiny(attn_batch_chunk=0)

@@ -150,7 +150,11 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match="n_grid must be"):
     awq_scales(w, h, mean_abs, spec, n_grid=0)
   with pytest.raises(ValueError, match="group=24 does not divide the input size 128"):
-    awq_scales(w, h, mean_abs, jc.Quant(w_bits=4, group=24))
+    awq_scales(w, h, mean_abs, jc.Quant(w_bits=4, group=24, calibration="mse"))
+  with pytest.raises(ValueError, match="group=24 does not divide the input size 128"):
+    awq_clip(w, h, jc.Quant(w_bits=4, group=24))
+  s, _ = awq_scales(w, h, mean_abs, jc.Quant(w_bits=4, group=24))  # a shorter last group
+  assert s.shape == (128,)
   with pytest.raises(ValueError, match="h must have shape"):
     awq_clip(w, h[:16], spec)
   with pytest.raises(ValueError, match="max_shrink must be"):

@@ -7,6 +7,7 @@ import pytest
 
 import jaxcomp as jc
 from jaxcomp.ptq import gptq, hessian, output_error, rtn
+from jaxcomp.quant.dot import fake_quant_weight
 
 
 def _correlated(k=64, n=48, tokens=1024, key=0):
@@ -61,4 +62,17 @@ def test_bad_shapes():
   with pytest.raises(ValueError, match="Hessian shape"):
     gptq(w, hessian(x)[:16, :16], jc.Quant(w_bits=4))
   with pytest.raises(ValueError, match="group=24 does not divide the input size 32"):
-    gptq(w, hessian(x), jc.Quant(w_bits=4, group=24))
+    gptq(w, hessian(x), jc.Quant(w_bits=4, group=24, calibration="mse"))
+
+
+def test_shorter_last_group_matches_rtn_grid_and_beats_it():
+  x, w = _correlated()  # K = 64: groups of 24, 24, 16
+  spec = jc.Quant(w_bits=3, group=24)
+  res = gptq(w, hessian(x), spec, block_size=16)
+  assert res.step.shape == (3, w.shape[1])
+  s_full = np.repeat(np.asarray(res.step), 24, axis=0)[:64]
+  q = np.asarray(res.w_hat) / s_full
+  np.testing.assert_allclose(q, np.round(q), atol=1e-3)
+  np.testing.assert_array_equal(np.asarray(rtn(w, spec)),
+                                np.asarray(fake_quant_weight(w, (0,), spec)))
+  assert output_error(x, w, res.w_hat) < output_error(x, w, rtn(w, spec))

@@ -139,9 +139,31 @@ def test_weight_scale_shape():
 def test_bad_inputs():
   x, w = _data()
   with pytest.raises(jc.SpecError, match="group=24 does not divide the contraction axis of size 64"):
-    qdot.weight_scale_shape(w.shape, (0,), jc.Quant(group=24))
+    qdot.weight_scale_shape(w.shape, (0,), jc.Quant(group=24, calibration="mse"))
+  assert qdot.weight_scale_shape(w.shape, (0,), jc.Quant(group=24)) == (3, w.shape[1])
   with pytest.raises(jc.SpecError, match="group=24"):
-    qdot.quant_dot_general(x, w, DN, jc.Quant(w_bits=4, group=24))
+    qdot.quant_dot_general(x, w, DN, jc.Quant(w_bits=4, group=24, calibration="mse"))
+
+
+@pytest.mark.parametrize("spec", [jc.Quant(w_bits=4, group=24), jc.Quant(w_bits=8, a_bits=8, group=24)],
+                         ids=str)
+def test_shorter_last_group(spec):
+  """K = 64 in groups of 24, 24, 16: each group scaled by its own absmax."""
+  x, w = _data()
+  qmax = 2 ** (spec.w_bits - 1) - 1
+  parts = []
+  for block in (w[0:24], w[24:48], w[48:64]):
+    step = jnp.max(jnp.abs(block), axis=0) / qmax
+    parts.append(jnp.round(block / step) * step)
+  w_hat = jnp.concatenate(parts)
+  np.testing.assert_allclose(qdot.fake_quant_weight(w, (0,), spec), w_hat, rtol=1e-6, atol=1e-7)
+  if spec.a_bits is None:
+    np.testing.assert_allclose(qdot.quant_dot_general(x, w, DN, spec), x @ w_hat, rtol=1e-5,
+                               atol=1e-5)
+  else:  # per group int dots, summed: equal to the float product of the fake-quant operands
+    xq = core.fake_quant(x, 8, axes=-1)
+    np.testing.assert_allclose(qdot.quant_dot_general(x, w, DN, spec), xq @ w_hat, rtol=1e-4,
+                               atol=1e-4)
   with pytest.raises(ValueError, match="contracting dims differ"):
     qdot.quant_dot_general(x, w[:10], DN, jc.Quant())
 

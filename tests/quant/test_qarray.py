@@ -54,7 +54,7 @@ def test_quantize_with_step_equals_fake_quant_with_that_step():
   w = jax.random.normal(jax.random.key(3), (64, 48))
   spec = jc.Quant(w_bits=4, group=16, learn_scale=True)
   step = jnp.abs(jax.random.normal(jax.random.key(4), (4, 48))) * 0.1 + 0.05
-  qa = quantize_with_step(w, (0,), step, 4)
+  qa = quantize_with_step(w, (0,), step, 4, group=16)
   np.testing.assert_array_equal(np.asarray(qa.dequantize()),
                                 np.asarray(fake_quant_weight(w, (0,), spec, step)))
 
@@ -87,3 +87,13 @@ def test_qarray_is_a_pytree_under_jit():
   out = jax.jit(lambda q: q.dequantize())(qa)
   np.testing.assert_array_equal(out, qa.dequantize())
   assert isinstance(jax.tree.map(lambda x: x, qa), QArray)
+
+
+@pytest.mark.parametrize("spec", [jc.Quant(w_bits=4, group=24), jc.Quant(w_bits=8, group=24),
+                                  jc.Quant(w_bits=4, group=24, w_symmetric=False)], ids=str)
+def test_shorter_last_group_packs_exactly(spec):
+  w = jax.random.normal(jax.random.key(5), (64, 16))  # K = 64: groups 24, 24, 16
+  qa = quantize_weight(w, (0,), spec)
+  assert qa.scale.shape == (16, 3) and qa.group == 24
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()),
+                                np.asarray(fake_quant_weight(w, (0,), spec)))

@@ -107,3 +107,13 @@ def test_bad_input(tmp_path):
   other = jc.packed_skeleton(model, _recipe(jc.Quant(w_bits=8)))
   with pytest.raises(ValueError, match="does not match the model"):
     jc.restore_packed(tmp_path / "a", other)
+
+
+@pytest.mark.parametrize("proj", [jc.Quant(w_bits=4, group=48),
+                                  jc.Quant(w_bits=8, a_bits=8, group=48),
+                                  jc.Quant(w_bits=4, group=48, learn_scale=True)], ids=str)
+def test_shorter_last_group_converts_exactly(proj):
+  """64- and 128-wide inputs in groups of 48 (like SmolLM2's 576 in groups of 128)."""
+  qmodel = jc.quantize(Llama(CFG, rngs=nnx.Rngs(0)), _recipe(proj))
+  packed = jc.convert(qmodel)
+  np.testing.assert_array_equal(np.asarray(packed(TOKENS)), np.asarray(qmodel(TOKENS)))

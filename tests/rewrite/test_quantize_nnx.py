@@ -99,7 +99,8 @@ def test_report_and_strict():
 
 def test_group_that_does_not_divide_names_the_layer():
   with pytest.raises(jc.SpecError, match=r"^up: Quant.group=24 does not divide"):
-    jc.quantize(Net(nnx.Rngs(0)), jc.Recipe([jc.Rule("up", quant=jc.Quant(w_bits=4, group=24))]))
+    jc.quantize(Net(nnx.Rngs(0)), jc.Recipe([jc.Rule(
+        "up", quant=jc.Quant(w_bits=4, group=24, calibration="percentile"))]))
 
 
 def test_not_a_recipe_or_model():
