@@ -576,15 +576,24 @@ class Llama(nnx.Module):
       else:
         h, cache = block(h, positions, cache, i)
       hiddens.append(h)
-    h = self.norm(h)
-    if self.config.tie_embeddings:
-      logits = self.embed.attend(h)
-    else:
-      logits = self.lm_head(h)
+    logits = self.head(h)
     if cache is None:
       return (logits, hiddens) if return_hidden else logits
     cache = dataclasses.replace(cache, index=cache.index + t)
     return (logits, hiddens, cache) if return_hidden else (logits, cache)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """Final norm and output head: residual stream ``[..., D]`` -> logits ``[..., V]``.
+
+    Example::
+
+      _, hiddens = model(tokens, return_hidden=True)
+      last_logits = model.head(hiddens[-1][:, -1])     # only the last position
+    """
+    h = self.norm(h)
+    if self.config.tie_embeddings:
+      return self.embed.attend(h)
+    return self.lm_head(h)
 
   def _check_cache(self, cache: KVCache, b: int, t: int) -> None:
     """Raises ValueError if ``cache`` cannot take ``t`` more tokens of ``b`` rows."""
@@ -609,8 +618,9 @@ class Llama(nnx.Module):
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _prefill_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
                   cache: KVCache) -> tuple[jax.Array, KVCache]:
-  logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)
-  return logits[:, -1], cache
+  model = nnx.merge(graphdef, state)
+  _, hiddens, cache = model(tokens, cache=cache, return_hidden=True)
+  return model.head(hiddens[-1][:, -1]), cache  # the full [B, T, V] logits are never formed
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
