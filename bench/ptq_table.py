@@ -3,11 +3,13 @@
 Each variant runs as ``python -m jaxcomp --config configs/smollm2_ptq.py:VARIANT`` would (same
 job, same report) into ``--root/VARIANT`` (a finished variant's report is reused), then one
 markdown table is printed: perplexity, increase over the float baseline, bits per parameter of
-the quantized matrices as saved, size on disk, PTQ and eval wall time, and the acceptance
+the quantized matrices (the saved arrays' bytes, and the bytes on disk after Orbax's
+compression), size on disk, PTQ and eval wall time, and the acceptance
 ratios (GPTQ w4 increase / RTN w4 increase; SmoothQuant W8A8 increase in %).
 
     python bench/ptq_table.py --max_tokens 32768           # a stated prefix of the test split
     python bench/ptq_table.py --max_tokens 0               # the whole test split
+    python bench/ptq_table.py --variants gptq_w4 --calib_text .../wikitext-2/valid.txt
 """
 
 from __future__ import annotations
@@ -25,43 +27,70 @@ import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
 from jaxcomp.ptq.job import run_ptq  # noqa: E402  pylint: disable=wrong-import-position
 
 
+def _raw_bits(packed_dir: pathlib.Path, n_params: int) -> float | None:
+  """Bits per weight of the saved QArray leaves as arrays (before Orbax's compression)."""
+  if not packed_dir.is_dir():
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as ckpt:
+    tree = ckpt.restore(packed_dir.absolute())
+  return 8 * sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)) / n_params
+
+
+def _workdir(args: argparse.Namespace, variant: str) -> pathlib.Path:
+  quant = smollm2_ptq.VARIANTS[variant]
+  calibrated = quant is not None and quant.method != "rtn"  # RTN and float read no calibration
+  calib = f"-calib_{pathlib.Path(args.calib_text).stem}" if args.calib_text and calibrated else ""
+  return pathlib.Path(args.root) / f"{variant}-{args.split}-{args.max_tokens or 'all'}{calib}"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--root", default="runs/ptq")
   parser.add_argument("--max_tokens", type=int, default=32768)
   parser.add_argument("--split", default="test", choices=("valid", "test"))
   parser.add_argument("--variants", default=",".join(smollm2_ptq.VARIANTS))
+  parser.add_argument("--calib_text", default="",
+                      help="calibration text file (default: the Jane Austen novels)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
 
   reports = {}
   for variant in args.variants.split(","):
-    work = pathlib.Path(args.root) / f"{variant}-{args.split}-{args.max_tokens or 'all'}"
+    work = _workdir(args, variant)
     if (work / "report.json").exists():
       reports[variant] = json.loads((work / "report.json").read_text())
       continue
     config = smollm2_ptq.get_config(variant)
     config.eval.max_tokens = args.max_tokens
     config.eval.split = args.split
+    config.calib.text_path = args.calib_text
     report = run_ptq(config, str(work))
     (work / "report.json").write_text(json.dumps(report, indent=2))
     reports[variant] = report
     print(f"{variant}: ppl {report['ppl']:.3f}", flush=True)
+  for variant, r in reports.items():
+    work = _workdir(args, variant)
+    if "packed_params" in r:
+      r["raw_bits_per_param"] = _raw_bits(work / "packed" / "packed", r["packed_params"])
 
   base = reports.get("float", {}).get("ppl")
   first = next(iter(reports.values()))
   print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), {first['eval_text']}: "
         f"{first['eval_tokens']} scored tokens of {first['eval_split_tokens']}, "
         f"non-overlapping 512-token windows\n")
-  print("| variant | ppl | increase | bits/param (quantized matrices, on disk) | "
-        "size MB | PTQ s | eval s |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
+  print("| variant | ppl | increase | bits/param: arrays | bits/param: on disk | "
+        "size MB on disk | PTQ s | eval s |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
   for variant, r in reports.items():
     inc = "" if base is None or variant == "float" else f"{r['ppl'] - base:+.3f}"
     bits = f"{r['packed_bits_per_param']:.2f}" if "packed_bits_per_param" in r else "32"
+    raw = f"{r['raw_bits_per_param']:.2f}" if r.get("raw_bits_per_param") else "32"
     size = f"{r['size_mb']:.1f}" if "size_mb" in r else ""
-    print(f"| {variant} | {r['ppl']:.3f} | {inc} | {bits} | {size} | {r.get('ptq_s', '')} | "
-          f"{r['eval_s']} |")
+    print(f"| {variant} | {r['ppl']:.3f} | {inc} | {raw} | {bits} | {size} | "
+          f"{r.get('ptq_s', '')} | {r['eval_s']} |")
   if base is not None:
     inc = lambda v: reports[v]["ppl"] - base if v in reports else None
     if inc("gptq_w4") is not None and inc("rtn_w4"):
