@@ -153,7 +153,7 @@ class _CalibQuantDot(nnx.Module):
                              preferred_element_type=preferred_element_type)
 
 
-def _capture_and_solve(root: nnx.Module, todo: list[tuple[str, nnx.Module, Quant]],
+def _capture_and_solve(todo: list[tuple[str, nnx.Module, Quant]],
                        run: Callable[[], None], results: list[LayerResult],
                        dtype: Any = None) -> None:
   """Installs `Capture` hooks on ``todo``, calls ``run()``, solves and quantizes each layer."""
@@ -278,7 +278,7 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
         for args, kwargs in inputs:
           _run_block(block, args, kwargs)
 
-      _capture_and_solve(new, mine, run_capture, results, calib_dtype)
+      _capture_and_solve(mine, run_capture, results, calib_dtype)
       if b == block_paths[-1] and not [t for t in calibrated if not inside(t[0], b) and
                                        not any(inside(t[0], c) for c in block_paths)]:
         break  # nothing after the last block needs its outputs
@@ -296,5 +296,5 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
       for batch in batches:
         run_model(new, batch)
 
-    _capture_and_solve(new, tail, run_capture, results)
+    _capture_and_solve(tail, run_capture, results)
   return new
