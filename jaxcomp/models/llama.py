@@ -106,6 +106,10 @@ class LlamaConfig:
   # Sequences per attention chunk (a loop over the batch); None: the whole batch at once.
   # Bounds the [B, H, T, T] score memory; on CPU, 1 keeps the scores in cache (~2x faster).
   attn_batch_chunk: int | None = None
+  # Queries per causal block when attending over the call's own tokens (no cache, or a
+  # fresh cache): block i reads keys [0, (i + 1) c) only, so the masked upper triangle is
+  # never computed (n blocks: (n + 1) / 2n of the T x T work). None: one T x T block.
+  attn_query_chunk: int | None = 128
   dtype: Any = jnp.float32  # compute dtype (activations, logits).
   param_dtype: Any = jnp.float32  # storage dtype of the parameters.
 
@@ -135,11 +139,11 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
     if not self.norm_eps > 0:
       raise ValueError(f"LlamaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-    if self.attn_batch_chunk is not None and (
-        not isinstance(self.attn_batch_chunk, int) or isinstance(self.attn_batch_chunk, bool)
-        or self.attn_batch_chunk <= 0):
-      raise ValueError(f"LlamaConfig.attn_batch_chunk must be a positive int or None, got "
-                       f"{self.attn_batch_chunk!r}")
+    for name in ("attn_batch_chunk", "attn_query_chunk"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value <= 0):
+        raise ValueError(f"LlamaConfig.{name} must be a positive int or None, got {value!r}")
     if self.rope_style not in ROPE_STYLES:
       raise ValueError(
           f"LlamaConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
@@ -356,10 +360,11 @@ class Attention(nnx.Module):
     self.rope_theta = config.rope_theta
     self.rope_style = config.rope_style
     self.attn_batch_chunk = config.attn_batch_chunk
+    self.attn_query_chunk = config.attn_query_chunk
 
   def __call__(
       self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-      layer: int = 0,
+      layer: int = 0, fresh_cache: bool = False,
   ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Attends each token to itself and the tokens before it.
 
@@ -370,6 +375,9 @@ class Attention(nnx.Module):
         ``[index, index + T)`` of layer ``layer`` and token ``t`` attends to
         slots ``< index + t + 1``; ``cache.index`` is not advanced.
       layer: which layer of ``cache`` this module owns (static).
+      fresh_cache: the cache holds nothing yet (``index == 0``): attend over
+        this call's keys only, causally in query blocks, instead of over all
+        ``S_max`` slots (same result, less work; a prefill).
 
     Returns:
       ``[B, T, D]``; with ``cache``, ``(out, cache)`` with the layer written.
@@ -380,43 +388,54 @@ class Attention(nnx.Module):
     q = rope(einops.rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=hd))
     k = rope(einops.rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=hd))
     v = einops.rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=hd)
+    causal = cache is None or fresh_cache
     if cache is not None:
       start = (layer, 0, cache.index, 0, 0)
       cache = dataclasses.replace(
           cache,
           k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
           v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
-      k, v = cache.k[layer], cache.v[layer]  # [B, S_max, KV, Dh]
-    # Heads first and each KV group's queries stacked along the rows, so both attention
-    # matmuls are plain batched GEMMs contracting their operands' last / leading axes (about
-    # 1.7x faster on CPU than einsums over [b, t, k, g, d], with identical results).
-    t, s = x.shape[1], k.shape[1]
-    g = q.shape[2] // kv
-    q = einops.rearrange(q, "b t (k g) d -> b k (g t) d", k=kv)
+      if fresh_cache:  # attend in the cache's dtype, as the non-fresh path does
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+      else:
+        k, v = cache.k[layer], cache.v[layer]  # [B, S_max, KV, Dh]
+    # Heads first, each KV group's queries stacked along the rows: both attention matmuls
+    # are plain batched GEMMs contracting their operands' last / leading axes (about 1.7x
+    # faster on CPU than einsums over [b, t, k, g, d], with identical results).
+    t, g = x.shape[1], q.shape[2] // kv
+    q = einops.rearrange(q, "b t (k g) d -> b k g t d", k=kv)
     k = einops.rearrange(k, "b s k d -> b k s d")
     v = einops.rearrange(v, "b s k d -> b k s d")
-    if cache is None:
-      mask = jnp.tril(jnp.ones((t, t), dtype=bool))
-    else:  # slot s is visible to new token i iff s <= index + i
-      slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-      mask = slots[None, :] <= cache.index + jnp.arange(t, dtype=jnp.int32)[:, None]
 
-    def attend(q, k, v):  # [b, k, g*t, d], [b, k, s, d] x2 -> [b, k, g*t, d]
-      scores = jnp.einsum("bkqd,bksd->bkqs", q, k,
+    def attend(q, k, v, mask):  # [b, k, g, c, d], [b, k, s, d] x2, bool[c, s] -> like q
+      b, c, s = q.shape[0], q.shape[3], k.shape[2]
+      scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv, g * c, hd), k,
                           preferred_element_type=jnp.float32) * hd**-0.5
-      scores = scores.reshape(scores.shape[0], kv, g, t, s)
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      scores = jnp.where(mask, scores.reshape(b, kv, g, c, s), jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      return jnp.einsum("bkqs,bksd->bkqd", probs.reshape(probs.shape[0], kv, g * t, s), v)
+      out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv, g * c, s), v)
+      return out.reshape(b, kv, g, c, hd)
+
+    def attend_all(q, k, v):
+      if not causal:  # slot s is visible to new token i iff s <= index + i
+        slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        return attend(q, k, v, slots <= cache.index + jnp.arange(t, dtype=jnp.int32)[:, None])
+      size = self.attn_query_chunk or t
+      outs = []
+      for lo in range(0, t, size):  # query block [lo, hi) reads keys [0, hi)
+        hi = min(lo + size, t)
+        mask = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+        outs.append(attend(q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask))
+      return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
     chunk, b = self.attn_batch_chunk, x.shape[0]
     if chunk is None or chunk >= b or b % chunk:
-      out = attend(q, k, v)
+      out = attend_all(q, k, v)
     else:
       split = lambda a: a.reshape((b // chunk, chunk) + a.shape[1:])
-      out = jax.lax.map(lambda a: attend(*a), (split(q), split(k), split(v)))
+      out = jax.lax.map(lambda a: attend_all(*a), (split(q), split(k), split(v)))
       out = out.reshape((b,) + out.shape[2:])
-    out = self.o_proj(einops.rearrange(out, "b k (g t) d -> b t (k g d)", g=g))
+    out = self.o_proj(einops.rearrange(out, "b k g t d -> b t (k g d)"))
     return out if cache is None else (out, cache)
 
 
@@ -459,7 +478,7 @@ class Block(nnx.Module):
 
   def __call__(
       self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-      layer: int = 0,
+      layer: int = 0, fresh_cache: bool = False,
   ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Adds attention then MLP to the residual stream ``x``.
 
@@ -468,7 +487,7 @@ class Block(nnx.Module):
     if cache is None:
       h = x + self.attn(self.attn_norm(x), positions)
       return h + self.mlp(self.mlp_norm(h))
-    a, cache = self.attn(self.attn_norm(x), positions, cache, layer)
+    a, cache = self.attn(self.attn_norm(x), positions, cache, layer, fresh_cache)
     h = x + a
     return h + self.mlp(self.mlp_norm(h)), cache
 
@@ -530,6 +549,7 @@ class Llama(nnx.Module):
   def __call__(
       self, tokens: jax.Array, *, positions: jax.Array | None = None,
       return_hidden: bool = False, cache: KVCache | None = None,
+      fresh_cache: bool = False,
   ) -> jax.Array | tuple[Any, ...]:
     """Computes next-token logits.
 
@@ -545,6 +565,10 @@ class Llama(nnx.Module):
         ``index`` is concrete; under ``jit`` an overflowing write is clamped
         by ``dynamic_update_slice`` and the result is wrong). Works with a
         traced ``index``; shapes are static (attention spans all S_max slots).
+      fresh_cache: promise that ``cache`` is empty (``index == 0``, checked
+        when concrete): a prefill, attending causally over ``tokens`` only
+        (query blocks of ``config.attn_query_chunk``) rather than all S_max
+        slots. Same logits and cache, less work.
 
     Returns:
       ``logits: dtype[B, T, V]``; with ``return_hidden``, ``(logits, hiddens)``
@@ -560,6 +584,9 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
     if cache is not None:
       self._check_cache(cache, b, t)
+    if fresh_cache and (cache is None or (not isinstance(cache.index, jax.core.Tracer)
+                                          and int(cache.index) != 0)):
+      raise ValueError("fresh_cache=True needs a cache with index 0 (from init_cache)")
     if positions is None:
       positions = jnp.arange(t, dtype=jnp.int32)
       if cache is not None:
@@ -574,7 +601,7 @@ class Llama(nnx.Module):
       if cache is None:
         h = block(h, positions)
       else:
-        h, cache = block(h, positions, cache, i)
+        h, cache = block(h, positions, cache, i, fresh_cache)
       hiddens.append(h)
     logits = self.head(h)
     if cache is None:
@@ -619,7 +646,7 @@ class Llama(nnx.Module):
 def _prefill_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
                   cache: KVCache) -> tuple[jax.Array, KVCache]:
   model = nnx.merge(graphdef, state)
-  _, hiddens, cache = model(tokens, cache=cache, return_hidden=True)
+  _, hiddens, cache = model(tokens, cache=cache, return_hidden=True, fresh_cache=True)
   return model.head(hiddens[-1][:, -1]), cache  # the full [B, T, V] logits are never formed
 
 
@@ -646,7 +673,8 @@ def make_decode_fns(model: Llama) -> tuple[Any, Any]:
     ``(prefill_fn, decode_fn)``:
 
     * ``prefill_fn(tokens: int[B, T], cache) -> (logits: dtype[B, V], cache)``,
-      logits of the last token;
+      logits of the last token, for an empty cache (from :meth:`Llama.init_cache`;
+      the prompt attends causally to itself only);
     * ``decode_fn(token: int[B], cache) -> (logits: dtype[B, V], cache)``.
 
   Example::

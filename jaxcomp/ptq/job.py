@@ -56,6 +56,18 @@ def _eval_text(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return ppl_lib.wikitext2(config.eval.split), f"wikitext-2 {config.eval.split}"
 
 
+def _calib_path(config: ml_collections.ConfigDict) -> str | None:
+  """``config.calib.text`` as a file path (None: the Austen novels)."""
+  text = config.calib.text
+  if text == "austen":
+    return None
+  path = ppl_lib.WIKITEXT2_DIR / "valid.txt" if text == "wikitext2_valid" else pathlib.Path(text)
+  if not path.is_file():
+    raise ValueError(f"config.calib.text={text!r}: no calibration text at {path} (use "
+                     "'wikitext2_valid', 'austen' or a text file path)")
+  return str(path)
+
+
 def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs one PTQ variant into ``workdir`` and returns its report.
 
@@ -74,7 +86,8 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if calib_dtype == "bad":
     raise ValueError(f"config.calib.dtype must be 'bfloat16' or 'float32', got "
                      f"{config.calib.dtype!r}")
-  text, text_name = _eval_text(config)  # fail on a missing eval file before the long part
+  text, text_name = _eval_text(config)  # fail on a missing file before the long part
+  calib_path = _calib_path(config) if recipe is not None else None
   work.mkdir(parents=True, exist_ok=True)
   (work / "config.json").write_text(config.to_json(indent=2))
 
@@ -92,7 +105,7 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if recipe is not None:
     t0 = time.perf_counter()
     calib = calib_tokens(tokenizer, n_seq=config.calib.n_seq, seq_len=config.calib.seq_len,
-                         text_path=config.calib.text_path or None, seed=config.calib.seed)
+                         text_path=calib_path, seed=config.calib.seed)
     model = ptq(model, recipe, calib, batch_size=config.calib.batch_size,
                 calib_dtype=calib_dtype, results=results)
     report["ptq_s"] = round(time.perf_counter() - t0, 1)

@@ -129,3 +129,34 @@ def test_attention_batch_chunks_give_identical_logits():
                                   np.asarray(jax.jit(lambda t: ref(t))(tokens)))
   with pytest.raises(ValueError, match="attn_batch_chunk must be a positive int"):
     LlamaConfig.tiny(attn_batch_chunk=0)
+
+
+def test_causal_query_blocks_match_one_block():
+  """Query blocks that skip the masked upper triangle give the T x T block's logits."""
+  tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, 256)
+  ref = Llama(LlamaConfig.tiny(attn_query_chunk=None), rngs=nnx.Rngs(0))
+  want = np.asarray(jax.jit(lambda t: ref(t))(tokens))
+  for size in (1, 5, 12, 64):  # 5: a shorter last block; 12, 64: a single block
+    model = Llama(LlamaConfig.tiny(attn_query_chunk=size), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda t, m=model: m(t))(tokens)), want,
+                               rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="attn_query_chunk must be a positive int"):
+    LlamaConfig.tiny(attn_query_chunk=-1)
+
+
+def test_fresh_cache_prefill_equals_slot_prefill():
+  model = _model(attn_query_chunk=5)
+  prompt = _tokens((B, 7), seed=3)
+  cache = model.init_cache(B, S_MAX)
+  want_logits, want_cache = model(prompt, cache=cache)
+  got_logits, got_cache = model(prompt, cache=cache, fresh_cache=True)
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+  # Layer 0's keys/values are bit-identical; later layers see float-rounding-close inputs.
+  np.testing.assert_array_equal(got_cache.k[0], want_cache.k[0])
+  np.testing.assert_allclose(got_cache.k, want_cache.k, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_cache.v, want_cache.v, rtol=1e-6, atol=1e-6)
+  assert int(got_cache.index) == 7
+  with pytest.raises(ValueError, match="fresh_cache=True needs a cache with index 0"):
+    model(prompt[:, :1], cache=got_cache, fresh_cache=True)
+  with pytest.raises(ValueError, match="fresh_cache=True needs a cache"):
+    model(prompt, fresh_cache=True)

@@ -30,7 +30,7 @@ def texts(tmp_path_factory):
 
 def _config(variant, texts):
   config = smollm2_ptq.get_config(variant + ",tiny")
-  config.calib.text_path = str(texts / "train.txt")
+  config.calib.text = str(texts / "train.txt")
   config.eval.text_path = str(texts / "eval.txt")
   return config
 
@@ -81,3 +81,11 @@ def test_bad_input_is_one_line(texts, tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("jaxcomp: error: ")
   assert "unknown variant 'gptq_w5'" in proc.stderr
+
+
+def test_missing_calibration_text_is_one_line_error(texts, tmp_path):
+  config = _config("gptq_w4", texts)
+  config.calib.text = str(texts / "no_such.txt")
+  with pytest.raises(ValueError, match=r"config.calib.text=.*no calibration text at"):
+    run_ptq(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
