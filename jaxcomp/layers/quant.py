@@ -201,6 +201,27 @@ class QuantConv(nnx.Module):
                                            w_step=_value(self.w_step), **kwargs)
 
 
+def packed_rows(table: QArray, ids: Array) -> Array:
+  """Rows ``ids`` of a packed ``[V, D]`` embedding table, dequantized (only those rows).
+
+  Shapes: ``table`` logical ``[V, D]`` (contracting axis 1), ``ids: int[...] -> float32[..., D]``.
+
+  Example:
+    >>> table = quantize_weight(jnp.ones((10, 4)), (1,), jc.Quant(w_bits=4))
+    >>> packed_rows(table, jnp.array([[1, 2]])).shape
+    (1, 2, 4)
+  """
+  if table.zero_point is not None:
+    raise ValueError("packed embedding tables must be symmetric (no zero point)")
+  flat = ids.reshape(-1)
+  rows = QArray(values=jnp.take(table.values, flat, axis=0),
+                scale=jnp.take(table.scale, flat, axis=0, mode="clip")
+                if table.scale.shape[0] > 1 else table.scale,
+                zero_point=None, bits=table.bits, shape=(flat.size, table.shape[1]),
+                contracting=(1,), packed=table.packed, group=table.group)
+  return rows.dequantize_canonical().reshape(ids.shape + (table.shape[1],))
+
+
 class QuantEmbed(nnx.Embed):
   """`nnx.Embed` with a weight-only quantized table (one scale per row, or per group of the
   feature axis); both the lookup and `attend` (a tied output head) see the quantized table.
@@ -227,16 +248,8 @@ class QuantEmbed(nnx.Embed):
 
   def _rows(self, inputs: Array) -> Array:
     table = self.embedding[...]
-    if isinstance(table, QArray):  # packed: gather the rows, then dequantize only those
-      rows = QArray(values=jnp.take(table.values, inputs.reshape(-1), axis=0),
-                    scale=jnp.take(table.scale, inputs.reshape(-1), axis=0, mode="clip")
-                    if table.scale.shape[0] > 1 else table.scale,
-                    zero_point=None, bits=table.bits,
-                    shape=(inputs.size, table.shape[1]), contracting=(1,), packed=table.packed,
-                    group=table.group)
-      if table.zero_point is not None:
-        raise ValueError("QuantEmbed: asymmetric packed tables are not supported")
-      return rows.dequantize_canonical().reshape(inputs.shape + (table.shape[1],))
+    if isinstance(table, QArray):
+      return packed_rows(table, inputs)
     fq = qdot.fake_quant_weight(table, (1,), self.spec, _value(self.w_step))
     return jnp.take(fq, inputs, axis=0)
 

@@ -1,10 +1,13 @@
-"""`convert`: a quantized (QAT or PTQ) NNX model -> its packed serving form.
+"""`convert`: a quantized (QAT or PTQ) NNX model, or a quantized Linen module's variables -> the
+packed serving form.
 
 Each quantized layer's float kernel is replaced by a `QArray` (int8, or int4 two per byte, with
 its scales), computed from the kernel and the layer's step (learned by LSQ or solved by PTQ) or,
 without a step, by the same calibration the fake-quant forward uses. The layer keeps its
 quantized-dot hook, which now receives the `QArray` and runs the serving path of
-`jaxcomp.quant.dot.quant_dot_general`; its outputs equal the fake-quant model's.
+`jaxcomp.quant.dot.quant_dot_general`; its outputs equal the fake-quant model's. For Linen, the
+`QuantizedLinen` from `jaxcomp.quantize` stays as it is and its variables are packed: the wrapper
+runs the packed path for every `QArray` kernel it meets.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from flax import linen as nn
 from flax import nnx
+import jax
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
+from jaxcomp.rewrite.linen_rewrite import PackedParam, quantized_layers_linen
 from jaxcomp.rewrite.nnx_rewrite import iter_layers
 
 
@@ -80,8 +86,9 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
   return quantize_weight(kernel, contracting, spec)
 
 
-def convert(model: nnx.Module) -> nnx.Module:
-  """Returns the packed serving form of a quantized NNX model; ``model`` is left untouched.
+def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None) -> Any:
+  """Returns the packed serving form of a quantized model; ``model`` is left untouched.
 
   Every layer quantized by `jaxcomp.quantize` (QAT) or `jaxcomp.ptq` gets its kernel replaced by a
   `QArray` parameter (int8 values for 5-8 bits, int4 packed two per byte for 2-4 bits, float32
@@ -90,10 +97,16 @@ def convert(model: nnx.Module) -> nnx.Module:
   equal to the fake-quant model's. Save it with `jaxcomp.save_packed`.
 
   Args:
-    model: an NNX model with quantized layers.
+    model: an NNX model with quantized layers, or the `QuantizedLinen` module that
+      `jaxcomp.quantize` returned for a Linen model (then ``variables`` and ``args`` are needed).
+    variables: Linen only: the quantized module's variables (``w_step`` params included).
+    args, kwargs: Linen only: example call arguments (arrays or `jax.ShapeDtypeStruct`), used to
+      trace the module once, abstractly, to find its quantized layers.
 
   Returns:
-    The new model.
+    NNX: the new model. Linen: ``(module, packed_variables)``, where each kernel is a
+    `PackedParam` box holding its `QArray` and the ``w_step`` params are gone; ``module.apply(packed_variables, x)`` runs the
+    packed path.
 
   Example:
     >>> model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
@@ -104,9 +117,18 @@ def convert(model: nnx.Module) -> nnx.Module:
     >>> x = jnp.ones((2, 64))
     >>> bool((packed(x) == qmodel(x)).all())
     True
+    >>> qmodule, qvars = jc.quantize(linen_module, recipe, variables=variables, args=(x,))
+    >>> qmodule, packed_vars = jc.convert(qmodule, variables=qvars, args=(x,))
   """
+  if isinstance(model, nn.Module):
+    if variables is None or not args:
+      raise TypeError("convert: a Linen module needs variables= and args=(example inputs,)")
+    return _convert_linen(model, variables, tuple(args), kwargs)
   if not isinstance(model, nnx.Module):
-    raise TypeError(f"convert: expected a flax.nnx Module, got {type(model).__name__}")
+    raise TypeError(f"convert: expected a flax.nnx or flax.linen Module, got "
+                    f"{type(model).__name__}")
+  if variables is not None or args:
+    raise TypeError("convert: variables= and args= are for Linen modules, not NNX models")
   new = nnx.clone(model)
   layers = list(quant_layers(new))
   if not layers:
@@ -125,3 +147,19 @@ def convert(model: nnx.Module) -> nnx.Module:
     if not isinstance(layer.module, qlayers.QuantEmbed):
       layer.module.promote_dtype = qlayers.promote_keep_packed
   return new
+
+
+def _convert_linen(module: nn.Module, variables: Any, args: tuple,
+                   kwargs: dict | None) -> tuple[nn.Module, Any]:
+  is_packed = lambda x: isinstance(x, PackedParam)
+  found = quantized_layers_linen(module, variables, args, kwargs)
+  if not found and not any(map(is_packed, jax.tree.leaves(variables, is_leaf=is_packed))):
+    raise ValueError("convert: the module has no quantized layers; check the recipe")
+  new_vars = jax.tree.map(lambda x: x, dict(variables), is_leaf=is_packed)  # fresh dicts
+  for path, (name, contracting, spec) in found.items():
+    layer = new_vars["params"]
+    for key in path:
+      layer = layer[key]
+    step = layer.pop("w_step", None)
+    layer[name] = PackedParam(pack_kernel(layer[name], contracting, spec, step))
+  return module, new_vars

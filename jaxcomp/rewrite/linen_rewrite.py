@@ -18,9 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
+from flax.core import meta
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant import dot as qdot
+from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import Quant
 from jaxcomp.recipe import MatchReport, Recipe
 
@@ -46,6 +49,90 @@ class _QuantConvFn(_QuantDotFn):
     kwargs.pop("out_sharding", None)
     return qdot.quant_conv_general_dilated(lhs, rhs, *args, spec=self.spec, w_step=self.w_step,
                                            **kwargs)
+
+
+class PackedParam(struct.PyTreeNode, meta.AxisMetadata):
+  """A packed kernel in a Linen ``params`` tree (what `jaxcomp.convert` puts there).
+
+  Linen layers read their kernel with ``self.param``, which unboxes it and checks its shape;
+  unboxing gives the dequantized kernel in its logical shape (``nn.unbox`` of packed variables
+  yields float weights equal to the fake-quant ones). The quantized layer call never uses that
+  value (dead code under ``jit``): its injection point contracts with ``value``, the `QArray`.
+
+  Example:
+    >>> box = PackedParam(quantize_weight(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)))
+    >>> box.unbox().shape
+    (8, 4)
+  """
+
+  value: QArray
+
+  def unbox(self) -> jax.Array:
+    return self.value.dequantize()
+
+  def replace_boxed(self, val: Any) -> PackedParam:
+    return self.replace(value=val)
+
+  def add_axis(self, index: int, params: dict[Any, Any]) -> PackedParam:
+    raise ValueError("packed kernels cannot be lifted over nn.scan / nn.vmap axes")
+
+  def remove_axis(self, index: int, params: dict[Any, Any]) -> PackedParam:
+    raise ValueError("packed kernels cannot be lifted over nn.scan / nn.vmap axes")
+
+
+class _PackedDotFn(_QuantDotFn):
+  """A ``dot_general`` that contracts with a packed `QArray` instead of the kernel it is given
+  (the layer's own call runs, with the unboxed stand-in as its kernel)."""
+
+  def __init__(self, spec: Quant, packed: QArray):
+    super().__init__(spec, None)
+    self.packed = packed
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+               **unused):
+    del rhs  # the stand-in
+    return qdot.quant_dot_general(lhs, self.packed, dimension_numbers, self.spec,
+                                  precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+
+class _PackedConvFn(_PackedDotFn):
+
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    del rhs
+    kwargs.pop("out_sharding", None)
+    return qdot.quant_conv_general_dilated(lhs, self.packed, *args, spec=self.spec, **kwargs)
+
+
+def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, kwargs) -> Any:
+  """A matched layer whose kernel is a packed `QArray` (after `convert_linen`)."""
+  if isinstance(m, nn.Embed):
+    if method == "attend":
+      (query,) = m.promote_dtype(args[0], dtype=m.dtype)
+      return qdot.quant_dot_general(query, packed, (((query.ndim - 1,), (1,)), ((), ())), spec)
+    (rows,) = m.promote_dtype(qlayers.packed_rows(packed, args[0]), dtype=m.dtype, inexact=False)
+    return rows
+  if isinstance(m, nn.Einsum):
+    einsum_str = _einsum_str(m, args, kwargs)
+    bias = m.scope.get_variable("params", "bias") if m.use_bias else None
+    inputs, bias = m.promote_dtype(args[0], bias, dtype=m.dtype)
+    dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, len(packed.shape))
+    y = jnp.transpose(qdot.quant_dot_general(
+        inputs, packed, dims, spec, precision=m.precision,
+        preferred_element_type=m.preferred_element_type), perm)
+    if bias is not None:
+      stand_in = jax.ShapeDtypeStruct(packed.shape, inputs.dtype)
+      _, shape = m._get_bias_shape(einsum_str.replace(" ", ""), inputs, stand_in)  # pylint: disable=protected-access
+      y = y + jnp.reshape(bias, shape)
+    return y
+  # Dense / DenseGeneral / Conv: the layer's own call (shapes, bias, dtypes) with the packed
+  # kernel at its injection point.
+  if isinstance(m, nn.Conv):
+    clone = m.clone(parent=m.scope, conv_general_dilated=_PackedConvFn(spec, packed),
+                    conv_general_dilated_cls=None)
+  else:
+    clone = m.clone(parent=m.scope, dot_general=_PackedDotFn(spec, packed), dot_general_cls=None)
+  return getattr(clone, method)(*args, **kwargs)
 
 
 def _contracting(m: nn.Module, kernel: jax.Array, einsum_str: str | None) -> tuple[int, ...]:
@@ -91,6 +178,8 @@ def _einsum_str(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
 def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs) -> Any:
   einsum_str = _einsum_str(m, args, kwargs)
   kernel = m.scope.get_variable("params", _kernel_name(m))
+  if isinstance(kernel, PackedParam):
+    return _packed_call(m, method, spec, kernel.value, args, kwargs)
   contracting = _contracting(m, kernel, einsum_str)
   step = _step(m, spec, contracting)
   if isinstance(m, (nn.Dense, nn.DenseGeneral)):
@@ -223,3 +312,44 @@ def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: t
   _, updates = jax.jit(lambda v, *a: apply(v, *a, **kwargs))(variables, *args)
   new_vars = {**jax.tree.map(lambda x: x, dict(variables)), **updates}
   return wrapped, new_vars, report
+
+
+def _record_quantized(recipe: Recipe, found: dict[tuple[str, ...], tuple[str, tuple, Quant]]):
+  """Interceptor recording each layer that ``recipe`` quantizes: kernel name, axes, spec."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if (type(m) in _SUPPORTED and context.method_name in ("__call__", "attend")
+        and not _already_quantized(m) and m.scope is not None
+        and m.scope.has_variable("params", _kernel_name(m))):
+      rule = recipe.match("/".join(m.path))
+      if rule is not None and not rule.skip and rule.quant is not None:
+        kernel = m.scope.get_variable("params", _kernel_name(m))
+        if isinstance(m, nn.DenseGeneral) and m.batch_dims not in ((), None):
+          raise ValueError(f"{'/'.join(m.path)}: convert does not pack DenseGeneral kernels "
+                           "with batch_dims")
+        if not isinstance(kernel, PackedParam):
+          found.setdefault(tuple(m.path), (
+              _kernel_name(m), _contracting(m, kernel, _einsum_str(m, args, kwargs)),
+              rule.quant))
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+def quantized_layers_linen(module: nn.Module, variables: Any, args: tuple,
+                           kwargs: dict | None) -> dict[tuple[str, ...], tuple[str, tuple, Quant]]:
+  """``{layer path: (kernel name, contracting axes, spec)}`` of a `QuantizedLinen`'s quantized,
+  not yet packed layers (traced abstractly on the example arguments)."""
+  if not isinstance(module, QuantizedLinen):
+    raise TypeError("convert: a Linen module must be the QuantizedLinen that jc.quantize "
+                    f"returned, got {type(module).__name__}")
+  kwargs = kwargs or {}
+  found: dict[tuple[str, ...], tuple[str, tuple, Quant]] = {}
+
+  def run(variables, *args):
+    with nn.intercept_methods(_record_quantized(module.recipe, found)):
+      return module.apply(variables, *args, **kwargs)
+
+  jax.eval_shape(run, variables, *args)
+  return found
