@@ -19,6 +19,9 @@ MODULES = [
     "jaxcomp.ptq.awq_core",
     "jaxcomp.ptq.smoothquant_core",
     "jaxcomp.rewrite.convert",
+    "jaxcomp.rewrite.linen_rewrite",
+    "jaxcomp.sparse.masks",
+    "jaxcomp.sparse.scores",
     "jaxcomp.recipe",
     "jaxcomp.layers.quant",
 ]

@@ -117,8 +117,15 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
     >>> x = jnp.ones((2, 64))
     >>> bool((packed(x) == qmodel(x)).all())
     True
-    >>> qmodule, qvars = jc.quantize(linen_module, recipe, variables=variables, args=(x,))
-    >>> qmodule, packed_vars = jc.convert(qmodule, variables=qvars, args=(x,))
+    >>> dense = nn.Dense(32)                                      # Linen
+    >>> variables = dense.init(jax.random.key(0), x)
+    >>> recipe = jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))])
+    >>> qdense, qvars = jc.quantize(dense, recipe, variables=variables, args=(x,))
+    >>> qdense, packed_vars = jc.convert(qdense, variables=qvars, args=(x,))
+    >>> type(packed_vars["params"]["kernel"]).__name__
+    'PackedParam'
+    >>> bool((qdense.apply(packed_vars, x) == qdense.apply(qvars, x)).all())
+    True
   """
   if isinstance(model, nn.Module):
     if variables is None or not args:

@@ -60,6 +60,7 @@ class PackedParam(struct.PyTreeNode, meta.AxisMetadata):
   value (dead code under ``jit``): its injection point contracts with ``value``, the `QArray`.
 
   Example:
+    >>> from jaxcomp.quant.qarray import quantize_weight
     >>> box = PackedParam(quantize_weight(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)))
     >>> box.unbox().shape
     (8, 4)
@@ -242,9 +243,10 @@ class QuantizedLinen(nn.Module):
     inner: the original Linen module.
     recipe: the rules (regex on the Linen module path, e.g. ``Dense_0`` or ``block/attn/query``).
 
-  Example:
-    >>> qmodel, qvars = jc.quantize(model, recipe, variables=variables, args=(x,))
-    >>> qmodel.apply(qvars, x)
+  Example::
+
+    qmodel, qvars = jc.quantize(model, recipe, variables=variables, args=(x,))
+    qmodel.apply(qvars, x)
   """
 
   inner: nn.Module

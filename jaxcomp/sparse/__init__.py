@@ -1,0 +1,31 @@
+"""Pruning numerics on plain arrays (no Flax): masks (`masks`) and importance scores (`scores`)."""
+
+from jaxcomp.sparse.masks import apply_mask
+from jaxcomp.sparse.masks import block_mask
+from jaxcomp.sparse.masks import global_masks
+from jaxcomp.sparse.masks import nm_mask
+from jaxcomp.sparse.masks import sparsity
+from jaxcomp.sparse.masks import structured_keep
+from jaxcomp.sparse.masks import structured_mask
+from jaxcomp.sparse.masks import unstructured_mask
+from jaxcomp.sparse.scores import input_norms
+from jaxcomp.sparse.scores import magnitude
+from jaxcomp.sparse.scores import movement
+from jaxcomp.sparse.scores import taylor
+from jaxcomp.sparse.scores import wanda
+
+__all__ = [
+    "apply_mask",
+    "block_mask",
+    "global_masks",
+    "input_norms",
+    "magnitude",
+    "movement",
+    "nm_mask",
+    "sparsity",
+    "structured_keep",
+    "structured_mask",
+    "taylor",
+    "unstructured_mask",
+    "wanda",
+]
