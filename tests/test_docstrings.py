@@ -18,6 +18,7 @@ MODULES = [
     "jaxcomp.ptq.gptq_core",
     "jaxcomp.ptq.awq_core",
     "jaxcomp.ptq.smoothquant_core",
+    "jaxcomp.ptq.sparsegpt_core",
     "jaxcomp.rewrite.convert",
     "jaxcomp.rewrite.linen_rewrite",
     "jaxcomp.sparse.masks",

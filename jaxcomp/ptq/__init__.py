@@ -1,4 +1,4 @@
-"""Post-training quantization: solvers on arrays (``*_core.py``) and `ptq` over NNX models."""
+"""Post-training quantization and one-shot pruning (SparseGPT): solvers on arrays (``*_core.py``) and `ptq` over NNX models."""
 
 from jaxcomp.ptq.api import LayerResult
 from jaxcomp.ptq.api import ptq
@@ -17,12 +17,15 @@ from jaxcomp.ptq.gptq_core import rtn
 from jaxcomp.ptq.gptq_core import weight_step
 from jaxcomp.ptq.smoothquant_core import smooth
 from jaxcomp.ptq.smoothquant_core import smooth_scales
+from jaxcomp.ptq.sparsegpt_core import SparseGPTResult
+from jaxcomp.ptq.sparsegpt_core import sparsegpt
 
 __all__ = [
     "Capture",
     "GPTQResult",
     "LayerResult",
     "LayerStats",
+    "SparseGPTResult",
     "awq",
     "awq_clip",
     "awq_scales",
@@ -35,5 +38,6 @@ __all__ = [
     "smooth",
     "smooth_scales",
     "solve_layer",
+    "sparsegpt",
     "weight_step",
 ]
