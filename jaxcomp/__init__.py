@@ -7,6 +7,7 @@ from jaxcomp.layers import QuantScale
 from jaxcomp.packed_io import packed_skeleton
 from jaxcomp.packed_io import restore_packed
 from jaxcomp.packed_io import save_packed
+from jaxcomp.ptq import prune
 from jaxcomp.ptq import ptq
 from jaxcomp.quant.core import compute_scale
 from jaxcomp.quant.core import dequantize
@@ -25,6 +26,7 @@ from jaxcomp.recipe import Rule
 from jaxcomp.rewrite import convert
 from jaxcomp.rewrite import quantize
 from jaxcomp.rewrite import report
+from jaxcomp.sparse.spec import Sparsity
 
 __all__ = [
     "MatchReport",
@@ -34,6 +36,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Rule",
+    "Sparsity",
     "SpecError",
     "compute_scale",
     "convert",
@@ -41,6 +44,7 @@ __all__ = [
     "fake_quant",
     "lsq_fake_quant",
     "packed_skeleton",
+    "prune",
     "ptq",
     "quant_dot_general",
     "quantize",

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from jaxcomp.quant.spec import Quant, SpecError
+from jaxcomp.sparse.spec import Sparsity
 
 
 class RecipeError(ValueError):
@@ -40,6 +41,7 @@ class Rule:
   pattern: str  # regex, matched against the whole module path (re.fullmatch).
   _: dataclasses.KW_ONLY
   quant: Quant | None = None  # quantization of the matched layers.
+  sparsity: Sparsity | None = None  # pruning of the matched layers (`jaxcomp.prune`).
   skip: bool = False  # leave the matched layers as they are (and stop matching further rules).
   name: str | None = None  # label in reports and configs; defaults to the pattern.
 
@@ -54,10 +56,14 @@ class Rule:
       raise RecipeError(f"Rule.skip must be a bool, got {self.skip!r}")
     if self.quant is not None and not isinstance(self.quant, Quant):
       raise RecipeError(f"Rule.quant must be a jaxcomp.Quant, got {type(self.quant).__name__}")
-    if self.skip and self.quant is not None:
-      raise RecipeError(f"Rule {self.pattern!r}: skip=True and quant= exclude each other")
-    if not self.skip and self.quant is None:
-      raise RecipeError(f"Rule {self.pattern!r} does nothing: give quant= or skip=True")
+    if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
+      raise RecipeError(
+          f"Rule.sparsity must be a jaxcomp.Sparsity, got {type(self.sparsity).__name__}")
+    if self.skip and (self.quant is not None or self.sparsity is not None):
+      raise RecipeError(f"Rule {self.pattern!r}: skip=True excludes quant= and sparsity=")
+    if not self.skip and self.quant is None and self.sparsity is None:
+      raise RecipeError(
+          f"Rule {self.pattern!r} does nothing: give quant=, sparsity= or skip=True")
     if self.name is not None and (not isinstance(self.name, str) or not self.name):
       raise RecipeError(f"Rule.name must be a non-empty string, got {self.name!r}")
 
@@ -70,7 +76,7 @@ class Rule:
     return re.fullmatch(self.pattern, path) is not None
 
 
-_RULE_FIELDS = ("pattern", "quant", "skip", "name")
+_RULE_FIELDS = ("pattern", "quant", "sparsity", "skip", "name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +116,7 @@ class Recipe:
 
   def to_config(self) -> ml_collections.ConfigDict:
     """The recipe as a ConfigDict: ``rules`` maps each rule's name (``rule<i>`` when unnamed) to
-    its fields, in order.
+    its fields; ``order`` lists the names, first match first (a ConfigDict sorts its keys).
 
     Example:
       >>> cfg = Recipe([Rule(".*", quant=Quant(w_bits=4), name="all")]).to_config()
@@ -124,28 +130,40 @@ class Recipe:
           "name": r.name,
           "skip": r.skip,
           "quant": None if r.quant is None else r.quant.to_dict(),
+          "sparsity": None if r.sparsity is None else r.sparsity.to_dict(),
       }
-    return ml_collections.ConfigDict({"rules": rules})
+    return ml_collections.ConfigDict({"rules": rules, "order": list(rules)})
 
   @classmethod
   def from_config(cls, cfg: Any) -> "Recipe":
     """Builds a recipe from a ConfigDict/dict made by `to_config` (or written by hand).
 
-    ``rules`` is either a mapping from rule names to rule fields (order kept) or a list of
-    rule-field mappings. Unknown keys are errors naming their place, e.g.
-    ``recipe.rules.mlp.quant has no field 'wbits'``.
+    ``rules`` is either a mapping from rule names to rule fields, tried in the order of
+    ``order`` (the rule names; needed for a ConfigDict of several rules, which sorts its keys;
+    a plain dict's own order otherwise), or a list of rule-field mappings. Unknown keys are
+    errors naming their place, e.g. ``recipe.rules.mlp.quant has no field 'wbits'``.
     """
     d = _plain(cfg)
     if not isinstance(d, Mapping):
       raise RecipeError(f"recipe must be a mapping with a 'rules' entry, got {type(cfg).__name__}")
-    unknown = sorted(set(d) - {"rules"})
+    unknown = sorted(set(d) - {"rules", "order"})
     if unknown:
-      raise RecipeError(f"recipe has no field {unknown[0]!r} (fields: rules)")
+      raise RecipeError(f"recipe has no field {unknown[0]!r} (fields: rules, order)")
     if "rules" not in d:
       raise RecipeError("recipe.rules is missing")
     raw = d["rules"]
     if isinstance(raw, Mapping):
-      items = [(f"recipe.rules.{k}", k, v) for k, v in raw.items()]
+      order = d.get("order")
+      if order is None:
+        if len(raw) > 1 and isinstance(cfg, (ml_collections.ConfigDict,
+                                             ml_collections.FrozenConfigDict)):
+          raise RecipeError("recipe.order is missing: a ConfigDict sorts recipe.rules by name, "
+                            "so list the rule names in match order")
+        order = list(raw)
+      if sorted(order) != sorted(raw):
+        raise RecipeError(f"recipe.order {list(order)} must list each name of recipe.rules "
+                          f"({', '.join(raw)}) once")
+      items = [(f"recipe.rules.{k}", k, raw[k]) for k in order]
     elif isinstance(raw, Sequence) and not isinstance(raw, str):
       items = [(f"recipe.rules[{i}]", None, v) for i, v in enumerate(raw)]
     else:
@@ -161,11 +179,13 @@ def _rule_from_mapping(where: str, name: str | None, v: Any) -> Rule:
     raise RecipeError(f"{where} has no field {unknown[0]!r} (fields: {', '.join(_RULE_FIELDS)})")
   if "pattern" not in v:
     raise RecipeError(f"{where}.pattern is missing")
-  quant = v.get("quant")
+  quant, sparsity = v.get("quant"), v.get("sparsity")
   try:
     if quant is not None:
       quant = Quant.from_dict(quant)
-    return Rule(v["pattern"], quant=quant, skip=v.get("skip", False),
+    if sparsity is not None:
+      sparsity = Sparsity.from_dict(sparsity)
+    return Rule(v["pattern"], quant=quant, sparsity=sparsity, skip=v.get("skip", False),
                 name=v["name"] if "name" in v else name)
   except (SpecError, RecipeError) as e:
     raise RecipeError(f"{where}: {e}") from None

@@ -19,6 +19,8 @@ MODULES = [
     "jaxcomp.ptq.awq_core",
     "jaxcomp.ptq.smoothquant_core",
     "jaxcomp.ptq.sparsegpt_core",
+    "jaxcomp.ptq.prune",
+    "jaxcomp.sparse.spec",
     "jaxcomp.rewrite.convert",
     "jaxcomp.rewrite.linen_rewrite",
     "jaxcomp.sparse.masks",

@@ -57,7 +57,7 @@ def test_rule_validation():
     jc.Rule("attn[", quant=jc.Quant())
   with pytest.raises(jc.RecipeError, match="does nothing"):
     jc.Rule(".*")
-  with pytest.raises(jc.RecipeError, match="exclude each other"):
+  with pytest.raises(jc.RecipeError, match="skip=True excludes quant= and sparsity="):
     jc.Rule(".*", skip=True, quant=jc.Quant())
   with pytest.raises(jc.RecipeError, match="Rule.quant must be a jaxcomp.Quant"):
     jc.Rule(".*", quant={"w_bits": 4})
@@ -111,3 +111,55 @@ def test_recipe_config_errors_name_the_field(cfg, message):
     jc.Recipe.from_config(ml_collections.ConfigDict(cfg) if cfg and "rules" in cfg and
                           isinstance(cfg["rules"], dict) else cfg)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,kwargs,message", [
+    (("4:2",), {}, r"Sparsity.pattern '4:2': N:M needs 0 < N <= M"),
+    (("0:4",), {}, r"N:M needs 0 < N <= M"),
+    (("2-4",), {}, "Sparsity.pattern must be"),
+    ((), dict(sparsity=1.0), r"Sparsity.sparsity must be a number in \[0, 1\)"),
+    ((), dict(sparsity=-0.5), r"Sparsity.sparsity must be a number in \[0, 1\)"),
+    ((), dict(method="random"), "Sparsity.method must be one of"),
+    (("block",), dict(block=(16,)), "Sparsity.block must be two positive ints"),
+    (("block",), dict(block=(0, 16)), "Sparsity.block must be two positive ints"),
+    (("block",), dict(method="sparsegpt"), "supports patterns 'unstructured' and 'N:M'"),
+])
+def test_sparsity_rejects_bad_fields(args, kwargs, message):
+  with pytest.raises(jc.SpecError, match=message):
+    jc.Sparsity(*args, **kwargs)
+
+
+def test_sparsity_rules_roundtrip_through_config():
+  recipe = jc.Recipe([
+      jc.Rule(r".*mlp/.*", sparsity=jc.Sparsity("2:4", method="wanda"), name="mlp"),
+      jc.Rule(r".*attn/.*", quant=jc.Quant(w_bits=8), sparsity=jc.Sparsity(
+          "block", sparsity=0.75, block=(8, 128)), name="attn"),
+  ])
+  cfg = recipe.to_config()
+  assert cfg.rules.mlp.sparsity.pattern == "2:4"
+  cfg.rules.attn.sparsity.sparsity = 0.5
+  back = jc.Recipe.from_config(cfg)
+  assert back.rules[0].sparsity == jc.Sparsity("2:4", method="wanda")
+  assert back.rules[1].sparsity.block == (8, 128) and back.rules[1].sparsity.sparsity == 0.5
+  assert back.rules[1].sparsity.fraction == 0.5 and back.rules[0].sparsity.fraction == 0.5
+  cfg.rules.mlp.sparsity.method = "obs"
+  with pytest.raises(jc.RecipeError, match=r"recipe.rules.mlp: Sparsity.method must be"):
+    jc.Recipe.from_config(cfg)
+  with pytest.raises(jc.RecipeError, match="skip=True excludes"):
+    jc.Rule(".*", skip=True, sparsity=jc.Sparsity())
+
+
+def test_config_keeps_rule_order_although_configdict_sorts_keys():
+  recipe = jc.Recipe([jc.Rule("z.*", skip=True, name="zeta"),
+                      jc.Rule(".*", quant=jc.Quant(w_bits=8), name="alpha")])
+  cfg = recipe.to_config()
+  assert list(cfg.rules.keys()) == ["alpha", "zeta"]  # sorted by ConfigDict
+  back = jc.Recipe.from_config(cfg)
+  assert [r.name for r in back.rules] == ["zeta", "alpha"]
+  assert back.match("zq").skip
+  del cfg["order"]
+  with pytest.raises(jc.RecipeError, match="recipe.order is missing"):
+    jc.Recipe.from_config(cfg)
+  cfg.order = ["zeta"]
+  with pytest.raises(jc.RecipeError, match="must list each name of recipe.rules"):
+    jc.Recipe.from_config(cfg)

@@ -15,6 +15,8 @@ from jaxcomp.ptq.gptq_core import hessian
 from jaxcomp.ptq.gptq_core import output_error
 from jaxcomp.ptq.gptq_core import rtn
 from jaxcomp.ptq.gptq_core import weight_step
+from jaxcomp.ptq.prune import prune
+from jaxcomp.ptq.prune import prune_kernel
 from jaxcomp.ptq.smoothquant_core import smooth
 from jaxcomp.ptq.smoothquant_core import smooth_scales
 from jaxcomp.ptq.sparsegpt_core import SparseGPTResult
@@ -33,6 +35,8 @@ __all__ = [
     "gptq",
     "hessian",
     "output_error",
+    "prune",
+    "prune_kernel",
     "ptq",
     "rtn",
     "smooth",

@@ -105,7 +105,7 @@ def solve_layer(w: Array, stats: LayerStats, spec: Quant) -> tuple[Array, Array 
   raise ValueError(f"solve_layer: method {spec.method!r} needs no calibration")
 
 
-def _kernel_2d(m: nnx.Module, path: str, spec: Quant) -> Array:
+def _kernel_2d(m: nnx.Module, path: str) -> Array:
   """The (K, N) kernel of a layer a calibrated method can solve, or a one-line error."""
   if type(m) is nnx.Linear:
     return m.kernel[...]
@@ -113,18 +113,20 @@ def _kernel_2d(m: nnx.Module, path: str, spec: Quant) -> Array:
     w = m.kernel[...]
     k = int(np.prod(w.shape[:len(m.axis)]))
     return w.reshape(k, -1)
-  raise ValueError(f"{path}: Quant.method={spec.method!r} supports nnx.Linear and "
-                   f"nnx.LinearGeneral layers, not {type(m).__name__}; use method='rtn'")
+  raise ValueError(f"{path}: calibrated methods support nnx.Linear and nnx.LinearGeneral "
+                   f"layers, not {type(m).__name__}")
 
 
-def _as_batches(calib: Any, batch_size: int) -> list[Any]:
+def _as_batches(calib: Any, batch_size: int, fn: str = "ptq") -> list[Any]:
+  if calib is None:
+    raise ValueError(f"{fn}: calib is missing; the recipe has calibrated methods")
   if isinstance(calib, (np.ndarray, jax.Array)):
     if calib.ndim < 1 or calib.shape[0] == 0:
-      raise ValueError(f"ptq: calib must hold at least one example, got shape {calib.shape}")
+      raise ValueError(f"{fn}: calib must hold at least one example, got shape {calib.shape}")
     return [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
   batches = list(calib)
   if not batches:
-    raise ValueError("ptq: calib is empty")
+    raise ValueError(f"{fn}: calib is empty")
   return batches
 
 
@@ -153,24 +155,33 @@ class _CalibQuantDot(nnx.Module):
                              preferred_element_type=preferred_element_type)
 
 
-def _capture_and_solve(todo: list[tuple[str, nnx.Module, Quant]],
-                       run: Callable[[], None], results: list[LayerResult],
+def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[], None],
+                       solve: Callable[[str, nnx.Module, Any, LayerStats], None],
                        dtype: Any = None) -> None:
-  """Installs `Capture` hooks on ``todo``, calls ``run()``, solves and quantizes each layer."""
-  captures = {}
-  for path, m, spec in todo:
-    w = _kernel_2d(m, path, spec)
-    captures[path] = Capture(w.shape[0], dtype)
+  """Installs `Capture` hooks on ``todo``'s layers, calls ``run()``, then ``solve``s each one
+  (with its plain ``dot_general`` back in place) from its input statistics."""
+  captures, originals = {}, {}
+  for path, m, _ in todo:
+    w = _kernel_2d(m, path)
+    captures[path], originals[path] = Capture(w.shape[0], dtype), m.dot_general
     m.dot_general = nnx.data(captures[path])
   run()
-  for path, m, spec in todo:
+  for path, m, payload in todo:
+    stats = captures.pop(path).stats()
+    m.dot_general = nnx.static(originals[path])  # the plain layer again, before the rewrite
+    solve(path, m, payload, stats)
+
+
+def _solve_quant(results: list[LayerResult]) -> Callable[[str, nnx.Module, Quant, LayerStats],
+                                                          None]:
+  def solve(path: str, m: nnx.Module, spec: Quant, stats: LayerStats) -> None:
     t0 = time.perf_counter()
-    stats = captures[path].stats()
-    m.dot_general = jax.lax.dot_general  # back to the plain layer before the rewrite
-    w = _kernel_2d(m, path, spec)
+    w = _kernel_2d(m, path)
     kernel, step, s, err = solve_layer(w, stats, spec)
     _apply(m, spec, kernel.reshape(m.kernel[...].shape).astype(m.kernel[...].dtype), step, s)
     results.append(LayerResult(path, spec.method, err, time.perf_counter() - t0))
+
+  return solve
 
 
 def _apply(m: nnx.Module, spec: Quant, kernel: Array, step: Array | None,
@@ -250,7 +261,10 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
   logging.info("jaxcomp.ptq:\n%s", report)
   calibrated = [(p, m, r.quant) for p, m, r in todo if r.quant.method in CALIBRATED_METHODS]
   for path, m, spec in calibrated:
-    _kernel_2d(m, path, spec)  # fail early on an unsupported layer
+    try:
+      _kernel_2d(m, path)  # fail early on an unsupported layer
+    except ValueError as e:
+      raise ValueError(f"{e}; Quant.method={spec.method!r} cannot solve it, use 'rtn'") from None
   rtn = [(p, m, r.quant) for p, m, r in todo if r.quant.method not in CALIBRATED_METHODS]
 
   def quantize_rtn(layers):
@@ -263,38 +277,68 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
     return new
 
   batches = _as_batches(calib, batch_size)
-  block_paths = find_blocks(new, [p for p, _, _ in calibrated], blocks)
+  run_sequential(
+      new, calibrated, _solve_quant(results), batches, blocks=blocks, call=call,
+      progress=progress, calib_dtype=calib_dtype, desc="ptq blocks",
+      before_block=lambda b: quantize_rtn([t for t in rtn if _inside(t[0], b)]),
+      before_tail=lambda in_blocks: quantize_rtn([t for t in rtn if not in_blocks(t[0])]))
+  return new
+
+
+def _inside(path: str, block: str) -> bool:
+  return path.startswith(block + "/")
+
+
+def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
+                   solve: Callable[[str, nnx.Module, Any, LayerStats], None],
+                   batches: list[Any], *, blocks: str | None = None,
+                   call: Callable[[nnx.Module, Any], Any], progress: bool = True,
+                   calib_dtype: Any = None, desc: str = "blocks",
+                   before_block: Callable[[str], None] | None = None,
+                   before_tail: Callable[[Callable[[str], bool]], None] | None = None,
+                   ) -> Callable[[str], bool]:
+  """The sequential calibration pipeline shared by `ptq` and `jaxcomp.prune` (in place).
+
+  Records the first block's inputs, then for each block: ``before_block(path)``, `Capture`
+  hooks on the block's ``todo`` layers while it runs on the recorded inputs, ``solve(path,
+  layer, payload, stats)`` for each of them, and the *rewritten* block run again to give the
+  next block its inputs. ``todo`` layers outside every block are solved last from one pass
+  over the whole model (after ``before_tail(in_blocks)``).
+
+  Returns:
+    ``in_blocks(path)``: whether a layer path lies inside one of the blocks.
+  """
+  block_paths = find_blocks(model, [p for p, _, _ in todo], blocks)
   if blocks is not None and not block_paths:
-    raise ValueError(f"ptq: blocks={blocks!r} matches no module of the model")
-  inside = lambda path, b: path.startswith(b + "/")
+    raise ValueError(f"blocks={blocks!r} matches no module of the model")
+  in_blocks = lambda path: any(_inside(path, b) for b in block_paths)
   if block_paths:
-    inputs = catch_inputs(new, block_paths[0], batches, call)
-    for b in tqdm(block_paths, desc="ptq blocks", disable=not progress):
-      block = _module_at(new, b)
-      mine = [t for t in calibrated if inside(t[0], b)]
-      quantize_rtn([t for t in rtn if inside(t[0], b)])
+    inputs = catch_inputs(model, block_paths[0], batches, call)
+    for b in tqdm(block_paths, desc=desc, disable=not progress):
+      block = _module_at(model, b)
+      if before_block is not None:
+        before_block(b)
 
       def run_capture(block=block, inputs=inputs):
         for args, kwargs in inputs:
           _run_block(block, args, kwargs)
 
-      _capture_and_solve(mine, run_capture, results, calib_dtype)
-      if b == block_paths[-1] and not [t for t in calibrated if not inside(t[0], b) and
-                                       not any(inside(t[0], c) for c in block_paths)]:
+      _capture_and_solve([t for t in todo if _inside(t[0], b)], run_capture, solve, calib_dtype)
+      if b == block_paths[-1] and all(in_blocks(t[0]) for t in todo):
         break  # nothing after the last block needs its outputs
       with _calibration_dots(block, calib_dtype):
         inputs = [((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
                   for args, kwargs in inputs]
     del inputs
-  in_blocks = lambda path: any(inside(path, b) for b in block_paths)
-  quantize_rtn([t for t in rtn if not in_blocks(t[0])])
-  tail = [t for t in calibrated if not in_blocks(t[0])]
+  if before_tail is not None:
+    before_tail(in_blocks)
+  tail = [t for t in todo if not in_blocks(t[0])]
   if tail:
     run_model = nnx.jit(lambda m, b: call(m, b))
 
     def run_capture():
       for batch in batches:
-        run_model(new, batch)
+        run_model(model, batch)
 
-    _capture_and_solve(tail, run_capture, results)
-  return new
+    _capture_and_solve(tail, run_capture, solve)
+  return in_blocks
