@@ -21,6 +21,7 @@ MODULES = [
     "jaxcomp.ptq.sparsegpt_core",
     "jaxcomp.ptq.prune",
     "jaxcomp.sparse.spec",
+    "jaxcomp.sparse.block_sparse",
     "jaxcomp.rewrite.convert",
     "jaxcomp.rewrite.linen_rewrite",
     "jaxcomp.sparse.masks",

@@ -1,5 +1,8 @@
-"""Pruning numerics on plain arrays (no Flax): masks (`masks`) and importance scores (`scores`)."""
+"""Pruning numerics on plain arrays (no Flax): masks (`masks`), importance scores (`scores`),
+the `Sparsity` spec and block-sparse storage (`block_sparse`)."""
 
+from jaxcomp.sparse.block_sparse import BlockSparse
+from jaxcomp.sparse.block_sparse import block_sparse_matmul
 from jaxcomp.sparse.masks import apply_mask
 from jaxcomp.sparse.masks import block_mask
 from jaxcomp.sparse.masks import global_masks
@@ -13,10 +16,14 @@ from jaxcomp.sparse.scores import magnitude
 from jaxcomp.sparse.scores import movement
 from jaxcomp.sparse.scores import taylor
 from jaxcomp.sparse.scores import wanda
+from jaxcomp.sparse.spec import Sparsity
 
 __all__ = [
+    "BlockSparse",
+    "Sparsity",
     "apply_mask",
     "block_mask",
+    "block_sparse_matmul",
     "global_masks",
     "input_norms",
     "magnitude",
