@@ -22,6 +22,7 @@ MODULES = [
     "jaxcomp.ptq.prune",
     "jaxcomp.sparse.spec",
     "jaxcomp.sparse.block_sparse",
+    "jaxcomp.sparse.training",
     "jaxcomp.rewrite.convert",
     "jaxcomp.rewrite.linen_rewrite",
     "jaxcomp.sparse.masks",

@@ -17,6 +17,8 @@ from jaxcomp.sparse.scores import movement
 from jaxcomp.sparse.scores import taylor
 from jaxcomp.sparse.scores import wanda
 from jaxcomp.sparse.spec import Sparsity
+from jaxcomp.sparse.training import cubic_schedule
+from jaxcomp.sparse.training import sparsify
 
 __all__ = [
     "BlockSparse",
@@ -24,11 +26,13 @@ __all__ = [
     "apply_mask",
     "block_mask",
     "block_sparse_matmul",
+    "cubic_schedule",
     "global_masks",
     "input_norms",
     "magnitude",
     "movement",
     "nm_mask",
+    "sparsify",
     "sparsity",
     "structured_keep",
     "structured_mask",

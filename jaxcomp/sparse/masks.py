@@ -4,7 +4,8 @@ Every function takes *scores* (larger = more important: ``|w|``, Wanda's ``|w| *
 and returns a boolean mask, ``True`` where the weight is kept. Counts are exact: a target
 sparsity ``p`` prunes ``round(p * n)`` of the ``n`` candidates (elements, groups, blocks,
 channels), ties broken by position (the earlier one is pruned first), so the result never
-depends on floating-point threshold luck. ``p`` must lie in ``[0, 1)``.
+depends on floating-point threshold luck. ``p`` must lie in ``[0, 1)``; it may also be a traced
+scalar (a sparsity schedule inside ``jit``), then unchecked.
 
 Layout convention: a kernel is ``(K, N)`` for ``y = x @ w`` (Flax's Linear), the *input* axis is
 0. N:M sparsity runs along the input axis (the contracting one, as sparse tensor cores need);
@@ -41,23 +42,29 @@ __all__ = [
 ]
 
 
-def _check_sparsity(p: float, name: str = "sparsity") -> float:
+def _check_sparsity(p: Any, name: str = "sparsity") -> Any:
+  """A Python number is checked to lie in [0, 1); a traced / array scalar (a schedule inside
+  ``jit``) is passed through unchecked."""
+  if isinstance(p, (jax.Array, np.ndarray)) and jnp.ndim(p) == 0 and not isinstance(p, bool):
+    return p
   if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
     raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
   return float(p)
 
 
-def _n_pruned(p: float, n: int) -> int:
-  return int(round(p * n))
+def _n_pruned(p: Any, n: int) -> Any:
+  if isinstance(p, float):
+    return int(round(p * n))
+  return jnp.round(p * n).astype(jnp.int32)  # round half to even, as Python's round
 
 
-def _keep_top(scores: Array, n_pruned: int) -> Array:
-  """Keeps all but the ``n_pruned`` lowest of a 1-D ``scores`` (stable: earlier ties go first)."""
-  order = jnp.argsort(scores, stable=True)
-  return jnp.zeros(scores.shape, bool).at[order[n_pruned:]].set(True)
+def _keep_top(scores: Array, n_pruned: Any) -> Array:
+  """Keeps all but the ``n_pruned`` lowest of a 1-D ``scores`` (stable: earlier ties go first);
+  ``n_pruned`` may be traced."""
+  return _keep_top_rows(scores[None], n_pruned)[0]
 
 
-def _keep_top_rows(scores: Array, n_pruned: int) -> Array:
+def _keep_top_rows(scores: Array, n_pruned: Any) -> Array:
   """`_keep_top` along the last axis of a 2-D ``scores``, row by row."""
   rank = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1, stable=True)
   return rank >= n_pruned
