@@ -7,6 +7,8 @@ from jaxcomp.layers import QuantScale
 from jaxcomp.packed_io import packed_skeleton
 from jaxcomp.packed_io import restore_packed
 from jaxcomp.packed_io import save_packed
+from jaxcomp.lowrank.spec import LowRank
+from jaxcomp.ptq import factorize
 from jaxcomp.ptq import prune
 from jaxcomp.ptq import ptq
 from jaxcomp.quant.core import compute_scale
@@ -23,12 +25,15 @@ from jaxcomp.recipe import MatchReport
 from jaxcomp.recipe import Recipe
 from jaxcomp.recipe import RecipeError
 from jaxcomp.recipe import Rule
+from jaxcomp.rewrite import add_lora
 from jaxcomp.rewrite import convert
+from jaxcomp.rewrite import merge_lora
 from jaxcomp.rewrite import quantize
 from jaxcomp.rewrite import report
 from jaxcomp.sparse.spec import Sparsity
 
 __all__ = [
+    "LowRank",
     "MatchReport",
     "QArray",
     "Quant",
@@ -38,11 +43,14 @@ __all__ = [
     "Rule",
     "Sparsity",
     "SpecError",
+    "add_lora",
     "compute_scale",
     "convert",
     "dequantize",
+    "factorize",
     "fake_quant",
     "lsq_fake_quant",
+    "merge_lora",
     "packed_skeleton",
     "prune",
     "ptq",

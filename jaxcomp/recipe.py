@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from jaxcomp.quant.spec import Quant, SpecError
+from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.sparse.spec import Sparsity
 
 
@@ -42,6 +43,7 @@ class Rule:
   _: dataclasses.KW_ONLY
   quant: Quant | None = None  # quantization of the matched layers.
   sparsity: Sparsity | None = None  # pruning of the matched layers (`jaxcomp.prune`).
+  lowrank: LowRank | None = None  # factorization of the matched layers (`jaxcomp.factorize`).
   skip: bool = False  # leave the matched layers as they are (and stop matching further rules).
   name: str | None = None  # label in reports and configs; defaults to the pattern.
 
@@ -59,11 +61,16 @@ class Rule:
     if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
       raise RecipeError(
           f"Rule.sparsity must be a jaxcomp.Sparsity, got {type(self.sparsity).__name__}")
-    if self.skip and (self.quant is not None or self.sparsity is not None):
-      raise RecipeError(f"Rule {self.pattern!r}: skip=True excludes quant= and sparsity=")
-    if not self.skip and self.quant is None and self.sparsity is None:
+    if self.lowrank is not None and not isinstance(self.lowrank, LowRank):
       raise RecipeError(
-          f"Rule {self.pattern!r} does nothing: give quant=, sparsity= or skip=True")
+          f"Rule.lowrank must be a jaxcomp.LowRank, got {type(self.lowrank).__name__}")
+    payloads = (self.quant, self.sparsity, self.lowrank)
+    if self.skip and any(p is not None for p in payloads):
+      raise RecipeError(f"Rule {self.pattern!r}: skip=True excludes quant=, sparsity= and "
+                        "lowrank=")
+    if not self.skip and all(p is None for p in payloads):
+      raise RecipeError(
+          f"Rule {self.pattern!r} does nothing: give quant=, sparsity=, lowrank= or skip=True")
     if self.name is not None and (not isinstance(self.name, str) or not self.name):
       raise RecipeError(f"Rule.name must be a non-empty string, got {self.name!r}")
 
@@ -76,7 +83,7 @@ class Rule:
     return re.fullmatch(self.pattern, path) is not None
 
 
-_RULE_FIELDS = ("pattern", "quant", "sparsity", "skip", "name")
+_RULE_FIELDS = ("pattern", "quant", "sparsity", "lowrank", "skip", "name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +138,7 @@ class Recipe:
           "skip": r.skip,
           "quant": None if r.quant is None else r.quant.to_dict(),
           "sparsity": None if r.sparsity is None else r.sparsity.to_dict(),
+          "lowrank": None if r.lowrank is None else r.lowrank.to_dict(),
       }
     return ml_collections.ConfigDict({"rules": rules, "order": list(rules)})
 
@@ -179,14 +187,16 @@ def _rule_from_mapping(where: str, name: str | None, v: Any) -> Rule:
     raise RecipeError(f"{where} has no field {unknown[0]!r} (fields: {', '.join(_RULE_FIELDS)})")
   if "pattern" not in v:
     raise RecipeError(f"{where}.pattern is missing")
-  quant, sparsity = v.get("quant"), v.get("sparsity")
+  quant, sparsity, lowrank = v.get("quant"), v.get("sparsity"), v.get("lowrank")
   try:
     if quant is not None:
       quant = Quant.from_dict(quant)
     if sparsity is not None:
       sparsity = Sparsity.from_dict(sparsity)
-    return Rule(v["pattern"], quant=quant, sparsity=sparsity, skip=v.get("skip", False),
-                name=v["name"] if "name" in v else name)
+    if lowrank is not None:
+      lowrank = LowRank.from_dict(lowrank)
+    return Rule(v["pattern"], quant=quant, sparsity=sparsity, lowrank=lowrank,
+                skip=v.get("skip", False), name=v["name"] if "name" in v else name)
   except (SpecError, RecipeError) as e:
     raise RecipeError(f"{where}: {e}") from None
 

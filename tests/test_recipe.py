@@ -57,7 +57,7 @@ def test_rule_validation():
     jc.Rule("attn[", quant=jc.Quant())
   with pytest.raises(jc.RecipeError, match="does nothing"):
     jc.Rule(".*")
-  with pytest.raises(jc.RecipeError, match="skip=True excludes quant= and sparsity="):
+  with pytest.raises(jc.RecipeError, match="skip=True excludes quant=, sparsity= and lowrank="):
     jc.Rule(".*", skip=True, quant=jc.Quant())
   with pytest.raises(jc.RecipeError, match="Rule.quant must be a jaxcomp.Quant"):
     jc.Rule(".*", quant={"w_bits": 4})

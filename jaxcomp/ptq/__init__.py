@@ -1,4 +1,4 @@
-"""Post-training quantization and one-shot pruning (SparseGPT): solvers on arrays (``*_core.py``) and `ptq` over NNX models."""
+"""Post-training quantization and one-shot pruning and factorization: solvers on arrays (``*_core.py``) and `ptq` over NNX models."""
 
 from jaxcomp.ptq.api import LayerResult
 from jaxcomp.ptq.api import ptq
@@ -9,6 +9,8 @@ from jaxcomp.ptq.awq_core import awq_scales
 from jaxcomp.ptq.calibrate import Capture
 from jaxcomp.ptq.calibrate import LayerStats
 from jaxcomp.ptq.calibrate import calib_tokens
+from jaxcomp.ptq.factorize import factor_kernel
+from jaxcomp.ptq.factorize import factorize
 from jaxcomp.ptq.gptq_core import GPTQResult
 from jaxcomp.ptq.gptq_core import gptq
 from jaxcomp.ptq.gptq_core import hessian
@@ -32,6 +34,8 @@ __all__ = [
     "awq_clip",
     "awq_scales",
     "calib_tokens",
+    "factor_kernel",
+    "factorize",
     "gptq",
     "hessian",
     "output_error",

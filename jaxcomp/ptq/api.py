@@ -49,20 +49,22 @@ Array = jax.Array
 
 @dataclasses.dataclass
 class LayerResult:
-  """What PTQ did to one layer.
+  """What PTQ (or pruning, or factorization) did to one layer.
 
   Attributes:
     path: module path.
     method: the solver.
     error: relative output error ``||X (W_q - W)||^2 / ||X W||^2`` on the calibration inputs
-      (from the Hessian; NaN for RTN layers, which see no data).
+      (from the Hessian; NaN for layers solved without data, e.g. RTN).
     seconds: wall time of the solve.
+    rank: the rank chosen (`jaxcomp.factorize` only).
   """
 
   path: str
   method: str
   error: float
   seconds: float
+  rank: int | None = None
 
 
 def _relative_error(w: Array, w_eff: Array, h: Array) -> float:

@@ -1,0 +1,64 @@
+"""LoRA adapters as pure rewrites: `add_lora` wraps matched linear layers, `merge_lora` folds the
+adapters back into the base kernels.
+
+The base layer stays as it is inside `jaxcomp.layers.lowrank.LoRALinear`: a float layer, or a
+quantized one (QLoRA: `jaxcomp.quantize` first, then `add_lora`); only the adapters are
+``nnx.LoRAParam`` and train with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flax import nnx
+import jax.numpy as jnp
+
+from jaxcomp.layers.lowrank import LoRALinear
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.rewrite import nnx_rewrite
+
+__all__ = ["add_lora", "merge_lora"]
+
+
+def add_lora(model: nnx.Module, pattern: str, *, rank: int, alpha: float = 16.0,
+             rngs: nnx.Rngs) -> nnx.Module:
+  """Returns a copy of ``model`` whose ``nnx.Linear`` layers matching ``pattern`` (a regex on
+  the layer path, ``re.fullmatch``) carry a LoRA adapter of rank ``rank``; ``model`` is untouched.
+
+  Example::
+
+    lora = add_lora(model, r".*(q|v)_proj", rank=8, alpha=16.0, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(lora, optax.adam(1e-3), wrt=nnx.LoRAParam)
+  """
+  new = nnx.clone(model)
+  matched = [(p, m) for p, m in nnx_rewrite.iter_layers(new)
+             if re.fullmatch(pattern, p) and type(m) is nnx.Linear]
+  if not matched:
+    raise ValueError(f"add_lora: pattern {pattern!r} matches no nnx.Linear layer")
+  for path, m in matched:
+    nnx_rewrite._set_at(new, path, LoRALinear(m, rank=rank, alpha=alpha, rngs=rngs))  # pylint: disable=protected-access
+  return new
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """Returns a copy of ``model`` with every `LoRALinear` replaced by its base layer, whose kernel
+  becomes ``kernel + (alpha / r) a @ b``. For a float base the outputs are unchanged (up to
+  float rounding); a quantized base re-quantizes the merged kernel on its next call.
+
+  Example::
+
+    merged = merge_lora(lora)     # plain nnx.Linear layers again
+  """
+  new = nnx.clone(model)
+  found = [(nnx_rewrite.path_str(p), n) for p, n in nnx.iter_graph(new)
+           if isinstance(n, LoRALinear)]
+  if not found:
+    raise ValueError("merge_lora: the model has no LoRA adapters")
+  for path, lora in found:
+    kernel = lora.base.kernel[...]
+    if isinstance(kernel, QArray):
+      raise ValueError(f"{path}: merge_lora needs a float (or fake-quantized) base kernel, not a "
+                       "packed QArray; merge before jc.convert")
+    lora.base.kernel[...] = (kernel.astype(jnp.float32) + lora.delta()).astype(kernel.dtype)
+    nnx_rewrite._set_at(new, path, lora.base)  # pylint: disable=protected-access
+  return new
