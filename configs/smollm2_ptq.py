@@ -24,6 +24,7 @@ import dataclasses
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.ptq.job import job_config, parse_variant
 
 PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
 
@@ -41,27 +42,9 @@ VARIANTS = {
 
 def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
   """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
-  variant, *mods = arg.split(",")
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of smollm2_ptq.py (variants: "
-                     f"{', '.join(VARIANTS)})")
-  unknown = [m for m in mods if m != "tiny"]
-  if unknown:
-    raise ValueError(f"unknown modifier {unknown[0]!r} of smollm2_ptq.py (modifiers: tiny)")
-  tiny = "tiny" in mods
-
-  config = ml_collections.ConfigDict()
-  config.task = "ptq"
-  config.seed = 0
-  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="")
-  config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128, seq_len=64 if tiny else 512,
-                      batch_size=8, seed=0, dtype="bfloat16")
-  config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
-                     max_tokens=2048 if tiny else 32768, batch_size=4)
-  config.save_packed = True
+  variant, tiny = parse_variant(arg, VARIANTS, "smollm2_ptq.py")
   quant = VARIANTS[variant]
   if tiny and quant is not None and quant.group:
     quant = dataclasses.replace(quant, group=32)  # the tiny model is 64 wide
   recipe = None if quant is None else jc.Recipe([jc.Rule(PROJ, quant=quant, name="proj")])
-  config.recipe = None if recipe is None else recipe.to_config()
-  return config
+  return job_config(recipe, tiny=tiny)

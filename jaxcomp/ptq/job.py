@@ -1,9 +1,12 @@
-"""The PTQ experiment behind ``python -m jaxcomp --config configs/smollm2_ptq.py:VARIANT``.
+"""The post-training compression experiment behind ``python -m jaxcomp --config
+configs/smollm2_{ptq,sparse,lowrank}.py:VARIANT`` (``task = "ptq"``).
 
 ``run_ptq(config, workdir)``: load the model and tokenizer, cut calibration windows from a
-training text, `jaxcomp.ptq` with the config's recipe, `jaxcomp.convert` to packed weights,
-save them with Orbax (``workdir/packed``), and evaluate perplexity on WikiText-2 (or any text).
-Returns the report (the CLI writes it as ``report.json`` / ``report.md``).
+training text, then apply the config's recipe in stages -- `jaxcomp.prune` (rules with
+``sparsity``), `jaxcomp.factorize` (``lowrank``), `jaxcomp.ptq` (``quant``) followed by
+`jaxcomp.convert` to packed weights saved with Orbax (``workdir/packed``) -- and evaluate
+perplexity on WikiText-2 (or any text). Returns the report (the CLI writes it as
+``report.json`` / ``report.md``).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import numpy as np
 from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.packed_io import save_packed
 from jaxcomp.ptq.api import LayerResult, ptq
+from jaxcomp.ptq.factorize import factorize, param_count
+from jaxcomp.ptq.prune import prune
 from jaxcomp.ptq.calibrate import calib_tokens
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite.convert import convert
+from jaxcomp.rewrite.nnx_rewrite import iter_layers
 
 
 class ByteTokenizer:
@@ -36,6 +42,38 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> "ByteTokenizer._Encoding":
     return self._Encoding(list(text.encode("utf-8")))
+
+
+def parse_variant(arg: str, variants: Any, file: str) -> tuple[str, bool]:
+  """``"<variant>[,tiny]"`` -> ``(variant, tiny)``, with one-line errors naming ``file``."""
+  variant, *mods = arg.split(",")
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r} of {file} (variants: {', '.join(variants)})")
+  unknown = [m for m in mods if m != "tiny"]
+  if unknown:
+    raise ValueError(f"unknown modifier {unknown[0]!r} of {file} (modifiers: tiny)")
+  return variant, "tiny" in mods
+
+
+def job_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.ConfigDict:
+  """The config of a `run_ptq` job on SmolLM2-135M (or, ``tiny``, a tiny random Llama with a
+  byte tokenizer, for tests), compressing by ``recipe`` (None: the float baseline).
+
+  Example::
+
+    config = job_config(jc.Recipe([jc.Rule(PROJ, sparsity=jc.Sparsity("2:4"))]))
+  """
+  config = ml_collections.ConfigDict()
+  config.task = "ptq"
+  config.seed = 0
+  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="")
+  config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128,
+                      seq_len=64 if tiny else 512, batch_size=8, seed=0, dtype="bfloat16")
+  config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
+                     max_tokens=2048 if tiny else 32768, batch_size=4)
+  config.save_packed = True
+  config.recipe = None if recipe is None else recipe.to_config()
+  return config
 
 
 def _load(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any]:
@@ -103,24 +141,22 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             "eval_split_tokens": n_split, "load_s": round(t_load, 1)}
   results: list[LayerResult] = []
   if recipe is not None:
-    t0 = time.perf_counter()
     calib = calib_tokens(tokenizer, n_seq=config.calib.n_seq, seq_len=config.calib.seq_len,
                          text_path=calib_path, seed=config.calib.seed)
-    model = ptq(model, recipe, calib, batch_size=config.calib.batch_size,
-                calib_dtype=calib_dtype, results=results)
-    report["ptq_s"] = round(time.perf_counter() - t0, 1)
     report["calib_tokens"] = int(calib.size)
-    report["quantized_layers"] = len(results)
-    errors = [r.error for r in results if np.isfinite(r.error)]
-    if errors:
-      report["mean_layer_rel_error"] = float(np.mean(errors))
-    t0 = time.perf_counter()
-    model = convert(model)
-    if config.save_packed:
-      size = save_packed(model, work / "packed")
-      report.update({k: (round(v, 4) if isinstance(v, float) else v)
-                     for k, v in size.to_dict().items()})
-    report["convert_save_s"] = round(time.perf_counter() - t0, 1)
+    kwargs = dict(batch_size=config.calib.batch_size, calib_dtype=calib_dtype)
+    if any(r.sparsity is not None for r in recipe.rules):
+      model = _stage("prune", report, results, lambda res: prune(
+          model, recipe, calib, results=res, **kwargs))
+      report["sparsity"] = _zero_fraction(model, [r.path for r in results if r.method in (
+          "magnitude", "wanda", "sparsegpt")])
+    if any(r.lowrank is not None for r in recipe.rules):
+      report["params_before"] = param_count(model)
+      model = _stage("factorize", report, results, lambda res: factorize(
+          model, recipe, calib, results=res, **kwargs))
+      report["params"] = param_count(model)
+    if any(r.quant is not None for r in recipe.rules):
+      model = _quantize_and_pack(model, recipe, calib, kwargs, config, work, report, results)
   t0 = time.perf_counter()
   r = ppl_lib.perplexity(model, ids, seq_len=config.eval.seq_len,
                          batch_size=config.eval.batch_size)
@@ -130,3 +166,48 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   (work / "layers.json").write_text(json.dumps([vars(x) for x in results], indent=1))
   logging.info("ptq report: %s", report)
   return report
+
+
+def _stage(name: str, report: dict[str, Any], results: list[LayerResult],
+           run: Any) -> nnx.Module:
+  """Runs one transform, timing it and recording its layers' mean relative output error."""
+  t0 = time.perf_counter()
+  mine: list[LayerResult] = []
+  model = run(mine)
+  report[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+  report[f"{name}_layers"] = len(mine)
+  errors = [r.error for r in mine if np.isfinite(r.error)]
+  if errors:
+    report[f"{name}_mean_layer_rel_error"] = float(np.mean(errors))
+  results.extend(mine)
+  return model
+
+
+def _zero_fraction(model: nnx.Module, paths: list[str]) -> float:
+  """Fraction of exact zeros over the kernels of the layers at ``paths``."""
+  layers = dict(iter_layers(model))
+  zeros = total = 0
+  for path in paths:
+    w = np.asarray(layers[path].kernel[...])
+    zeros, total = zeros + int((w == 0).sum()), total + w.size
+  return zeros / max(total, 1)
+
+
+def _quantize_and_pack(model: nnx.Module, recipe: Recipe, calib: np.ndarray,
+                       kwargs: dict[str, Any], config: ml_collections.ConfigDict,
+                       work: pathlib.Path, report: dict[str, Any],
+                       results: list[LayerResult]) -> nnx.Module:
+  """`ptq`, then `convert` (and `save_packed` into ``work/packed``)."""
+  model = _stage("ptq", report, results, lambda res: ptq(model, recipe, calib, results=res,
+                                                          **kwargs))
+  report["quantized_layers"] = report.pop("ptq_layers")
+  if "ptq_mean_layer_rel_error" in report:
+    report["mean_layer_rel_error"] = report.pop("ptq_mean_layer_rel_error")
+  t0 = time.perf_counter()
+  model = convert(model)
+  if config.save_packed:
+    size = save_packed(model, work / "packed")
+    report.update({k: (round(v, 4) if isinstance(v, float) else v)
+                   for k, v in size.to_dict().items()})
+  report["convert_save_s"] = round(time.perf_counter() - t0, 1)
+  return model

@@ -15,7 +15,9 @@ from jaxcomp.ptq.job import run_ptq
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "configs"))
+import smollm2_lowrank  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
+import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ def texts(tmp_path_factory):
   return d
 
 
-def _config(variant, texts):
-  config = smollm2_ptq.get_config(variant + ",tiny")
+def _config(variant, texts, module=smollm2_ptq):
+  config = module.get_config(variant + ",tiny")
   config.calib.text = str(texts / "train.txt")
   config.eval.text_path = str(texts / "eval.txt")
   return config
@@ -89,3 +91,29 @@ def test_missing_calibration_text_is_one_line_error(texts, tmp_path):
   with pytest.raises(ValueError, match=r"config.calib.text=.*no calibration text at"):
     run_ptq(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variant", ["sparsegpt_2of4", "wanda_block16_50", "magnitude_50"])
+def test_sparse_job_reports_measured_sparsity(variant, texts, tmp_path):
+  report = run_ptq(_config(variant, texts, smollm2_sparse), str(tmp_path / "run"))
+  assert report["prune_layers"] == 14 and np.isfinite(report["ppl"])
+  assert report["sparsity"] == pytest.approx(0.5, abs=1e-9)
+  assert "packed_bytes" not in report
+
+
+def test_lowrank_job_removes_the_budgeted_parameters(texts, tmp_path):
+  report = run_ptq(_config("svd_llm_40", texts, smollm2_lowrank), str(tmp_path / "run"))
+  matched = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)
+  one_rank = 2 * (2 * 128 + 2 * 96 + 3 * 192)  # sum of (in + out): rank r costs r (in + out)
+  removed = report["params_before"] - report["params"]
+  assert 0.4 * matched <= removed <= 0.4 * matched + one_rank
+  assert report["factorize_layers"] == 14 and np.isfinite(report["ppl"])
+  assert 0 < report["factorize_mean_layer_rel_error"] < 1
+
+
+def test_every_variant_config_builds():
+  for module in (smollm2_sparse, smollm2_lowrank):
+    for variant in module.VARIANTS:
+      jc.Recipe.from_config(module.get_config(variant).recipe)
+  with pytest.raises(ValueError, match="unknown variant 'svd_10' of smollm2_lowrank.py"):
+    smollm2_lowrank.get_config("svd_10")
