@@ -13,11 +13,11 @@ dense layers' forward and backward dots in int8; w4a8 has 4-bit weights; "_lsq" 
 weight step sizes (Esser et al., 2020). Convolutions are fake-quantized (float convolution).
 """
 
-import os
-
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.ptq.job import parse_variant
+from jaxcomp.train.tasks import fmnist_config
 
 VARIANTS = {
     "float": None,
@@ -29,38 +29,10 @@ VARIANTS = {
     "w4_lsq": jc.Quant(w_bits=4, learn_scale=True),
 }
 
-DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-
-
 def get_config(arg: str = "float") -> ml_collections.ConfigDict:
   """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
-  variant, *mods = arg.split(",")
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of fmnist_qat.py (variants: "
-                     f"{', '.join(VARIANTS)})")
-  unknown = [m for m in mods if m != "tiny"]
-  if unknown:
-    raise ValueError(f"unknown modifier {unknown[0]!r} of fmnist_qat.py (modifiers: tiny)")
-  tiny = "tiny" in mods
-
-  config = ml_collections.ConfigDict()
-  config.task = "image_classification"
-  config.seed = 0
-  config.model = dict(name="cnn", size="tiny" if tiny else "default")
-  config.data = dict(name="fashion_mnist", data_dir=os.environ.get("TFDS_DATA_DIR", DEFAULT_DATA_DIR),
-                     batch_size=32 if tiny else 128, eval_batch_size=1000, cache=True)
-  config.train = dict(
-      epochs=3 if tiny else 4,
-      lr=2e-3,
-      warmup_steps=2 if tiny else 200,
-      weight_decay=1e-4,
-      grad_clip=1.0,
-      log_every=2 if tiny else 100,
-      checkpoint_every=4 if tiny else 1000,
-      keep_checkpoints=3,
-      progress=not tiny,
-  )
-  config.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=None)
+  variant, tiny = parse_variant(arg, VARIANTS, "fmnist_qat.py")
+  config = fmnist_config(tiny=tiny)
   quant = VARIANTS[variant]
   recipe = None if quant is None else jc.Recipe([jc.Rule(r".*", quant=quant, name="all")])
   config.recipe = None if recipe is None else recipe.to_config()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxcomp.quant.spec import SpecError
+from jaxcomp.quant.spec import SpecError, known_fields
 
 LOWRANK_METHODS = ("svd", "asvd", "svd_llm")
 # Methods that need calibration inputs.
@@ -62,9 +62,4 @@ class LowRank:
   @classmethod
   def from_dict(cls, d: Any) -> LowRank:
     """Builds a spec from a mapping, rejecting unknown keys by name."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise SpecError(f"LowRank has no field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
-    return cls(**d)
+    return cls(**known_fields(cls, d))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -274,17 +274,29 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
       nnx_rewrite.QUANT_HANDLERS[type(m)](m, spec)
       results.append(LayerResult(path, "rtn", float("nan"), 0.0))
 
-  if not calibrated:
-    quantize_rtn(rtn)
-    return new
-
-  batches = _as_batches(calib, batch_size)
-  run_sequential(
-      new, calibrated, _solve_quant(results), batches, blocks=blocks, call=call,
-      progress=progress, calib_dtype=calib_dtype, desc="ptq blocks",
-      before_block=lambda b: quantize_rtn([t for t in rtn if _inside(t[0], b)]),
-      before_tail=lambda in_blocks: quantize_rtn([t for t in rtn if not in_blocks(t[0])]))
+  solve_all(new, calibrated, _solve_quant(results), rtn, quantize_rtn, calib, name="ptq",
+            batch_size=batch_size, blocks=blocks, call=call, progress=progress,
+            calib_dtype=calib_dtype)
   return new
+
+
+def solve_all(model: nnx.Module, calibrated: list[tuple[str, nnx.Module, Any]],
+              solve: Callable[[str, nnx.Module, Any, LayerStats], None],
+              plain: list[tuple[str, nnx.Module, Any]],
+              solve_plain: Callable[[list[tuple[str, nnx.Module, Any]]], None], calib: Any, *,
+              name: str, batch_size: int, blocks: str | None,
+              call: Callable[[nnx.Module, Any], Any], progress: bool, calib_dtype: Any) -> None:
+  """Solves ``calibrated`` layers in the sequential pipeline and ``plain`` (data-free) ones in
+  the same block order (each block's before its capture); without calibrated layers, just the
+  plain ones."""
+  if not calibrated:
+    solve_plain(plain)
+    return
+  run_sequential(
+      model, calibrated, solve, _as_batches(calib, batch_size, name), blocks=blocks, call=call,
+      progress=progress, calib_dtype=calib_dtype, desc=f"{name} blocks",
+      before_block=lambda b: solve_plain([t for t in plain if _inside(t[0], b)]),
+      before_tail=lambda in_blocks: solve_plain([t for t in plain if not in_blocks(t[0])]))
 
 
 def _inside(path: str, block: str) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank import core as lr
 from jaxcomp.lowrank.spec import CALIBRATED_LOWRANK_METHODS, LowRank
-from jaxcomp.ptq.api import LayerResult, _as_batches, _inside, _relative_error, run_sequential
+from jaxcomp.ptq.api import LayerResult, _relative_error, solve_all
 from jaxcomp.ptq.calibrate import LayerStats
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import nnx_rewrite
@@ -127,15 +127,10 @@ def factorize(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_siz
     raise ValueError(f"factorize: calib is missing; rule {first.label!r} has LowRank.method="
                      f"{first.lowrank.method!r}, which needs calibration inputs")
   solve = _solver(new, results)
-  factor_plain = lambda layers: [solve(p, m, s, None) for p, m, s in layers]
-  if not calibrated:
-    factor_plain(plain)
-    return new
-  run_sequential(
-      new, calibrated, solve, _as_batches(calib, batch_size, "factorize"), blocks=blocks,
-      call=call, progress=progress, calib_dtype=calib_dtype, desc="factorize blocks",
-      before_block=lambda b: factor_plain([t for t in plain if _inside(t[0], b)]),
-      before_tail=lambda in_blocks: factor_plain([t for t in plain if not in_blocks(t[0])]))
+  factor_plain = lambda layers: [solve(p, m, spec, None) for p, m, spec in layers]
+  solve_all(new, calibrated, solve, plain, factor_plain, calib, name="factorize",
+            batch_size=batch_size, blocks=blocks, call=call, progress=progress,
+            calib_dtype=calib_dtype)
   return new
 
 

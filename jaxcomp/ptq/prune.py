@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.ptq import sparsegpt_core
-from jaxcomp.ptq.api import LayerResult, _as_batches, _inside, _kernel_2d, _relative_error, run_sequential
+from jaxcomp.ptq.api import LayerResult, _kernel_2d, _relative_error, solve_all
 from jaxcomp.ptq.calibrate import LayerStats
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import nnx_rewrite
@@ -145,14 +145,9 @@ def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: i
     raise ValueError(f"prune: calib is missing; rule {first.label!r} has Sparsity.method="
                      f"{first.sparsity.method!r}, which needs calibration inputs")
   solve = _solver(results)
-  prune_plain = lambda layers: [solve(p, m, s, None) for p, m, s in layers]
-  if not calibrated:
-    prune_plain(plain)
-    return new
-  run_sequential(
-      new, calibrated, solve, _as_batches(calib, batch_size, "prune"), blocks=blocks,
-      call=call, progress=progress, calib_dtype=calib_dtype, desc="prune blocks",
-      before_block=lambda b: prune_plain([t for t in plain if _inside(t[0], b)]),
-      before_tail=lambda in_blocks: prune_plain([t for t in plain if not in_blocks(t[0])]))
+  prune_plain = lambda layers: [solve(p, m, spec, None) for p, m, spec in layers]
+  solve_all(new, calibrated, solve, plain, prune_plain, calib, name="prune",
+            batch_size=batch_size, blocks=blocks, call=call, progress=progress,
+            calib_dtype=calib_dtype)
   return new
 

@@ -27,6 +27,17 @@ class SpecError(ValueError):
   """A spec field holds a bad value; the message names the field."""
 
 
+def known_fields(cls: type, d: Any) -> dict[str, Any]:
+  """``d`` as a dict, or a `SpecError` naming the first key that is not a field of ``cls``."""
+  d = dict(d)
+  names = {f.name for f in dataclasses.fields(cls) if f.name != "_"}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise SpecError(f"{cls.__name__} has no field {unknown[0]!r} "
+                    f"(fields: {', '.join(sorted(names))})")
+  return d
+
+
 def _check_bits(owner: str, name: str, value: Any, lo: int, hi: int, *, optional: bool) -> None:
   if value is None and optional:
     return
@@ -148,12 +159,7 @@ class Quant:
   @classmethod
   def from_dict(cls, d: Any) -> "Quant":
     """Builds a spec from a mapping, rejecting unknown keys by name."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise SpecError(f"Quant has no field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
-    return cls(**d)
+    return cls(**known_fields(cls, d))
 
 
 def weight_scale_shape(

@@ -12,7 +12,6 @@ next to their kernel as ``w_step``.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 import jax

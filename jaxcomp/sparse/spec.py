@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Any
 
-from jaxcomp.quant.spec import SpecError
+from jaxcomp.quant.spec import SpecError, known_fields
 
 PATTERNS = ("unstructured", "N:M", "block")
 SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -95,11 +95,7 @@ class Sparsity:
   @classmethod
   def from_dict(cls, d: Any) -> Sparsity:
     """Builds a spec from a mapping, rejecting unknown keys by name."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "_"}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise SpecError(f"Sparsity has no field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
+    d = known_fields(cls, d)
     pattern = d.pop("pattern", "unstructured")
     if "block" in d and isinstance(d["block"], list):
       d["block"] = tuple(d["block"])

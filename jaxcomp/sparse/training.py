@@ -90,6 +90,19 @@ def layer_mask(scores: Array, spec: Sparsity, sparsity: Any) -> Array:
   return keep.reshape(shape)
 
 
+def _path_str(keypath: tuple[Any, ...]) -> str:
+  """``"layers/0/kernel"`` from a jax key path (an nnx Variable's ``.value`` left out)."""
+  parts = []
+  for k in keypath:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+      parts.append(k.name)
+  return "/".join(parts)
+
+
 class SparsityState(NamedTuple):
   """`sparsify`'s state: step count, masks (None where unpruned), accumulated scores, inner."""
 
@@ -107,8 +120,9 @@ def sparsify(inner: optax.GradientTransformation, specs: Any, *,
   Args:
     inner: the optimizer, e.g. ``optax.adamw(1e-3)``.
     specs: a pytree with the structure of the params (or a prefix of it), holding a
-      `jaxcomp.Sparsity` for each parameter to prune and None elsewhere. The pattern and
-      target (``Sparsity.fraction``) are used; the score is ``score``.
+      `jaxcomp.Sparsity` for each parameter to prune and None elsewhere; or a function
+      ``(path, param) -> Sparsity | None`` of each parameter's path (``"layers/0/kernel"``).
+      The pattern and target (``Sparsity.fraction``) are used; the score is ``score``.
     schedule: ``fraction(step)`` of the target sparsity (`cubic_schedule`); None: the full
       target from step 0, masks chosen once at step 0.
     update_every: steps between mask updates inside the schedule's window.
@@ -128,6 +142,8 @@ def sparsify(inner: optax.GradientTransformation, specs: Any, *,
   is_spec = lambda x: x is None or isinstance(x, Sparsity)
 
   def full_specs(params):
+    if callable(specs):
+      return jax.tree_util.tree_map_with_path(lambda kp, p: specs(_path_str(kp), p), params)
     try:
       return jax.tree.map(lambda spec, p: jax.tree.map(lambda _: spec, p), specs, params,
                           is_leaf=is_spec)

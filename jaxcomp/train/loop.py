@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from jaxcomp.eval.size import model_bits
 from jaxcomp.recipe import Recipe
-from jaxcomp.rewrite import quantize
+from jaxcomp.rewrite import nnx_rewrite, quantize
+from jaxcomp.sparse.spec import Sparsity
+from jaxcomp.sparse.training import cubic_schedule, sparsify
 from jaxcomp.train import sharding as sh
 from jaxcomp.train import tasks
 from jaxcomp.train.checkpoint import Checkpointer, check_workdir_config
@@ -60,6 +62,29 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
                      optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
+def sparsity_specs(model: nnx.Module, recipe: Recipe | None) -> dict[str, Sparsity]:
+  """``{"<layer path>/kernel": Sparsity}`` for the layers a rule with ``sparsity=`` matches."""
+  if recipe is None or not any(r.sparsity is not None for r in recipe.rules):
+    return {}
+  todo, report = nnx_rewrite.plan(model, recipe, {nnx.Linear: None, nnx.LinearGeneral: None,
+                                                  nnx.Conv: None}, lambda r: r.sparsity)
+  report.check()
+  return {f"{path}/kernel": rule.sparsity for path, _, rule in todo}
+
+
+def make_sparsity(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                  kernels: dict[str, Sparsity], total_steps: int) -> optax.GradientTransformation:
+  """Wraps ``tx`` in `jaxcomp.sparse.sparsify` for ``kernels``, as ``train.sparsity`` says:
+  ``begin`` / ``end`` (fractions of the run) of Zhu & Gupta's cubic ramp, ``update_every``
+  (steps) and ``score``."""
+  if not 0.0 <= cfg.begin < cfg.end <= 1.0:
+    raise ValueError(f"train.sparsity needs 0 <= begin < end <= 1, got {cfg.begin}, {cfg.end}")
+  begin, end = int(cfg.begin * total_steps), max(int(cfg.end * total_steps), 1)
+  return sparsify(tx, lambda path, _: kernels.get(path),
+                  schedule=cubic_schedule(begin, max(end, begin + 1)),
+                  update_every=cfg.update_every, score=cfg.score)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config``'s model in ``workdir``, resuming from its last checkpoint.
 
@@ -69,17 +94,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   # ----------------------------------------------------------------------- set-up
   task = tasks.get(config)
+  recipe = Recipe.from_config(config.recipe) if config.get("recipe") else None
+  if (recipe is not None and any(r.sparsity is not None for r in recipe.rules)
+      and config.train.get("sparsity") is None):
+    raise ValueError("the recipe has sparsity rules: set train.sparsity (begin, end, "
+                     "update_every, score)")
   check_workdir_config(workdir, config)
   data = task.data(config)
   total_steps = config.train.epochs * data.steps_per_epoch
   mesh = sh.make_mesh(config.mesh)
 
   model = task.model(config, rngs=nnx.Rngs(config.seed))
-  recipe = Recipe.from_config(config.recipe) if config.get("recipe") else None
   if recipe is not None:
     model = quantize(model, recipe, strict=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(config.train, total_steps)
+  sparse_kernels = sparsity_specs(model, recipe)
+  if sparse_kernels:
+    tx = make_sparsity(config.train.get("sparsity"), tx, sparse_kernels, total_steps)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.key_data(jax.random.key(config.seed)))
   state_sharding = sh.state_shardings(state, mesh, config.mesh.rules)
@@ -147,6 +179,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "step_time_ms": 1e3 * statistics.median(times) if times else float("nan"),
       "model_bytes": model_bits(final, recipe) // 8,
   }
+  if sparse_kernels:  # measured on the final weights
+    layers = dict(nnx_rewrite.iter_layers(final))
+    kernels = [np.asarray(layers[path.rsplit("/", 1)[0]].kernel[...]) for path in sparse_kernels]
+    report["sparsity"] = float(sum((w == 0).sum() for w in kernels) / sum(w.size for w in kernels))
   writer.write(total_steps, {f"final/{k}": v for k, v in report.items()})
   writer.close()
   return report

@@ -111,3 +111,38 @@ def get(config: ml_collections.ConfigDict) -> Task:
   if config.task not in TASKS:
     raise ValueError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}")
   return TASKS[config.task]
+
+
+def fmnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
+  """The Fashion-MNIST CNN training config that ``configs/fmnist_*.py`` build on (no recipe).
+
+  ``tiny``: the test-sized run (tiny CNN, batch 32, three epochs).
+
+  Example::
+
+    config = fmnist_config(tiny=True)
+    config.recipe = recipe.to_config()
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  data_dir = os.environ.get("TFDS_DATA_DIR",
+                            os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  config = ml_collections.ConfigDict()
+  config.task = "image_classification"
+  config.seed = 0
+  config.model = dict(name="cnn", size="tiny" if tiny else "default")
+  config.data = dict(name="fashion_mnist", data_dir=data_dir,
+                     batch_size=32 if tiny else 128, eval_batch_size=1000, cache=True)
+  config.train = dict(
+      epochs=3 if tiny else 4,
+      lr=2e-3,
+      warmup_steps=2 if tiny else 200,
+      weight_decay=1e-4,
+      grad_clip=1.0,
+      log_every=2 if tiny else 100,
+      checkpoint_every=4 if tiny else 1000,
+      keep_checkpoints=3,
+      progress=not tiny,
+  )
+  config.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=None)
+  config.recipe = None
+  return config
