@@ -1,11 +1,15 @@
-"""Model size as stored: each weight at its bit width."""
+"""Model size as stored (each weight at its bit width), and measured kernel sparsity."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from flax import nnx
+import numpy as np
 
 from jaxcomp.layers.quant import QuantScale
 from jaxcomp.recipe import Recipe
+from jaxcomp.rewrite.nnx_rewrite import iter_layers
 
 
 def model_bits(model: nnx.Module, recipe: Recipe | None = None) -> int:
@@ -32,3 +36,17 @@ def model_bits(model: nnx.Module, recipe: Recipe | None = None) -> int:
         width = rule.quant.w_bits
     total += width * value.size
   return total
+
+
+def kernel_sparsity(model: nnx.Module, layer_paths: Iterable[str]) -> float:
+  """Fraction of exact zeros over the ``kernel`` params of the layers at ``layer_paths``.
+
+  Example:
+    >>> lin = nnx.Sequential(nnx.Linear(2, 2, use_bias=False, rngs=nnx.Rngs(0)))
+    >>> lin.layers[0].kernel[...] = jnp.array([[0., 1.], [0., 2.]])
+    >>> kernel_sparsity(lin, ["layers/0"])
+    0.5
+  """
+  layers = dict(iter_layers(model))
+  kernels = [np.asarray(layers[path].kernel[...]) for path in layer_paths]
+  return float(sum((w == 0).sum() for w in kernels) / max(sum(w.size for w in kernels), 1))

@@ -280,6 +280,35 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any, *, batch_size: int = 8,
   return new
 
 
+def plan_transform(name: str, model: nnx.Module, recipe: Recipe, calib: Any,
+                   handlers: dict[type, Any], payload: Callable[[Any], Any],
+                   calibrated_methods: tuple[str, ...], strict: bool
+                   ) -> tuple[nnx.Module, list[tuple[str, nnx.Module, Any]],
+                              list[tuple[str, nnx.Module, Any]]]:
+  """The common start of `jaxcomp.prune` / `jaxcomp.factorize`: checks the arguments, clones
+  ``model``, matches the recipe's ``payload`` rules and splits the layers into calibrated and
+  data-free ``(path, layer, spec)`` lists; a missing ``calib`` is a one-line error naming the
+  first rule that needs it."""
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{name}: expected a flax.nnx Module, got {type(model).__name__}")
+  if not isinstance(recipe, Recipe):
+    raise TypeError(f"{name}: recipe must be a jaxcomp.Recipe, got {type(recipe).__name__}")
+  new = nnx.clone(model)
+  todo, report = nnx_rewrite.plan(new, recipe, handlers, payload)
+  if strict:
+    report.check()
+  logging.info("jaxcomp.%s:\n%s", name, report)
+  needs_data = lambda rule: payload(rule).method in calibrated_methods
+  calibrated = [(p, m, payload(r)) for p, m, r in todo if needs_data(r)]
+  plain = [(p, m, payload(r)) for p, m, r in todo if not needs_data(r)]
+  if calibrated and calib is None:
+    rule = next(r for _, _, r in todo if needs_data(r))
+    raise ValueError(f"{name}: calib is missing; rule {rule.label!r} has "
+                     f"{type(payload(rule)).__name__}.method={payload(rule).method!r}, which "
+                     "needs calibration inputs")
+  return new, calibrated, plain
+
+
 def solve_all(model: nnx.Module, calibrated: list[tuple[str, nnx.Module, Any]],
               solve: Callable[[str, nnx.Module, Any, LayerStats], None],
               plain: list[tuple[str, nnx.Module, Any]],

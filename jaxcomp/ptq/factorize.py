@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ import numpy as np
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank import core as lr
 from jaxcomp.lowrank.spec import CALIBRATED_LOWRANK_METHODS, LowRank
-from jaxcomp.ptq.api import LayerResult, _relative_error, solve_all
+from jaxcomp.ptq.api import LayerResult, _relative_error, plan_transform, solve_all
 from jaxcomp.ptq.calibrate import LayerStats
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import nnx_rewrite
@@ -102,30 +101,15 @@ def factorize(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_siz
     recipe = jc.Recipe([jc.Rule(r".*_proj", lowrank=jc.LowRank(reduction=0.4, method="svd_llm"))])
     small = jc.factorize(model, recipe, calib=tokens)
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"factorize: expected a flax.nnx Module, got {type(model).__name__}")
-  if not isinstance(recipe, Recipe):
-    raise TypeError(f"factorize: recipe must be a jaxcomp.Recipe, got {type(recipe).__name__}")
   call = call or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
   results = [] if results is None else results
-  new = nnx.clone(model)
-  todo, report = nnx_rewrite.plan(new, recipe, {nnx.Linear: None}, lambda r: r.lowrank)
-  if strict:
-    report.check()
-  logging.info("jaxcomp.factorize:\n%s", report)
-  for path, m, rule in todo:
-    rank = rule.lowrank.rank
-    if rank is not None and rank > min(m.kernel[...].shape):
-      raise ValueError(f"{path}: LowRank.rank={rank} is above min(in, out) = "
+  new, calibrated, plain = plan_transform("factorize", model, recipe, calib, {nnx.Linear: None},
+                                          lambda r: r.lowrank, CALIBRATED_LOWRANK_METHODS,
+                                          strict)
+  for path, m, spec in calibrated + plain:
+    if spec.rank is not None and spec.rank > min(m.kernel[...].shape):
+      raise ValueError(f"{path}: LowRank.rank={spec.rank} is above min(in, out) = "
                        f"min{tuple(m.kernel[...].shape)}")
-  calibrated = [(p, m, r.lowrank) for p, m, r in todo
-                if r.lowrank.method in CALIBRATED_LOWRANK_METHODS]
-  plain = [(p, m, r.lowrank) for p, m, r in todo
-           if r.lowrank.method not in CALIBRATED_LOWRANK_METHODS]
-  if calibrated and calib is None:
-    first = next(r for _, _, r in todo if r.lowrank.method in CALIBRATED_LOWRANK_METHODS)
-    raise ValueError(f"factorize: calib is missing; rule {first.label!r} has LowRank.method="
-                     f"{first.lowrank.method!r}, which needs calibration inputs")
   solve = _solver(new, results)
   factor_plain = lambda layers: [solve(p, m, spec, None) for p, m, spec in layers]
   solve_all(new, calibrated, solve, plain, factor_plain, calib, name="factorize",

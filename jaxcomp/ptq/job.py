@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from jaxcomp.eval import perplexity as ppl_lib
+from jaxcomp.eval.size import kernel_sparsity
 from jaxcomp.packed_io import save_packed
 from jaxcomp.ptq.api import LayerResult, ptq
 from jaxcomp.ptq.factorize import factorize, param_count
@@ -30,7 +31,6 @@ from jaxcomp.ptq.prune import prune
 from jaxcomp.ptq.calibrate import calib_tokens
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite.convert import convert
-from jaxcomp.rewrite.nnx_rewrite import iter_layers
 
 
 class ByteTokenizer:
@@ -148,7 +148,7 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if any(r.sparsity is not None for r in recipe.rules):
       model = _stage("prune", report, results, lambda res: prune(
           model, recipe, calib, results=res, **kwargs))
-      report["sparsity"] = _zero_fraction(model, [r.path for r in results if r.method in (
+      report["sparsity"] = kernel_sparsity(model, [r.path for r in results if r.method in (
           "magnitude", "wanda", "sparsegpt")])
     if any(r.lowrank is not None for r in recipe.rules):
       report["params_before"] = param_count(model)
@@ -181,16 +181,6 @@ def _stage(name: str, report: dict[str, Any], results: list[LayerResult],
     report[f"{name}_mean_layer_rel_error"] = float(np.mean(errors))
   results.extend(mine)
   return model
-
-
-def _zero_fraction(model: nnx.Module, paths: list[str]) -> float:
-  """Fraction of exact zeros over the kernels of the layers at ``paths``."""
-  layers = dict(iter_layers(model))
-  zeros = total = 0
-  for path in paths:
-    w = np.asarray(layers[path].kernel[...])
-    zeros, total = zeros + int((w == 0).sum()), total + w.size
-  return zeros / max(total, 1)
 
 
 def _quantize_and_pack(model: nnx.Module, recipe: Recipe, calib: np.ndarray,

@@ -20,16 +20,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from jaxcomp.ptq import sparsegpt_core
-from jaxcomp.ptq.api import LayerResult, _kernel_2d, _relative_error, solve_all
+from jaxcomp.ptq.api import (LayerResult, _kernel_2d, _relative_error, plan_transform,
+                             solve_all)
 from jaxcomp.ptq.calibrate import LayerStats
 from jaxcomp.recipe import Recipe
-from jaxcomp.rewrite import nnx_rewrite
 from jaxcomp.sparse import masks, scores
 from jaxcomp.sparse.spec import CALIBRATED_SPARSITY_METHODS, Sparsity
 
@@ -115,21 +114,11 @@ def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: i
     recipe = jc.Recipe([jc.Rule(r".*_proj", sparsity=jc.Sparsity("2:4", method="sparsegpt"))])
     pruned = jc.prune(model, recipe, calib=tokens)     # tokens: int32[128, 512]
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"prune: expected a flax.nnx Module, got {type(model).__name__}")
-  if not isinstance(recipe, Recipe):
-    raise TypeError(f"prune: recipe must be a jaxcomp.Recipe, got {type(recipe).__name__}")
   call = call or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
   results = [] if results is None else results
-  new = nnx.clone(model)
-  todo, report = nnx_rewrite.plan(new, recipe, _PRUNABLE, lambda r: r.sparsity)
-  if strict:
-    report.check()
-  logging.info("jaxcomp.prune:\n%s", report)
-  calibrated = [(p, m, r.sparsity) for p, m, r in todo
-                if r.sparsity.method in CALIBRATED_SPARSITY_METHODS]
-  plain = [(p, m, r.sparsity) for p, m, r in todo
-           if r.sparsity.method not in CALIBRATED_SPARSITY_METHODS]
+  new, calibrated, plain = plan_transform("prune", model, recipe, calib, _PRUNABLE,
+                                          lambda r: r.sparsity, CALIBRATED_SPARSITY_METHODS,
+                                          strict)
   for path, m, spec in calibrated:
     try:
       _kernel_2d(m, path)
@@ -140,10 +129,6 @@ def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: i
     if spec.nm is not None and k % spec.nm[1]:
       raise ValueError(f"{path}: Sparsity.pattern {spec.pattern!r} needs the input size {k} "
                        f"to be a multiple of M={spec.nm[1]}")
-  if calibrated and calib is None:
-    first = next(r for _, _, r in todo if r.sparsity.method in CALIBRATED_SPARSITY_METHODS)
-    raise ValueError(f"prune: calib is missing; rule {first.label!r} has Sparsity.method="
-                     f"{first.sparsity.method!r}, which needs calibration inputs")
   solve = _solver(results)
   prune_plain = lambda layers: [solve(p, m, spec, None) for p, m, spec in layers]
   solve_all(new, calibrated, solve, plain, prune_plain, calib, name="prune",

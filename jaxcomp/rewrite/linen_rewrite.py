@@ -216,14 +216,20 @@ def _already_quantized(m: nn.Module) -> bool:
       getattr(m, "conv_general_dilated", None), _QuantDotFn)
 
 
+def _quant_rule(recipe: Recipe, m: nn.Module, method: str) -> Any:
+  """The rule quantizing this call of ``m`` (a supported layer's ``__call__`` / ``attend``, not
+  already re-issued quantized), or None."""
+  if type(m) not in _SUPPORTED or method not in ("__call__", "attend") or _already_quantized(m):
+    return None
+  rule = recipe.match("/".join(m.path))
+  return None if rule is None or rule.skip or rule.quant is None else rule
+
+
 def _intercept(recipe: Recipe, next_fun, args, kwargs, context):
   """Re-issues a matched layer call quantized; passes everything else through."""
   m = context.module
-  if (type(m) not in _SUPPORTED or context.method_name not in ("__call__", "attend")
-      or _already_quantized(m)):
-    return next_fun(*args, **kwargs)
-  rule = recipe.match("/".join(m.path))
-  if rule is None or rule.skip or rule.quant is None:
+  rule = _quant_rule(recipe, m, context.method_name)
+  if rule is None:
     return next_fun(*args, **kwargs)
   if not m.scope.has_variable("params", _kernel_name(m)):
     # Initialisation: the layer creates its params, then its LSQ step is made from the kernel.
@@ -320,19 +326,15 @@ def _record_quantized(recipe: Recipe, found: dict[tuple[str, ...], tuple[str, tu
 
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
-    if (type(m) in _SUPPORTED and context.method_name in ("__call__", "attend")
-        and not _already_quantized(m) and m.scope is not None
-        and m.scope.has_variable("params", _kernel_name(m))):
-      rule = recipe.match("/".join(m.path))
-      if rule is not None and not rule.skip and rule.quant is not None:
-        kernel = m.scope.get_variable("params", _kernel_name(m))
-        if isinstance(m, nn.DenseGeneral) and m.batch_dims not in ((), None):
-          raise ValueError(f"{'/'.join(m.path)}: convert does not pack DenseGeneral kernels "
-                           "with batch_dims")
-        if not isinstance(kernel, PackedParam):
-          found.setdefault(tuple(m.path), (
-              _kernel_name(m), _contracting(m, kernel, _einsum_str(m, args, kwargs)),
-              rule.quant))
+    rule = _quant_rule(recipe, m, context.method_name)
+    if rule is not None and m.scope.has_variable("params", _kernel_name(m)):
+      kernel = m.scope.get_variable("params", _kernel_name(m))
+      if isinstance(m, nn.DenseGeneral) and m.batch_dims not in ((), None):
+        raise ValueError(f"{'/'.join(m.path)}: convert does not pack DenseGeneral kernels "
+                         "with batch_dims")
+      if not isinstance(kernel, PackedParam):
+        found.setdefault(tuple(m.path), (
+            _kernel_name(m), _contracting(m, kernel, _einsum_str(m, args, kwargs)), rule.quant))
     return next_fun(*args, **kwargs)
 
   return interceptor

@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from jaxcomp.eval.size import model_bits
+from jaxcomp.eval.size import kernel_sparsity, model_bits
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import nnx_rewrite, quantize
 from jaxcomp.sparse.spec import Sparsity
@@ -180,9 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "model_bytes": model_bits(final, recipe) // 8,
   }
   if sparse_kernels:  # measured on the final weights
-    layers = dict(nnx_rewrite.iter_layers(final))
-    kernels = [np.asarray(layers[path.rsplit("/", 1)[0]].kernel[...]) for path in sparse_kernels]
-    report["sparsity"] = float(sum((w == 0).sum() for w in kernels) / sum(w.size for w in kernels))
+    report["sparsity"] = kernel_sparsity(final, [p.rsplit("/", 1)[0] for p in sparse_kernels])
   writer.write(total_steps, {f"final/{k}": v for k, v in report.items()})
   writer.close()
   return report
