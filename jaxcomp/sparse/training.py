@@ -180,9 +180,13 @@ def sparsify(inner: optax.GradientTransformation, specs: Any, *,
       fraction, due = jnp.float32(1.0), step == 0
     else:
       fraction = schedule(step)
-      window = (step >= schedule.begin_step) & (step <= schedule.end_step) if hasattr(
-          schedule, "begin_step") else jnp.bool_(True)
-      due = window & (step % update_every == 0)
+      if hasattr(schedule, "begin_step"):
+        window = (step >= schedule.begin_step) & (step <= schedule.end_step)
+        # The ramp's last step always updates, so the final masks have the exact target
+        # sparsity even when end_step is not a multiple of update_every.
+        due = (window & (step % update_every == 0)) | (step == schedule.end_step)
+      else:
+        due = step % update_every == 0
 
     def new_masks():
       def one(spec, mask, p, u, a):

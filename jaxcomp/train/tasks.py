@@ -6,6 +6,7 @@ LM, distillation) adds a class here and no branch to the loop.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import jax
@@ -75,6 +76,8 @@ class ImageClassification:
     cfg = config.model
     if cfg.name == "cnn":
       base = CNNConfig.tiny() if cfg.size == "tiny" else CNNConfig()
+      if cfg.get("hidden_dim"):  # a wider fc1, e.g. to prune an over-parameterized head
+        base = dataclasses.replace(base, hidden_dim=cfg.hidden_dim)
       return CNN(base, rngs=rngs)
     if cfg.name == "vit":
       base = ViTConfig.tiny() if cfg.size == "tiny" else ViTConfig()
@@ -129,7 +132,8 @@ def fmnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "image_classification"
   config.seed = 0
-  config.model = dict(name="cnn", size="tiny" if tiny else "default")
+  config.model = dict(name="cnn", size="tiny" if tiny else "default",
+                      hidden_dim=0)  # 0: the size's own fc1 width
   config.data = dict(name="fashion_mnist", data_dir=data_dir,
                      batch_size=32 if tiny else 128, eval_batch_size=1000, cache=True)
   config.train = dict(

@@ -65,6 +65,16 @@ def test_gradual_schedule_reaches_exact_target_and_pruned_stay_zero():
     np.testing.assert_array_equal(np.asarray(h["dense"]["kernel"]) == 0, dense == 0)
 
 
+def test_ramp_end_off_the_update_grid_still_reaches_the_target():
+  # end_step 39 is not a multiple of update_every 20: the last ramp step must still update.
+  params, loss = _problem()
+  opt = sparsify(optax.adam(1e-2), SPECS, schedule=cubic_schedule(begin_step=0, end_step=39),
+                 update_every=20)
+  final, _, _ = _train(opt, params, loss, 45)
+  tiles = (np.asarray(final["dense"]["kernel"]).reshape(8, 8, 4, 8) == 0).all(axis=(1, 3))
+  assert tiles.sum() == round(0.75 * 32)
+
+
 def test_one_shot_without_schedule():
   params, loss = _problem()
   opt = sparsify(optax.sgd(1e-2), {"dense": {"kernel": jc.Sparsity(sparsity=0.5), "bias": None},

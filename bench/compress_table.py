@@ -1,0 +1,114 @@
+"""SmolLM2-135M pruning and low-rank tables: every variant of a config, plus the float model.
+
+``--suite sparse`` runs configs/smollm2_sparse.py (magnitude / Wanda / SparseGPT at 50%
+unstructured and 2:4, and block sparsity); ``--suite lowrank`` runs configs/smollm2_lowrank.py
+(SVD / ASVD / SVD-LLM at 20% and 40% fewer parameters in the projections). Each variant runs
+as ``python -m jaxcomp --config configs/smollm2_<suite>.py:VARIANT`` would (same job, same
+report) into ``--root/VARIANT-<split>-<tokens>`` (a finished report is reused), then one
+markdown table is printed with the acceptance ratios:
+
+* sparse: perplexity increase of Wanda and of SparseGPT over the float model, divided by
+  magnitude pruning's increase at the same pattern (target <= 0.5);
+* lowrank: SVD-LLM perplexity below plain SVD perplexity at each budget.
+
+    python bench/compress_table.py --suite sparse --max_tokens 32768
+    python bench/compress_table.py --suite lowrank --variants svd_20,svd_llm_20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+import smollm2_lowrank  # noqa: E402  pylint: disable=wrong-import-position
+import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
+
+from jaxcomp.ptq.job import job_config, run_ptq  # noqa: E402  pylint: disable=wrong-import-position
+
+SUITES = {"sparse": smollm2_sparse, "lowrank": smollm2_lowrank}
+
+
+def _run(config, work: pathlib.Path, args: argparse.Namespace) -> dict:
+  if (work / "report.json").exists():
+    return json.loads((work / "report.json").read_text())
+  config.eval.max_tokens = args.max_tokens
+  config.eval.split = args.split
+  config.calib.text = args.calib
+  report = run_ptq(config, str(work))
+  (work / "report.json").write_text(json.dumps(report, indent=2))
+  return report
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--suite", required=True, choices=tuple(SUITES))
+  parser.add_argument("--root", default="runs/compress")
+  parser.add_argument("--max_tokens", type=int, default=32768)
+  parser.add_argument("--split", default="test", choices=("valid", "test"))
+  parser.add_argument("--variants", default=None, help="comma-separated; default: all")
+  parser.add_argument("--calib", default="wikitext2_valid",
+                      help="calibration text: wikitext2_valid, austen or a file path")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  suite = SUITES[args.suite]
+  variants = args.variants.split(",") if args.variants else list(suite.VARIANTS)
+  tag = f"{args.split}-{args.max_tokens or 'all'}"
+
+  reports = {"float": _run(job_config(None), pathlib.Path(args.root) / f"float-{tag}", args)}
+  print(f"float: ppl {reports['float']['ppl']:.3f}", flush=True)
+  for variant in variants:
+    work = pathlib.Path(args.root) / f"{variant}-{tag}-calib_{pathlib.Path(args.calib).stem}"
+    reports[variant] = _run(suite.get_config(variant), work, args)
+    print(f"{variant}: ppl {reports[variant]['ppl']:.3f}", flush=True)
+
+  base = reports["float"]["ppl"]
+  first = reports["float"]
+  print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), {first['eval_text']}: "
+        f"{first['eval_tokens']} scored tokens of {first['eval_split_tokens']}, "
+        f"non-overlapping 512-token windows; calibration 128 x 512 tokens of {args.calib}\n")
+  if args.suite == "sparse":
+    print("| variant | ppl | increase | sparsity | prune s | eval s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for v, r in reports.items():
+      inc = "" if v == "float" else f"{r['ppl'] - base:+.3f}"
+      sp = f"{r['sparsity']:.4f}" if "sparsity" in r else "0"
+      print(f"| {v} | {r['ppl']:.3f} | {inc} | {sp} | {r.get('prune_s', '')} | {r['eval_s']} |")
+    print()
+    for pattern in ("50", "2of4"):
+      mag = reports.get(f"magnitude_{pattern}")
+      if mag is None:
+        continue
+      for method in ("wanda", "sparsegpt"):
+        r = reports.get(f"{method}_{pattern}")
+        if r is not None:
+          ratio = (r["ppl"] - base) / (mag["ppl"] - base)
+          print(f"{method}_{pattern} / magnitude_{pattern} increase: {ratio:.3f} "
+                "(target <= 0.5)")
+  else:
+    print("| variant | ppl | increase | params (projections + rest) | vs float params | "
+          "factorize s | eval s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for v, r in reports.items():
+      inc = "" if v == "float" else f"{r['ppl'] - base:+.3f}"
+      params = r.get("params")
+      frac = f"{params / r['params_before']:.4f}" if params else "1"
+      print(f"| {v} | {r['ppl']:.3f} | {inc} | {params or ''} | {frac} | "
+            f"{r.get('factorize_s', '')} | {r['eval_s']} |")
+    print()
+    for pct in (20, 40):
+      svd, llm = reports.get(f"svd_{pct}"), reports.get(f"svd_llm_{pct}")
+      if svd and llm:
+        verdict = "met" if llm["ppl"] < svd["ppl"] else "NOT met"
+        print(f"{pct}%: svd_llm {llm['ppl']:.3f} vs svd {svd['ppl']:.3f} "
+              f"(target svd_llm < svd: {verdict})")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(reports, indent=2))
+
+
+if __name__ == "__main__":
+  main()
