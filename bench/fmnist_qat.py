@@ -11,24 +11,13 @@ markdown table of test accuracy, the difference to float, step time and model si
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import fmnist_qat  # noqa: E402  pylint: disable=wrong-import-position
-
-
-def run_variant(variant: str, root: str, extra: list[str]) -> dict:
-  workdir = os.path.join(root, variant)
-  cmd = [sys.executable, "-m", "jaxcomp", f"--config=configs/fmnist_qat.py:{variant}",
-         f"--workdir={workdir}", "--config.train.progress=False", *extra]
-  print("$", " ".join(cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
-  with open(os.path.join(workdir, "report.json")) as f:
-    return json.load(f)
+from cli_runs import run_variant  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def main() -> None:
@@ -43,7 +32,8 @@ def main() -> None:
     extra.append(f"--config.train.epochs={args.epochs}")
   if args.data_dir:
     extra.append(f"--config.data.data_dir={args.data_dir}")
-  reports = {v: run_variant(v, os.path.abspath(args.root), extra) for v in args.variants}
+  reports = {v: run_variant("fmnist_qat", v, os.path.abspath(args.root), extra)
+             for v in args.variants}
   base = reports.get("float", {}).get("test_accuracy")
   print("\n| variant | test accuracy | vs float (pt) | step ms | model KiB |")
   print("|---|---:|---:|---:|---:|")

@@ -1,0 +1,167 @@
+"""Block sizes from a roofline: per TPU generation (v4, v5e, v5p, v6e) and for GPUs.
+
+A matmul ``(M, K) @ (K, N)`` on a grid of ``(tm, tn, tk)`` tiles reads the activations once
+per column of output tiles and the weights once per row of output tiles:
+
+    bytes = M K bx ceil(N / tn) + K N bw ceil(M / tm) + M N bo
+    time  = max(2 M N K / peak, bytes / hbm_bw) + steps * step_overhead
+
+(``bx``, ``bw``, ``bo``: bytes per activation, weight and output element; a weight-only int4
+kernel has ``bw = 1/2``). Tiles must fit the scoped VMEM budget double-buffered
+(``2 (tm tk bx + tk tn bw) + tm tn (4 + 2 bo)`` for the inputs, the int32/f32 accumulator and
+the output), keep the TPU layout rules (last two block dims multiples of (8, 128); 32 rows for
+int8, 16 for bf16 operands) and be multiples of the MXU width. `tpu_blocks` picks the tiles of
+lowest modelled time among those candidates; the chip's numbers come from
+``pltpu.get_tpu_info_for_chip`` (VMEM, HBM bandwidth, peak ops, MXU size).
+
+    >>> tpu_blocks("v5e", m=512, n=4096, k=4096, x_bytes=1, w_bytes=1).tm
+    512
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+# Per-grid-step overhead of a Pallas TPU kernel (pipeline bookkeeping, DMA issue), from the
+# Pallas TPU docs' guidance that each step costs ~0.35 us.
+_STEP_OVERHEAD_S = 0.35e-6
+# Scoped VMEM the compiler grants a kernel by default (Mosaic: 16 MiB before v6, 32 MiB on
+# v6e); the tiles stay within this so no vmem_limit_bytes is needed.
+_SCOPED_VMEM = {"v4": 16 << 20, "v5e": 16 << 20, "v5p": 16 << 20, "v6e": 32 << 20}
+GENERATIONS = tuple(_SCOPED_VMEM)
+ENV_GENERATION = "JAXCOMP_TPU_GENERATION"
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes of one kernel call (rows of x, columns of w, contraction), and GPU launch
+  parameters (ignored on TPU)."""
+
+  tm: int
+  tn: int
+  tk: int
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """What the roofline needs of a TPU generation (per device: megacore chips count both
+  TensorCores)."""
+
+  name: str
+  peak_ops: float  # int8 ops/s where the MXU has an int8 mode, else bf16
+  peak_bf16: float
+  hbm_bw: float  # bytes/s
+  mxu: int  # MXU width (128 before v6e, 256 on v6e)
+  vmem_budget: int  # bytes
+
+
+@functools.cache
+def chip(generation: str) -> Chip:
+  """The roofline numbers of a TPU generation, from JAX's own chip table.
+
+  Example:
+    >>> chip("v6e").mxu
+    256
+  """
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+  versions = {"v4": "TPU_V4", "v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E"}
+  if generation not in versions:
+    raise ValueError(f"TPU generation must be one of {', '.join(versions)}; got {generation!r}")
+  version = getattr(pltpu.ChipVersion, versions[generation])
+  cores = version.num_physical_tensor_cores_per_chip
+  info = pltpu.get_tpu_info_for_chip(version, 1)
+  bf16 = info.bf16_ops_per_second * cores
+  int8 = info.int8_ops_per_second * cores or bf16  # v4's MXU runs int8 at the bf16 rate
+  return Chip(generation, int8, bf16, info.mem_bw_bytes_per_second * cores,
+              info.mxu_column_size, _SCOPED_VMEM[generation])
+
+
+def current_generation() -> str:
+  """The TPU generation to tile for: ``$JAXCOMP_TPU_GENERATION``, the attached TPU, or v5e."""
+  env = os.environ.get(ENV_GENERATION)
+  if env:
+    return env
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "tpu":
+    kind = jax.devices()[0].device_kind.lower().replace(" ", "")
+    for gen, tags in (("v6e", ("v6",)), ("v5p", ("v5p",)), ("v5e", ("v5lite", "v5e")),
+                      ("v4", ("v4",))):
+      if any(t in kind for t in tags):
+        return gen
+  return "v5e"
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _pow2_range(lo: int, hi: int) -> list[int]:
+  out, v = [], lo
+  while v <= hi:
+    out.append(v)
+    v *= 2
+  return out or [lo]
+
+
+@functools.cache
+def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_bytes: float,
+               out_bytes: float = 2, row_align: int = 32, k_align: int = 128,
+               peak: str = "int8") -> Blocks:
+  """The roofline-optimal ``(tm, tn, tk)`` for a ``(m, k) @ (k, n)`` kernel on a generation.
+
+  Args:
+    generation: "v4", "v5e", "v5p" or "v6e".
+    m, n, k: problem size (padded up to the tiles by the caller).
+    x_bytes, w_bytes, out_bytes: bytes per element of activations, weights (0.5 for int4)
+      and output.
+    row_align: multiple for ``tm`` (32 for int8 activations, 16 for bf16).
+    k_align: multiple for ``tk`` (e.g. the quantization group, or 256 for packed int4).
+    peak: "int8" or "bf16": which MXU rate bounds the compute.
+
+  Returns:
+    `Blocks` with ``tm`` a multiple of ``row_align`` and ``tn``, ``tk`` multiples of 128 and
+    of the MXU width where the problem is that large.
+  """
+  c = chip(generation)
+  ops = c.peak_ops if peak == "int8" else c.peak_bf16
+  m_pad = _cdiv(m, row_align) * row_align
+  tms = sorted({min(t, m_pad) for t in _pow2_range(row_align, 1024)})
+  lane = max(128, min(c.mxu, _cdiv(n, 128) * 128))
+  tns = sorted({min(t, _cdiv(n, lane) * lane) for t in _pow2_range(lane, 4096)})
+  kq = max(k_align, 128)
+  tks = sorted({min(t, _cdiv(k, kq) * kq) for t in _pow2_range(kq, 8192)})
+  best, best_t = None, float("inf")
+  for tm in tms:
+    for tn in tns:
+      for tk in tks:
+        vmem = 2 * (tm * tk * x_bytes + tk * tn * w_bytes) + tm * tn * (4 + 2 * out_bytes)
+        if vmem > c.vmem_budget:
+          continue
+        gm, gn, gk = _cdiv(m, tm), _cdiv(n, tn), _cdiv(k, tk)
+        mp, np_, kp = gm * tm, gn * tn, gk * tk
+        traffic = mp * kp * x_bytes * gn + kp * np_ * w_bytes * gm + mp * np_ * out_bytes
+        t = max(2 * mp * np_ * kp / ops, traffic / c.hbm_bw) + gm * gn * gk * _STEP_OVERHEAD_S
+        if t < best_t * (1 - 1e-9):
+          best, best_t = Blocks(tm, tn, tk), t
+  if best is None:
+    raise ValueError(f"no tile of ({m}, {k}) @ ({k}, {n}) fits {generation}'s VMEM budget")
+  return best
+
+
+def gpu_blocks(m: int, n: int, k: int, *, tk: int = 64) -> Blocks:
+  """Triton tiles: ``tm`` the next power of two of ``m`` in [16, 128] (tl.dot needs >= 16),
+  ``tn`` 128, ``tk`` as given (a power of two >= 16); 4 warps, 3 pipeline stages.
+
+  Example:
+    >>> gpu_blocks(1, 4096, 4096).tm
+    16
+  """
+  del n, k
+  tm = 16
+  while tm < min(m, 128):
+    tm *= 2
+  return Blocks(tm, 128, tk, num_warps=4, num_stages=3)
