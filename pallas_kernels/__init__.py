@@ -15,6 +15,7 @@ See docs/kernels.md for the tiling (`tiling`) and what is measured where.
 from pallas_kernels._common import BACKENDS, export_for, resolve_backend
 from pallas_kernels.block_sparse_matmul import (block_sparse_matmul,
                                                 block_sparse_matmul_reference)
+from pallas_kernels.int4_matmul import GROUPS as int4_matmul_groups
 from pallas_kernels.int4_matmul import int4_matmul, int4_matmul_reference, pack_kn, unpack_kn
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from pallas_kernels.tiling import Blocks
@@ -22,5 +23,5 @@ from pallas_kernels.tiling import Blocks
 __all__ = [
     "BACKENDS", "Blocks", "block_sparse_matmul", "block_sparse_matmul_reference",
     "export_for", "int4_matmul", "int4_matmul_reference", "int8_matmul",
-    "int8_matmul_reference", "pack_kn", "resolve_backend", "unpack_kn",
+    "int8_matmul_reference", "int4_matmul_groups", "pack_kn", "resolve_backend", "unpack_kn",
 ]

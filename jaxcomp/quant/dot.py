@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from jaxcomp.quant import core
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import Quant, SpecError, weight_scale_shape  # noqa: F401 (re-export)
@@ -174,6 +175,20 @@ def _int8(u: Array) -> Array:
   return u.astype(jnp.int8)
 
 
+def kernel_backend() -> str:
+  """Where quantized dots run: "tpu" / "gpu" (the Pallas kernels of `pallas_kernels`) or
+  "xla". ``$JAXCOMP_KERNEL_BACKEND`` (auto, tpu, gpu, xla) forces one; auto follows the
+  default device. Read when a function is traced: set it before the first call of a jitted
+  function (a cached trace keeps the path it was traced with). A Pallas path forced on a host
+  without its hardware runs in the Pallas interpreter (slow; for tests).
+
+  Example:
+    >>> kernel_backend()  # on a CPU host, with the variable unset
+    'xla'
+  """
+  return pallas_kernels.resolve_backend(None)
+
+
 def _idot(a: Array, b: Array, *, b_transposed: bool = False) -> Array:
   """int8 (B, M, K) x int8 (B, K, N) -> int32 (B, M, N); ``b_transposed``: b is (B, N, K).
 
@@ -181,6 +196,11 @@ def _idot(a: Array, b: Array, *, b_transposed: bool = False) -> Array:
   XLA's CPU backend; a batch of one is dropped to a plain 2-D dot for the same reason.
   """
   a, b = _int8(a), _int8(b)
+  backend = kernel_backend()
+  if backend != "xla":  # the Pallas int8 kernel, one call per batch entry
+    mm = functools.partial(pallas_kernels.int8_matmul, out_dtype=jnp.int32, backend=backend,
+                           w_layout="nk" if b_transposed else "kn")
+    return mm(a[0], b[0])[None] if a.shape[0] == 1 else jax.vmap(mm)(a, b)
   rc = 2 if b_transposed else 1
   if a.shape[0] == 1:
     y = jax.lax.dot_general(a[0], b[0], (((1,), (rc - 1,)), ((), ())),
@@ -425,13 +445,20 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
         f"packed kernel {qa.shape} was packed for contracting axes {qa.contracting}, but the "
         f"dot contracts {frame.rc} with batch axes {frame.rb}")
   out_dtype = preferred_element_type or lhs.dtype
+  backend = kernel_backend()
   if spec.a_bits is None:
+    if backend != "xla" and qa.packed and qa.zero_point is None:
+      return frame.out(_int4_kernel_dot(frame.lhs(lhs)[0], qa, backend, out_dtype)[None])
     return _float_dot(lhs, qa.dequantize(lhs.dtype), frame, dimension_numbers, precision,
                       preferred_element_type, out_sharding, out_dtype)
   if spec.int_dot and spec.granularity != "group":
     u_x, s_x = _act_grid(frame.lhs(lhs), spec)
     qx, qw = _int8(u_x[0]), qa.ints()  # (M, K), (N, K)
     m = qx.shape[0]
+    if backend != "xla":  # the Pallas W8A8 kernel: int32 accumulator, both scales fused
+      y = pallas_kernels.int8_matmul(qx, qw, s_x[0, :, 0], qa.scale[:, 0], w_layout="nk",
+                                     out_dtype=jnp.float32, backend=backend)
+      return frame.out(y[None]).astype(out_dtype)
     if jax.default_backend() == "cpu" and m < _CPU_SKINNY_ROWS:
       qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
       acc = jax.lax.dot_general(qw, qx, (((1,), (1,)), ((), ())),
@@ -453,6 +480,24 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     s_w = s_w.reshape(1, g, 1, n)
   return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
                             out_dtype, lhs.dtype)
+
+
+def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Array:
+  """``x (M, K) @ W`` for a packed int4 `QArray` through `pallas_kernels.int4_matmul`.
+
+  The kernel reads the QArray's bytes transposed to ``(K // 2, N)`` (and its scales to
+  ``(G, N)``): the same bytes, so nothing is unpacked outside the kernel.
+  """
+  k = x.shape[1]
+  if qa.group is not None and (qa.group not in pallas_kernels.int4_matmul_groups
+                               or k % qa.group):
+    raise ValueError(
+        f"int4 kernel ({backend}): the packed kernel {qa.shape} has groups of {qa.group} over "
+        f"K={k}; the kernel takes groups of {pallas_kernels.int4_matmul_groups} that divide K "
+        f"(set JAXCOMP_KERNEL_BACKEND=xla for this model, or quantize with such a group)")
+  act = x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+  return pallas_kernels.int4_matmul(act, qa.values.T, qa.scale.T, group=qa.group,
+                                    out_dtype=out_dtype, backend=backend)
 
 
 def quant_conv_general_dilated(

@@ -1,0 +1,69 @@
+"""The quantized dot's dispatch: forced onto the TPU / GPU kernels (interpreted on this host),
+a packed Llama gives the XLA path's logits; QAT's int8 dots (forward and backward) run through
+the int8 kernel with the same gradients; unsupported packed layers fail with one line."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxcomp as jc
+from jaxcomp.models.llama import Llama, LlamaConfig
+from jaxcomp.quant.dot import kernel_backend
+
+CFG = LlamaConfig.tiny(tie_embeddings=True)
+TOKENS = jax.random.randint(jax.random.key(1), (1, 8), 0, 256)
+
+
+def _packed(spec):
+  model = Llama(CFG, rngs=nnx.Rngs(0))
+  return jc.convert(jc.quantize(model, jc.Recipe([jc.Rule(r".*_proj", quant=spec)])))
+
+
+def _logits_and_jaxpr(model, tokens):
+  graphdef, state = nnx.split(model)
+  fn = lambda s, t: nnx.merge(graphdef, s)(t)
+  return fn(state, tokens), str(jax.make_jaxpr(fn)(state, tokens))
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("spec", [jc.Quant(w_bits=8, a_bits=8), jc.Quant(w_bits=4, group=32),
+                                  jc.Quant(w_bits=4)], ids=str)
+def test_packed_llama_through_the_kernels_matches_xla(monkeypatch, backend, spec):
+  model = _packed(spec)
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", "xla")
+  ref, jaxpr = _logits_and_jaxpr(model, TOKENS)
+  assert "pallas_call" not in jaxpr
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", backend)
+  assert kernel_backend() == backend
+  out, jaxpr = _logits_and_jaxpr(model, TOKENS)
+  assert jaxpr.count("pallas_call") == 7 * CFG.n_layers  # every projection, no other dot
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_qat_int8_dots_forward_and_backward_through_the_kernel(monkeypatch):
+  model = jc.quantize(Llama(CFG, rngs=nnx.Rngs(0)),
+                      jc.Recipe([jc.Rule(r"layers/\d+/mlp/\w+_proj", quant=jc.Quant(
+                          w_bits=8, a_bits=8, a_symmetric=True, g_bits=8))]))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    return jnp.mean(nnx.merge(graphdef, p, rest)(TOKENS) ** 2)
+
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", "xla")
+  ref_loss, ref_grads = jax.value_and_grad(loss)(params)
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", "gpu")
+  assert "pallas_call" in str(jax.make_jaxpr(jax.grad(loss))(params))
+  k_loss, k_grads = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(float(k_loss), float(ref_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(k_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_forced_kernel_on_an_unsupported_group_is_one_line(monkeypatch):
+  model = _packed(jc.Quant(w_bits=4, group=16))
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", "tpu")
+  with pytest.raises(ValueError, match=r"int4 kernel \(tpu\): the packed kernel .* groups of "
+                     r"16 over K=64"):
+    model(TOKENS)
