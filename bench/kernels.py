@@ -11,13 +11,19 @@ On a CPU host there is nothing to time -- the Pallas kernels only run interprete
 the interpret-mode correctness sweep instead (every kernel, both backends, against its
 reference at small ragged shapes) and says so.
 
+``--tiles`` prints, on any host, the tiles `pallas_kernels.tiling` picks per TPU generation
+at those shapes, with the roofline model's time, bound and VMEM use (docs/kernels.md).
+
     python bench/kernels.py                 # TPU / GPU: the timing table; CPU: the sweep
     python bench/kernels.py --m 1 16 --kn 4096
+    python bench/kernels.py --tiles
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import pathlib
 import statistics
 import sys
@@ -147,12 +153,43 @@ def interpret_sweep() -> None:
     print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
 
 
+def tiles_table(ms: list[int], kns: list[int]) -> None:
+  """The tiles each TPU generation gets for int8 (W8A8) and int4 g128 (w4a16, bf16 x)."""
+  int4_mod = importlib.import_module("pallas_kernels.int4_matmul")  # the module, not the fn
+  print("| gen | ridge int8 / bf16 (ops/B) | kernel | M | K=N | tm x tn x tk | steps | "
+        "VMEM MiB | model us | bound |")
+  print("|---|---:|---|---:|---:|---|---:|---:|---:|---|")
+  for gen in tiling.GENERATIONS:
+    os.environ[tiling.ENV_GENERATION] = gen
+    c = tiling.chip(gen)
+    ridge = f"{c.peak_ops / c.hbm_bw:.0f} / {c.peak_bf16 / c.hbm_bw:.0f}"
+    for kn in kns:
+      for m in ms:
+        for name in ("int8", "int4_g128"):
+          if name == "int8":
+            kw = dict(x_bytes=1, w_bytes=1)
+            b = tiling.tpu_blocks(gen, m=m, n=kn, k=kn, **kw)
+          else:
+            kw = dict(x_bytes=2, w_bytes=0.5, peak="bf16",
+                      w_temp_bytes=int4_mod._DEQUANT_TEMP_BYTES)  # pylint: disable=protected-access
+            b = int4_mod._tpu_blocks(m, kn, kn, 128, jnp.bfloat16)  # pylint: disable=protected-access
+          r = tiling.roofline(gen, b, m=m, n=kn, k=kn, **kw)
+          print(f"| {gen} | {ridge} | {name} | {m} | {kn} | {b.tm} x {b.tn} x {b.tk} | "
+                f"{r.steps} | {r.vmem_bytes / 2**20:.1f} | {r.time_s * 1e6:.1f} | {r.bound} |")
+  os.environ.pop(tiling.ENV_GENERATION, None)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 512, 4096])
   parser.add_argument("--kn", type=int, nargs="+", default=[2048, 4096, 8192])
   parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--tiles", action="store_true",
+                      help="print the per-generation TPU tile table and exit")
   args = parser.parse_args()
+  if args.tiles:
+    tiles_table(args.m, args.kn)
+    return
   platform = jax.default_backend()
   if platform in ("tpu", "gpu", "cuda"):
     timing_table(args.m, args.kn, args.reps)

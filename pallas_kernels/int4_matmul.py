@@ -28,6 +28,9 @@ from pallas_kernels import tiling
 
 Array = jax.Array
 GROUPS = (32, 64, 128)
+# VMEM per weight element of the in-kernel dequantization: the scaled f32 nibble and its
+# cast to the activation dtype.
+_DEQUANT_TEMP_BYTES = 6
 
 
 def _nibbles(w: Array) -> tuple[Array, Array]:
@@ -162,11 +165,11 @@ def _tpu_blocks(m: int, n: int, k: int, group: int | None, dtype) -> tiling.Bloc
   if single <= multi:
     b = tiling.tpu_blocks(tiling.current_generation(), m=m, n=n, k=single,
                           x_bytes=jnp.dtype(dtype).itemsize, w_bytes=0.5, k_align=single,
-                          row_align=16, peak="bf16")
+                          row_align=16, peak="bf16", w_temp_bytes=_DEQUANT_TEMP_BYTES)
     return tiling.Blocks(b.tm, b.tn, single)
   return tiling.tpu_blocks(tiling.current_generation(), m=m, n=n, k=k,
                            x_bytes=jnp.dtype(dtype).itemsize, w_bytes=0.5, k_align=multi,
-                           row_align=16, peak="bf16")
+                           row_align=16, peak="bf16", w_temp_bytes=_DEQUANT_TEMP_BYTES)
 
 
 def _dequant(w: Array, s: Array, group: int | None, dtype) -> tuple[Array, Array]:

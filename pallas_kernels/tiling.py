@@ -7,10 +7,11 @@ per column of output tiles and the weights once per row of output tiles:
     time  = max(2 M N K / peak, bytes / hbm_bw) + steps * step_overhead
 
 (``bx``, ``bw``, ``bo``: bytes per activation, weight and output element; a weight-only int4
-kernel has ``bw = 1/2``). Tiles must fit the scoped VMEM budget double-buffered
-(``2 (tm tk bx + tk tn bw) + tm tn (4 + 2 bo)`` for the inputs, the int32/f32 accumulator and
-the output), keep the TPU layout rules (last two block dims multiples of (8, 128); 32 rows for
-int8, 16 for bf16 operands) and be multiples of the MXU width. `tpu_blocks` picks the tiles of
+kernel has ``bw = 1/2``). Tiles must fit 3/4 of the scoped VMEM double-buffered
+(``2 (tm tk bx + tk tn bw) + tk tn bt + tm tn (4 + 2 bo)`` for the inputs, in-kernel weight
+temporaries ``bt``, the int32/f32 accumulator and the output), keep the TPU layout rules
+(last two block dims multiples of (8, 128); 32 rows for int8, 16 for bf16 operands) and be
+multiples of the MXU width. `tpu_blocks` picks the tiles of
 lowest modelled time among those candidates; the chip's numbers come from
 ``pltpu.get_tpu_info_for_chip`` (VMEM, HBM bandwidth, peak ops, MXU size).
 
@@ -28,7 +29,8 @@ import os
 # Pallas TPU docs' guidance that each step costs ~0.35 us.
 _STEP_OVERHEAD_S = 0.35e-6
 # Scoped VMEM the compiler grants a kernel by default (Mosaic: 16 MiB before v6, 32 MiB on
-# v6e); the tiles stay within this so no vmem_limit_bytes is needed.
+# v6e). The tiles stay within 3/4 of it (the rest is headroom for Mosaic's own scratch and
+# spills), so no vmem_limit_bytes is needed.
 _SCOPED_VMEM = {"v4": 16 << 20, "v5e": 16 << 20, "v5p": 16 << 20, "v6e": 32 << 20}
 GENERATIONS = tuple(_SCOPED_VMEM)
 ENV_GENERATION = "JAXCOMP_TPU_GENERATION"
@@ -77,7 +79,7 @@ def chip(generation: str) -> Chip:
   bf16 = info.bf16_ops_per_second * cores
   int8 = info.int8_ops_per_second * cores or bf16  # v4's MXU runs int8 at the bf16 rate
   return Chip(generation, int8, bf16, info.mem_bw_bytes_per_second * cores,
-              info.mxu_column_size, _SCOPED_VMEM[generation])
+              info.mxu_column_size, _SCOPED_VMEM[generation] * 3 // 4)
 
 
 def current_generation() -> str:
@@ -107,10 +109,55 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
   return out or [lo]
 
 
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """The modelled cost of one kernel call with given tiles."""
+
+  time_s: float  # max(compute, memory) + grid steps x step overhead
+  compute_s: float  # padded flops / peak
+  memory_s: float  # HBM traffic (operands re-read per tile row / column) / bandwidth
+  hbm_bytes: float
+  steps: int
+  vmem_bytes: float  # double-buffered inputs + accumulator + output tile
+
+  @property
+  def bound(self) -> str:
+    return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def _model(c: Chip, ops: float, b: Blocks, m: int, n: int, k: int, x_bytes: float,
+           w_bytes: float, out_bytes: float, w_temp_bytes: float = 0) -> Roofline:
+  gm, gn, gk = _cdiv(m, b.tm), _cdiv(n, b.tn), _cdiv(k, b.tk)
+  mp, np_, kp = gm * b.tm, gn * b.tn, gk * b.tk
+  traffic = mp * kp * x_bytes * gn + kp * np_ * w_bytes * gm + mp * np_ * out_bytes
+  compute, memory = 2 * mp * np_ * kp / ops, traffic / c.hbm_bw
+  vmem = (2 * (b.tm * b.tk * x_bytes + b.tk * b.tn * w_bytes) + b.tk * b.tn * w_temp_bytes
+          + b.tm * b.tn * (4 + 2 * out_bytes))
+  steps = gm * gn * gk
+  return Roofline(max(compute, memory) + steps * _STEP_OVERHEAD_S, compute, memory, traffic,
+                  steps, vmem)
+
+
+def roofline(generation: str, blocks: Blocks, *, m: int, n: int, k: int, x_bytes: float,
+             w_bytes: float, out_bytes: float = 2, peak: str = "int8",
+             w_temp_bytes: float = 0) -> Roofline:
+  """The model `tpu_blocks` minimises, for given tiles (for tables and docs).
+
+  Example:
+    >>> r = roofline("v5e", Blocks(512, 1024, 1024), m=512, n=4096, k=4096, x_bytes=1,
+    ...              w_bytes=1)
+    >>> r.bound, r.steps
+    ('compute', 16)
+  """
+  c = chip(generation)
+  return _model(c, c.peak_ops if peak == "int8" else c.peak_bf16, blocks, m, n, k, x_bytes,
+                w_bytes, out_bytes, w_temp_bytes)
+
+
 @functools.cache
 def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_bytes: float,
                out_bytes: float = 2, row_align: int = 32, k_align: int = 128,
-               peak: str = "int8") -> Blocks:
+               peak: str = "int8", w_temp_bytes: float = 0) -> Blocks:
   """The roofline-optimal ``(tm, tn, tk)`` for a ``(m, k) @ (k, n)`` kernel on a generation.
 
   Args:
@@ -121,6 +168,8 @@ def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_byt
     row_align: multiple for ``tm`` (32 for int8 activations, 16 for bf16).
     k_align: multiple for ``tk`` (e.g. the quantization group, or 256 for packed int4).
     peak: "int8" or "bf16": which MXU rate bounds the compute.
+    w_temp_bytes: VMEM per weight-tile element for in-kernel temporaries (int4: the
+      unpacked f32 and the cast copy, 6).
 
   Returns:
     `Blocks` with ``tm`` a multiple of ``row_align`` and ``tn``, ``tk`` multiples of 128 and
@@ -138,13 +187,11 @@ def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_byt
   for tm in tms:
     for tn in tns:
       for tk in tks:
-        vmem = 2 * (tm * tk * x_bytes + tk * tn * w_bytes) + tm * tn * (4 + 2 * out_bytes)
-        if vmem > c.vmem_budget:
+        r = _model(c, ops, Blocks(tm, tn, tk), m, n, k, x_bytes, w_bytes, out_bytes,
+                   w_temp_bytes)
+        if r.vmem_bytes > c.vmem_budget:
           continue
-        gm, gn, gk = _cdiv(m, tm), _cdiv(n, tn), _cdiv(k, tk)
-        mp, np_, kp = gm * tm, gn * tn, gk * tk
-        traffic = mp * kp * x_bytes * gn + kp * np_ * w_bytes * gm + mp * np_ * out_bytes
-        t = max(2 * mp * np_ * kp / ops, traffic / c.hbm_bw) + gm * gn * gk * _STEP_OVERHEAD_S
+        t = r.time_s
         if t < best_t * (1 - 1e-9):
           best, best_t = Blocks(tm, tn, tk), t
   if best is None:

@@ -1,4 +1,5 @@
-"""Every docstring example of the numerics, recipe and layer modules runs and prints what it says."""
+"""Every docstring example of the numerics, recipe, layer and kernel modules runs and prints
+what it says."""
 
 import doctest
 import importlib
@@ -33,6 +34,10 @@ MODULES = [
     "jaxcomp.sparse.scores",
     "jaxcomp.recipe",
     "jaxcomp.layers.quant",
+    "pallas_kernels.tiling",
+    "pallas_kernels.int8_matmul",
+    "pallas_kernels.int4_matmul",
+    "pallas_kernels.block_sparse_matmul",
 ]
 
 

@@ -12,6 +12,7 @@ Example::
   cnn = models.CNN(models.CNNConfig(), rngs=nnx.Rngs(0))
 """
 
+from jaxcomp.models._axes import constrain
 from jaxcomp.models.llama import KVCache
 from jaxcomp.models.llama import LOGICAL_AXES
 from jaxcomp.models.llama import Llama
@@ -37,6 +38,7 @@ __all__ = [
     "ViT",
     "ViTConfig",
     "apply_rope",
+    "constrain",
     "generate",
     "make_decode_fns",
     "permute_rope_kernel",

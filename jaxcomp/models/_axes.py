@@ -12,8 +12,14 @@ model can be built with or without a mesh in context; the owner of the mesh
 shards the state explicitly (``jax.device_put`` / ``jit`` out_shardings).
 """
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 def axes(*names: str | None) -> Mapping[str, Any]:
@@ -31,3 +37,41 @@ def axes(*names: str | None) -> Mapping[str, Any]:
     nnx.Linear(4, 8, rngs=rngs, kernel_metadata=axes("embed", "mlp"))
   """
   return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+_ACTIVATIONS: contextvars.ContextVar[tuple[jax.sharding.Mesh, Mapping[str, Any]] | None] = (
+    contextvars.ContextVar("jaxcomp_activation_rules", default=None))
+
+
+@contextlib.contextmanager
+def activation_context(mesh: jax.sharding.Mesh, table: Mapping[str, Any]) -> Iterator[None]:
+  """Makes `constrain` pin activations to ``mesh`` via ``table`` (logical name -> mesh axis)
+  for code traced inside; `jaxcomp.train.sharding.activation_rules` builds the table."""
+  token = _ACTIVATIONS.set((mesh, table))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """``x`` with a sharding constraint from logical activation ``names`` (one per dim).
+
+  Outside `activation_context` (eager use, single device) ``x`` is returned unchanged; a
+  dimension its mesh axis does not divide (a batch of 1 at evaluation) stays unsharded.
+
+  Example:
+    >>> constrain(jnp.ones((2, 3)), "act_batch", "act_embed").shape
+    (2, 3)
+  """
+  ctx = _ACTIVATIONS.get()
+  if ctx is None:
+    return x
+  mesh, table = ctx
+  parts = []
+  for dim, name in zip(x.shape, names):
+    axis = table.get(name) if name is not None else None
+    size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in (
+        axis if isinstance(axis, tuple) else (axis,))]))
+    parts.append(axis if axis is not None and dim % size == 0 else None)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))

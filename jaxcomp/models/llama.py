@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.models._axes import axes
+from jaxcomp.models._axes import constrain
 
 # Every logical axis name a Llama parameter uses; a rules table must map each.
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm")
@@ -457,7 +458,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the gated MLP position-wise."""
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(hidden, "act_batch", "act_seq", "act_mlp"))
 
 
 class Block(nnx.Module):
@@ -595,15 +597,17 @@ class Llama(nnx.Module):
     elif positions.shape != tokens.shape:
       raise ValueError(
           f"positions shape {positions.shape} must equal tokens shape {tokens.shape}")
-    h = self.embed(tokens)
+    residual = ("act_batch", "act_seq", "act_embed")
+    h = constrain(self.embed(tokens), *residual)
     hiddens = []
     for i, block in enumerate(self.layers):
       if cache is None:
         h = block(h, positions)
       else:
         h, cache = block(h, positions, cache, i, fresh_cache)
+      h = constrain(h, *residual)
       hiddens.append(h)
-    logits = self.head(h)
+    logits = constrain(self.head(h), "act_batch", "act_seq", "act_vocab")
     if cache is None:
       return (logits, hiddens) if return_hidden else logits
     cache = dataclasses.replace(cache, index=cache.index + t)

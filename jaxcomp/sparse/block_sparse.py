@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
+
 Array = jax.Array
 
 __all__ = ["BlockSparse", "block_sparse_matmul"]
@@ -122,15 +124,21 @@ class BlockSparse:
 
 
 def block_sparse_matmul(x: Array, w: BlockSparse, *, preferred_element_type=None) -> Array:
-  """``x @ w`` for a `BlockSparse` kernel, in XLA (the reference for the Pallas kernel).
+  """``x @ w`` for a `BlockSparse` kernel: the Pallas kernel on TPU / GPU, else XLA.
 
-  Only stored tiles are multiplied: for each output block column, the ``x`` slices of its
-  K-blocks are gathered and contracted with its tiles (padding tiles are zero and masked).
+  Only stored tiles are multiplied. On TPU / GPU (or with ``$JAXCOMP_KERNEL_BACKEND`` set to
+  ``tpu`` / ``gpu``) this is `pallas_kernels.block_sparse_matmul`; elsewhere (or with ``xla``)
+  the XLA reference: for each output block column, the ``x`` slices of its K-blocks are
+  gathered and contracted with its tiles (padding tiles are zero and masked).
 
   Args:
     x: ``[..., K]`` activations.
     w: ``BlockSparse`` of logical shape ``(K, N)``.
     preferred_element_type: accumulation / output dtype (default: ``x``'s result type).
+
+  Raises:
+    ValueError: ``x``'s last axis is not ``K``; or a Pallas backend is selected and the
+      block shape is not one its kernel takes (TPU: multiples of 128; GPU: powers of 2 >= 16).
 
   Returns:
     ``[..., N]``.
@@ -146,6 +154,19 @@ def block_sparse_matmul(x: Array, w: BlockSparse, *, preferred_element_type=None
     raise ValueError(f"block_sparse_matmul: x has {x.shape[-1]} features, the kernel {k} inputs")
   gk, gn = w.grid
   lead = x.shape[:-1]
+  backend = pallas_kernels.resolve_backend(None)
+  if backend != "xla":
+    fits = (bk % 128 == 0 and bn % 128 == 0 if backend == "tpu" else
+            min(bk, bn) >= 16 and bk & (bk - 1) == 0 and bn & (bn - 1) == 0)
+    if not fits:
+      raise ValueError(
+          f"block_sparse_matmul ({backend} kernel): blocks ({bk}, {bn}) are not supported "
+          f"(TPU: sides multiples of 128; GPU: powers of two >= 16); set "
+          f"JAXCOMP_KERNEL_BACKEND=xla for this model, or prune with such blocks")
+    y = pallas_kernels.block_sparse_matmul(
+        x.reshape(-1, k), w.values.astype(x.dtype), w.indices, w.counts, n=n,
+        out_dtype=preferred_element_type or x.dtype, backend=backend)
+    return y.reshape(lead + (n,))
   xb = jnp.pad(x.reshape(-1, k), ((0, 0), (0, gk * bk - k))).reshape(-1, gk, bk)
   gathered = xb[:, w.indices]  # [M, gn, nnz, bk]
   valid = (jnp.arange(w.values.shape[1])[None, :] < w.counts[:, None]).astype(x.dtype)

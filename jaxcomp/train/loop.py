@@ -85,6 +85,35 @@ def make_sparsity(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformati
                   update_every=cfg.update_every, score=cfg.score)
 
 
+def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
+              tx: optax.GradientTransformation) -> Any:
+  """The training step ``(state, batch) -> (state, metrics)``, to be jitted with shardings.
+
+  ``loss(model, batch, rng) -> (scalar, metrics)`` is a task's loss; the model is rebuilt
+  from ``graphdef``, the state's params and ``rest`` (non-trainable variables), and step
+  ``s`` draws its randomness from ``fold_in(state.rng, s)``.
+
+  Example::
+
+    step = jax.jit(make_step(task.loss, graphdef, rest, tx), donate_argnums=0)
+    state, metrics = step(state, batch)
+  """
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      return loss(nnx.merge(graphdef, params, rest), batch, rng)
+
+    (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config``'s model in ``workdir``, resuming from its last checkpoint.
 
@@ -127,19 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sh.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------- step
-  @jax.jit(in_shardings=(state_sharding, batch_sharding),
-           out_shardings=(state_sharding, None), donate_argnums=0)
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-    def loss_fn(params):
-      return task.loss(nnx.merge(graphdef, params, rest), batch, rng)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  train_step = jax.jit(make_step(task.loss, graphdef, rest, tx),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
 
   # ----------------------------------------------------------------------- loop
   marks: list[tuple[int, float]] = []  # (step, time) at each host sync, for step times
@@ -149,7 +168,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   disable=not config.train.progress, desc=os.path.basename(workdir.rstrip("/")))
   for step in progress:
     batch = jax.device_put(data.batch_at(step), batch_sharding)
-    state, metrics = train_step(state, batch)
+    with sh.activation_rules(mesh, config.mesh.rules):  # read when the step is traced
+      state, metrics = train_step(state, batch)
     pending.append(metrics)
     done = step + 1
     if done % config.train.log_every == 0 or done % ckpt.every == 0 or done == total_steps:

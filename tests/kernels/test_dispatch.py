@@ -67,3 +67,28 @@ def test_forced_kernel_on_an_unsupported_group_is_one_line(monkeypatch):
   with pytest.raises(ValueError, match=r"int4 kernel \(tpu\): the packed kernel .* groups of "
                      r"16 over K=64"):
     model(TOKENS)
+
+
+@pytest.mark.parametrize("backend,block", [("tpu", (128, 128)), ("gpu", (32, 64))])
+def test_block_sparse_storage_runs_the_kernel_when_dispatched(monkeypatch, backend, block):
+  w = jax.random.normal(jax.random.key(0), (384, 256))
+  keep = jc.sparse.block_mask(jnp.abs(w), 0.5, block)
+  bs = jc.sparse.BlockSparse.from_dense(w, keep, block)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 384))
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", "xla")
+  ref = jc.sparse.block_sparse_matmul(x, bs)
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", backend)
+  assert "pallas_call" in str(jax.make_jaxpr(jc.sparse.block_sparse_matmul)(x, bs))
+  out = jc.sparse.block_sparse_matmul(x, bs)
+  assert out.shape == (2, 5, 256)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(ref), np.asarray(x @ (w * keep)), rtol=1e-5, atol=1e-4)
+
+
+def test_block_sparse_blocks_the_tpu_kernel_cannot_take_are_one_line(monkeypatch):
+  w = jnp.ones((64, 64))
+  bs = jc.sparse.BlockSparse.from_dense(w, jnp.ones((64, 64), bool), (16, 16))
+  monkeypatch.setenv("JAXCOMP_KERNEL_BACKEND", "tpu")
+  with pytest.raises(ValueError, match=r"blocks \(16, 16\) are not supported .*"
+                     r"JAXCOMP_KERNEL_BACKEND=xla"):
+    jc.sparse.block_sparse_matmul(jnp.ones((1, 64)), bs)
