@@ -36,8 +36,8 @@ SETUPS = (("data_parallel", {"data": 8}), ("fsdp", {"fsdp": 8}),
           ("fsdp_tensor", {"fsdp": 4, "tensor": 2}))
 
 
-def _lm_loss(model, batch, rng):
-  del rng
+def _lm_loss(model, batch, rng, frozen=None):
+  del rng, frozen
   logits = model(batch["tokens"][:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, batch["tokens"][:, 1:]).mean(), {}

@@ -16,3 +16,28 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in (os.environ.get("XLA_FLAGS", ""), _DEVICE_COUNT_FLAG) if f
   )
+
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+_WORDS = "the a of to and in that it was her she he had be not for his as with".split()
+
+
+def write_text_files(directory):
+  """Three small text files (doc0..doc2.txt) in ``directory``: doc0 and doc1 to train, doc2 to
+  evaluate (text-LM and distillation runs)."""
+  rng = random.Random(0)
+  paths = []
+  for i in range(3):
+    path = directory / f"doc{i}.txt"
+    path.write_text(" ".join(rng.choice(_WORDS) for _ in range(2000)))
+    paths.append(path)
+  return paths
+
+
+@pytest.fixture
+def text_files(tmp_path):
+  """`write_text_files` in the test's ``tmp_path``."""
+  return write_text_files(tmp_path)

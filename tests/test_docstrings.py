@@ -34,6 +34,7 @@ MODULES = [
     "jaxcomp.sparse.scores",
     "jaxcomp.recipe",
     "jaxcomp.layers.quant",
+    "jaxcomp.distill.losses",
     "pallas_kernels.tiling",
     "pallas_kernels.int8_matmul",
     "pallas_kernels.int4_matmul",

@@ -18,8 +18,33 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally ':variant'.", lock_config=True)
+# Exit status after SIGTERM (checkpoint saved): EX_TEMPFAIL, "try again"; launch scripts rerun.
+PREEMPTED_EXIT = 75
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, report).")
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-process run: call jax.distributed.initialize() (on a TPU pod "
+    "slice everything is detected; elsewhere give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _init_distributed() -> None:
+  """``jax.distributed.initialize`` from the flags (CPU: gloo collectives between processes)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if not (_DISTRIBUTED.value or _COORDINATOR.value):
+    return
+  if _COORDINATOR.value and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
+    raise ValueError("--coordinator_address needs --num_processes and --process_id")
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _report_md(report: dict, config_name: str) -> str:
@@ -42,19 +67,26 @@ def main(argv: list[str]) -> None:
   from jaxcomp.quant.spec import SpecError  # pylint: disable=import-outside-toplevel
   from jaxcomp.recipe import RecipeError  # pylint: disable=import-outside-toplevel
   from jaxcomp.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from jaxcomp.train.loop import TrainingDiverged, train  # pylint: disable=import-outside-toplevel
+  from jaxcomp.train.loop import Preempted, TrainingDiverged, train  # pylint: disable=import-outside-toplevel
 
   from jaxcomp.ptq.job import run_ptq  # pylint: disable=import-outside-toplevel
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   job = run_ptq if config.get("task") == "ptq" else train  # training tasks: jaxcomp.train.tasks
   try:
+    _init_distributed()
     report = job(config, workdir)
+  except Preempted as e:  # a clean stop: the checkpoint is written, rerun resumes
+    print(f"jaxcomp: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT)
   except (CheckpointError, TrainingDiverged, FileNotFoundError, SpecError, RecipeError,
           ValueError) as e:
     if os.environ.get("JAXCOMP_TRACEBACK"):
       raise
     sys.exit(f"jaxcomp: error: {e}")
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:  # one writer
+    return
   name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"],
                                                           "config_filename") else "run"
   md = _report_md(report, str(name))

@@ -76,12 +76,19 @@ class TrainSampler:
   batch_size: int  # examples per batch, B.
   seed: int  # fixes every epoch's permutation; in [0, 2**32).
   transform: Callable[[Batch], Batch] | None = None  # applied to each stacked batch.
+  # (process index, process count): this host reads only its rows of every global batch,
+  # rows [i * B / n, (i + 1) * B / n); the global batch is the same for every n.
+  process_slice: tuple[int, int] = (0, 1)
 
   def __post_init__(self) -> None:
     if not isinstance(self.batch_size, int) or self.batch_size <= 0:
       raise ValueError(f"TrainSampler.batch_size must be a positive int, got {self.batch_size!r}")
     if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
       raise ValueError(f"TrainSampler.seed must be an int in [0, 2**32), got {self.seed!r}")
+    i, n = self.process_slice
+    if not (isinstance(n, int) and n > 0 and 0 <= i < n and self.batch_size % n == 0):
+      raise ValueError(f"TrainSampler.process_slice={self.process_slice}: need 0 <= index < "
+                       f"count and count dividing batch_size={self.batch_size}")
     if len(self.source) < self.batch_size:
       raise ValueError(
           f"TrainSampler: {len(self.source)} examples cannot fill one batch of {self.batch_size}"
@@ -101,11 +108,16 @@ class TrainSampler:
     """The grain ``MapDataset`` of batches (infinite length): ``dataset[step]`` is a batch."""
     ds = grain.MapDataset.range(len(self.source)).seed(self.seed).shuffle()
     ds = ds.batch(self.batch_size, drop_remainder=True).repeat()
+    i, n = self.process_slice
+    if n > 1:
+      rows = self.batch_size // n
+      ds = ds.map(lambda idx: idx[i * rows:(i + 1) * rows])
     ds = ds.map(functools.partial(read_batch, self.source))
     return ds.map(self.transform) if self.transform is not None else ds
 
   def batch_at(self, step: int) -> Batch:
-    """The batch of training step ``step`` (0-based): a dict of arrays, leading dimension B."""
+    """The batch of training step ``step`` (0-based): a dict of arrays, leading dimension B
+    (B / count: this process's rows, with ``process_slice``)."""
     if step < 0:
       raise IndexError(f"step must be >= 0, got {step}")
     return self.dataset[step]

@@ -43,6 +43,14 @@ class ByteTokenizer:
   def encode(self, text: str) -> "ByteTokenizer._Encoding":
     return self._Encoding(list(text.encode("utf-8")))
 
+  def to_str(self) -> str:
+    """Its whole definition (what `jaxcomp.data.text.tokenizer_digest` hashes)."""
+    return "jaxcomp.ByteTokenizer/utf-8"
+
+  def token_to_id(self, token: str) -> int | None:
+    del token
+    return None  # no special tokens
+
 
 def parse_variant(arg: str, variants: Any, file: str) -> tuple[str, bool]:
   """``"<variant>[,tiny]"`` -> ``(variant, tiny)``, with one-line errors naming ``file``."""
@@ -76,7 +84,9 @@ def job_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.C
   return config
 
 
-def _load(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any]:
+def load_model(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any]:
+  """``config.model``'s Llama and tokenizer: SmolLM2-135M from its GGUF, or a tiny random one
+  with the byte tokenizer (``name="tiny"``, seeded by ``config.seed``)."""
   name = config.model.name
   if name == "smollm2_135m":
     from jaxcomp.models import io  # pylint: disable=import-outside-toplevel
@@ -130,7 +140,7 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   (work / "config.json").write_text(config.to_json(indent=2))
 
   t_start = t0 = time.perf_counter()
-  model, tokenizer = _load(config)
+  model, tokenizer = load_model(config)
   ids = np.asarray(tokenizer.encode(text).ids, np.int32)
   n_split = len(ids)
   if config.eval.max_tokens:

@@ -46,6 +46,21 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if jax.process_count() > 1:  # process 0 decides and writes; the others then check
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    error = None
+    if jax.process_index() == 0:
+      try:
+        _check_or_write(workdir, path, current)
+      except CheckpointError as e:
+        error = e
+    multihost_utils.sync_global_devices("jaxcomp config.json")
+    if error is not None:
+      raise error
+  _check_or_write(workdir, path, current)
+
+
+def _check_or_write(workdir: str, path: str, current: dict[str, Any]) -> None:
   if os.path.exists(path):
     with open(path) as f:
       try:

@@ -10,7 +10,9 @@ itself has no branches on it.
 from __future__ import annotations
 
 import os
+import signal
 import statistics
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -45,6 +47,51 @@ class TrainState(NamedTuple):
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN/inf; the last finite checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived: a checkpoint of the step just finished was written; rerun to resume."""
+
+
+class PreemptionGuard:
+  """Turns SIGTERM into a flag the loop checks after each step (main thread only).
+
+  With several processes, a step stops only when every process agrees: the flags are
+  combined with a max across processes, so all of them save the same step and exit. A
+  second SIGTERM while the final checkpoint is written is ignored (the flag is already set).
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after ``step`` (collective with several processes)."""
+    if jax.process_count() == 1:
+      return self._flag
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    del step
+    flags = multihost_utils.process_allgather(np.int32(self._flag))
+    return bool(np.max(flags))
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> Any:
+  """A global batch from each process's rows (``batch_at`` with ``process_slice``): one
+  process gives the whole batch; with several, the leading axis is their concatenation in
+  process order."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -89,9 +136,11 @@ def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
               tx: optax.GradientTransformation) -> Any:
   """The training step ``(state, batch) -> (state, metrics)``, to be jitted with shardings.
 
-  ``loss(model, batch, rng) -> (scalar, metrics)`` is a task's loss; the model is rebuilt
-  from ``graphdef``, the state's params and ``rest`` (non-trainable variables), and step
-  ``s`` draws its randomness from ``fold_in(state.rng, s)``.
+  ``loss(model, batch, rng, frozen) -> (scalar, metrics)`` is a task's loss; the model is
+  rebuilt from ``graphdef``, the state's params and ``rest`` (non-trainable variables);
+  ``frozen`` is a pytree the step reads but never trains (a distillation teacher's weights:
+  an argument, sharded like params, not a constant baked into the program); step ``s`` draws
+  its randomness from ``fold_in(state.rng, s)``.
 
   Example::
 
@@ -99,11 +148,11 @@ def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
     state, metrics = step(state, batch)
   """
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
-      return loss(nnx.merge(graphdef, params, rest), batch, rng)
+      return loss(nnx.merge(graphdef, params, rest), batch, rng, frozen)
 
     (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -130,21 +179,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      "update_every, score)")
   check_workdir_config(workdir, config)
   data = task.data(config)
-  total_steps = config.train.epochs * data.steps_per_epoch
+  total_steps = config.train.get("steps") or config.train.epochs * data.steps_per_epoch
   mesh = sh.make_mesh(config.mesh)
 
   model = task.model(config, rngs=nnx.Rngs(config.seed))
-  if recipe is not None:
+  sparse_kernels = sparsity_specs(model, recipe)  # kernel paths survive quantize
+  if recipe is not None and any(r.quant is not None for r in recipe.rules):
     model = quantize(model, recipe, strict=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(config.train, total_steps)
-  sparse_kernels = sparsity_specs(model, recipe)
   if sparse_kernels:
     tx = make_sparsity(config.train.get("sparsity"), tx, sparse_kernels, total_steps)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.key_data(jax.random.key(config.seed)))
   state_sharding = sh.state_shardings(state, mesh, config.mesh.rules)
   state = jax.device_put(state, state_sharding)
+  frozen = task.frozen(config) if hasattr(task, "frozen") else None
+  frozen_sharding = (None if frozen is None else
+                     sh.param_shardings(frozen, mesh, config.mesh.rules))
+  if frozen is not None:
+    frozen = jax.device_put(frozen, frozen_sharding)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
@@ -152,12 +206,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = int(state.step)
   if start:
     logging.info("resumed from %s at step %d", ckpt.directory, start)
-  writer = MetricWriter(workdir, start_step=start)
+  writer = MetricWriter(workdir, start_step=start) if jax.process_index() == 0 else None
   batch_sharding = sh.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------- step
   train_step = jax.jit(make_step(task.loss, graphdef, rest, tx),
-                       in_shardings=(state_sharding, batch_sharding),
+                       in_shardings=(state_sharding, batch_sharding, frozen_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=0)
 
   # ----------------------------------------------------------------------- loop
@@ -166,13 +220,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last_good = start
   progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
                   disable=not config.train.progress, desc=os.path.basename(workdir.rstrip("/")))
+  preemption = PreemptionGuard()
   for step in progress:
-    batch = jax.device_put(data.batch_at(step), batch_sharding)
+    batch = global_batch(data.batch_at(step), batch_sharding)  # this process's rows only
     with sh.activation_rules(mesh, config.mesh.rules):  # read when the step is traced
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, frozen)
     pending.append(metrics)
     done = step + 1
-    if done % config.train.log_every == 0 or done % ckpt.every == 0 or done == total_steps:
+    stop = preemption.requested(done)
+    if (stop or done % config.train.log_every == 0 or done % ckpt.every == 0
+        or done == total_steps):
       rows = jax.device_get(pending)
       pending = []
       if not all(np.isfinite(r["loss"]) for r in rows):
@@ -182,15 +239,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"(step {last_good if ckpt.latest_step() is not None else 'none'}) is kept")
       marks.append((done, time.perf_counter()))
       means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-      writer.write(done, means)
+      if writer is not None:
+        writer.write(done, means)
       progress.set_postfix(loss=f"{means['loss']:.4f}")
-      if ckpt.save(done, state, force=done == total_steps):
+      if ckpt.save(done, state, force=done == total_steps or stop):
         last_good = done
+    if stop:
+      ckpt.close()
+      if writer is not None:
+        writer.close()
+      preemption.restore()
+      raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint {done} saved in "
+                      f"{ckpt.directory}: rerun the same command to resume")
+  preemption.restore()
   ckpt.close()
 
   # ----------------------------------------------------------------------- report
   final = nnx.merge(graphdef, state.params, rest)
-  evaluation = task.evaluate(final, data)
+  evaluation = (task.evaluate(final, data, frozen) if frozen is not None
+                else task.evaluate(final, data))
   # Per-step time between host syncs; the first interval (compilation) is left out.
   times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:])]
   report = {
@@ -201,6 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   if sparse_kernels:  # measured on the final weights
     report["sparsity"] = kernel_sparsity(final, [p.rsplit("/", 1)[0] for p in sparse_kernels])
-  writer.write(total_steps, {f"final/{k}": v for k, v in report.items()})
-  writer.close()
+  if writer is not None:
+    writer.write(total_steps, {f"final/{k}": v for k, v in report.items()
+                               if isinstance(v, (int, float))})
+    writer.close()
   return report

@@ -1,7 +1,9 @@
 """Tasks: what the training loop trains (data, model, loss, evaluation), chosen by config.
 
-A task is a small object with four methods; the loop calls nothing else, so a new task (text
-LM, distillation) adds a class here and no branch to the loop.
+A task is a small object with four methods (and optionally ``frozen(config)``: a pytree the
+step reads but does not train, e.g. a teacher's weights, then also passed to ``loss`` and
+``evaluate``); the loop calls nothing else, so a new task adds a class and no branch to the
+loop.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class Task(Protocol):
 
   def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module: ...
 
-  def loss(self, model: nnx.Module, batch: dict[str, jax.Array],
-           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+  def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array,
+           frozen: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
   def evaluate(self, model: nnx.Module, data: Data) -> dict[str, float]: ...
 
@@ -84,8 +86,8 @@ class ImageClassification:
       return ViT(base, rngs=rngs)
     raise ValueError(f"model.name must be 'cnn' or 'vit', got {cfg.name!r}")
 
-  def loss(self, model, batch, rng):
-    del rng  # no dropout in these models
+  def loss(self, model, batch, rng, frozen=None):
+    del rng, frozen  # no dropout in these models, nothing frozen
     logits = model(batch["image"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
@@ -106,14 +108,19 @@ class ImageClassification:
     return {"test_accuracy": float(correct / n), "test_loss": float(nll / n)}
 
 
-TASKS: dict[str, Task] = {"image_classification": ImageClassification()}
+def _distill() -> Task:
+  from jaxcomp.distill.task import DistillTask  # pylint: disable=import-outside-toplevel
+  return DistillTask()
+
+
+TASKS: dict[str, Any] = {"image_classification": ImageClassification, "distill": _distill}
 
 
 def get(config: ml_collections.ConfigDict) -> Task:
-  """The task named by ``config.task``."""
+  """A new instance of the task named by ``config.task`` (one per run)."""
   if config.task not in TASKS:
     raise ValueError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}")
-  return TASKS[config.task]
+  return TASKS[config.task]()
 
 
 def fmnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize("name", ["jaxcomp.data.sampler", "jaxcomp.data.fashion_mnist"])
+@pytest.mark.parametrize("name", ["jaxcomp.data.sampler", "jaxcomp.data.fashion_mnist",
+                                  "jaxcomp.data.text"])
 def test_docstring_examples(name):
   module = importlib.import_module(name)
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -50,8 +50,8 @@ def test_optimizer_rejects_warmup_longer_than_run():
     make_optimizer(cfg, total_steps=8)
 
 
-def _lm_loss(model, batch, rng):
-  del rng
+def _lm_loss(model, batch, rng, frozen=None):
+  del rng, frozen
   logits = model(batch["tokens"][:, :-1])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:]).mean()
   return loss, {}
