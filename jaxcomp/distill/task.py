@@ -130,8 +130,10 @@ class DistillTask:
     self._tokenizer = None
     self._data = None
     self._teacher_graphdef = None
+    self._distill = None
 
   def _load(self, config):
+    self._distill = config.distill
     if self._base is None:
       from jaxcomp.ptq.job import load_model  # pylint: disable=import-outside-toplevel
       self._base, self._tokenizer = load_model(config)
@@ -165,7 +167,6 @@ class DistillTask:
     state = jax.tree.map(lambda x: jnp.array(x, dtype=dtype if jnp.issubdtype(
         x.dtype, jnp.floating) else None, copy=True), state)
     self._teacher_graphdef = graphdef
-    self._distill = config.distill
     return state
 
   def loss(self, model: Distiller, batch, rng, frozen):

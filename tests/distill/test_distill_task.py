@@ -60,10 +60,12 @@ def test_kd_and_ce_only_train_differently_and_teacher_ppl_is_the_same(tmp_path, 
 def test_hidden_and_attention_terms_train_the_projections(tmp_path, text_files):
   cfg = _config("svd_llm_30,tiny", text_files, tmp_path, hidden_weight=1.0,
                 attention_weight=1.0, top_k=8)
+  cfg.teacher.dtype = "bfloat16"  # the memory-saving teacher
   task = DistillTask()
   data = task.data(cfg)
   model = task.model(cfg, rngs=nnx.Rngs(0))
   frozen = task.frozen(cfg)
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   batch = jax.tree.map(jnp.asarray, data.batch_at(0))
 
