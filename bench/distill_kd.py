@@ -27,7 +27,6 @@ from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_distill  # noqa: E402  pylint: disable=wrong-import-position
 from cli_runs import run_variant  # noqa: E402  pylint: disable=wrong-import-position
 from jaxcomp.distill.task import DistillTask  # noqa: E402  pylint: disable=wrong-import-position
-from jaxcomp.eval import perplexity as ppl_lib  # noqa: E402  pylint: disable=wrong-import-position
 from jaxcomp.recipe import Recipe  # noqa: E402  pylint: disable=wrong-import-position
 from jaxcomp.rewrite import quantize  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -40,12 +39,8 @@ def _start_ppl(variant: str) -> dict:
   model = task.model(config, rngs=nnx.Rngs(config.seed))
   if config.recipe is not None:
     model = quantize(model, Recipe.from_config(config.recipe), strict=True)
-  task.frozen(config)
-  seq = min(512, len(data.eval_ids) - 1)
-  return {"before": ppl_lib.perplexity(model.student, data.eval_ids, seq_len=seq,
-                                       batch_size=4)["ppl"],
-          "teacher": ppl_lib.perplexity(task._base, data.eval_ids, seq_len=seq,  # pylint: disable=protected-access
-                                        batch_size=4)["ppl"]}
+  report = task.evaluate(model, data, task.frozen(config))  # the runs' own evaluation
+  return {"before": report["eval_ppl"], "teacher": report["teacher_eval_ppl"]}
 
 
 def main() -> None:

@@ -41,3 +41,9 @@ def write_text_files(directory):
 def text_files(tmp_path):
   """`write_text_files` in the test's ``tmp_path``."""
   return write_text_files(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_text_files(tmp_path_factory):
+  """`write_text_files` once per test module (for fixtures shared by its tests)."""
+  return write_text_files(tmp_path_factory.mktemp("text"))

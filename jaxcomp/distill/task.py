@@ -149,9 +149,6 @@ class DistillTask:
   def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Distiller:
     base = self._load(config)
     student = build_student(base, config.student, self.data(config).calib)
-    if student.config.vocab_size != base.config.vocab_size:
-      raise ValueError(f"distillation: student vocabulary ({student.config.vocab_size}) "
-                       f"differs from the teacher's ({base.config.vocab_size})")
     n = student.config.n_layers if config.distill.hidden_weight else 0
     return Distiller(student, teacher_dim=base.config.dim, n_projections=n, rngs=rngs)
 

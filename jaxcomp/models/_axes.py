@@ -71,7 +71,12 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   parts = []
   for dim, name in zip(x.shape, names):
     axis = table.get(name) if name is not None else None
-    size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in (
-        axis if isinstance(axis, tuple) else (axis,))]))
-    parts.append(axis if axis is not None and dim % size == 0 else None)
+    parts.append(axis if axis is not None and dim % axis_size(mesh, axis) == 0 else None)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
+
+
+def axis_size(mesh: jax.sharding.Mesh, axis: str | tuple[str, ...] | None) -> int:
+  """Devices along a mesh axis, a tuple of axes (their product) or None (1)."""
+  if axis is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))

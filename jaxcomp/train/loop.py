@@ -194,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      rng=jax.random.key_data(jax.random.key(config.seed)))
   state_sharding = sh.state_shardings(state, mesh, config.mesh.rules)
   state = jax.device_put(state, state_sharding)
-  frozen = task.frozen(config) if hasattr(task, "frozen") else None
+  frozen = task.frozen(config)
   frozen_sharding = (None if frozen is None else
                      sh.param_shardings(frozen, mesh, config.mesh.rules))
   if frozen is not None:
@@ -256,8 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ----------------------------------------------------------------------- report
   final = nnx.merge(graphdef, state.params, rest)
-  evaluation = (task.evaluate(final, data, frozen) if frozen is not None
-                else task.evaluate(final, data))
+  evaluation = task.evaluate(final, data, frozen)
   # Per-step time between host syncs; the first interval (compilation) is left out.
   times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:])]
   report = {

@@ -50,11 +50,9 @@ RULE_PRESETS: dict[str, dict[str, Any]] = {
                     "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
                     "act_mlp": "tensor", "act_heads": "tensor", "act_vocab": "tensor"},
 }
-DATA_PARALLEL_RULES = tuple(RULE_PRESETS["data_parallel"].items())
 
 
-def make_mesh(cfg: ml_collections.ConfigDict,
-              devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """A mesh with axes (data, fsdp, tensor) sized by ``cfg.shape`` (-1: the remaining devices).
 
   Uses every device of every process (``jax.devices()``), so the same config runs on one
@@ -72,8 +70,7 @@ def make_mesh(cfg: ml_collections.ConfigDict,
   if unknown:
     raise ValueError(f"mesh.shape has no axis {unknown[0]!r} (axes: {', '.join(MESH_AXES)})")
   sizes = [shape.get(a, 1) for a in MESH_AXES]
-  devices = devices if devices is not None else jax.devices()
-  n = len(devices)
+  n = jax.device_count()
   if sizes.count(-1) > 1:
     raise ValueError("mesh.shape: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -83,7 +80,7 @@ def make_mesh(cfg: ml_collections.ConfigDict,
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
     raise ValueError(f"mesh.shape {shape} needs {int(np.prod(sizes))} devices, {n} are present")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+  return jax.make_mesh(tuple(sizes), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -113,12 +110,6 @@ def rules(spec: Any = None) -> dict[str, Any]:
   return table
 
 
-def _axis_size(mesh: jax.sharding.Mesh, axis: Any) -> int:
-  if axis is None:
-    return 1
-  return int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
-
-
 def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh,
              table: dict[str, Any], what: str) -> P:
   """The PartitionSpec of an array with logical ``names``; checks rules and divisibility."""
@@ -130,9 +121,9 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sh
     if name not in table:
       raise ValueError(f"{what}: logical axis {name!r} has no sharding rule (mesh.rules)")
     axis = table[name]
-    if dim % _axis_size(mesh, axis):
+    if dim % axes_lib.axis_size(mesh, axis):
       raise ValueError(f"{what}: dimension {name!r} of size {dim} does not divide over mesh "
-                       f"axis {axis!r} of size {_axis_size(mesh, axis)}")
+                       f"axis {axis!r} of size {axes_lib.axis_size(mesh, axis)}")
     axes.append(axis)
   return P(*axes)
 

@@ -1,8 +1,8 @@
 """Tasks: what the training loop trains (data, model, loss, evaluation), chosen by config.
 
-A task is a small object with four methods (and optionally ``frozen(config)``: a pytree the
-step reads but does not train, e.g. a teacher's weights, then also passed to ``loss`` and
-``evaluate``); the loop calls nothing else, so a new task adds a class and no branch to the
+A task is a small object with five methods; ``frozen(config)`` is a pytree the step reads but
+does not train (a distillation teacher's weights; None for plain training), passed to ``loss``
+and ``evaluate``. The loop calls nothing else, so a new task adds a class and no branch to the
 loop.
 """
 
@@ -40,7 +40,9 @@ class Task(Protocol):
   def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array,
            frozen: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
-  def evaluate(self, model: nnx.Module, data: Data) -> dict[str, float]: ...
+  def frozen(self, config: ml_collections.ConfigDict) -> Any: ...
+
+  def evaluate(self, model: nnx.Module, data: Data, frozen: Any = None) -> dict[str, Any]: ...
 
 
 class _ImageData:
@@ -92,7 +94,12 @@ class ImageClassification:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
-  def evaluate(self, model, data) -> dict[str, float]:
+  def frozen(self, config):
+    del config
+    return None  # nothing but the model
+
+  def evaluate(self, model, data, frozen=None) -> dict[str, float]:
+    del frozen
     @jax.jit
     def counts(batch):
       logits = model(batch["image"])

@@ -14,8 +14,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import write_text_files
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
        "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # this process's topology
@@ -44,10 +42,10 @@ def _wait_for(path, proc, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, module_text_files):
   """The text files and one uninterrupted run, shared by the tests of this module."""
   tmp = tmp_path_factory.mktemp("resume")
-  files = write_text_files(tmp)
+  files = module_text_files
   run = subprocess.run(_cmd(tmp / "clean", files, tmp), cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
