@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "configs"))
 import smollm2_lowrank  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
 
-from jaxcomp.ptq.job import job_config, run_ptq  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.experiments.compress import job_config, run_ptq  # noqa: E402  pylint: disable=wrong-import-position
 
 SUITES = {"sparse": smollm2_sparse, "lowrank": smollm2_lowrank}
 

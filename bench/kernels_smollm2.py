@@ -40,7 +40,7 @@ from flax import nnx
 import jaxcomp as jc
 from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.models import io
-from jaxcomp.ptq.calibrate import calib_tokens
+from jaxcomp.oneshot.calibrate import calib_tokens
 from jaxcomp.quant import dot as dot_lib
 
 PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"

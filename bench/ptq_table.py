@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "configs"))
 
 import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
 
-from jaxcomp.ptq.job import run_ptq  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.experiments.compress import run_ptq  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _raw_bits(packed_dir: pathlib.Path, n_params: int) -> float | None:

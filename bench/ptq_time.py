@@ -20,7 +20,7 @@ import numpy as np
 
 import jaxcomp as jc
 from jaxcomp.models import io
-from jaxcomp.ptq import LayerResult, calib_tokens
+from jaxcomp.oneshot import calib_tokens
 
 
 def main() -> None:
@@ -47,8 +47,7 @@ def main() -> None:
 
   spec = jc.Quant(w_bits=args.bits, group=args.group, method="gptq", act_order=args.act_order)
   recipe = jc.Recipe([jc.Rule(r"layers/\d+/(attn|mlp)/\w+_proj", quant=spec)])
-  results: list[LayerResult] = []
-  jc.ptq(model, recipe, calib, batch_size=args.batch_size, results=results)
+  _, results = jc.ptq(model, recipe, calib, batch_size=args.batch_size, return_report=True)
   t_done = time.perf_counter()
 
   solve_s = sum(r.seconds for r in results)

@@ -16,7 +16,7 @@ weight step sizes (Esser et al., 2020). Convolutions are fake-quantized (float c
 import ml_collections
 
 import jaxcomp as jc
-from jaxcomp.ptq.job import parse_variant
+from jaxcomp.experiments.variants import parse_variant
 from jaxcomp.train.tasks import fmnist_config
 
 VARIANTS = {

@@ -18,7 +18,7 @@ tiles).
 import ml_collections
 
 import jaxcomp as jc
-from jaxcomp.ptq.job import parse_variant
+from jaxcomp.experiments.variants import parse_variant
 from jaxcomp.train.tasks import fmnist_config
 
 VARIANTS = {

@@ -24,7 +24,8 @@ import dataclasses
 import ml_collections
 
 import jaxcomp as jc
-from jaxcomp.ptq.job import job_config, parse_variant
+from jaxcomp.experiments.compress import job_config
+from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
 

@@ -1,16 +1,15 @@
 """jaxcomp: model compression for JAX/Flax as pure module rewrites.
 
 Public API, one name a line. Numerics (``jaxcomp.quant``) work on plain arrays without Flax.
+No subpackage shares a name with a public function (``jaxcomp.ptq`` is the function; the
+solvers live in ``jaxcomp.quantizers``, the pipeline in ``jaxcomp.oneshot``).
 """
 
 from jaxcomp.layers import QuantScale
-from jaxcomp.packed_io import packed_skeleton
-from jaxcomp.packed_io import restore_packed
-from jaxcomp.packed_io import save_packed
 from jaxcomp.lowrank.spec import LowRank
-from jaxcomp.ptq import factorize
-from jaxcomp.ptq import prune
-from jaxcomp.ptq import ptq
+from jaxcomp.oneshot import factorize
+from jaxcomp.oneshot import prune
+from jaxcomp.oneshot import ptq
 from jaxcomp.quant.core import compute_scale
 from jaxcomp.quant.core import dequantize
 from jaxcomp.quant.core import fake_quant
@@ -26,10 +25,13 @@ from jaxcomp.recipe import Recipe
 from jaxcomp.recipe import RecipeError
 from jaxcomp.recipe import Rule
 from jaxcomp.rewrite import add_lora
-from jaxcomp.rewrite import convert
 from jaxcomp.rewrite import merge_lora
 from jaxcomp.rewrite import quantize
 from jaxcomp.rewrite import report
+from jaxcomp.serve import convert
+from jaxcomp.serve import packed_skeleton
+from jaxcomp.serve import restore_packed
+from jaxcomp.serve import save_packed
 from jaxcomp.sparse.spec import Sparsity
 
 __all__ = [

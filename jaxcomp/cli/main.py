@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
   from jaxcomp.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jaxcomp.train.loop import Preempted, TrainingDiverged, train  # pylint: disable=import-outside-toplevel
 
-  from jaxcomp.ptq.job import run_ptq  # pylint: disable=import-outside-toplevel
+  from jaxcomp.experiments.compress import run_ptq  # pylint: disable=import-outside-toplevel
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   job = run_ptq if config.get("task") == "ptq" else train  # training tasks: jaxcomp.train.tasks

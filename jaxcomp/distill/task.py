@@ -35,7 +35,7 @@ from flax import nnx
 
 from jaxcomp.distill import losses
 from jaxcomp.eval import perplexity as ppl_lib
-from jaxcomp.models._axes import axes
+from jaxcomp.models.partitioning import axes
 from jaxcomp.models.llama import Llama, apply_rope
 
 
@@ -135,7 +135,7 @@ class DistillTask:
   def _load(self, config):
     self._distill = config.distill
     if self._base is None:
-      from jaxcomp.ptq.job import load_model  # pylint: disable=import-outside-toplevel
+      from jaxcomp.models.zoo import load_model  # pylint: disable=import-outside-toplevel
       self._base, self._tokenizer = load_model(config)
       self._base = nnx.clone(self._base)
     return self._base
@@ -218,9 +218,9 @@ def build_student(base: Llama, cfg: ml_collections.ConfigDict, calib: Any) -> Ll
         calib_rows=64)), calib=data.calib)
   """
   from jaxcomp.lowrank.spec import LowRank  # pylint: disable=import-outside-toplevel
-  from jaxcomp.ptq import factorize, prune  # pylint: disable=import-outside-toplevel
+  from jaxcomp.oneshot import factorize, prune  # pylint: disable=import-outside-toplevel
   from jaxcomp.recipe import Recipe, Rule  # pylint: disable=import-outside-toplevel
-  from jaxcomp.rewrite.structured import drop_blocks  # pylint: disable=import-outside-toplevel
+  from jaxcomp.models.llama_surgery import drop_blocks  # pylint: disable=import-outside-toplevel
   from jaxcomp.sparse.spec import Sparsity  # pylint: disable=import-outside-toplevel
 
   student = nnx.clone(base)

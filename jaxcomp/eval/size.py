@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flax import nnx
+import jax
 import numpy as np
 
 from jaxcomp.layers.quant import QuantScale
 from jaxcomp.recipe import Recipe
-from jaxcomp.rewrite.nnx_rewrite import iter_layers
+from jaxcomp.rewrite.engine import iter_layers
 
 
 def model_bits(model: nnx.Module, recipe: Recipe | None = None) -> int:
@@ -50,3 +51,13 @@ def kernel_sparsity(model: nnx.Module, layer_paths: Iterable[str]) -> float:
   layers = dict(iter_layers(model))
   kernels = [np.asarray(layers[path].kernel[...]) for path in layer_paths]
   return float(sum((w == 0).sum() for w in kernels) / max(sum(w.size for w in kernels), 1))
+
+
+def param_count(model: nnx.Module) -> int:
+  """Number of parameters (``nnx.Param`` leaves) of ``model``.
+
+  Example:
+    >>> param_count(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+    36
+  """
+  return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

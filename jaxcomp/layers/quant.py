@@ -21,9 +21,8 @@ from flax import nnx
 
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from jaxcomp.quant import core
 from jaxcomp.quant import dot as qdot
-from jaxcomp.quant.qarray import QArray, quantize_weight  # noqa: F401 (doctest)
+from jaxcomp.quant.qarray import QArray, initial_step, quantize_weight  # noqa: F401 (doctest)
 from jaxcomp.quant.spec import Quant
 
 Array = jax.Array
@@ -87,9 +86,7 @@ def make_step(kernel: nnx.Variable, contracting: Sequence[int], spec: Quant) -> 
     >>> make_step(lin.kernel, (0,), jc.Quant(w_bits=4, learn_scale=True)).shape
     (1, 32)
   """
-  w = kernel[...]
-  shape = qdot.weight_scale_shape(w.shape, contracting, spec)
-  return step_variable(kernel, contracting, _block_lsq_init(w, shape, spec))
+  return step_variable(kernel, contracting, initial_step(kernel[...], contracting, spec))
 
 
 def step_variable(kernel: nnx.Variable, contracting: Sequence[int], step: Array) -> QuantScale:
@@ -114,23 +111,6 @@ def step_variable(kernel: nnx.Variable, contracting: Sequence[int], step: Array)
     )[: w.ndim]
     step = jax.device_put(step, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec_names)))
   return QuantScale(step, eager_sharding=False, **meta)
-
-
-def _block_lsq_init(w: Array, shape: Sequence[int], spec: Quant) -> Array:
-  """Initial steps: the calibrated scale (``spec.calibration``) of each block of ``w`` that maps
-  onto one entry of ``shape``. QAT starts from trained weights, where this beats LSQ's
-  ``2 mean|w| / sqrt(Qp)`` (`jaxcomp.quant.core.lsq_init`), which is coarse at 8 bits."""
-  for axis, (size, n) in enumerate(zip(w.shape, shape)):
-    if size % n:  # a shorter last group: zero-pad it (absmax ignores zeros)
-      w = core.pad_to_groups(w, axis, -(-size // n))
-  split = []
-  for size, n in zip(w.shape, shape):
-    split += [n, size // n]
-  blocks = w.reshape(split)
-  init, _ = core.compute_scale(blocks, spec.w_bits, axes=tuple(range(1, 2 * w.ndim, 2)),
-                               symmetric=True, calibration=spec.calibration,
-                               percentile=spec.percentile)
-  return init.reshape(tuple(shape)).astype(jnp.float32)
 
 
 class QuantDot(nnx.Module):
@@ -273,17 +253,16 @@ def _value(v: nnx.Variable | None) -> Array | None:
   return None if v is None else v[...]
 
 
-def einsum_kernel_contracting(equation: str, kernel_ndim: int) -> tuple[int, ...]:
-  """The kernel (right operand) axes that a two-operand einsum contracts.
+def einsum_kernel_dimension_numbers(equation: str, kernel_ndim: int) -> Any:
+  """``dot_general`` dimension numbers of a two-operand einsum whose right operand is the kernel.
 
   Example:
-    >>> einsum_kernel_contracting("bthk,hkd->btd", 3)
-    (0, 1)
+    >>> einsum_kernel_dimension_numbers("bthk,hkd->btd", 3)
+    (((2, 3), (0, 1)), ((), ()))
   """
   lhs = equation.replace(" ", "").split("->")[0].split(",")[0]
   lhs_ndim = len(lhs.replace("...", "")) + (1 if "..." in lhs else 0)
-  (_, rc), _ = einsum_dimension_numbers(equation, lhs_ndim, kernel_ndim)[0]
-  return tuple(rc)
+  return einsum_dimension_numbers(equation, lhs_ndim, kernel_ndim)[0]
 
 
 def einsum_dimension_numbers(

@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,22 @@ def rank_for_energy(singular_values: Array, energy: float) -> int:
   sq = np.square(np.asarray(singular_values, np.float64))
   frac = np.cumsum(sq) / max(sq.sum(), 1e-300)
   return int(min(np.searchsorted(frac, energy - 1e-12) + 1, sq.size))
+
+
+def choose_rank(spec: Any, target: Array) -> int:
+  """The rank a `jaxcomp.LowRank` spec asks for, for a (K, N) kernel whose truncation acts on
+  ``target`` (the matrix the method factors: the kernel, or its activation-scaled / whitened
+  form; its singular values decide an ``energy`` spec).
+
+  Example:
+    >>> from jaxcomp.lowrank.spec import LowRank
+    >>> choose_rank(LowRank(reduction=0.4), jnp.ones((576, 1536)))
+    251
+  """
+  k, n = target.shape
+  if spec.rank is not None:
+    return spec.rank
+  if spec.reduction is not None:
+    return rank_for_reduction(k, n, spec.reduction)
+  return rank_for_energy(jnp.linalg.svd(target.astype(jnp.float32), compute_uv=False),
+                         spec.energy)

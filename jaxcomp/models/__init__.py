@@ -12,7 +12,7 @@ Example::
   cnn = models.CNN(models.CNNConfig(), rngs=nnx.Rngs(0))
 """
 
-from jaxcomp.models._axes import constrain
+from jaxcomp.models.partitioning import constrain
 from jaxcomp.models.llama import KVCache
 from jaxcomp.models.llama import LOGICAL_AXES
 from jaxcomp.models.llama import Llama

@@ -70,8 +70,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from jaxcomp.models._axes import axes
-from jaxcomp.models._axes import constrain
+from jaxcomp.models.partitioning import axes
+from jaxcomp.models.partitioning import constrain
 
 # Every logical axis name a Llama parameter uses; a rules table must map each.
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm")

@@ -45,7 +45,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from jaxcomp.models._axes import axes
+from jaxcomp.models.partitioning import axes
 
 # Every logical axis name a vision-model parameter uses.
 VISION_LOGICAL_AXES = ("conv_in", "conv_out", "embed", "q_heads", "kv_heads",

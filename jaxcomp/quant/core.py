@@ -26,14 +26,17 @@ _MSE_GRID = 20
 _MSE_MIN_RATIO = 0.5
 
 
-def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
+def qrange(bits: int, symmetric: bool = True, *, full_range: bool = False) -> tuple[int, int]:
   """The integer range ``(qmin, qmax)`` of a ``bits``-bit grid.
 
+  ``full_range`` makes a symmetric grid use the whole signed range ``[-2^(b-1), 2^(b-1) - 1]``
+  (16 levels at 4 bits, GPTQ's reference grid and Qwix's) instead of the narrow one.
+
   Example:
-    >>> qrange(8), qrange(4, symmetric=False)
-    ((-127, 127), (-8, 7))
+    >>> qrange(8), qrange(4, symmetric=False), qrange(4, full_range=True)
+    ((-127, 127), (-8, 7), (-8, 7))
   """
-  if symmetric:
+  if symmetric and not full_range:
     q = 2 ** (bits - 1) - 1
     return -q, q
   return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -128,7 +131,7 @@ def _range_bounds(
 
 
 def scale_from_range(
-    lo: Array, hi: Array, bits: int, symmetric: bool = True
+    lo: Array, hi: Array, bits: int, symmetric: bool = True, *, full_range: bool = False
 ) -> tuple[Array, Array | None]:
   """Scale (and zero point, if asymmetric) mapping ``[lo, hi]`` onto the ``bits`` grid.
 
@@ -136,6 +139,8 @@ def scale_from_range(
     lo, hi: range bounds, broadcast-compatible (``lo <= 0 <= hi``).
     bits: grid width.
     symmetric: symmetric grid (``hi`` alone sets the scale; no zero point).
+    full_range: symmetric only: the full signed grid, ``s = absmax / (2^(b-1) - 1/2)`` (so
+      ``+absmax`` rounds to ``qmax`` and ``-absmax`` to ``qmin``, as in GPTQ's reference).
 
   Returns:
     ``(scale, zero_point)``; ``zero_point`` is None when symmetric, else float, integer-valued.
@@ -145,9 +150,9 @@ def scale_from_range(
     >>> round(float(s) * 255, 4), float(z)
     (4.0, -64.0)
   """
-  qmin, qmax = qrange(bits, symmetric)
+  qmin, qmax = qrange(bits, symmetric, full_range=full_range)
   if symmetric:
-    return _safe(jnp.maximum(-lo, hi) / qmax), None
+    return _safe(jnp.maximum(-lo, hi) / (qmax + 0.5 if full_range else qmax)), None
   s = _safe((hi - lo) / (qmax - qmin))
   z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
   return s, z
@@ -161,6 +166,7 @@ def compute_scale(
     symmetric: bool = True,
     calibration: str = "absmax",
     percentile: float = 99.9,
+    full_range: bool = False,
 ) -> tuple[Array, Array | None]:
   """Chooses the quantization scale of ``x``, reduced over ``axes`` (kept as size-1 dims).
 
@@ -190,11 +196,13 @@ def compute_scale(
   x = x.astype(jnp.float32)
   lo, hi = _range_bounds(x, axes, symmetric, calibration, percentile)
   if calibration != "mse":
-    return scale_from_range(lo, hi, bits, symmetric)
+    return scale_from_range(lo, hi, bits, symmetric, full_range=full_range)
 
   def candidate(ratio):
-    s, z = scale_from_range(lo * ratio, hi * ratio, bits, symmetric)
-    err = jnp.sum(jnp.square(fake_quant_with_scale(x, s, z, bits, symmetric) - x), axes, keepdims=True)
+    s, z = scale_from_range(lo * ratio, hi * ratio, bits, symmetric, full_range=full_range)
+    err = jnp.sum(jnp.square(fake_quant_with_scale(x, s, z, bits, symmetric,
+                                                   full_range=full_range) - x), axes,
+                  keepdims=True)
     return err, s, z
 
   def body(i, carry):
@@ -211,7 +219,8 @@ def compute_scale(
 
 
 def quantize(
-    x: Array, scale: Array, zero_point: Array | None = None, *, bits: int, symmetric: bool = True
+    x: Array, scale: Array, zero_point: Array | None = None, *, bits: int, symmetric: bool = True,
+    full_range: bool = False
 ) -> Array:
   """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` as int8 (``bits <= 8``).
 
@@ -225,7 +234,7 @@ def quantize(
     >>> quantize(jnp.array([0.5, -1.0, 9.0]), jnp.array(0.5), bits=4)
     Array([ 1, -2,  7], dtype=int8)
   """
-  qmin, qmax = qrange(bits, symmetric)
+  qmin, qmax = qrange(bits, symmetric, full_range=full_range)
   q = jnp.round(x.astype(jnp.float32) / scale)
   if zero_point is not None:
     q = q + zero_point
@@ -248,7 +257,8 @@ def dequantize(
 
 
 def fake_quant_with_scale(
-    x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True
+    x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True,
+    *, full_range: bool = False
 ) -> Array:
   """Quantize then dequantize with the given scale, differentiable in ``x`` and ``scale``.
 
@@ -262,12 +272,12 @@ def fake_quant_with_scale(
     >>> fake_quant_with_scale(jnp.array([0.26, 9.0]), jnp.array(0.5), None, 4)
     Array([0.5, 3.5], dtype=float32)
   """
-  return grid_value(x, scale, zero_point, bits, symmetric) * scale
+  return grid_value(x, scale, zero_point, bits, symmetric, full_range=full_range) * scale
 
 
 def grid_value(
     x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True,
-    *, clip: bool = True
+    *, clip: bool = True, full_range: bool = False
 ) -> Array:
   """``clip(round_ste(x / s) + z, qmin, qmax) - z``: the integer-valued grid coordinate (float).
 
@@ -280,7 +290,7 @@ def grid_value(
     >>> grid_value(jnp.array([0.26, -9.0]), jnp.array(0.5), None, 4)
     Array([ 1., -7.], dtype=float32)
   """
-  qmin, qmax = qrange(bits, symmetric)
+  qmin, qmax = qrange(bits, symmetric, full_range=full_range)
   v = round_ste(x.astype(jnp.float32) / scale)
   if zero_point is None:
     return _clip(v, qmin, qmax) if clip else v
@@ -341,20 +351,22 @@ def lsq_init(x: Array, bits: int, *, axes: Axes = None, symmetric: bool = True) 
   return _safe(2.0 * m / jnp.sqrt(qmax))
 
 
-def lsq_grad_scale(x_size: int, step_size: int, bits: int, symmetric: bool = True) -> float:
+def lsq_grad_scale(x_size: int, step_size: int, bits: int, symmetric: bool = True,
+                   full_range: bool = False) -> float:
   """LSQ's step-gradient scale ``1 / sqrt(N * Qp)``, N the elements sharing one step.
 
   Example:
     >>> round(lsq_grad_scale(x_size=4096, step_size=16, bits=8), 6)  # 1 / sqrt(256 * 127)
     0.005546
   """
-  _, qmax = qrange(bits, symmetric)
+  _, qmax = qrange(bits, symmetric, full_range=full_range)
   n = max(x_size // max(step_size, 1), 1)
   return 1.0 / (n * qmax) ** 0.5
 
 
 def lsq_fake_quant(
-    x: Array, step: Array, bits: int, *, symmetric: bool = True, zero_point: Array | None = None
+    x: Array, step: Array, bits: int, *, symmetric: bool = True, zero_point: Array | None = None,
+    full_range: bool = False
 ) -> Array:
   """Fake quantization with a learned step size (LSQ, Esser et al., 2020).
 
@@ -375,9 +387,10 @@ def lsq_fake_quant(
     >>> jax.grad(lambda s: lsq_fake_quant(w, s, 4).sum())(step).shape
     (1, 2)
   """
-  g = lsq_grad_scale(x.size, step.size, bits, symmetric)
+  g = lsq_grad_scale(x.size, step.size, bits, symmetric, full_range)
   s = grad_scale(step, g)
-  return fake_quant_with_scale(x, s, zero_point, bits, symmetric).astype(x.dtype)
+  return fake_quant_with_scale(x, s, zero_point, bits, symmetric,
+                               full_range=full_range).astype(x.dtype)
 
 
 def quantize_per_token(x: Array, bits: int = 8) -> tuple[Array, Array]:

@@ -103,14 +103,19 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Ar
   else:
     axes = None
   if step3 is not None:  # LSQ: the step is a trained parameter.
-    g = core.lsq_grad_scale(w3.size, step3.size, spec.w_bits, spec.w_symmetric)
+    g = core.lsq_grad_scale(w3.size, step3.size, spec.w_bits, spec.w_symmetric,
+                            spec.full_range)
     s, z = core.grad_scale(step3, g), None
   else:
     s, z = core.compute_scale(w3, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
-                              calibration=spec.calibration, percentile=spec.percentile)
+                              calibration=spec.calibration, percentile=spec.percentile,
+                              full_range=spec.full_range)
     s = jax.lax.stop_gradient(s)
-  exact = step3 is None and spec.calibration == "absmax" and spec.w_symmetric
-  return core.grid_value(w3, s, z, spec.w_bits, spec.w_symmetric, clip=not exact), s
+  # Symmetric absmax scales clip nothing on the narrow grid; the full grid clips +absmax.
+  exact = (step3 is None and spec.calibration == "absmax" and spec.w_symmetric
+           and not spec.full_range)
+  return core.grid_value(w3, s, z, spec.w_bits, spec.w_symmetric, clip=not exact,
+                         full_range=spec.full_range), s
 
 
 def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
@@ -151,7 +156,7 @@ def fake_quant_weight(
   w_hat = (u * s).reshape(1, -1, frame.N)[:, :frame.K]  # (a shorter last group is padded)
   t = w_hat.reshape(tuple(w.shape[a] for a in contracting + free))
   w_hat = jnp.transpose(t, np.argsort(contracting + free)).astype(w.dtype)
-  if step is None and spec.calibration == "absmax" and spec.w_symmetric:
+  if step is None and spec.calibration == "absmax" and spec.w_symmetric and not spec.full_range:
     # Nothing is clipped, so the STE is the identity: pass the gradient straight to ``w``
     # instead of through (x / s) * s, saving a weight-sized pass per step.
     return _straight_through(w, jax.lax.stop_gradient(w_hat))

@@ -178,6 +178,65 @@ def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[i
                 group=group)
 
 
+def weight_scales(w: Array, contracting: Sequence[int], spec: Quant
+                  ) -> tuple[Array, Array | None]:
+  """The calibrated scales (and zero points) of a kernel in the canonical (N, G) layout.
+
+  G is ``ceil(K / group)`` per group, 1 per channel; per tensor the result is (1, 1). This is
+  the one grouping rule (along the flattened contracting axis K) that fake quantization,
+  LSQ initialisation, the PTQ solvers and packing share.
+
+  Example:
+    >>> s, z = weight_scales(jnp.ones((4, 64, 256)), (0, 1), jc.Quant(w_bits=4, group=128))
+    >>> s.shape, z
+    ((256, 2), None)
+  """
+  weight_scale_shape(w.shape, contracting, spec)  # validates the group size
+  m = canonical(w.astype(jnp.float32), contracting)
+  s, z, _ = _blocks_and_scales(m, spec)
+  return s, z
+
+
+def _blocks_and_scales(m: Array, spec: Quant) -> tuple[Array, Array | None, Array]:
+  """Scales (N, G), zero points and the (N or 1, G, g) blocks of a canonical (N, K) matrix."""
+  n, _ = m.shape
+  if spec.granularity == "group":
+    blocks = core.pad_to_groups(m, 1, spec.group).reshape(n, -1, spec.group)
+  elif spec.granularity == "channel":
+    blocks = m[:, None, :]
+  else:
+    blocks = m.reshape(1, 1, -1)
+  s, z = core.compute_scale(blocks, spec.w_bits, axes=2, symmetric=spec.w_symmetric,
+                            calibration=spec.calibration, percentile=spec.percentile,
+                            full_range=spec.full_range)
+  return s[..., 0], None if z is None else z[..., 0], blocks
+
+
+def to_step_layout(s: Array, kernel_shape: Sequence[int], contracting: Sequence[int],
+                   spec: Quant) -> Array:
+  """Canonical (N, G) scales (or zero points) -> the kernel-layout step of `weight_scale_shape`.
+
+  Example:
+    >>> to_step_layout(jnp.ones((256, 2)), (4, 64, 256), (0, 1), jc.Quant(w_bits=4, group=128)).shape
+    (1, 2, 256)
+  """
+  return from_canonical(s, weight_scale_shape(kernel_shape, contracting, spec), contracting)
+
+
+def initial_step(w: Array, contracting: Sequence[int], spec: Quant) -> Array:
+  """The calibrated scale of ``w`` as a step in the kernel layout (LSQ's starting point).
+
+  QAT starts from trained weights, where the calibrated scale beats LSQ's
+  ``2 mean|w| / sqrt(Qp)`` (`jaxcomp.quant.core.lsq_init`), which is coarse at 8 bits.
+
+  Example:
+    >>> initial_step(jnp.ones((3, 3, 3, 8)), (0, 1, 2), jc.Quant(w_bits=4, group=8)).shape
+    (1, 1, 4, 8)
+  """
+  s, _ = weight_scales(w, contracting, spec)
+  return to_step_layout(s, w.shape, contracting, spec).astype(jnp.float32)
+
+
 def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray:
   """Quantizes a kernel into a packed `QArray` with ``spec``'s bits, granularity and calibration.
 
@@ -186,7 +245,7 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
     contracting: the axes the layer contracts over (0 for (K, N)); scales are per output
       channel / per group of ``spec.group`` consecutive contracting elements / per tensor.
     spec: a `jaxcomp.Quant` (``w_bits``, ``granularity``/``group``, ``calibration``,
-      ``w_symmetric``).
+      ``w_symmetric``, ``full_range``).
 
   Returns:
     A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec)``.
@@ -200,27 +259,18 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
   weight_scale_shape(w.shape, contracting, spec)  # validates the group size
   m = canonical(w.astype(jnp.float32), contracting)
   n, k = m.shape
-  if spec.granularity == "group":
-    padded = core.pad_to_groups(m, 1, spec.group)
-    blocks, axes = padded.reshape(n, -1, spec.group), (2,)
-  elif spec.granularity == "channel":
-    blocks, axes = m[:, None, :], (2,)
-  else:
-    blocks, axes = m[None, None, :].reshape(1, 1, -1), None
-  s, z = core.compute_scale(blocks, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
-                            calibration=spec.calibration, percentile=spec.percentile)
-  q = core.quantize(blocks, s, z, bits=spec.w_bits, symmetric=spec.w_symmetric)
-  q = q.reshape(n, -1)[:, :k]
-  g = s.shape[1] if s.ndim == 3 else 1
-  s = s.reshape(-1, g) if s.size > 1 else s.reshape(1, 1)
-  z = None if z is None else z.reshape(s.shape)
+  s, z, blocks = _blocks_and_scales(m, spec)
+  q = core.quantize(blocks, s[..., None], None if z is None else z[..., None], bits=spec.w_bits,
+                    symmetric=spec.w_symmetric, full_range=spec.full_range)
+  q = q.reshape(blocks.shape[0], -1)[:, :k] if blocks.shape[0] == n else q.reshape(n, -1)
   group = spec.group if spec.granularity == "group" else None
   return _from_ints(q, s, z, spec.w_bits, w.shape, contracting, group)
 
 
 def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: int,
-                       group: int | None = None) -> QArray:
-  """Packs a kernel on a given symmetric step (LSQ-trained or solved by PTQ).
+                       group: int | None = None, *, zero_point: Array | None = None,
+                       full_range: bool = False) -> QArray:
+  """Packs a kernel on a given step (LSQ-trained or solved by PTQ), and zero point if any.
 
   Args:
     w: kernel in its own layout.
@@ -228,6 +278,8 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
     step: the step in the kernel layout given by `weight_scale_shape`.
     bits: grid width.
     group: the group size when ``step`` is per group (its last group may be shorter).
+    zero_point: integer-valued zero points like ``step`` (an asymmetric grid), or None.
+    full_range: the symmetric grid is the full signed range (``[-8, 7]`` at 4 bits).
 
   Returns:
     A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``.
@@ -243,7 +295,10 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
   n, k = m.shape
   if s.shape[1] > 1 and group is None:
     raise ValueError(f"quantize_with_step: step {step.shape} is per group; pass group=")
-  s_full = jnp.broadcast_to(core.expand_groups(s, 1, group if s.shape[1] > 1 else k, k), (n, k))
-  qmin, qmax = core.qrange(bits, True)
-  q = jnp.clip(jnp.round(m / s_full), qmin, qmax)
-  return _from_ints(q, s, None, bits, w.shape, contracting, group if s.shape[1] > 1 else None)
+  g = group if s.shape[1] > 1 else k
+  expand = lambda a: jnp.broadcast_to(core.expand_groups(a, 1, g, k), (n, k))
+  z = None if zero_point is None else canonical(zero_point.astype(jnp.float32), contracting)
+  qmin, qmax = core.qrange(bits, z is None, full_range=full_range)
+  q = jnp.round(m / expand(s))
+  q = jnp.clip(q if z is None else q + expand(z), qmin, qmax)
+  return _from_ints(q, s, z, bits, w.shape, contracting, group if s.shape[1] > 1 else None)

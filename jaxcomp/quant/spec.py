@@ -85,6 +85,7 @@ class Quant:
   a_bits: int | None = None  # activation bits, 4..8; None keeps activations in float.
   g_bits: int | None = None  # bits of the output gradient in the two backward dots; None: float.
   w_symmetric: bool = True  # symmetric weights (no zero point).
+  full_range: bool = False  # symmetric weights on the full signed grid {-8..7} (4 bits), s = absmax / 7.5.
   a_symmetric: bool = True  # symmetric activations (no zero point).
   granularity: Granularity = "channel"  # weight scale: per tensor, output channel or group.
   group: int | None = None  # group size along the contraction axis; implies granularity="group".
@@ -104,6 +105,9 @@ class Quant:
     _check_bits(o, "g_bits", self.g_bits, 4, 8, optional=True)
     _check_bool(o, "w_symmetric", self.w_symmetric)
     _check_bool(o, "a_symmetric", self.a_symmetric)
+    _check_bool(o, "full_range", self.full_range)
+    if self.full_range and not self.w_symmetric:
+      raise SpecError("Quant.full_range=True is a symmetric grid; drop it or w_symmetric=False")
     _check_bool(o, "learn_scale", self.learn_scale)
     _check_choice(o, "granularity", self.granularity, GRANULARITIES)
     _check_choice(o, "a_granularity", self.a_granularity, ACT_GRANULARITIES)
@@ -165,32 +169,40 @@ class Quant:
 def weight_scale_shape(
     kernel_shape: Sequence[int], contracting: Sequence[int], spec: Quant
 ) -> tuple[int, ...]:
-  """Shape of the (LSQ) weight step of a kernel, in the kernel's own layout.
+  """Shape of a kernel's weight step (LSQ-learned or solved by PTQ), in the kernel's own layout.
 
-  Contracting axes collapse to 1 (per channel), or, per group, the last contracting axis to
-  ``ceil(size / group)`` and the others keep their size; per tensor every axis is 1. When
-  ``group`` does not divide the axis the last group is shorter (as in GPTQ's reference; e.g.
-  SmolLM2's 576 = 4 x 128 + 64), which needs absmax calibration (zero padding would bias a
-  percentile or MSE search).
+  One grouping rule for every path: the contracting axes are flattened, in order, into K (the
+  layout of `jaxcomp.QArray` and of the quantized dot's canonical frame). Per channel every
+  contracting axis collapses to 1; per group the *last* contracting axis holds the
+  ``ceil(K / group)`` groups and the other contracting axes are 1, so a group may span several
+  axes (e.g. two heads of a ``(H, Dh, D)`` out-projection with ``Dh = 64`` and ``group=128``,
+  or the ``3 x 3 x Cin`` taps of a convolution); per tensor every axis is 1. When ``group``
+  does not divide K the last group is shorter (as in GPTQ's reference; e.g. SmolLM2's
+  576 = 4 x 128 + 64), which needs absmax calibration (zero padding would bias a percentile or
+  MSE search).
 
   Example:
     >>> weight_scale_shape((512, 2048), (0,), jc.Quant(w_bits=4, group=128))
     (4, 2048)
+    >>> weight_scale_shape((4, 64, 256), (0, 1), jc.Quant(w_bits=4, group=128))
+    (1, 2, 256)
   """
   nd = len(kernel_shape)
   contracting = tuple(a % nd for a in contracting)
   if spec.granularity == "tensor":
     return (1,) * nd
   shape = list(kernel_shape)
+  for a in contracting:
+    shape[a] = 1
   if spec.granularity == "channel":
-    for a in contracting:
-      shape[a] = 1
     return tuple(shape)
-  last = contracting[-1]
-  if kernel_shape[last] % spec.group and spec.calibration != "absmax":
+  k = 1
+  for a in contracting:
+    k *= kernel_shape[a]
+  if k % spec.group and spec.calibration != "absmax":
     raise SpecError(
-        f"Quant.group={spec.group} does not divide the contraction axis of size "
-        f"{kernel_shape[last]} (kernel shape {tuple(kernel_shape)}); a shorter last group "
-        f"needs calibration='absmax'")
-  shape[last] = -(-kernel_shape[last] // spec.group)
+        f"Quant.group={spec.group} does not divide the contraction axis of size {k} (the "
+        f"contracting axes {contracting} of kernel shape {tuple(kernel_shape)}, flattened); a "
+        f"shorter last group needs calibration='absmax'")
+  shape[contracting[-1]] = -(-k // spec.group)
   return tuple(shape)

@@ -8,9 +8,9 @@ from absl import logging
 from flax import linen as nn
 from flax import nnx
 
-from jaxcomp.quant.spec import CALIBRATED_METHODS
 from jaxcomp.recipe import MatchReport, Recipe
-from jaxcomp.rewrite import linen_rewrite, nnx_rewrite
+from jaxcomp.rewrite import engine, linen_quant
+from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS
 
 
 def _check_recipe(recipe: Any) -> None:
@@ -53,20 +53,20 @@ def quantize(
   """
   _check_recipe(recipe)
   for rule in recipe.rules:
-    if rule.quant is not None and rule.quant.method in CALIBRATED_METHODS:
+    if rule.quant is not None and rule.quant.method != "rtn":
       raise ValueError(f"Rule {rule.label!r}: Quant.method={rule.quant.method!r} solves weights "
                        "from calibration data; use jc.ptq(model, recipe, calib=...)")
   if isinstance(model, nnx.Module):
     if variables is not None or args:
       raise TypeError("quantize: variables= and args= are for Linen modules, not NNX models")
-    new, rep = nnx_rewrite.rewrite(model, recipe, handlers=nnx_rewrite.QUANT_HANDLERS,
+    new, rep = engine.rewrite(model, recipe, handlers=QUANT_HANDLERS,
                                    kind=lambda r: r.quant, strict=strict)
     logging.info("jaxcomp.quantize:\n%s", rep)
     return new
   if isinstance(model, nn.Module):
     if variables is None or not args:
       raise TypeError("quantize: a Linen module needs variables= and args=(example inputs,)")
-    module, new_vars, rep = linen_rewrite.quantize_linen(
+    module, new_vars, rep = linen_quant.quantize_linen(
         model, recipe, variables=variables, args=tuple(args), kwargs=kwargs, strict=strict)
     logging.info("jaxcomp.quantize:\n%s", rep)
     return module, new_vars
@@ -90,7 +90,7 @@ def report(
   """
   _check_recipe(recipe)
   if isinstance(model, nnx.Module):
-    return nnx_rewrite.plan(model, recipe, nnx_rewrite.QUANT_HANDLERS, lambda r: r.quant)[1]
+    return engine.plan(model, recipe, QUANT_HANDLERS, lambda r: r.quant)[1]
   if variables is None or not args:
     raise TypeError("report: a Linen module needs variables= and args=(example inputs,)")
-  return linen_rewrite.report_linen(model, recipe, variables, tuple(args), kwargs or {})
+  return linen_quant.report_linen(model, recipe, variables, tuple(args), kwargs or {})

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxcomp.layers.lowrank import LoRALinear
 from jaxcomp.quant.qarray import QArray
-from jaxcomp.rewrite import nnx_rewrite
+from jaxcomp.rewrite import engine
 
 __all__ = ["add_lora", "merge_lora"]
 
@@ -31,12 +31,12 @@ def add_lora(model: nnx.Module, pattern: str, *, rank: int, alpha: float = 16.0,
     opt = nnx.Optimizer(lora, optax.adam(1e-3), wrt=nnx.LoRAParam)
   """
   new = nnx.clone(model)
-  matched = [(p, m) for p, m in nnx_rewrite.iter_layers(new)
+  matched = [(p, m) for p, m in engine.iter_layers(new)
              if re.fullmatch(pattern, p) and type(m) is nnx.Linear]
   if not matched:
     raise ValueError(f"add_lora: pattern {pattern!r} matches no nnx.Linear layer")
   for path, m in matched:
-    nnx_rewrite._set_at(new, path, LoRALinear(m, rank=rank, alpha=alpha, rngs=rngs))  # pylint: disable=protected-access
+    engine.set_at(new, path, LoRALinear(m, rank=rank, alpha=alpha, rngs=rngs))
   return new
 
 
@@ -50,7 +50,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     merged = merge_lora(lora)     # plain nnx.Linear layers again
   """
   new = nnx.clone(model)
-  found = [(nnx_rewrite.path_str(p), n) for p, n in nnx.iter_graph(new)
+  found = [(engine.path_str(p), n) for p, n in nnx.iter_graph(new)
            if isinstance(n, LoRALinear)]
   if not found:
     raise ValueError("merge_lora: the model has no LoRA adapters")
@@ -60,5 +60,5 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
       raise ValueError(f"{path}: merge_lora needs a float (or fake-quantized) base kernel, not a "
                        "packed QArray; merge before jc.convert")
     lora.base.kernel[...] = (kernel.astype(jnp.float32) + lora.delta()).astype(kernel.dtype)
-    nnx_rewrite._set_at(new, path, lora.base)  # pylint: disable=protected-access
+    engine.set_at(new, path, lora.base)
   return new

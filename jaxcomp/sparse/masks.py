@@ -271,3 +271,20 @@ def sparsity(mask: Array) -> float:
   """
   mask = np.asarray(mask)
   return float(1.0 - mask.sum() / max(mask.size, 1))
+
+
+def mask_for_spec(scores: Array, spec: Any, *, per_output: bool = False) -> Array:
+  """The keep-mask of a ``(K, N)`` score matrix for a `jaxcomp.Sparsity` spec: N:M groups along
+  K, whole ``spec.block`` tiles, or unstructured (ranked per output column with
+  ``per_output``, else over the whole layer).
+
+  Example:
+    >>> from jaxcomp.sparse.spec import Sparsity
+    >>> int(mask_for_spec(jnp.arange(8.0).reshape(8, 1), Sparsity("2:4")).sum())
+    4
+  """
+  if spec.nm is not None:
+    return nm_mask(scores, *spec.nm, axis=0)
+  if spec.pattern == "block":
+    return block_mask(scores, spec.sparsity, spec.block)
+  return unstructured_mask(scores, spec.sparsity, axis=0 if per_output else None)

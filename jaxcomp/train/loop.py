@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jaxcomp.eval.size import kernel_sparsity, model_bits
 from jaxcomp.recipe import Recipe
-from jaxcomp.rewrite import nnx_rewrite, quantize
+from jaxcomp.rewrite import engine, quantize
 from jaxcomp.sparse.spec import Sparsity
 from jaxcomp.sparse.training import cubic_schedule, sparsify
 from jaxcomp.train import sharding as sh
@@ -113,8 +113,8 @@ def sparsity_specs(model: nnx.Module, recipe: Recipe | None) -> dict[str, Sparsi
   """``{"<layer path>/kernel": Sparsity}`` for the layers a rule with ``sparsity=`` matches."""
   if recipe is None or not any(r.sparsity is not None for r in recipe.rules):
     return {}
-  todo, report = nnx_rewrite.plan(model, recipe, {nnx.Linear: None, nnx.LinearGeneral: None,
-                                                  nnx.Conv: None}, lambda r: r.sparsity)
+  todo, report = engine.plan(model, recipe, {nnx.Linear, nnx.LinearGeneral, nnx.Conv},
+                              lambda r: r.sparsity)
   report.check()
   return {f"{path}/kernel": rule.sparsity for path, _, rule in todo}
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxcomp.data import sampler, text
-from jaxcomp.ptq.job import ByteTokenizer
+from jaxcomp.models.io.tokenizer import ByteTokenizer
 
 
 def test_files_corpus_packs_rows_and_caches_them(tmp_path, text_files):

@@ -10,7 +10,7 @@ from flax import nnx
 import jaxcomp as jc
 from jaxcomp.layers.lowrank import LoRALinear, LowRankLinear
 from jaxcomp.models.llama import Llama, LlamaConfig
-from jaxcomp.ptq.factorize import param_count
+from jaxcomp.eval.size import param_count
 from jaxcomp.rewrite.lora import add_lora, merge_lora
 
 PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
@@ -25,9 +25,8 @@ def setup():
 
 
 def _factorize(model, calib, spec):
-  results = []
-  out = jc.factorize(model, jc.Recipe([jc.Rule(PROJ, lowrank=spec)]), calib, progress=False,
-                     results=results)
+  out, results = jc.factorize(model, jc.Recipe([jc.Rule(PROJ, lowrank=spec)]), calib, progress=False,
+                     return_report=True)
   return out, results
 
 

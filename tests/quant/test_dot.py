@@ -133,7 +133,9 @@ def test_lsq_step_gets_gradient_and_shapes():
 def test_weight_scale_shape():
   assert qdot.weight_scale_shape((64, 32), (0,), jc.Quant()) == (1, 32)
   assert qdot.weight_scale_shape((64, 32), (0,), jc.Quant(granularity="tensor")) == (1, 1)
-  assert qdot.weight_scale_shape((3, 3, 16, 8), (0, 1, 2), jc.Quant(group=8)) == (3, 3, 2, 8)
+  # Groups run along the flattened contracting axis K = 3 * 3 * 16, held by the last one.
+  assert qdot.weight_scale_shape((3, 3, 16, 8), (0, 1, 2), jc.Quant(group=8)) == (1, 1, 18, 8)
+  assert qdot.weight_scale_shape((4, 64, 256), (0, 1), jc.Quant(group=128)) == (1, 2, 256)
 
 
 def test_bad_inputs():

@@ -18,10 +18,12 @@ from jaxcomp.models.io.gguf import gguf_field
 from jaxcomp.models.io.gguf import load_gguf
 from jaxcomp.models.io.safetensors import hf_config
 from jaxcomp.models.io.safetensors import load_safetensors
+from jaxcomp.models.io.tokenizer import ByteTokenizer
 from jaxcomp.models.io.tokenizer import gguf_tokenizer
 from jaxcomp.models.io.tokenizer import special_token_ids
 
 __all__ = [
+    "ByteTokenizer",
     "SMOLLM2_WHEEL",
     "default_cache_dir",
     "fetch_smollm2",

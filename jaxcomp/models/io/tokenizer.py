@@ -130,3 +130,22 @@ def special_token_ids(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> di
     value = gguf_field(r, f"tokenizer.ggml.{key}", None)
     out[name] = None if value is None else int(value)
   return out
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids (vocabulary 256): the tokenizer of the ``tiny`` test model."""
+
+  class _Encoding:
+    def __init__(self, ids):
+      self.ids = ids
+
+  def encode(self, text: str) -> "ByteTokenizer._Encoding":
+    return self._Encoding(list(text.encode("utf-8")))
+
+  def to_str(self) -> str:
+    """Its whole definition (what `jaxcomp.data.text.tokenizer_digest` hashes)."""
+    return "jaxcomp.ByteTokenizer/utf-8"
+
+  def token_to_id(self, token: str) -> int | None:
+    del token
+    return None  # no special tokens

@@ -1,0 +1,1 @@
+"""Experiment runners behind the CLI's configs (only cli/, bench/ and configs/ import this)."""

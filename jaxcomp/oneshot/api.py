@@ -1,0 +1,269 @@
+"""`ptq`, `prune`, `factorize`: one-shot transforms of NNX models over the shared sequential
+pipeline (`jaxcomp.oneshot.pipeline`), each layer solved by the registered solver its spec
+names (`jaxcomp.oneshot.registry`). Pure: the input model is left untouched.
+
+* `ptq`: ``Quant.method`` -- rtn (data-free: the layer is quantized as `jaxcomp.quantize`
+  would), gptq, awq, smoothquant. The result holds each solved layer's grid-aligned kernel, its
+  step (a `QuantScale`) and, for AWQ/SmoothQuant, its input smoothing (a `SmoothScale`);
+  `jaxcomp.convert` packs it.
+* `prune`: ``Sparsity.method`` -- magnitude, wanda, sparsegpt; pruned weights exactly zero,
+  same structure.
+* `factorize`: ``LowRank.method`` -- svd, asvd, svd_llm; each matched ``nnx.Linear`` becomes a
+  `LowRankLinear` at the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.layers.lowrank import LowRankLinear
+from jaxcomp.oneshot import registry
+from jaxcomp.oneshot.calibrate import LayerStats
+from jaxcomp.oneshot.pipeline import LayerResult, kernel_2d, plan_transform, solve_all
+from jaxcomp.oneshot.solver import relative_error
+from jaxcomp.quant.qarray import from_canonical, to_step_layout
+from jaxcomp.quant.spec import Quant
+from jaxcomp.recipe import Recipe
+from jaxcomp.rewrite import engine
+from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS
+
+Array = jax.Array
+_FIELD = {"quant": "Quant.method", "sparsity": "Sparsity.method", "lowrank": "LowRank.method"}
+
+
+def _default_call(m: nnx.Module, b: Any) -> Any:
+  return m(*b) if isinstance(b, tuple) else m(b)
+
+
+def _set_kernel(m: nnx.Module, w2: Array) -> None:
+  """Writes a (K, N) kernel back into the layer's own layout and dtype."""
+  axes = engine.kernel_axes(m)
+  var = getattr(m, axes.name)
+  old = var[...]
+  var[...] = from_canonical(w2.T, old.shape, axes.contracting).astype(old.dtype)
+
+
+def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Callable[[Any], Any],
+         solve: Callable[[nnx.Module, str, nnx.Module, Any, LayerStats | None], LayerResult],
+         check: Callable[[str, nnx.Module, Any], None], *, name: str, batch_size: int,
+         blocks: str | None, call: Callable | None, strict: bool, progress: bool,
+         calib_dtype: Any) -> tuple[nnx.Module, list[LayerResult]]:
+  """Plans ``model`` against the recipe's ``payload`` rules, checks each layer against its
+  solver, and solves every layer in the sequential pipeline; returns the new model and one
+  `LayerResult` per layer, in solve order."""
+  for rule in recipe.rules if isinstance(recipe, Recipe) else ():
+    if payload(rule) is not None:
+      registry.get(kind, payload(rule).method)  # an unknown method fails before anything runs
+  supported_types = {t for s in registry.SOLVERS if s.kind == kind for t in s.layers}
+  new, calibrated, plain = plan_transform(
+      name, model, recipe, calib, lambda m: type(m) in supported_types, payload,
+      lambda spec: registry.get(kind, spec.method).calibrated, strict)
+  for path, m, spec in calibrated + plain:
+    solver = registry.get(kind, spec.method)
+    if type(m) not in solver.layers:
+      what = "calibrated methods" if solver.calibrated else f"method {spec.method!r}"
+      types = " and ".join(f"nnx.{t.__name__}" for t in solver.layers)
+      fix = ", use 'rtn'" if kind == "quant" else ""
+      raise ValueError(f"{path}: {what} support {types} layers, not {type(m).__name__}; "
+                       f"{_FIELD[kind]}={spec.method!r} cannot solve it{fix}")
+    if engine.kernel_axes(m).batch:
+      raise ValueError(f"{path}: {name} does not solve kernels with batch axes")
+    check(path, m, spec)
+  results: list[LayerResult] = []
+  one = lambda p, m, spec, stats: results.append(solve(new, p, m, spec, stats))
+  solve_plain = lambda layers: [one(p, m, spec, None) for p, m, spec in layers]
+  solve_all(new, calibrated, one, plain, solve_plain, calib, name=name, batch_size=batch_size,
+            blocks=blocks, call=call or _default_call, progress=progress,
+            calib_dtype=calib_dtype)
+  return new, results
+
+
+def _timed(path: str, method: str, fn: Callable[[], tuple[float, int | None]]) -> LayerResult:
+  t0 = time.perf_counter()
+  err, rank = fn()
+  return LayerResult(path, method, err, time.perf_counter() - t0, rank)
+
+
+# --------------------------------------------------------------------------- ptq
+
+
+def _install_quant(m: nnx.Module, spec: Quant, step2: Array | None,
+                   in_scale: Array | None) -> None:
+  """Quantizes layer ``m`` with ``spec`` and installs a solved step (G, N) and smoothing."""
+  QUANT_HANDLERS[type(m)](m, dataclasses.replace(spec, learn_scale=False))
+  axes = engine.kernel_axes(m)
+  kernel = getattr(m, axes.name)
+  hook = m.dot_general
+  hook.spec = spec
+  if step2 is not None:
+    step = to_step_layout(step2.T, kernel[...].shape, axes.contracting, spec)
+    hook.w_step = qlayers.step_variable(kernel, axes.contracting, step)
+  if in_scale is not None:
+    hook.in_scale = qlayers.SmoothScale(jnp.asarray(in_scale, jnp.float32))
+
+
+def _solve_quant(root: nnx.Module, path: str, m: nnx.Module, spec: Quant, stats: LayerStats | None) -> LayerResult:
+  del root
+  solver = registry.get("quant", spec.method)
+
+  def run():
+    if solver.solve is None:  # data-free: quantized as QAT would
+      QUANT_HANDLERS[type(m)](m, spec)
+      return float("nan"), None
+    w = kernel_2d(m)
+    sol = solver.solve(w, stats, spec)
+    _set_kernel(m, sol.kernel)
+    _install_quant(m, spec, sol.step, sol.in_scale)
+    return relative_error(w, sol.effective, stats.h), None
+
+  return _timed(path, spec.method, run)
+
+
+def ptq(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
+        blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
+        strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
+        return_report: bool = False) -> nnx.Module | tuple[nnx.Module, list[LayerResult]]:
+  """Post-training quantization of an NNX model; ``model`` is left untouched.
+
+  Args:
+    model: an NNX model (e.g. `jaxcomp.models.Llama`).
+    recipe: rules with `Quant` specs; ``Quant.method`` names the solver per layer.
+    calib: calibration inputs: an array whose leading axis indexes examples (e.g. int32
+      tokens [N, T], cut into ``batch_size`` batches), or an iterable of batches; may be None
+      when every rule is data-free (rtn).
+    batch_size: examples per forward pass when ``calib`` is an array.
+    blocks: regex of the block paths to run sequentially; default: the elements of the
+      outermost module list holding matched layers (``layers/0``, ``layers/1``, ...).
+    call: ``call(model, batch)`` runs the model; default ``model(batch)``.
+    strict: raise if a rule matches nothing or matches an unsupported layer.
+    progress: show a tqdm bar over blocks.
+    calib_dtype: dtype of the weight-only matmuls while calibration data flows through the
+      blocks (float32 accumulation; GPTQ's reference runs them in float16); None keeps the
+      model's. W8A8 layers always run their int8 dot. The solved weights are float32.
+    return_report: also return one `LayerResult` per solved layer.
+
+  Returns:
+    The quantized model (convert it with `jaxcomp.convert` for serving), or
+    ``(model, results)`` with ``return_report``.
+
+  Example::
+
+    recipe = jc.Recipe([jc.Rule(r"layers/.*", quant=jc.Quant(w_bits=4, group=128,
+                                                            method="gptq"))])
+    qmodel, layers = jc.ptq(model, recipe, calib=tokens, return_report=True)
+  """
+  def check(path, m, spec):
+    if registry.get("quant", spec.method).solve is not None:
+      kernel_2d(m)  # the (K, N) view exists
+
+  new, results = _run("quant", model, recipe, calib, lambda r: r.quant, _solve_quant, check,
+                      name="ptq", batch_size=batch_size, blocks=blocks, call=call,
+                      strict=strict, progress=progress, calib_dtype=calib_dtype)
+  return (new, results) if return_report else new
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def _check_nm(path: str, m: nnx.Module, spec: Any) -> None:
+  k = kernel_2d(m).shape[0]
+  if spec.nm is not None and k % spec.nm[1]:
+    raise ValueError(f"{path}: Sparsity.pattern {spec.pattern!r} needs the input size {k} "
+                     f"to be a multiple of M={spec.nm[1]}")
+
+
+def _solve_sparse(root: nnx.Module, path: str, m: nnx.Module, spec: Any,
+                  stats: LayerStats | None) -> LayerResult:
+  del root
+
+  def run():
+    w = kernel_2d(m)
+    w_hat = registry.get("sparsity", spec.method).solve(w, stats, spec)
+    _set_kernel(m, w_hat)
+    return (float("nan") if stats is None else relative_error(w, w_hat, stats.h)), None
+
+  return _timed(path, spec.method, run)
+
+
+def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
+          blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
+          strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
+          return_report: bool = False) -> nnx.Module | tuple[nnx.Module, list[LayerResult]]:
+  """One-shot pruning of an NNX model by the recipe's `Sparsity` rules; ``model`` is untouched.
+
+  Args:
+    model: an NNX model (Linear, LinearGeneral and Conv kernels are pruned; wanda and
+      sparsegpt need Linear / LinearGeneral, whose inputs they record).
+    recipe: rules with ``sparsity=jc.Sparsity(...)`` (their ``quant`` is ignored here).
+    calib: calibration inputs (as for `jaxcomp.ptq`); required when a rule uses wanda or
+      sparsegpt.
+    batch_size, blocks, call, strict, progress, calib_dtype: as for `jaxcomp.ptq`.
+    return_report: also return one `LayerResult` per pruned layer (``error``: relative output
+      error on the calibration inputs; NaN for magnitude).
+
+  Returns:
+    The pruned model (same structure, pruned weights exactly zero), or ``(model, results)``.
+
+  Example::
+
+    recipe = jc.Recipe([jc.Rule(r".*_proj", sparsity=jc.Sparsity("2:4", method="sparsegpt"))])
+    pruned = jc.prune(model, recipe, calib=tokens)     # tokens: int32[128, 512]
+  """
+  new, results = _run("sparsity", model, recipe, calib, lambda r: r.sparsity, _solve_sparse,
+                      _check_nm, name="prune", batch_size=batch_size, blocks=blocks, call=call,
+                      strict=strict, progress=progress, calib_dtype=calib_dtype)
+  return (new, results) if return_report else new
+
+
+# --------------------------------------------------------------------------- factorize
+
+
+def factorize(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
+              blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
+              strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
+              return_report: bool = False
+              ) -> nnx.Module | tuple[nnx.Module, list[LayerResult]]:
+  """Factors the linear layers the recipe's `LowRank` rules match; ``model`` is untouched.
+
+  Args:
+    model: an NNX model (``nnx.Linear`` layers are factored).
+    recipe: rules with ``lowrank=jc.LowRank(...)`` (their ``quant`` / ``sparsity`` are ignored
+      here).
+    calib: calibration inputs (as for `jaxcomp.ptq`); required for asvd and svd_llm.
+    batch_size, blocks, call, strict, progress, calib_dtype: as for `jaxcomp.ptq`.
+    return_report: also return one `LayerResult` per factored layer (with its rank).
+
+  Returns:
+    The factored model, or ``(model, results)``.
+
+  Example::
+
+    recipe = jc.Recipe([jc.Rule(r".*_proj", lowrank=jc.LowRank(reduction=0.4, method="svd_llm"))])
+    small = jc.factorize(model, recipe, calib=tokens)
+  """
+  def check(path, m, spec):
+    if spec.rank is not None and spec.rank > min(m.kernel[...].shape):
+      raise ValueError(f"{path}: LowRank.rank={spec.rank} is above min(in, out) = "
+                       f"min{tuple(m.kernel[...].shape)}")
+
+  def solve(root, path, m, spec, stats):
+    def run():
+      w = m.kernel[...]
+      a, b = registry.get("lowrank", spec.method).solve(w, stats, spec)
+      engine.set_at(root, path, LowRankLinear.from_linear(m, a, b))
+      return (float("nan") if stats is None else relative_error(w, a @ b, stats.h)), a.shape[1]
+
+    return _timed(path, spec.method, run)
+
+  new, results = _run("lowrank", model, recipe, calib, lambda r: r.lowrank, solve, check,
+                      name="factorize", batch_size=batch_size, blocks=blocks, call=call,
+                      strict=strict, progress=progress, calib_dtype=calib_dtype)
+  return (new, results) if return_report else new

@@ -1,0 +1,231 @@
+"""Calibration capture for post-training quantization: statistics of each layer's inputs.
+
+A `Capture` module takes the place of a linear layer's ``dot_general`` for one pass; it computes
+the same float dot and accumulates, over every calibration token, the second moment
+``H = 2 X^T X`` (GPTQ's Hessian, AWQ's exact output-error metric), and per input feature
+``max |x|`` (SmoothQuant) and ``mean |x|`` (AWQ). Nothing but these statistics is kept, so
+memory is bounded by ``K^2`` per layer whatever the number of tokens.
+
+Sequential PTQ (GPTQ's, llm-compressor's) runs the model block by block: `catch_inputs` records
+the arguments the first block receives, then each block is run on the outputs of the blocks
+before it *after* they were quantized, so every layer is solved for the inputs it will see.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcomp.rewrite.engine import module_at, set_at
+
+Array = jax.Array
+
+
+class CalibStat(nnx.Variable):
+  """An accumulated calibration statistic (not a parameter)."""
+
+
+class LayerStats(NamedTuple):
+  """Input statistics of one linear layer over the calibration set (K = input features).
+
+  Attributes:
+    h: (K, K) float32, ``2 X^T X / n`` (the mean Hessian of the layer's squared output error).
+    absmax: (K,) ``max |x_j|`` over tokens.
+    mean_abs: (K,) ``mean |x_j|`` over tokens.
+    count: number of tokens ``n``.
+  """
+
+  h: Array
+  absmax: Array
+  mean_abs: Array
+  count: int
+
+
+class Capture(nnx.Module):
+  """A ``dot_general`` for `nnx.Linear` that records input statistics while computing the dot.
+
+  ``H`` is accumulated from bfloat16 inputs with float32 sums (the fast path of CPU/TPU matrix
+  units; the inputs' relative rounding is 2^-9, well below what GPTQ's dampening absorbs).
+  With ``dtype`` the layer's own dot runs in that dtype too (float32 accumulation).
+
+  Example::
+
+    lin = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    lin.dot_general = nnx.data(Capture(8))
+    _ = lin(jnp.ones((3, 8)))
+    lin.dot_general.stats().count
+    3
+  """
+
+  def __init__(self, k: int, dtype: Any = None):
+    self.dtype = dtype
+    self.h = CalibStat(jnp.zeros((k, k), jnp.float32))
+    self.absmax = CalibStat(jnp.zeros((k,), jnp.float32))
+    self.abs_sum = CalibStat(jnp.zeros((k,), jnp.float32))
+    self.count = CalibStat(jnp.zeros((), jnp.float32))
+
+  def __call__(self, lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+               preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+    (lc, _), (lb, _) = dimension_numbers
+    if lb or tuple(a % lhs.ndim for a in lc) != tuple(range(lhs.ndim - len(lc), lhs.ndim)):
+      raise ValueError("calibration needs a layer contracting the trailing input axes")
+    x = lhs.reshape(-1, self.absmax.shape[0])
+    xb = x.astype(jnp.bfloat16)
+    self.h[...] += 2.0 * jnp.dot(xb.T, xb, preferred_element_type=jnp.float32)
+    ax = jnp.abs(x).astype(jnp.float32)
+    self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(ax, axis=0))
+    self.abs_sum[...] += jnp.sum(ax, axis=0)
+    self.count[...] += x.shape[0]
+    return low_precision_dot(lhs, rhs, dimension_numbers, self.dtype, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+  def stats(self) -> LayerStats:
+    """The statistics accumulated so far (means over tokens)."""
+    n = float(self.count[...])
+    if n == 0:
+      raise ValueError("Capture saw no tokens")
+    return LayerStats(self.h[...] / n, self.absmax[...], self.abs_sum[...] / n, int(n))
+
+
+def low_precision_dot(lhs: Array, rhs: Array, dimension_numbers: Any, dtype: Any, *,
+                      precision: Any = None, preferred_element_type: Any = None) -> Array:
+  """``lax.dot_general`` with both operands cast to ``dtype`` (None: as they are), float32
+  accumulation, the result in ``lhs``'s dtype.
+
+  Example::
+
+    low_precision_dot(x, w, (((1,), (0,)), ((), ())), jnp.bfloat16)
+  """
+  if dtype is None:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  y = jax.lax.dot_general(lhs.astype(dtype), rhs.astype(dtype), dimension_numbers,
+                          preferred_element_type=jnp.float32)
+  return y.astype(preferred_element_type or lhs.dtype)
+
+
+class _Stop(Exception):
+  pass
+
+
+class _Sink:
+  """A plain holder (static to NNX) for the recorded arguments."""
+
+  def __init__(self):
+    self.calls: list[tuple[tuple, dict]] = []
+
+
+class _Catcher(nnx.Module):
+  """Stands in for the first block: records its arguments, then stops the forward pass."""
+
+  def __init__(self, sink: _Sink):
+    self.sink = sink
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    self.sink.calls.append((args, kwargs))
+    raise _Stop
+
+
+def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
+                 call: Callable[[nnx.Module, Any], Any]) -> list[tuple[tuple, dict]]:
+  """The ``(args, kwargs)`` the module at ``block_path`` receives for each calibration batch.
+
+  The model runs eagerly up to that module only (its first call), so nothing after it costs.
+
+  Args:
+    model: an NNX model (left as it was on return).
+    block_path: path of the module whose inputs to record (e.g. ``"layers/0"``).
+    batches: calibration batches.
+    call: ``call(model, batch)`` runs the model on one batch.
+
+  Example::
+
+    inputs = catch_inputs(model, "layers/0", [tokens], lambda m, b: m(b))
+    args, kwargs = inputs[0]          # (hidden [B, T, D], positions [B, T]), {}
+  """
+  original = module_at(model, block_path)
+  sink = _Sink()
+  set_at(model, block_path, _Catcher(sink))
+  try:
+    for batch in batches:
+      n = len(sink.calls)
+      try:
+        call(model, batch)
+      except _Stop:
+        pass
+      if len(sink.calls) != n + 1:
+        raise ValueError(f"calibration: the model never called {block_path!r}")
+  finally:
+    set_at(model, block_path, original)
+  return sink.calls
+
+
+def find_blocks(model: nnx.Module, layer_paths: Sequence[str],
+                pattern: str | None = None) -> list[str]:
+  """Paths of the repeated blocks that contain the given layers, in model order.
+
+  With ``pattern`` (a regex), the modules whose path fully matches it. Otherwise the elements
+  of the outermost list of modules (``nnx.List`` / sequence, path ending in an index) that
+  contain any of ``layer_paths`` (e.g. ``layers/0 .. layers/29`` for a Llama).
+
+  Example::
+
+    find_blocks(model, ["layers/0/attn/q_proj", "layers/1/mlp/up_proj"])
+    # -> ["layers/0", "layers/1"]
+  """
+  paths = []
+  for path, node in nnx.iter_graph(model):
+    if not path or not isinstance(node, nnx.Module):
+      continue
+    p = "/".join(str(k) for k in path)
+    if pattern is not None:
+      if re.fullmatch(pattern, p):
+        paths.append(p)
+    elif isinstance(path[-1], int) and any(l.startswith(p + "/") for l in layer_paths):
+      paths.append(p)
+  # Outermost only: drop blocks nested inside another block.
+  outer = [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
+  natural = lambda p: [(0, int(k), "") if k.isdigit() else (1, 0, k) for k in p.split("/")]
+  return sorted(outer, key=natural)
+
+
+def calib_tokens(tokenizer: Any, *, n_seq: int = 128, seq_len: int = 512,
+                 text_path: str | None = None, seed: int = 0) -> np.ndarray:
+  """``n_seq`` calibration windows of ``seq_len`` tokens from a training text.
+
+  Windows start at random (seeded) positions of the tokenized text, as in GPTQ's C4 sampling.
+  The default text is the six Jane Austen novels (`jaxcomp.data.austen`); pass ``text_path`` for
+  any UTF-8 file. Never calibrate on the split you report.
+
+  Args:
+    tokenizer: a `tokenizers.Tokenizer` (``encode(text).ids``).
+    n_seq: number of windows.
+    seq_len: tokens per window.
+    text_path: a text file; None for the Austen novels.
+    seed: window placement.
+
+  Returns:
+    int32 [n_seq, seq_len].
+
+  Example::
+
+    calib = calib_tokens(io.gguf_tokenizer(path))          # int32[128, 512]
+  """
+  if text_path is None:
+    from jaxcomp.data.austen import austen_text  # pylint: disable=import-outside-toplevel
+    text = austen_text()
+  else:
+    text = pathlib.Path(text_path).read_text(encoding="utf-8")
+  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+  if len(ids) < n_seq * seq_len:
+    raise ValueError(f"calibration text has {len(ids)} tokens, fewer than n_seq * seq_len = "
+                     f"{n_seq * seq_len}")
+  starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, n_seq)
+  return np.stack([ids[s:s + seq_len] for s in starts])

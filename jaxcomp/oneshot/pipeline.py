@@ -1,0 +1,260 @@
+"""The sequential calibration pipeline shared by `jaxcomp.ptq`, `jaxcomp.prune` and
+`jaxcomp.factorize`.
+
+Calibrated layers are solved block by block: the first block's inputs are recorded, each block
+in turn runs with `Capture` hooks on its layers, its layers are solved, and the *rewritten*
+block runs again to give the next block its inputs. Layers outside the blocks (e.g. an untied
+``lm_head``) are solved last from one pass over the whole rewritten model. Data-free layers are
+solved in the same block order, without captures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.oneshot.calibrate import (Capture, LayerStats, catch_inputs, find_blocks,
+                                       low_precision_dot)
+from jaxcomp.quant import dot as qdot
+from jaxcomp.quant.qarray import canonical
+from jaxcomp.recipe import Recipe
+from jaxcomp.rewrite import engine
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class LayerResult:
+  """What PTQ (or pruning, or factorization) did to one layer.
+
+  Attributes:
+    path: module path.
+    method: the solver (its registry name).
+    error: relative output error ``||X (W_q - W)||^2 / ||X W||^2`` on the calibration inputs
+      (from the Hessian; NaN for layers solved without data, e.g. RTN).
+    seconds: wall time of the solve.
+    rank: the rank chosen (`jaxcomp.factorize` only).
+  """
+
+  path: str
+  method: str
+  error: float
+  seconds: float
+  rank: int | None = None
+
+
+def kernel_2d(m: nnx.Module) -> Array:
+  """A layer's weight as ``(K, N)`` (`jaxcomp.rewrite.engine.kernel_axes`: K the contracting
+  axes flattened in order, N the others), the view every solver works on.
+
+  Example:
+    >>> kernel_2d(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))).shape
+    (27, 8)
+  """
+  axes = engine.kernel_axes(m)
+  return canonical(getattr(m, axes.name)[...], axes.contracting).T
+
+
+def as_batches(calib: Any, batch_size: int, fn: str = "ptq") -> list[Any]:
+  if calib is None:
+    raise ValueError(f"{fn}: calib is missing; the recipe has calibrated methods")
+  if isinstance(calib, (np.ndarray, jax.Array)):
+    if calib.ndim < 1 or calib.shape[0] == 0:
+      raise ValueError(f"{fn}: calib must hold at least one example, got shape {calib.shape}")
+    return [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+  batches = list(calib)
+  if not batches:
+    raise ValueError(f"{fn}: calib is empty")
+  return batches
+
+
+@nnx.jit
+def _run_block(block: nnx.Module, args: tuple, kwargs: dict) -> Any:
+  return block(*args, **kwargs)
+
+
+class _CalibQuantDot(nnx.Module):
+  """Stands in for a weight-only `QuantDot` while calibration data flows through a solved
+  block: the same fake-quantized kernel and input smoothing, the dot in ``dtype``."""
+
+  def __init__(self, hook: qlayers.QuantDot, dtype: Any):
+    self.hook = hook
+    self.dtype = dtype
+
+  def __call__(self, lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+               preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+    hook = self.hook
+    (lc, rc), _ = dimension_numbers
+    if hook.in_scale is not None:
+      lhs = qlayers.divide_contracting(lhs, hook.in_scale[...], lc)
+    step = None if hook.w_step is None else hook.w_step[...]
+    w_hat = qdot.fake_quant_weight(rhs, rc, hook.spec, step)
+    return low_precision_dot(lhs, w_hat, dimension_numbers, self.dtype,
+                             preferred_element_type=preferred_element_type)
+
+
+def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[], None],
+                       solve: Callable[[str, nnx.Module, Any, LayerStats], None],
+                       dtype: Any = None) -> None:
+  """Installs `Capture` hooks on ``todo``'s layers, calls ``run()``, then ``solve``s each one
+  (with its plain ``dot_general`` back in place) from its input statistics."""
+  captures, originals = {}, {}
+  for path, m, _ in todo:
+    captures[path], originals[path] = Capture(kernel_2d(m).shape[0], dtype), m.dot_general
+    m.dot_general = nnx.data(captures[path])
+  run()
+  for path, m, payload in todo:
+    stats = captures.pop(path).stats()
+    m.dot_general = nnx.static(originals[path])  # the plain layer again, before the rewrite
+    solve(path, m, payload, stats)
+
+
+@contextlib.contextmanager
+def _calibration_dots(block: nnx.Module, dtype: Any):
+  """Runs the weight-only quantized layers of ``block`` in ``dtype`` for the duration."""
+  swapped = []
+  if dtype is not None:
+    for _, node in nnx.iter_graph(block):
+      hook = getattr(node, "dot_general", None)
+      if isinstance(hook, qlayers.QuantDot) and hook.spec.a_bits is None:
+        node.dot_general = nnx.data(_CalibQuantDot(hook, dtype))
+        swapped.append((node, hook))
+  try:
+    yield
+  finally:
+    for node, hook in swapped:
+      node.dot_general = hook
+
+
+def plan_transform(name: str, model: nnx.Module, recipe: Recipe, calib: Any,
+                   supported: Callable[[nnx.Module], bool], payload: Callable[[Any], Any],
+                   needs_calib: Callable[[Any], bool], strict: bool
+                   ) -> tuple[nnx.Module, list[tuple[str, nnx.Module, Any]],
+                              list[tuple[str, nnx.Module, Any]]]:
+  """The common start of every one-shot transform: checks the arguments, clones ``model``,
+  matches the recipe's ``payload`` rules and splits the layers into calibrated and data-free
+  ``(path, layer, spec)`` lists (``needs_calib(spec)``); a missing ``calib`` is a one-line error
+  naming the first rule that needs it.
+
+  Example::
+
+    new, calibrated, plain = plan_transform("prune", model, recipe, calib, ok, payload,
+                                            needs_data, strict=False)
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{name}: expected a flax.nnx Module, got {type(model).__name__}")
+  if not isinstance(recipe, Recipe):
+    raise TypeError(f"{name}: recipe must be a jaxcomp.Recipe, got {type(recipe).__name__}")
+  new = nnx.clone(model)
+  todo, report = engine.plan(new, recipe, supported, payload)
+  if strict:
+    report.check()
+  logging.info("jaxcomp.%s:\n%s", name, report)
+  needs_data = lambda rule: needs_calib(payload(rule))
+  calibrated = [(p, m, payload(r)) for p, m, r in todo if needs_data(r)]
+  plain = [(p, m, payload(r)) for p, m, r in todo if not needs_data(r)]
+  if calibrated and calib is None:
+    rule = next(r for _, _, r in todo if needs_data(r))
+    raise ValueError(f"{name}: calib is missing; rule {rule.label!r} has "
+                     f"{type(payload(rule)).__name__}.method={payload(rule).method!r}, which "
+                     "needs calibration inputs")
+  return new, calibrated, plain
+
+
+def solve_all(model: nnx.Module, calibrated: list[tuple[str, nnx.Module, Any]],
+              solve: Callable[[str, nnx.Module, Any, LayerStats], None],
+              plain: list[tuple[str, nnx.Module, Any]],
+              solve_plain: Callable[[list[tuple[str, nnx.Module, Any]]], None], calib: Any, *,
+              name: str, batch_size: int, blocks: str | None,
+              call: Callable[[nnx.Module, Any], Any], progress: bool, calib_dtype: Any) -> None:
+  """Solves ``calibrated`` layers in the sequential pipeline and ``plain`` (data-free) ones in
+  the same block order (each block's before its capture); without calibrated layers, just the
+  plain ones.
+
+  Example::
+
+    solve_all(new, calibrated, solve, plain, solve_plain, calib, name="ptq", batch_size=8,
+              blocks=None, call=call, progress=False, calib_dtype=None)
+  """
+  if not calibrated:
+    solve_plain(plain)
+    return
+  run_sequential(
+      model, calibrated, solve, as_batches(calib, batch_size, name), blocks=blocks, call=call,
+      progress=progress, calib_dtype=calib_dtype, desc=f"{name} blocks",
+      before_block=lambda b: solve_plain([t for t in plain if _inside(t[0], b)]),
+      before_tail=lambda in_blocks: solve_plain([t for t in plain if not in_blocks(t[0])]))
+
+
+def _inside(path: str, block: str) -> bool:
+  return path.startswith(block + "/")
+
+
+def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
+                   solve: Callable[[str, nnx.Module, Any, LayerStats], None],
+                   batches: list[Any], *, blocks: str | None = None,
+                   call: Callable[[nnx.Module, Any], Any], progress: bool = True,
+                   calib_dtype: Any = None, desc: str = "blocks",
+                   before_block: Callable[[str], None] | None = None,
+                   before_tail: Callable[[Callable[[str], bool]], None] | None = None,
+                   ) -> Callable[[str], bool]:
+  """The sequential calibration pipeline shared by `ptq` and `jaxcomp.prune` (in place).
+
+  Records the first block's inputs, then for each block: ``before_block(path)``, `Capture`
+  hooks on the block's ``todo`` layers while it runs on the recorded inputs, ``solve(path,
+  layer, payload, stats)`` for each of them, and the *rewritten* block run again to give the
+  next block its inputs. ``todo`` layers outside every block are solved last from one pass
+  over the whole model (after ``before_tail(in_blocks)``).
+
+  Returns:
+    ``in_blocks(path)``: whether a layer path lies inside one of the blocks.
+
+  Example::
+
+    run_sequential(model, todo, solve, batches, call=lambda m, b: m(b))
+  """
+  block_paths = find_blocks(model, [p for p, _, _ in todo], blocks)
+  if blocks is not None and not block_paths:
+    raise ValueError(f"blocks={blocks!r} matches no module of the model")
+  in_blocks = lambda path: any(_inside(path, b) for b in block_paths)
+  if block_paths:
+    inputs = catch_inputs(model, block_paths[0], batches, call)
+    for b in tqdm(block_paths, desc=desc, disable=not progress):
+      block = engine.module_at(model, b)
+      if before_block is not None:
+        before_block(b)
+
+      def run_capture(block=block, inputs=inputs):
+        for args, kwargs in inputs:
+          _run_block(block, args, kwargs)
+
+      _capture_and_solve([t for t in todo if _inside(t[0], b)], run_capture, solve, calib_dtype)
+      if b == block_paths[-1] and all(in_blocks(t[0]) for t in todo):
+        break  # nothing after the last block needs its outputs
+      with _calibration_dots(block, calib_dtype):
+        inputs = [((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
+                  for args, kwargs in inputs]
+    del inputs
+  if before_tail is not None:
+    before_tail(in_blocks)
+  tail = [t for t in todo if not in_blocks(t[0])]
+  if tail:
+    run_model = nnx.jit(lambda m, b: call(m, b))
+
+    def run_capture():
+      for batch in batches:
+        run_model(model, batch)
+
+    _capture_and_solve(tail, run_capture, solve)
+  return in_blocks

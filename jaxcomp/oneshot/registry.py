@@ -1,0 +1,47 @@
+"""The one-shot solvers, one line each. A new method is one new file (its `Solver`) plus one line
+here; the transforms, the method lists and "needs calibration" all come from this table.
+
+Example:
+  >>> names("quant")
+  ('rtn', 'gptq', 'awq', 'smoothquant')
+  >>> get("sparsity", "wanda").calibrated
+  True
+"""
+
+from __future__ import annotations
+
+from jaxcomp.factorizers import asvd, svd, svd_llm
+from jaxcomp.oneshot.solver import KINDS, Solver
+from jaxcomp.pruners import magnitude, sparsegpt, wanda
+from jaxcomp.quantizers import awq, gptq, rtn, smoothquant
+
+SOLVERS: tuple[Solver, ...] = (
+    rtn.SOLVER,
+    gptq.SOLVER,
+    awq.SOLVER,
+    smoothquant.SOLVER,
+    magnitude.SOLVER,
+    wanda.SOLVER,
+    sparsegpt.SOLVER,
+    svd.SOLVER,
+    asvd.SOLVER,
+    svd_llm.SOLVER,
+)
+
+_FIELD = {"quant": "Quant.method", "sparsity": "Sparsity.method", "lowrank": "LowRank.method"}
+
+
+def names(kind: str) -> tuple[str, ...]:
+  """The registered method names of one kind (``"quant"``, ``"sparsity"``, ``"lowrank"``)."""
+  if kind not in KINDS:
+    raise ValueError(f"solver kind must be one of {', '.join(KINDS)}; got {kind!r}")
+  return tuple(s.name for s in SOLVERS if s.kind == kind)
+
+
+def get(kind: str, name: str) -> Solver:
+  """The solver ``name`` of ``kind``, or a one-line error listing the registered ones."""
+  for s in SOLVERS:
+    if s.kind == kind and s.name == name:
+      return s
+  raise ValueError(f"{_FIELD.get(kind, kind)}={name!r} is not a registered solver "
+                   f"(solvers: {', '.join(names(kind))})")

@@ -1,0 +1,218 @@
+"""The rewrite engine shared by every transform: find layers by path, match recipes, swap nodes,
+and the one answer to "which kernel axes does this layer contract over" (`kernel_axes`).
+
+The input model is never touched: transforms `nnx.clone` it (new Variables over the same
+immutable arrays, so no weight is held twice) and operate on the clone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from flax import linen as nn
+from flax import nnx
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.recipe import MatchReport, Recipe, Rule
+
+Handler = Callable[[nnx.Module, Any], nnx.Module]
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """``('layers', 0, 'attn', 'q_proj') -> 'layers/0/attn/q_proj'``.
+
+  Example:
+    >>> path_str(("layers", 0, "attn"))
+    'layers/0/attn'
+  """
+  return "/".join(str(p) for p in path)
+
+
+def owns_params(module: nnx.Module) -> bool:
+  """Whether a module holds a parameter directly (a leaf layer, not a container).
+
+  Example:
+    >>> owns_params(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    True
+  """
+  return any(isinstance(v, nnx.Param) for v in vars(module).values())
+
+
+def iter_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+  """``(path, module)`` of every module that owns parameters directly, in graph order.
+
+  Example:
+    >>> [p for p, _ in iter_layers(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))]
+    ['layers/0']
+  """
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and path and owns_params(node):
+      yield path_str(path), node
+
+
+def module_at(root: nnx.Module, path: str) -> nnx.Module:
+  """The node at ``path`` (``"layers/0/attn"``) of an NNX model.
+
+  Example:
+    >>> m = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    >>> type(module_at(m, "layers/0")).__name__
+    'Linear'
+  """
+  node: Any = root
+  for key in path.split("/"):
+    node = node[int(key)] if key.isdigit() and not hasattr(node, key) else getattr(node, key)
+  return node
+
+
+def set_at(root: nnx.Module, path: str, value: nnx.Module) -> None:
+  """Replaces the node at ``path`` of ``root`` by ``value`` (in place).
+
+  Example:
+    >>> m = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    >>> set_at(m, "layers/0", nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> m.layers[0].out_features
+    3
+  """
+  *parents, last = path.split("/")
+  node = module_at(root, "/".join(parents)) if parents else root
+  if last.isdigit() and not hasattr(node, last):
+    node[int(last)] = value
+  else:
+    setattr(node, last, value)
+
+
+class KernelAxes(NamedTuple):
+  """Where a layer's weight lives and how its dot uses it.
+
+  Attributes:
+    name: the parameter holding the weight (``"kernel"`` or ``"embedding"``).
+    contracting: the weight axes the layer contracts over, in the order they are flattened
+      into K (the layout `jaxcomp.QArray`, the quantized dot and every solver use: a kernel
+      is viewed as ``(K, N)`` with K the contracting axes and N the others, both flattened).
+    batch: weight axes that are batch dimensions of the dot (LinearGeneral ``batch_axis``,
+      einsum batch indices); no solver or packed format handles these.
+  """
+
+  name: str
+  contracting: tuple[int, ...]
+  batch: tuple[int, ...] = ()
+
+
+def kernel_axes(layer: Any, *, kernel_ndim: int | None = None,
+                einsum_str: str | None = None) -> KernelAxes | None:
+  """The one answer to "which axes of this layer's weight are contracted", for NNX and Linen.
+
+  Args:
+    layer: an NNX ``Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed`` (or
+      `jaxcomp.layers.quant.QuantEmbed`), or a Linen ``Dense`` / ``DenseGeneral`` / ``Einsum``
+      / ``Conv`` / ``Embed``.
+    kernel_ndim: the weight's rank (needed for Linen ``Conv`` / ``Einsum``; NNX layers read it).
+    einsum_str: a Linen Einsum's equation when given at call time.
+
+  Returns:
+    The `KernelAxes`, or None for any other layer type (exact types: a user subclass may change
+    the forward pass). An Embed contracts its feature axis (a tied head computes ``x @ E.T``).
+
+  Example:
+    >>> kernel_axes(nnx.LinearGeneral((4, 64), 256, axis=(-2, -1), rngs=nnx.Rngs(0)))
+    KernelAxes(name='kernel', contracting=(0, 1), batch=())
+    >>> kernel_axes(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)))
+    KernelAxes(name='kernel', contracting=(0, 1, 2), batch=())
+  """
+  t = type(layer)
+  if t in (nnx.Embed, qlayers.QuantEmbed, nn.Embed):
+    return KernelAxes("embedding", (1,))
+  if t in (nnx.Linear, nn.Dense):
+    return KernelAxes("kernel", (0,))
+  if t is nnx.LinearGeneral:
+    nb = len(layer.batch_axis)
+    return KernelAxes("kernel", tuple(range(nb, nb + len(layer.axis))), tuple(range(nb)))
+  if t is nn.DenseGeneral:
+    axis = (layer.axis,) if isinstance(layer.axis, int) else tuple(layer.axis)
+    batch = layer.batch_dims
+    nb = len((batch,) if isinstance(batch, int) else tuple(batch))
+    return KernelAxes("kernel", tuple(range(nb, nb + len(axis))), tuple(range(nb)))
+  if t in (nnx.Conv, nn.Conv):
+    nd = layer.kernel[...].ndim if kernel_ndim is None else kernel_ndim
+    return KernelAxes("kernel", tuple(range(nd - 1)))
+  if t in (nnx.Einsum, nn.Einsum):
+    eq = einsum_str or layer.einsum_str
+    nd = layer.kernel[...].ndim if kernel_ndim is None else kernel_ndim
+    (_, rc), (_, rb) = qlayers.einsum_kernel_dimension_numbers(eq, nd)
+    return KernelAxes("kernel", tuple(rc), tuple(rb))
+  return None
+
+
+def is_quantized(m: nnx.Module) -> bool:
+  """Whether an NNX layer already carries a quantized hook (or is a `QuantEmbed`).
+
+  Example:
+    >>> is_quantized(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    False
+  """
+  hooks = (getattr(m, "dot_general", None), getattr(m, "einsum_op", None),
+           getattr(m, "conv_general_dilated", None))
+  return isinstance(m, qlayers.QuantEmbed) or any(
+      isinstance(h, (qlayers.QuantDot, qlayers.QuantEinsum, qlayers.QuantConv)) for h in hooks)
+
+
+def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bool] | Any,
+         kind: Callable[[Rule], Any]) -> tuple[list[tuple[str, nnx.Module, Rule]], MatchReport]:
+  """Matches every parameterised layer against ``recipe``.
+
+  Args:
+    model: an NNX model.
+    recipe: the rules.
+    supported: ``supported(layer)`` says whether this transform handles the layer (or a
+      container of layer types, matched by exact type); others are reported "unsupported".
+    kind: picks the rule's payload for this transform (e.g. ``rule.quant``); rules whose
+      payload is None are ignored by this transform.
+
+  Returns:
+    ``(todo, report)``: ``todo`` lists ``(path, module, rule)`` to transform.
+
+  Example::
+
+    todo, rep = plan(model, recipe, {nnx.Linear}, lambda r: r.quant)
+  """
+  ok = supported if callable(supported) else (lambda m: type(m) in supported)
+  relevant = [r for r in recipe.rules if r.skip or kind(r) is not None]
+  matched: dict[str, list[str]] = {r.label: [] for r in relevant}
+  unsupported, todo = [], []
+  for path, module in iter_layers(model):
+    rule = next((r for r in relevant if r.matches(path)), None)
+    if rule is None:
+      continue
+    if rule.skip:
+      matched[rule.label].append(path)
+    elif ok(module) and not is_quantized(module):
+      matched[rule.label].append(path)
+      todo.append((path, module, rule))
+    else:
+      unsupported.append((path, type(module).__name__))
+  unused = [label for label, paths in matched.items() if not paths]
+  return todo, MatchReport(matched=matched, unused=unused, unsupported=unsupported)
+
+
+def rewrite(model: nnx.Module, recipe: Recipe, *, handlers: dict[type, Handler],
+            kind: Callable[[Rule], Any], strict: bool) -> tuple[nnx.Module, MatchReport]:
+  """Clones ``model`` and applies ``handlers[type](module, kind(rule))`` to matched layers.
+
+  Example::
+
+    new, rep = rewrite(model, recipe, handlers=QUANT_HANDLERS, kind=lambda r: r.quant,
+                       strict=True)
+  """
+  new = nnx.clone(model)
+  todo, report = plan(new, recipe, handlers, kind)
+  if strict:
+    report.check()
+  for path, module, rule in todo:
+    try:
+      replacement = handlers[type(module)](module, kind(rule))
+    except ValueError as e:
+      raise type(e)(f"{path}: {e}") from None
+    if replacement is not module:
+      set_at(new, path, replacement)
+  return new, report

@@ -1,0 +1,101 @@
+"""Quantization of Flax NNX layers: each supported layer gets its injection point set to a
+quantized hook (`jaxcomp.layers.quant`), and `quant_layers` finds them again (for `convert`,
+`ptq` and size reports). Contracting axes come from `jaxcomp.rewrite.engine.kernel_axes`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from flax import nnx
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant.spec import Quant, weight_scale_shape
+from jaxcomp.rewrite.engine import Handler, iter_layers, kernel_axes
+
+
+def _prepare(m: nnx.Module, spec: Quant) -> tuple[nnx.Variable, tuple[int, ...],
+                                                  qlayers.QuantScale | None]:
+  """The layer's weight Variable, contracting axes and (LSQ) step; validates the group size."""
+  axes = kernel_axes(m)
+  kernel = getattr(m, axes.name)
+  weight_scale_shape(kernel[...].shape, axes.contracting, spec)  # a SpecError naming the group
+  step = qlayers.make_step(kernel, axes.contracting, spec) if spec.learn_scale else None
+  return kernel, axes.contracting, step
+
+
+def _quant_linear(m: nnx.Linear, spec: Quant) -> nnx.Module:
+  _, _, step = _prepare(m, spec)
+  m.dot_general = nnx.data(qlayers.QuantDot(spec, step))
+  return m
+
+
+def _quant_linear_general(m: nnx.LinearGeneral, spec: Quant) -> nnx.Module:
+  _, _, step = _prepare(m, spec)
+  m.dot_general_cls = None
+  m.dot_general = nnx.data(qlayers.QuantDot(spec, step))
+  return m
+
+
+def _quant_einsum(m: nnx.Einsum, spec: Quant) -> nnx.Module:
+  _, _, step = _prepare(m, spec)
+  m.einsum_op = nnx.data(qlayers.QuantEinsum(spec, step))
+  return m
+
+
+def _quant_conv(m: nnx.Conv, spec: Quant) -> nnx.Module:
+  _, _, step = _prepare(m, spec)
+  m.conv_general_dilated = nnx.data(qlayers.QuantConv(spec, step))
+  return m
+
+
+def _quant_embed(m: nnx.Embed, spec: Quant) -> nnx.Module:
+  _, _, step = _prepare(m, spec)
+  return qlayers.QuantEmbed(m, spec, step)
+
+
+# Exact types: a user subclass may change the forward pass, so it is not assumed to fit.
+QUANT_HANDLERS: dict[type, Handler] = {
+    nnx.Linear: _quant_linear,
+    nnx.LinearGeneral: _quant_linear_general,
+    nnx.Einsum: _quant_einsum,
+    nnx.Conv: _quant_conv,
+    nnx.Embed: _quant_embed,
+}
+
+
+class QuantLayer(NamedTuple):
+  """A quantized layer found in a model: where its kernel and its quantization live."""
+
+  path: str
+  module: nnx.Module  # the layer (nnx.Linear, ..., or QuantEmbed)
+  hook: nnx.Module  # the module holding spec / w_step / in_scale (QuantDot, ...; or the layer)
+  kernel_name: str  # "kernel" or "embedding"
+  contracting: tuple[int, ...]  # kernel axes the layer contracts over
+  batch: tuple[int, ...]  # kernel axes that are batch dims of the dot (not packable)
+  spec: Quant
+
+
+_HOOKS = (("dot_general", qlayers.QuantDot), ("einsum_op", qlayers.QuantEinsum),
+          ("conv_general_dilated", qlayers.QuantConv))
+
+
+def quant_layers(model: nnx.Module) -> Iterator[QuantLayer]:
+  """Every quantized layer of ``model`` (as `jaxcomp.quantize` / `jaxcomp.ptq` leave them).
+
+  Example:
+    >>> q = jc.quantize(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0))),
+    ...                 jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))]))
+    >>> [(l.path, l.contracting) for l in quant_layers(q)]
+    [('layers/0', (0,))]
+  """
+  for path, m in iter_layers(model):
+    if isinstance(m, qlayers.QuantEmbed):
+      hook = m
+    else:
+      hook = next((getattr(m, a) for a, cls in _HOOKS
+                   if isinstance(getattr(m, a, None), cls)), None)
+      if hook is None:
+        continue
+    axes = kernel_axes(m)
+    yield QuantLayer(path, m, hook, axes.name, axes.contracting, axes.batch, hook.spec)

@@ -1,0 +1,224 @@
+"""Saving and restoring packed (converted) models with Orbax, and their size on disk.
+
+A packed model is saved as two Orbax items in one checkpoint directory: ``packed`` (the `QArray`
+kernels: integer values, scales) and ``float`` (everything else: norms, unquantized layers,
+smoothing vectors); for Linen, the packed variables of `jaxcomp.convert` are split the same
+way. Sizes are read back from the bytes each item occupies on disk, so bits per
+parameter are what was actually written, metadata included. Orbax writes to a temporary
+directory and renames it when complete: a failed save leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+from flax import nnx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.recipe import Recipe
+from jaxcomp.rewrite import engine
+from jaxcomp.rewrite.linen_quant import PackedParam
+from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS, quant_layers
+from jaxcomp.serve.packing import convert
+
+__all__ = ["SavedSize", "packed_skeleton", "restore_packed", "save_packed"]
+
+
+def _is_packed(path: Any, v: Any) -> bool:
+  del path
+  return isinstance(v, nnx.Variable) and isinstance(v.get_value(), QArray)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedSize:
+  """Bytes a packed checkpoint occupies, and what they hold.
+
+  Attributes:
+    packed_bytes: on-disk bytes of the ``packed`` item (quantized kernels and their scales).
+    float_bytes: on-disk bytes of the ``float`` item (all other parameters).
+    packed_params: logical number of weights in the quantized kernels.
+    float_params: number of other parameters.
+  """
+
+  packed_bytes: int
+  float_bytes: int
+  packed_params: int
+  float_params: int
+
+  @property
+  def packed_bits_per_param(self) -> float:
+    """Bits per weight of the quantized kernels, as saved (values + scales + metadata)."""
+    return 8 * self.packed_bytes / max(self.packed_params, 1)
+
+  @property
+  def bits_per_param(self) -> float:
+    """Bits per parameter of the whole model, as saved."""
+    return 8 * (self.packed_bytes + self.float_bytes) / max(
+        self.packed_params + self.float_params, 1)
+
+  def to_dict(self) -> dict[str, float | int]:
+    return {**dataclasses.asdict(self), "packed_bits_per_param": self.packed_bits_per_param,
+            "bits_per_param": self.bits_per_param,
+            "size_mb": (self.packed_bytes + self.float_bytes) / 1e6}
+
+
+def _dir_bytes(path: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  graphdef, packed, other = nnx.split(model, _is_packed, ...)
+  return graphdef, packed, other
+
+
+def _split_linen(variables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Linen variables -> (the `PackedParam` kernels' QArrays, everything else), nested dicts."""
+
+  def walk(tree):
+    packed, other = {}, {}
+    for key, value in tree.items():
+      if isinstance(value, PackedParam):
+        packed[key] = value.value
+      elif isinstance(value, Mapping):
+        p, o = walk(value)
+        if p:
+          packed[key] = p
+        if o:
+          other[key] = o
+      else:
+        other[key] = value
+    return packed, other
+
+  return walk(variables)
+
+
+def _merge_linen(packed: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `_split_linen`: the QArrays boxed back into `PackedParam`."""
+  out = {key: dict(value) if isinstance(value, Mapping) else value
+         for key, value in other.items()}
+  for key, value in packed.items():
+    if isinstance(value, Mapping):
+      out[key] = _merge_linen(value, out.get(key, {}))
+    else:
+      out[key] = PackedParam(value)
+  return out
+
+
+def _pure_parts(model: Any, fn: str) -> tuple[Any, Any, Any]:
+  """``(graphdef or None, packed pure tree, float pure tree)`` of an NNX model or Linen variables."""
+  if isinstance(model, nnx.Module):
+    graphdef, packed, other = _split(model)
+    return graphdef, nnx.to_pure_dict(packed), nnx.to_pure_dict(other)
+  if isinstance(model, Mapping):
+    return (None,) + _split_linen(model)
+  raise TypeError(f"{fn}: expected a converted NNX model or Linen variables, got "
+                  f"{type(model).__name__}")
+
+
+def save_packed(model: nnx.Module | Mapping[str, Any], directory: str | os.PathLike) -> SavedSize:
+  """Saves a packed model (from `jaxcomp.convert`) to ``directory`` (must not exist).
+
+  Args:
+    model: a converted NNX model, or the packed variables of a converted Linen module.
+    directory: checkpoint directory to create.
+
+  Returns:
+    The `SavedSize` read back from disk.
+
+  Example::
+
+    size = jc.save_packed(jc.convert(qmodel), "/tmp/smollm2_w4g128")
+    size.packed_bits_per_param
+    4.26...
+    module, packed_vars = jc.convert(qmodule, variables=qvars, args=(x,))      # Linen
+    jc.save_packed(packed_vars, "/tmp/linen_w4")
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists():
+    raise FileExistsError(f"save_packed: {directory} already exists")
+  _, packed, other = _pure_parts(model, "save_packed")
+  if not jax.tree.leaves(packed):
+    raise ValueError("save_packed: the model has no packed kernels; run jc.convert first")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    ckpt.save(directory, ocp.args.Composite(
+        packed=ocp.args.StandardSave(packed), float=ocp.args.StandardSave(other)))
+  count = lambda s: int(sum(
+      v.size if isinstance(v, QArray) else np.size(v)
+      for v in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, QArray))))
+  return SavedSize(packed_bytes=_dir_bytes(directory / "packed"),
+                   float_bytes=_dir_bytes(directory / "float"),
+                   packed_params=count(packed), float_params=count(other))
+
+
+def packed_skeleton(model: nnx.Module, recipe: Recipe) -> nnx.Module:
+  """The packed form `jaxcomp.convert` gives for ``model`` quantized by ``recipe`` (any method),
+  with placeholder values: the target structure for `restore_packed`.
+
+  Run it under `nnx.eval_shape` to allocate nothing.
+
+  Example::
+
+    like = nnx.eval_shape(lambda: jc.packed_skeleton(Llama(cfg, rngs=nnx.Rngs(0)), recipe))
+  """
+  as_rtn = Recipe([r if r.quant is None else dataclasses.replace(
+      r, quant=dataclasses.replace(r.quant, method="rtn", learn_scale=False)) for r in recipe.rules])
+  new, _ = engine.rewrite(model, as_rtn, handlers=QUANT_HANDLERS,
+                               kind=lambda r: r.quant, strict=False)
+  for layer in quant_layers(new):
+    rule = recipe.match(layer.path)
+    if rule is not None and rule.quant is not None:
+      layer.hook.spec = rule.quant
+      if rule.quant.method in ("awq", "smoothquant"):
+        k = int(np.prod([getattr(layer.module, layer.kernel_name)[...].shape[a]
+                         for a in layer.contracting]))
+        layer.hook.in_scale = qlayers.SmoothScale(jax.numpy.ones((k,), jax.numpy.float32))
+  return convert(new)
+
+
+def restore_packed(directory: str | os.PathLike, like: Any) -> Any:
+  """Restores a model saved by `save_packed` into the structure of ``like``.
+
+  Args:
+    directory: the checkpoint directory.
+    like: a model of the same packed structure (e.g. ``nnx.eval_shape`` of `packed_skeleton`),
+      or, for Linen, packed variables of the same structure (abstract ones will do).
+
+  Returns:
+    The restored packed model, or the restored Linen variables.
+
+  Example::
+
+    like = nnx.eval_shape(lambda: jc.packed_skeleton(Llama(cfg, rngs=nnx.Rngs(0)), recipe))
+    packed = jc.restore_packed("/tmp/smollm2_w4g128", like)
+    like = jax.eval_shape(lambda: jc.convert(qmodule, variables=qvars, args=(x,))[1])  # Linen
+    packed_vars = jc.restore_packed("/tmp/linen_w4", like)
+  """
+  directory = pathlib.Path(directory).absolute()
+  for item in ("packed", "float"):
+    if not (directory / item).is_dir():
+      raise ValueError(f"restore_packed: {directory} is not a packed checkpoint (no {item!r} item)")
+  graphdef, packed, other = _pure_parts(like, "restore_packed")
+  as_abstract = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      restored = ckpt.restore(directory, ocp.args.Composite(
+          packed=ocp.args.StandardRestore(as_abstract(packed)),
+          float=ocp.args.StandardRestore(as_abstract(other))))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"restore_packed: {directory} does not match the model: {first}") from None
+  if graphdef is None:
+    return _merge_linen(restored["packed"], restored["float"])
+  _, packed_state, other_state = _split(like)
+  nnx.replace_by_pure_dict(packed_state, restored["packed"])
+  nnx.replace_by_pure_dict(other_state, restored["float"])
+  return nnx.merge(graphdef, packed_state, other_state)
+

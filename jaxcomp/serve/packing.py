@@ -1,0 +1,125 @@
+"""`convert`: a quantized (QAT or PTQ) NNX model, or a quantized Linen module's variables -> the
+packed serving form.
+
+Each quantized layer's float kernel is replaced by a `QArray` (int8, or int4 two per byte, with
+its scales), computed from the kernel and the layer's step (learned by LSQ or solved by PTQ) or,
+without a step, by the same calibration the fake-quant forward uses. The layer keeps its
+quantized-dot hook, which now receives the `QArray` and runs the serving path of
+`jaxcomp.quant.dot.quant_dot_general`; its outputs equal the fake-quant model's. For Linen, the
+`QuantizedLinen` from `jaxcomp.quantize` stays as it is and its variables are packed: the wrapper
+runs the packed path for every `QArray` kernel it meets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import linen as nn
+from flax import nnx
+import jax
+
+from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
+from jaxcomp.quant.spec import Quant
+from jaxcomp.rewrite.linen_quant import PackedParam, quantized_layers_linen
+from jaxcomp.rewrite.nnx_quant import quant_layers
+
+
+def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
+                step: Any = None) -> QArray:
+  """The `QArray` of one kernel: on ``step`` when given (LSQ / PTQ), else calibrated by ``spec``.
+
+  Example:
+    >>> pack_kernel(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)).values.shape
+    (4, 4)
+  """
+  if step is not None:
+    return quantize_with_step(kernel, contracting, step, spec.w_bits, spec.group,
+                              full_range=spec.full_range)
+  return quantize_weight(kernel, contracting, spec)
+
+
+def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None) -> Any:
+  """Returns the packed serving form of a quantized model; ``model`` is left untouched.
+
+  Every layer quantized by `jaxcomp.quantize` (QAT) or `jaxcomp.ptq` gets its kernel replaced by a
+  `QArray` parameter (int8 values for 5-8 bits, int4 packed two per byte for 2-4 bits, float32
+  scales per channel or group). Its forward pass runs the integer path of the quantized dot:
+  int8 x int8 -> int32 for W8A8 layers, dequantize-and-dot for weight-only ones, with logits
+  equal to the fake-quant model's. Save it with `jaxcomp.save_packed`.
+
+  Args:
+    model: an NNX model with quantized layers, or the `QuantizedLinen` module that
+      `jaxcomp.quantize` returned for a Linen model (then ``variables`` and ``args`` are needed).
+    variables: Linen only: the quantized module's variables (``w_step`` params included).
+    args, kwargs: Linen only: example call arguments (arrays or `jax.ShapeDtypeStruct`), used to
+      trace the module once, abstractly, to find its quantized layers.
+
+  Returns:
+    NNX: the new model. Linen: ``(module, packed_variables)``, where each kernel is a
+    `PackedParam` box holding its `QArray` and the ``w_step`` params are gone; ``module.apply(packed_variables, x)`` runs the
+    packed path.
+
+  Example:
+    >>> model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
+    >>> qmodel = jc.quantize(model, jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))]))
+    >>> packed = jc.convert(qmodel)
+    >>> type(packed.layers[0].kernel[...]).__name__
+    'QArray'
+    >>> x = jnp.ones((2, 64))
+    >>> bool((packed(x) == qmodel(x)).all())
+    True
+    >>> dense = nn.Dense(32)                                      # Linen
+    >>> variables = dense.init(jax.random.key(0), x)
+    >>> recipe = jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=4))])
+    >>> qdense, qvars = jc.quantize(dense, recipe, variables=variables, args=(x,))
+    >>> qdense, packed_vars = jc.convert(qdense, variables=qvars, args=(x,))
+    >>> type(packed_vars["params"]["kernel"]).__name__
+    'PackedParam'
+    >>> bool((qdense.apply(packed_vars, x) == qdense.apply(qvars, x)).all())
+    True
+  """
+  if isinstance(model, nn.Module):
+    if variables is None or not args:
+      raise TypeError("convert: a Linen module needs variables= and args=(example inputs,)")
+    return _convert_linen(model, variables, tuple(args), kwargs)
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"convert: expected a flax.nnx or flax.linen Module, got "
+                    f"{type(model).__name__}")
+  if variables is not None or args:
+    raise TypeError("convert: variables= and args= are for Linen modules, not NNX models")
+  new = nnx.clone(model)
+  layers = list(quant_layers(new))
+  if not layers:
+    raise ValueError("convert: the model has no quantized layers; run jc.quantize or jc.ptq first")
+  for layer in layers:
+    var = getattr(layer.module, layer.kernel_name)
+    value = var[...]
+    if isinstance(value, QArray):
+      continue  # already packed
+    if layer.batch:
+      raise ValueError(f"{layer.path}: convert does not pack LinearGeneral kernels with batch axes")
+    step = layer.hook.w_step
+    qa = pack_kernel(value, layer.contracting, layer.spec, None if step is None else step[...])
+    setattr(layer.module, layer.kernel_name, nnx.Param(qa))
+    layer.hook.w_step = None
+    if not isinstance(layer.module, qlayers.QuantEmbed):
+      layer.module.promote_dtype = qlayers.promote_keep_packed
+  return new
+
+
+def _convert_linen(module: nn.Module, variables: Any, args: tuple,
+                   kwargs: dict | None) -> tuple[nn.Module, Any]:
+  is_packed = lambda x: isinstance(x, PackedParam)
+  found = quantized_layers_linen(module, variables, args, kwargs)
+  if not found and not any(map(is_packed, jax.tree.leaves(variables, is_leaf=is_packed))):
+    raise ValueError("convert: the module has no quantized layers; check the recipe")
+  new_vars = jax.tree.map(lambda x: x, dict(variables), is_leaf=is_packed)  # fresh dicts
+  for path, (name, contracting, spec) in found.items():
+    layer = new_vars["params"]
+    for key in path:
+      layer = layer[key]
+    step = layer.pop("w_step", None)
+    layer[name] = PackedParam(pack_kernel(layer[name], contracting, spec, step))
+  return module, new_vars

@@ -1,0 +1,137 @@
+"""`jc.ptq` over NNX models: sequential calibration, solvers, conversion, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxcomp as jc
+from jaxcomp.layers.quant import QuantDot, SmoothScale
+from jaxcomp.models.llama import Llama, LlamaConfig
+from jaxcomp.oneshot.calibrate import catch_inputs, find_blocks
+
+PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = Llama(LlamaConfig.tiny(n_layers=2), rngs=nnx.Rngs(0))
+  calib = jax.random.randint(jax.random.key(1), (16, 32), 0, 256)
+  tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 256)
+  return model, calib, tokens
+
+
+def _rel(a, b):
+  return float(jnp.sum((a - b) ** 2) / jnp.sum(b ** 2))
+
+
+def _ptq(model, calib, spec, **kw):
+  q, results = jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=spec)]), calib, batch_size=8,
+             progress=False, return_report=True, **kw)
+  return q, results
+
+
+def test_gptq_beats_rtn_on_the_model_output(setup):
+  model, calib, tokens = setup
+  ref = model(tokens)
+  rtn, _ = _ptq(model, calib, jc.Quant(w_bits=3))
+  gptq, results = _ptq(model, calib, jc.Quant(w_bits=3, method="gptq"))
+  assert len(results) == 14 and all(r.method == "gptq" for r in results)
+  e_rtn, e_gptq = _rel(rtn(tokens), ref), _rel(gptq(tokens), ref)
+  assert e_gptq < 0.85 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_input_model_untouched(setup):
+  model, calib, _ = setup
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  graph_before = nnx.graphdef(model)
+  _ptq(model, calib, jc.Quant(w_bits=4, group=32, method="awq"))
+  after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  assert nnx.graphdef(model) == graph_before
+
+
+@pytest.mark.parametrize("spec", [
+    jc.Quant(w_bits=4, method="gptq", act_order=True),
+    jc.Quant(w_bits=4, group=32, method="gptq"),
+    jc.Quant(w_bits=4, group=32, method="awq"),
+    jc.Quant(w_bits=8, a_bits=8, method="smoothquant"),
+    jc.Quant(w_bits=4, group=16),
+], ids=lambda s: f"{s.method}-w{s.w_bits}-g{s.group}-a{s.a_bits}")
+def test_solved_layers_and_converted_logits_equal_fake_quant(setup, spec):
+  model, calib, tokens = setup
+  q, results = _ptq(model, calib, spec)
+  hook = q.layers[1].mlp.down_proj.dot_general
+  assert isinstance(hook, QuantDot) and hook.spec == spec
+  if spec.method in ("gptq", "awq"):
+    assert hook.w_step is not None
+    w = q.layers[1].mlp.down_proj.kernel[...]
+    step = hook.w_step[...]
+    s_full = jnp.repeat(step, w.shape[0] // step.shape[0], axis=0)
+    np.testing.assert_allclose(w / s_full, jnp.round(w / s_full), atol=1e-3)  # on the grid
+  assert isinstance(hook.in_scale, SmoothScale) == (spec.method in ("awq", "smoothquant"))
+  if spec.method != "rtn":
+    assert all(np.isfinite(r.error) and r.error < 0.2 for r in results)
+  packed = jc.convert(q)
+  np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(q(tokens)))
+
+
+def test_smoothquant_w8a8_stays_close_to_float(setup):
+  model, calib, tokens = setup
+  q, _ = _ptq(model, calib, jc.Quant(w_bits=8, a_bits=8, method="smoothquant"))
+  assert _rel(q(tokens), model(tokens)) < 1e-3
+
+
+def test_calibration_matmuls_in_float32_give_the_same_solution_closely(setup):
+  model, calib, tokens = setup
+  spec = jc.Quant(w_bits=4, method="gptq")
+  a, _ = _ptq(model, calib, spec)
+  b, _ = _ptq(model, calib, spec, calib_dtype=None)
+  assert _rel(a(tokens), b(tokens)) < 1e-3
+
+
+def test_catch_inputs_records_the_first_block_arguments(setup):
+  model, calib, _ = setup
+  inputs = catch_inputs(model, "layers/0", [calib[:4], calib[4:8]], lambda m, b: m(b))
+  assert len(inputs) == 2
+  (h, positions), kwargs = inputs[0]
+  np.testing.assert_allclose(h, model.embed(calib[:4]), rtol=1e-6)
+  assert positions.shape == (4, 32) and kwargs == {}
+  assert type(model.layers[0]).__name__ == "Block"  # restored
+
+
+def test_find_blocks_orders_naturally():
+  model = Llama(LlamaConfig.tiny(n_layers=12, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=16,
+                                 vocab_size=32), rngs=nnx.Rngs(0))
+  layers = [f"layers/{i}/attn/q_proj" for i in range(12)]
+  assert find_blocks(model, layers) == [f"layers/{i}" for i in range(12)]
+  assert find_blocks(model, layers, r"layers/1\d") == ["layers/10", "layers/11"]
+
+
+def test_layers_outside_blocks_are_solved_from_a_full_pass():
+  model = Llama(LlamaConfig.tiny(n_layers=1), rngs=nnx.Rngs(0))  # untied: has lm_head
+  calib = jax.random.randint(jax.random.key(3), (8, 16), 0, 256)
+  q, results = jc.ptq(model, jc.Recipe([jc.Rule("lm_head", quant=jc.Quant(w_bits=4, method="gptq"))]),
+             calib, progress=False, return_report=True)
+  assert [r.path for r in results] == ["lm_head"]
+  assert q.lm_head.dot_general.w_step is not None
+
+
+def test_bad_input():
+  model = Llama(LlamaConfig.tiny(n_layers=1, tie_embeddings=True), rngs=nnx.Rngs(0))
+  calib = jnp.zeros((4, 8), jnp.int32)
+  gptq = jc.Quant(w_bits=4, method="gptq")
+  with pytest.raises(ValueError, match="embed: calibrated methods support nnx.Linear.*Quant.method='gptq' cannot solve it"):
+    jc.ptq(model, jc.Recipe([jc.Rule("embed", quant=gptq)]), calib, progress=False)
+  with pytest.raises(ValueError, match="use jc.ptq"):
+    jc.quantize(model, jc.Recipe([jc.Rule(PROJ, quant=gptq)]))
+  with pytest.raises(ValueError, match="calib must hold at least one example"):
+    jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=gptq)]), calib[:0], progress=False)
+  with pytest.raises(ValueError, match="matches no module"):
+    jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=gptq)]), calib, blocks="nope", progress=False)
+  with pytest.raises(jc.SpecError, match="w_symmetric=True"):
+    jc.Quant(w_bits=4, method="gptq", w_symmetric=False)
+  # RTN only: no calibration data is needed at all.
+  q = jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=jc.Quant(w_bits=4))]), None, progress=False)
+  assert isinstance(q.layers[0].attn.q_proj.dot_general, QuantDot)
