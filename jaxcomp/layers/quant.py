@@ -33,6 +33,11 @@ class QuantScale(nnx.Param):
   filter on `QuantScale` to give it its own optimizer settings."""
 
 
+class QuantZero(nnx.Variable):
+  """Integer-valued zero points of a solved asymmetric weight grid (e.g. asymmetric GPTQ),
+  shaped like the layer's step. Not a `nnx.Param`: solved from data, not trained."""
+
+
 class SmoothScale(nnx.Variable):
   """Per-input-feature smoothing ``s`` (AWQ, SmoothQuant): the layer computes
   ``(x / s) @ Q(diag(s) W)``, which equals ``x @ W`` before rounding. Not a `nnx.Param`: it is
@@ -124,10 +129,13 @@ class QuantDot(nnx.Module):
   """
 
   def __init__(self, spec: Quant, w_step: QuantScale | None = None,
-               in_scale: SmoothScale | None = None):
+               in_scale: SmoothScale | None = None, backend: str | None = None,
+               w_zero: QuantZero | None = None):
     self.spec = spec
     self.w_step = nnx.data(w_step)
+    self.w_zero = nnx.data(w_zero)  # zero points of a solved asymmetric grid
     self.in_scale = nnx.data(in_scale)  # AWQ / SmoothQuant smoothing of the input features
+    self.backend = qdot.kernel_backend(backend)  # resolved once, here (static)
 
   def __call__(self, lhs: Array, rhs: Array | QArray, dimension_numbers: Any,
                precision: Any = None, preferred_element_type: Any = None,
@@ -135,8 +143,10 @@ class QuantDot(nnx.Module):
     if self.in_scale is not None:
       lhs = divide_contracting(lhs, self.in_scale[...], dimension_numbers[0][0])
     return qdot.quant_dot_general(
-        lhs, rhs, dimension_numbers, self.spec, w_step=_value(self.w_step), precision=precision,
-        preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+        lhs, rhs, dimension_numbers, self.spec, w_step=_value(self.w_step),
+        w_zero=_value(self.w_zero), precision=precision,
+        preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+        backend=self.backend)
 
 
 class QuantEinsum(nnx.Module):
@@ -149,15 +159,18 @@ class QuantEinsum(nnx.Module):
     (2, 4, 16)
   """
 
-  def __init__(self, spec: Quant, w_step: QuantScale | None = None):
+  def __init__(self, spec: Quant, w_step: QuantScale | None = None,
+               backend: str | None = None):
     self.spec = spec
     self.w_step = nnx.data(w_step)
+    self.backend = qdot.kernel_backend(backend)
 
   def __call__(self, einsum_str: str, lhs: Array, rhs: Array, precision: Any = None,
                preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
     dims, perm = einsum_dimension_numbers(einsum_str, lhs.ndim, rhs.ndim)
     y = qdot.quant_dot_general(lhs, rhs, dims, self.spec, w_step=_value(self.w_step),
-                               precision=precision, preferred_element_type=preferred_element_type)
+                               precision=precision, preferred_element_type=preferred_element_type,
+                               backend=self.backend)
     return jnp.transpose(y, perm)
 
 
@@ -171,9 +184,11 @@ class QuantConv(nnx.Module):
     (1, 16, 16, 8)
   """
 
-  def __init__(self, spec: Quant, w_step: QuantScale | None = None):
+  def __init__(self, spec: Quant, w_step: QuantScale | None = None,
+               backend: str | None = None):
     self.spec = spec
     self.w_step = nnx.data(w_step)
+    self.backend = qdot.kernel_backend(backend)  # convolutions run in XLA; kept for symmetry
 
   def __call__(self, lhs: Array, rhs: Array, *args: Any, out_sharding: Any = None,
                **kwargs: Any) -> Array:
@@ -215,7 +230,8 @@ class QuantEmbed(nnx.Embed):
     ((2, 16), (2, 100))
   """
 
-  def __init__(self, embed: nnx.Embed, spec: Quant, w_step: QuantScale | None = None):
+  def __init__(self, embed: nnx.Embed, spec: Quant, w_step: QuantScale | None = None,
+               backend: str | None = None):
     # Deliberately not calling nnx.Embed.__init__: no new table is created.
     self.embedding = embed.embedding
     self.num_embeddings = embed.num_embeddings
@@ -225,6 +241,7 @@ class QuantEmbed(nnx.Embed):
     self.promote_dtype = embed.promote_dtype
     self.spec = spec
     self.w_step = nnx.data(w_step)
+    self.backend = qdot.kernel_backend(backend)
 
   def _rows(self, inputs: Array) -> Array:
     table = self.embedding[...]
@@ -246,7 +263,8 @@ class QuantEmbed(nnx.Embed):
     if not isinstance(table, QArray):
       (table,) = nnx_dtypes.promote_dtype((table,), dtype=self.dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
-    return qdot.quant_dot_general(query, table, dims, self.spec, w_step=_value(self.w_step))
+    return qdot.quant_dot_general(query, table, dims, self.spec, w_step=_value(self.w_step),
+                                  backend=self.backend)
 
 
 def _value(v: nnx.Variable | None) -> Array | None:

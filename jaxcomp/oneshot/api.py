@@ -96,8 +96,9 @@ def _timed(path: str, method: str, fn: Callable[[], tuple[float, int | None]]) -
 
 
 def _install_quant(m: nnx.Module, spec: Quant, step2: Array | None,
-                   in_scale: Array | None) -> None:
-  """Quantizes layer ``m`` with ``spec`` and installs a solved step (G, N) and smoothing."""
+                   in_scale: Array | None, zero2: Array | None = None) -> None:
+  """Quantizes layer ``m`` with ``spec`` and installs a solved step (G, N), zero points and
+  smoothing."""
   QUANT_HANDLERS[type(m)](m, dataclasses.replace(spec, learn_scale=False))
   axes = engine.kernel_axes(m)
   kernel = getattr(m, axes.name)
@@ -106,6 +107,9 @@ def _install_quant(m: nnx.Module, spec: Quant, step2: Array | None,
   if step2 is not None:
     step = to_step_layout(step2.T, kernel[...].shape, axes.contracting, spec)
     hook.w_step = qlayers.step_variable(kernel, axes.contracting, step)
+  if zero2 is not None:
+    zero = to_step_layout(zero2.T, kernel[...].shape, axes.contracting, spec)
+    hook.w_zero = qlayers.QuantZero(jnp.asarray(zero, jnp.float32))
   if in_scale is not None:
     hook.in_scale = qlayers.SmoothScale(jnp.asarray(in_scale, jnp.float32))
 
@@ -121,7 +125,7 @@ def _solve_quant(root: nnx.Module, path: str, m: nnx.Module, spec: Quant, stats:
     w = kernel_2d(m)
     sol = solver.solve(w, stats, spec)
     _set_kernel(m, sol.kernel)
-    _install_quant(m, spec, sol.step, sol.in_scale)
+    _install_quant(m, spec, sol.step, sol.in_scale, sol.zero)
     return relative_error(w, sol.effective, stats.h), None
 
   return _timed(path, spec.method, run)

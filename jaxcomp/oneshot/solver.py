@@ -35,12 +35,14 @@ class QuantSolution(NamedTuple):
       calibrate at run time (SmoothQuant's W8A8).
     in_scale: (K,) input smoothing (the layer computes ``(x / s) @ kernel``), or None.
     effective: (K, N) what the layer now computes in the original frame (for the error).
+    zero: (G, N) integer-valued zero points of an asymmetric grid, or None.
   """
 
   kernel: Array
   step: Array | None
   in_scale: Array | None
   effective: Array
+  zero: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)

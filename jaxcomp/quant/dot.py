@@ -82,7 +82,8 @@ class _Frame:
 # --------------------------------------------------------------------------- operand grids
 
 
-def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Array]:
+def _weight_grid(w3: Array, spec: Quant, step3: Array | None,
+                 zero3: Array | None = None) -> tuple[Array, Array]:
   """Integer-valued grid ``u`` and scale ``s`` of a canonical (B, K, N) weight.
 
   Per group the result is (B, G, g, N) with scale (B, G, 1, N); otherwise (B, K, N), (B, 1, N)
@@ -98,6 +99,8 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Ar
     axes = (2,)
     if step3 is not None:
       step3 = step3.reshape(b, w3.shape[1], 1, n)
+    if zero3 is not None:
+      zero3 = zero3.reshape(b, w3.shape[1], 1, n)
   elif spec.granularity == "channel":
     axes = (1,)
   else:
@@ -105,7 +108,7 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None) -> tuple[Array, Ar
   if step3 is not None:  # LSQ: the step is a trained parameter.
     g = core.lsq_grad_scale(w3.size, step3.size, spec.w_bits, spec.w_symmetric,
                             spec.full_range)
-    s, z = core.grad_scale(step3, g), None
+    s, z = core.grad_scale(step3, g), zero3  # a solved asymmetric grid brings its zero points
   else:
     s, z = core.compute_scale(w3, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile,
@@ -127,7 +130,8 @@ def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
 
 
 def fake_quant_weight(
-    w: Array, contracting: Sequence[int], spec: Quant, step: Array | None = None
+    w: Array, contracting: Sequence[int], spec: Quant, step: Array | None = None,
+    zero: Array | None = None
 ) -> Array:
   """Fake-quantizes a kernel in its own layout, scales shared along ``contracting`` axes.
 
@@ -137,6 +141,8 @@ def fake_quant_weight(
       1 for an embedding table used as ``x @ E.T``).
     spec: the quantization spec (w_bits, granularity, group, calibration, symmetry).
     step: optional LSQ step in the shape `weight_scale_shape` gives.
+    zero: with ``step`` on an asymmetric grid (e.g. solved by GPTQ): its integer-valued zero
+      points, shaped like ``step``.
 
   Returns:
     The fake-quantized kernel, same shape and dtype, with STE (and LSQ) gradients.
@@ -152,7 +158,8 @@ def fake_quant_weight(
   frame = _Frame((1,) + tuple(w.shape[a] for a in contracting), w.shape,
                  (((*range(1, len(contracting) + 1),), contracting), ((), ())))
   step3 = None if step is None else frame.rhs(step)
-  u, s = _weight_grid(frame.rhs(w), spec, step3)
+  zero3 = None if zero is None else frame.rhs(zero)
+  u, s = _weight_grid(frame.rhs(w), spec, step3, zero3)
   w_hat = (u * s).reshape(1, -1, frame.N)[:, :frame.K]  # (a shorter last group is padded)
   t = w_hat.reshape(tuple(w.shape[a] for a in contracting + free))
   w_hat = jnp.transpose(t, np.argsort(contracting + free)).astype(w.dtype)
@@ -180,28 +187,28 @@ def _int8(u: Array) -> Array:
   return u.astype(jnp.int8)
 
 
-def kernel_backend() -> str:
+def kernel_backend(backend: str | None = None) -> str:
   """Where quantized dots run: "tpu" / "gpu" (the Pallas kernels of `pallas_kernels`) or
-  "xla". ``$JAXCOMP_KERNEL_BACKEND`` (auto, tpu, gpu, xla) forces one; auto follows the
-  default device. Read when a function is traced: set it before the first call of a jitted
-  function (a cached trace keeps the path it was traced with). A Pallas path forced on a host
-  without its hardware runs in the Pallas interpreter (slow; for tests).
+  "xla". ``backend`` (auto, tpu, gpu, xla) if given, else ``$JAXCOMP_KERNEL_BACKEND``, else auto
+  (the default device). The quantized layers resolve this once, when they are built
+  (`jaxcomp.quantize(..., backend=)`, `jaxcomp.convert(..., backend=)`), and pass the result to
+  `quant_dot_general`, so nothing is read while a function is traced. A Pallas path forced on a
+  host without its hardware runs in the Pallas interpreter (slow; for tests).
 
   Example:
-    >>> kernel_backend()  # on a CPU host, with the variable unset
-    'xla'
+    >>> kernel_backend("xla"), kernel_backend()  # on a CPU host, with the variable unset
+    ('xla', 'xla')
   """
-  return pallas_kernels.resolve_backend(None)
+  return pallas_kernels.resolve_backend(backend)
 
 
-def _idot(a: Array, b: Array, *, b_transposed: bool = False) -> Array:
+def _idot(a: Array, b: Array, backend: str, *, b_transposed: bool = False) -> Array:
   """int8 (B, M, K) x int8 (B, K, N) -> int32 (B, M, N); ``b_transposed``: b is (B, N, K).
 
   Only these two layouts (contraction on the last axis of ``a``) reach the fast int8 GEMMs of
   XLA's CPU backend; a batch of one is dropped to a plain 2-D dot for the same reason.
   """
   a, b = _int8(a), _int8(b)
-  backend = kernel_backend()
   if backend != "xla":  # the Pallas int8 kernel, one call per batch entry
     mm = functools.partial(pallas_kernels.int8_matmul, out_dtype=jnp.int32, backend=backend,
                            w_layout="nk" if b_transposed else "kn")
@@ -233,8 +240,8 @@ def _quant_rows(x: Array, axis: int, bits: int) -> tuple[Array, Array]:
   return core.quantize(x, s, bits=bits), s
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, g_bits: int | None) -> Array:
+def int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, g_bits: int | None,
+            backend: str | None = None) -> Array:
   """``(u_x s_x) @ (u_w s_w)`` batched, with the product ``u_x @ u_w`` run in int8 -> int32.
 
   Backward (the STE of the float product), with ``G`` the output gradient:
@@ -249,6 +256,7 @@ def int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, g_bits: int | None) 
     u_w: float (B, K, N), integer-valued in [-127, 127] (a weight grid).
     s_w: float (B, 1, N) per-column scales.
     g_bits: None for float backward dots, else the bits of the quantized output gradient.
+    backend: where the int8 products run (`kernel_backend`; None: resolved now).
 
   Returns:
     float32 (B, M, N). Gradients flow to all four arrays as for the float product.
@@ -258,16 +266,21 @@ def int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, g_bits: int | None) 
     >>> int_dot(u, jnp.full((1, 4, 1), 0.5), v, jnp.ones((1, 1, 2)), None)[0, 0]
     Array([4., 4.], dtype=float32)
   """
-  return _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits)[0]
+  return _int_dot(u_x, s_x, u_w, s_w, g_bits, kernel_backend(backend))
 
 
-def _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _int_dot(u_x, s_x, u_w, s_w, g_bits, backend):
+  return _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits, backend)[0]
+
+
+def _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits, backend):
   qx, qw = _int8(u_x), _int8(u_w)
-  y = _idot(qx, qw).astype(jnp.float32) * s_x * s_w
+  y = _idot(qx, qw, backend).astype(jnp.float32) * s_x * s_w
   return y, (qx, s_x, qw, s_w)
 
 
-def _int_dot_bwd(g_bits, res, g):
+def _int_dot_bwd(g_bits, backend, res, g):
   qx, s_x, qw, s_w = res
   gw, gx = g * s_w, g * s_x  # (B, M, N): the scale of the other operand moved onto G
   if g_bits is None:
@@ -275,14 +288,15 @@ def _int_dot_bwd(g_bits, res, g):
     duw = jnp.einsum("bmk,bmn->bkn", qx.astype(jnp.float32), gx)
   else:
     qg, sg = _quant_rows(gw, 2, g_bits)  # per row: contracted over N
-    dux = _idot(qg, qw, b_transposed=True).astype(jnp.float32) * sg
+    dux = _idot(qg, qw, backend, b_transposed=True).astype(jnp.float32) * sg
     qg, sg = _quant_rows(gx, 1, g_bits)  # per column: contracted over M
     # X^T G contracts the leading axis of both; one operand must be transposed for the fast
     # GEMM, and we transpose the smaller one (an int8 copy, but XLA recomputes its producer).
     if qg.shape[2] < qx.shape[2]:
-      duw = jnp.swapaxes(_idot(_swap_materialized(qg), qx), 1, 2).astype(jnp.float32) * sg
+      duw = jnp.swapaxes(_idot(_swap_materialized(qg), qx, backend), 1, 2).astype(
+          jnp.float32) * sg
     else:
-      duw = _idot(_swap_materialized(qx), qg).astype(jnp.float32) * sg
+      duw = _idot(_swap_materialized(qx), qg, backend).astype(jnp.float32) * sg
   # dux = dL/dx_hat without the s_x factor (likewise duw): x_hat = u_x s_x.
   ds_x = jnp.sum(qx.astype(jnp.float32) * dux, axis=2, keepdims=True)
   ds_w = jnp.sum(qw.astype(jnp.float32) * duw, axis=1, keepdims=True)
@@ -294,7 +308,7 @@ def _unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
   return jnp.sum(g, axis=axes, keepdims=True) if axes else g
 
 
-int_dot.defvjp(_int_dot_fwd, _int_dot_bwd)
+_int_dot.defvjp(_int_dot_fwd, _int_dot_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -335,9 +349,11 @@ def quant_dot_general(
     spec: Quant,
     *,
     w_step: Array | None = None,
+    w_zero: Array | None = None,
     precision: Any = None,
     preferred_element_type: Any = None,
     out_sharding: Any = None,
+    backend: str | None = None,
 ) -> Array:
   """``lax.dot_general(lhs, rhs)`` with ``rhs`` (the weight) and optionally ``lhs`` quantized.
 
@@ -356,7 +372,11 @@ def quant_dot_general(
     dimension_numbers: as for `jax.lax.dot_general`.
     spec: a `jaxcomp.Quant`.
     w_step: LSQ weight step in the kernel layout given by `weight_scale_shape`.
+    w_zero: zero points of a solved asymmetric grid, shaped like ``w_step``.
     precision, preferred_element_type, out_sharding: passed to the float dot.
+    backend: where integer / packed products run: "xla", or "tpu" / "gpu" for the Pallas
+      kernels; None resolves `kernel_backend` now (quantized layers pass the backend they
+      resolved when built).
 
   Returns:
     The dot_general output, in ``preferred_element_type`` or the promoted input dtype.
@@ -367,25 +387,27 @@ def quant_dot_general(
     >>> y.shape
     (2, 8, 32)
   """
+  backend = kernel_backend(backend)
   if isinstance(rhs, QArray):
     return _packed_dot_general(lhs, rhs, dimension_numbers, spec, precision=precision,
                                preferred_element_type=preferred_element_type,
-                               out_sharding=out_sharding)
+                               out_sharding=out_sharding, backend=backend)
   frame = _Frame(lhs.shape, rhs.shape, dimension_numbers)
   out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
   if w_step is not None and w_step.ndim != rhs.ndim:
     raise ValueError(f"w_step must have the kernel's rank {rhs.ndim}, got shape {w_step.shape}")
 
   if spec.a_bits is None:  # Weight-only: a float dot on the fake-quantized kernel.
-    w_hat = fake_quant_weight(rhs, frame.rc, spec, w_step)
+    w_hat = fake_quant_weight(rhs, frame.rc, spec, w_step, w_zero)
     return _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_element_type,
                       out_sharding, out_dtype)
 
   x3, w3 = frame.lhs(lhs), frame.rhs(rhs)
   step3 = None if w_step is None else frame.rhs(w_step)
-  u_w, s_w = _weight_grid(w3, spec, step3)
+  zero3 = None if w_zero is None else frame.rhs(w_zero)
+  u_w, s_w = _weight_grid(w3, spec, step3, zero3)
   return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
-                            out_dtype, rhs.dtype)
+                            out_dtype, rhs.dtype, backend)
 
 
 def _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_element_type,
@@ -400,7 +422,7 @@ def _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_elemen
 
 
 def _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
-                       out_dtype, w_dtype):
+                       out_dtype, w_dtype, backend):
   """Quantizes the activations and multiplies with a weight grid ``u_w`` of scale ``s_w``.
 
   ``u_w``/``s_w`` come from `_weight_grid`: (B, K, N)/(B, 1, N), or per group
@@ -412,11 +434,12 @@ def _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_
       b, g, gs, n = u_w.shape
       ux = core.pad_to_groups(u_x, 2, gs).reshape(b, frame.M, g, gs).transpose(0, 2, 1, 3).reshape(b * g, frame.M, gs)
       sx = jnp.broadcast_to(s_x[:, None], (b, g) + s_x.shape[1:]).reshape(b * g, -1, 1)
-      y = int_dot(ux, sx, u_w.reshape(b * g, gs, n), s_w.reshape(b * g, 1, n), spec.g_bits)
+      y = int_dot(ux, sx, u_w.reshape(b * g, gs, n), s_w.reshape(b * g, 1, n), spec.g_bits,
+                  backend)
       y = y.reshape(b, g, frame.M, n).sum(axis=1)
     else:
       y = int_dot(u_x, jnp.broadcast_to(s_x, (frame.B, frame.M, 1)), u_w,
-                  jnp.broadcast_to(s_w, (frame.B, 1, frame.N)), spec.g_bits)
+                  jnp.broadcast_to(s_w, (frame.B, 1, frame.N)), spec.g_bits, backend)
     return frame.out(y).astype(out_dtype)
 
   # Asymmetric grids: a float dot of the fake-quantized operands.
@@ -437,7 +460,7 @@ _CPU_SKINNY_ROWS = 8
 
 def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumbers,
                         spec: Quant, *, precision: Any, preferred_element_type: Any,
-                        out_sharding: Any) -> Array:
+                        out_sharding: Any, backend: str) -> Array:
   """`quant_dot_general` with a packed `QArray` weight: the serving path.
 
   Its result equals the fake-quant layer's (the same integers and scales, the same int32 or
@@ -450,9 +473,8 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
         f"packed kernel {qa.shape} was packed for contracting axes {qa.contracting}, but the "
         f"dot contracts {frame.rc} with batch axes {frame.rb}")
   out_dtype = preferred_element_type or lhs.dtype
-  backend = kernel_backend()
   if spec.a_bits is None:
-    if backend != "xla" and qa.packed and qa.zero_point is None:
+    if backend != "xla" and qa.packed:
       return frame.out(_int4_kernel_dot(frame.lhs(lhs)[0], qa, backend, out_dtype)[None])
     return _float_dot(lhs, qa.dequantize(lhs.dtype), frame, dimension_numbers, precision,
                       preferred_element_type, out_sharding, out_dtype)
@@ -484,14 +506,15 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     u_w = core.pad_to_groups(u_w, 1, spec.group).reshape(1, g, spec.group, n)
     s_w = s_w.reshape(1, g, 1, n)
   return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
-                            out_dtype, lhs.dtype)
+                            out_dtype, lhs.dtype, backend)
 
 
 def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Array:
   """``x (M, K) @ W`` for a packed int4 `QArray` through `pallas_kernels.int4_matmul`.
 
-  The kernel reads the QArray's bytes transposed to ``(K // 2, N)`` (and its scales to
-  ``(G, N)``): the same bytes, so nothing is unpacked outside the kernel.
+  The kernel reads the QArray's bytes transposed to ``(K // 2, N)`` (and its scales and, for
+  an asymmetric grid, zero points to ``(G, N)``): the same bytes, so nothing is unpacked
+  outside the kernel.
   """
   k = x.shape[1]
   if qa.group is not None and (qa.group not in pallas_kernels.int4_matmul_groups
@@ -499,9 +522,10 @@ def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Arra
     raise ValueError(
         f"int4 kernel ({backend}): the packed kernel {qa.shape} has groups of {qa.group} over "
         f"K={k}; the kernel takes groups of {pallas_kernels.int4_matmul_groups} that divide K "
-        f"(set JAXCOMP_KERNEL_BACKEND=xla for this model, or quantize with such a group)")
+        f"(convert with backend='xla' for this model, or quantize with such a group)")
   act = x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
-  return pallas_kernels.int4_matmul(act, qa.values.T, qa.scale.T, group=qa.group,
+  zeros = None if qa.zero_point is None else qa.zero_point.T
+  return pallas_kernels.int4_matmul(act, qa.values.T, qa.scale.T, group=qa.group, zeros=zeros,
                                     out_dtype=out_dtype, backend=backend)
 
 

@@ -140,7 +140,7 @@ class Quant:
       raise SpecError("Quant.g_bits needs Quant.a_bits: the int8 backward dots use both operands")
     if self.learn_scale and not self.w_symmetric:
       raise SpecError("Quant.learn_scale=True needs w_symmetric=True (LSQ learns a step, no zero point)")
-    if self.method in CALIBRATED_METHODS and not self.w_symmetric:
+    if self.method in ("awq", "smoothquant") and not self.w_symmetric:
       raise SpecError(f"Quant.method={self.method!r} needs w_symmetric=True (solved weights keep "
                       "a fixed symmetric step per channel/group)")
     if self.method in CALIBRATED_METHODS and self.granularity == "tensor":

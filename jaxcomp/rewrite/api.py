@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxcomp.recipe import MatchReport, Recipe
 from jaxcomp.rewrite import engine, linen_quant
-from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS
+from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS, set_backend
 
 
 def _check_recipe(recipe: Any) -> None:
@@ -26,6 +26,7 @@ def quantize(
     args: tuple[Any, ...] = (),
     kwargs: dict[str, Any] | None = None,
     strict: bool = False,
+    backend: str | None = None,
 ) -> Any:
   """Returns a quantized copy of ``model``; ``model`` (and ``variables``) are left untouched.
 
@@ -42,6 +43,9 @@ def quantize(
     args, kwargs: Linen only: example call arguments (arrays or `jax.ShapeDtypeStruct`), used to
       trace the module once, abstractly, to find its layers.
     strict: raise if a rule matches no layer or matches a layer type that cannot be quantized.
+    backend: where the quantized layers' integer products run: "xla", or "tpu" / "gpu" for the
+      Pallas kernels; None: ``$JAXCOMP_KERNEL_BACKEND``, else the default device. Resolved
+      here, once (`jaxcomp.quant.dot.kernel_backend`).
 
   Returns:
     NNX: the new model. Linen: ``(new_module, new_variables)``.
@@ -60,14 +64,16 @@ def quantize(
     if variables is not None or args:
       raise TypeError("quantize: variables= and args= are for Linen modules, not NNX models")
     new, rep = engine.rewrite(model, recipe, handlers=QUANT_HANDLERS,
-                                   kind=lambda r: r.quant, strict=strict)
+                              kind=lambda r: r.quant, strict=strict)
+    set_backend(new, backend)
     logging.info("jaxcomp.quantize:\n%s", rep)
     return new
   if isinstance(model, nn.Module):
     if variables is None or not args:
       raise TypeError("quantize: a Linen module needs variables= and args=(example inputs,)")
     module, new_vars, rep = linen_quant.quantize_linen(
-        model, recipe, variables=variables, args=tuple(args), kwargs=kwargs, strict=strict)
+        model, recipe, variables=variables, args=tuple(args), kwargs=kwargs, strict=strict,
+        backend=backend)
     logging.info("jaxcomp.quantize:\n%s", rep)
     return module, new_vars
   raise TypeError(f"quantize: expected a flax.nnx or flax.linen Module, got {type(model).__name__}")

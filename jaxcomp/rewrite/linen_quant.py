@@ -33,14 +33,15 @@ _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed)
 class _QuantDotFn:
   """A ``dot_general`` bound to a spec and a step (marks a clone as already quantized)."""
 
-  def __init__(self, spec: Quant, w_step: jax.Array | None):
-    self.spec, self.w_step = spec, w_step
+  def __init__(self, spec: Quant, w_step: jax.Array | None, backend: str):
+    self.spec, self.w_step, self.backend = spec, w_step, backend
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                **unused):
     return qdot.quant_dot_general(lhs, rhs, dimension_numbers, self.spec, w_step=self.w_step,
                                   precision=precision,
-                                  preferred_element_type=preferred_element_type)
+                                  preferred_element_type=preferred_element_type,
+                                  backend=self.backend)
 
 
 class _QuantConvFn(_QuantDotFn):
@@ -85,8 +86,8 @@ class _PackedDotFn(_QuantDotFn):
   """A ``dot_general`` that contracts with a packed `QArray` instead of the kernel it is given
   (the layer's own call runs, with the unboxed stand-in as its kernel)."""
 
-  def __init__(self, spec: Quant, packed: QArray):
-    super().__init__(spec, None)
+  def __init__(self, spec: Quant, packed: QArray, backend: str):
+    super().__init__(spec, None, backend)
     self.packed = packed
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -94,7 +95,8 @@ class _PackedDotFn(_QuantDotFn):
     del rhs  # the stand-in
     return qdot.quant_dot_general(lhs, self.packed, dimension_numbers, self.spec,
                                   precision=precision,
-                                  preferred_element_type=preferred_element_type)
+                                  preferred_element_type=preferred_element_type,
+                                  backend=self.backend)
 
 
 class _PackedConvFn(_PackedDotFn):
@@ -105,12 +107,14 @@ class _PackedConvFn(_PackedDotFn):
     return qdot.quant_conv_general_dilated(lhs, self.packed, *args, spec=self.spec, **kwargs)
 
 
-def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, kwargs) -> Any:
+def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, kwargs,
+                 backend: str) -> Any:
   """A matched layer whose kernel is a packed `QArray` (after `convert_linen`)."""
   if isinstance(m, nn.Embed):
     if method == "attend":
       (query,) = m.promote_dtype(args[0], dtype=m.dtype)
-      return qdot.quant_dot_general(query, packed, (((query.ndim - 1,), (1,)), ((), ())), spec)
+      return qdot.quant_dot_general(query, packed, (((query.ndim - 1,), (1,)), ((), ())), spec,
+                                    backend=backend)
     (rows,) = m.promote_dtype(qlayers.packed_rows(packed, args[0]), dtype=m.dtype, inexact=False)
     return rows
   if isinstance(m, nn.Einsum):
@@ -120,7 +124,7 @@ def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, k
     dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, len(packed.shape))
     y = jnp.transpose(qdot.quant_dot_general(
         inputs, packed, dims, spec, precision=m.precision,
-        preferred_element_type=m.preferred_element_type), perm)
+        preferred_element_type=m.preferred_element_type, backend=backend), perm)
     if bias is not None:
       stand_in = jax.ShapeDtypeStruct(packed.shape, inputs.dtype)
       _, shape = m._get_bias_shape(einsum_str.replace(" ", ""), inputs, stand_in)  # pylint: disable=protected-access
@@ -129,10 +133,11 @@ def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, k
   # Dense / DenseGeneral / Conv: the layer's own call (shapes, bias, dtypes) with the packed
   # kernel at its injection point.
   if isinstance(m, nn.Conv):
-    clone = m.clone(parent=m.scope, conv_general_dilated=_PackedConvFn(spec, packed),
+    clone = m.clone(parent=m.scope, conv_general_dilated=_PackedConvFn(spec, packed, backend),
                     conv_general_dilated_cls=None)
   else:
-    clone = m.clone(parent=m.scope, dot_general=_PackedDotFn(spec, packed), dot_general_cls=None)
+    clone = m.clone(parent=m.scope, dot_general=_PackedDotFn(spec, packed, backend),
+                    dot_general_cls=None)
   return getattr(clone, method)(*args, **kwargs)
 
 
@@ -165,25 +170,26 @@ def _einsum_str(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
   return kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or m.einsum_str
 
 
-def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs) -> Any:
+def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs, backend: str) -> Any:
   einsum_str = _einsum_str(m, args, kwargs)
   kernel = m.scope.get_variable("params", _kernel_name(m))
   if isinstance(kernel, PackedParam):
-    return _packed_call(m, method, spec, kernel.value, args, kwargs)
+    return _packed_call(m, method, spec, kernel.value, args, kwargs, backend)
   contracting = _contracting(m, kernel, einsum_str)
   step = _step(m, spec, contracting)
   if isinstance(m, (nn.Dense, nn.DenseGeneral)):
-    clone = m.clone(parent=m.scope, dot_general=_QuantDotFn(spec, step), dot_general_cls=None)
+    clone = m.clone(parent=m.scope, dot_general=_QuantDotFn(spec, step, backend),
+                    dot_general_cls=None)
     return getattr(clone, method)(*args, **kwargs)
   if isinstance(m, nn.Conv):
-    clone = m.clone(parent=m.scope, conv_general_dilated=_QuantConvFn(spec, step),
+    clone = m.clone(parent=m.scope, conv_general_dilated=_QuantConvFn(spec, step, backend),
                     conv_general_dilated_cls=None)
     return getattr(clone, method)(*args, **kwargs)
   if isinstance(m, nn.Embed):
     if method == "attend":  # a tied output head: through the quantized dot (W8A8 with a_bits)
       query, table = m.promote_dtype(args[0], kernel, dtype=m.dtype)
       dims = (((query.ndim - 1,), (1,)), ((), ()))
-      return qdot.quant_dot_general(query, table, dims, spec, w_step=step)
+      return qdot.quant_dot_general(query, table, dims, spec, w_step=step, backend=backend)
     table = qdot.fake_quant_weight(kernel, contracting, spec, step)
     (table,) = m.promote_dtype(table, dtype=m.dtype, inexact=False)
     return jnp.take(table, args[0], axis=0)
@@ -194,7 +200,7 @@ def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs) -> Any
   dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
   y = jnp.transpose(qdot.quant_dot_general(
       inputs, kernel, dims, spec, w_step=step, precision=m.precision,
-      preferred_element_type=m.preferred_element_type), perm)
+      preferred_element_type=m.preferred_element_type, backend=backend), perm)
   if bias is not None:
     _, shape = m._get_bias_shape(einsum_str.replace(" ", ""), inputs, kernel)  # pylint: disable=protected-access
     y = y + jnp.reshape(bias, shape)
@@ -215,7 +221,7 @@ def _quant_rule(recipe: Recipe, m: nn.Module, method: str) -> Any:
   return None if rule is None or rule.skip or rule.quant is None else rule
 
 
-def _intercept(recipe: Recipe, next_fun, args, kwargs, context):
+def _intercept(recipe: Recipe, backend: str, next_fun, args, kwargs, context):
   """Re-issues a matched layer call quantized; passes everything else through."""
   m = context.module
   rule = _quant_rule(recipe, m, context.method_name)
@@ -228,7 +234,7 @@ def _intercept(recipe: Recipe, next_fun, args, kwargs, context):
     kernel = m.scope.get_variable("params", _kernel_name(m))
     _step(m, rule.quant, _contracting(m, kernel, _einsum_str(m, args, kwargs)))
     return out
-  return _quantized_call(m, context.method_name, rule.quant, args, kwargs)
+  return _quantized_call(m, context.method_name, rule.quant, args, kwargs, backend)
 
 
 class QuantizedLinen(nn.Module):
@@ -237,6 +243,7 @@ class QuantizedLinen(nn.Module):
   Attributes:
     inner: the original Linen module.
     recipe: the rules (regex on the Linen module path, e.g. ``Dense_0`` or ``block/attn/query``).
+    backend: where quantized products run ("xla", "tpu", "gpu"; `jaxcomp.quantize` resolves it).
 
   Example::
 
@@ -246,13 +253,14 @@ class QuantizedLinen(nn.Module):
 
   inner: nn.Module
   recipe: Recipe
+  backend: str = "xla"
 
   def setup(self):
     nn.share_scope(self, self.inner)
 
   def __call__(self, *args, **kwargs):
     # A plain function, not a method: Linen would intercept a method of its own.
-    with nn.intercept_methods(functools.partial(_intercept, self.recipe)):
+    with nn.intercept_methods(functools.partial(_intercept, self.recipe, self.backend)):
       return self.inner(*args, **kwargs)
 
 
@@ -297,13 +305,14 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
 
 
 def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: tuple,
-                   kwargs: dict | None, strict: bool) -> tuple[nn.Module, Any, MatchReport]:
+                   kwargs: dict | None, strict: bool, backend: str | None = None
+                   ) -> tuple[nn.Module, Any, MatchReport]:
   """``(QuantizedLinen(module), new variables, report)``; ``variables`` is not modified."""
   kwargs = kwargs or {}
   report = report_linen(module, recipe, variables, args, kwargs)
   if strict:
     report.check()
-  wrapped = QuantizedLinen(inner=module, recipe=recipe)
+  wrapped = QuantizedLinen(inner=module, recipe=recipe, backend=qdot.kernel_backend(backend))
   # Adding the LSQ steps: one forward with params mutable creates them from the kernels.
   apply = functools.partial(wrapped.apply, mutable=["params"], rngs={"params": jax.random.key(0)})
   _, updates = jax.jit(lambda v, *a: apply(v, *a, **kwargs))(variables, *args)

@@ -99,3 +99,19 @@ def quant_layers(model: nnx.Module) -> Iterator[QuantLayer]:
         continue
     axes = kernel_axes(m)
     yield QuantLayer(path, m, hook, axes.name, axes.contracting, axes.batch, hook.spec)
+
+
+def set_backend(model: nnx.Module, backend: str | None) -> None:
+  """Points every quantized layer of ``model`` (in place) at one kernel backend, resolved now:
+  "xla", "tpu" / "gpu" (the Pallas kernels), or None for ``$JAXCOMP_KERNEL_BACKEND`` / the
+  default device.
+
+  Example:
+    >>> q = jc.quantize(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0))),
+    ...                 jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=8, a_bits=8))]))
+    >>> set_backend(q, "xla"); q.layers[0].dot_general.backend
+    'xla'
+  """
+  resolved = qlayers.qdot.kernel_backend(backend)
+  for layer in quant_layers(model):
+    layer.hook.backend = resolved

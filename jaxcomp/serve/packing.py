@@ -22,12 +22,14 @@ from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
 from jaxcomp.rewrite.linen_quant import PackedParam, quantized_layers_linen
-from jaxcomp.rewrite.nnx_quant import quant_layers
+from jaxcomp.quant.dot import kernel_backend
+from jaxcomp.rewrite.nnx_quant import quant_layers, set_backend
 
 
 def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
-                step: Any = None) -> QArray:
-  """The `QArray` of one kernel: on ``step`` when given (LSQ / PTQ), else calibrated by ``spec``.
+                step: Any = None, zero: Any = None) -> QArray:
+  """The `QArray` of one kernel: on ``step`` (and ``zero``, an asymmetric solved grid) when
+  given (LSQ / PTQ), else calibrated by ``spec``.
 
   Example:
     >>> pack_kernel(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)).values.shape
@@ -35,12 +37,12 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
   """
   if step is not None:
     return quantize_with_step(kernel, contracting, step, spec.w_bits, spec.group,
-                              full_range=spec.full_range)
+                              zero_point=zero, full_range=spec.full_range)
   return quantize_weight(kernel, contracting, spec)
 
 
 def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple[Any, ...] = (),
-            kwargs: dict[str, Any] | None = None) -> Any:
+            kwargs: dict[str, Any] | None = None, backend: str | None = None) -> Any:
   """Returns the packed serving form of a quantized model; ``model`` is left untouched.
 
   Every layer quantized by `jaxcomp.quantize` (QAT) or `jaxcomp.ptq` gets its kernel replaced by a
@@ -55,6 +57,8 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
     variables: Linen only: the quantized module's variables (``w_step`` params included).
     args, kwargs: Linen only: example call arguments (arrays or `jax.ShapeDtypeStruct`), used to
       trace the module once, abstractly, to find its quantized layers.
+    backend: where the packed dots run ("xla", or "tpu" / "gpu" for the Pallas kernels); None
+      keeps each layer's backend as `jaxcomp.quantize` resolved it.
 
   Returns:
     NNX: the new model. Linen: ``(module, packed_variables)``, where each kernel is a
@@ -83,13 +87,18 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
   if isinstance(model, nn.Module):
     if variables is None or not args:
       raise TypeError("convert: a Linen module needs variables= and args=(example inputs,)")
-    return _convert_linen(model, variables, tuple(args), kwargs)
+    module, packed = _convert_linen(model, variables, tuple(args), kwargs)
+    if backend is not None:
+      module = module.clone(backend=kernel_backend(backend))
+    return module, packed
   if not isinstance(model, nnx.Module):
     raise TypeError(f"convert: expected a flax.nnx or flax.linen Module, got "
                     f"{type(model).__name__}")
   if variables is not None or args:
     raise TypeError("convert: variables= and args= are for Linen modules, not NNX models")
   new = nnx.clone(model)
+  if backend is not None:
+    set_backend(new, backend)
   layers = list(quant_layers(new))
   if not layers:
     raise ValueError("convert: the model has no quantized layers; run jc.quantize or jc.ptq first")
@@ -100,10 +109,13 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
       continue  # already packed
     if layer.batch:
       raise ValueError(f"{layer.path}: convert does not pack LinearGeneral kernels with batch axes")
-    step = layer.hook.w_step
-    qa = pack_kernel(value, layer.contracting, layer.spec, None if step is None else step[...])
+    step, zero = layer.hook.w_step, getattr(layer.hook, "w_zero", None)
+    qa = pack_kernel(value, layer.contracting, layer.spec, None if step is None else step[...],
+                     None if zero is None else zero[...])
     setattr(layer.module, layer.kernel_name, nnx.Param(qa))
     layer.hook.w_step = None
+    if zero is not None:
+      layer.hook.w_zero = None
     if not isinstance(layer.module, qlayers.QuantEmbed):
       layer.module.promote_dtype = qlayers.promote_keep_packed
   return new

@@ -123,7 +123,8 @@ class BlockSparse:
     return dense.reshape(gk * bk, gn * bn)[:self.shape[0], :self.shape[1]]
 
 
-def block_sparse_matmul(x: Array, w: BlockSparse, *, preferred_element_type=None) -> Array:
+def block_sparse_matmul(x: Array, w: BlockSparse, *, preferred_element_type=None,
+                        backend: str | None = None) -> Array:
   """``x @ w`` for a `BlockSparse` kernel: the Pallas kernel on TPU / GPU, else XLA.
 
   Only stored tiles are multiplied. On TPU / GPU (or with ``$JAXCOMP_KERNEL_BACKEND`` set to
@@ -135,6 +136,7 @@ def block_sparse_matmul(x: Array, w: BlockSparse, *, preferred_element_type=None
     x: ``[..., K]`` activations.
     w: ``BlockSparse`` of logical shape ``(K, N)``.
     preferred_element_type: accumulation / output dtype (default: ``x``'s result type).
+    backend: "xla", "tpu", "gpu" or None (``$JAXCOMP_KERNEL_BACKEND``, else the device).
 
   Raises:
     ValueError: ``x``'s last axis is not ``K``; or a Pallas backend is selected and the
@@ -154,15 +156,15 @@ def block_sparse_matmul(x: Array, w: BlockSparse, *, preferred_element_type=None
     raise ValueError(f"block_sparse_matmul: x has {x.shape[-1]} features, the kernel {k} inputs")
   gk, gn = w.grid
   lead = x.shape[:-1]
-  backend = pallas_kernels.resolve_backend(None)
+  backend = pallas_kernels.resolve_backend(backend)
   if backend != "xla":
     fits = (bk % 128 == 0 and bn % 128 == 0 if backend == "tpu" else
             min(bk, bn) >= 16 and bk & (bk - 1) == 0 and bn & (bn - 1) == 0)
     if not fits:
       raise ValueError(
           f"block_sparse_matmul ({backend} kernel): blocks ({bk}, {bn}) are not supported "
-          f"(TPU: sides multiples of 128; GPU: powers of two >= 16); set "
-          f"JAXCOMP_KERNEL_BACKEND=xla for this model, or prune with such blocks")
+          f"(TPU: sides multiples of 128; GPU: powers of two >= 16); pass backend='xla' (or "
+          f"set JAXCOMP_KERNEL_BACKEND=xla) for this model, or prune with such blocks")
     y = pallas_kernels.block_sparse_matmul(
         x.reshape(-1, k), w.values.astype(x.dtype), w.indices, w.counts, n=n,
         out_dtype=preferred_element_type or x.dtype, backend=backend)

@@ -131,7 +131,29 @@ def test_bad_input():
   with pytest.raises(ValueError, match="matches no module"):
     jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=gptq)]), calib, blocks="nope", progress=False)
   with pytest.raises(jc.SpecError, match="w_symmetric=True"):
-    jc.Quant(w_bits=4, method="gptq", w_symmetric=False)
+    jc.Quant(w_bits=4, group=32, method="awq", w_symmetric=False)
   # RTN only: no calibration data is needed at all.
   q = jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=jc.Quant(w_bits=4))]), None, progress=False)
   assert isinstance(q.layers[0].attn.q_proj.dot_general, QuantDot)
+
+
+@pytest.mark.parametrize("spec", [jc.Quant(w_bits=3, group=32, method="gptq", w_symmetric=False),
+                                  jc.Quant(w_bits=4, method="gptq", w_symmetric=False),
+                                  jc.Quant(w_bits=4, group=32, method="gptq", full_range=True)],
+                         ids=str)
+def test_asymmetric_and_full_grid_gptq_pack_and_serve_the_same_logits(spec):
+  """Asymmetric GPTQ (min-max grid with zero points) and the full signed grid: the solved grid
+  goes through convert (zero points stored in the QArray) and the packed dot unchanged."""
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  calib = jax.random.randint(jax.random.key(3), (8, 32), 0, 256)
+  q, results = jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=spec)]), calib, progress=False,
+                      return_report=True)
+  assert len(results) == 14 and all(np.isfinite(r.error) for r in results)
+  hook = q.layers[0].mlp.up_proj.dot_general
+  assert (hook.w_zero is not None) == (not spec.w_symmetric)
+  packed = jc.convert(q)
+  qa = packed.layers[0].mlp.up_proj.kernel[...]
+  assert (qa.zero_point is not None) == (not spec.w_symmetric)
+  tokens = calib[:2]
+  np.testing.assert_allclose(np.asarray(packed(tokens)), np.asarray(q(tokens)), rtol=1e-5,
+                             atol=1e-5)

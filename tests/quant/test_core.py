@@ -139,3 +139,16 @@ def test_quantize_per_token():
   assert q.dtype == jnp.int8 and s.shape == (3, 5, 1)
   np.testing.assert_array_equal(np.max(np.abs(np.asarray(q)), axis=-1), 127)
   assert float(jnp.max(jnp.abs(q * s - x) - s / 2)) <= 1e-6
+
+
+def test_full_signed_grid_is_gptqs_reference_grid():
+  """``full_range``: {-2^(b-1) .. 2^(b-1) - 1} * absmax / (2^(b-1) - 1/2), 16 levels at 4 bits."""
+  assert core.qrange(4, full_range=True) == (-8, 7) and core.qrange(4) == (-7, 7)
+  x = jnp.array([-1.0, -0.5, 0.0, 0.3, 1.0])
+  s, z = core.compute_scale(x, 4, full_range=True)
+  assert z is None and np.isclose(float(s[0]), 1.0 / 7.5)
+  q = core.quantize(x, s, bits=4, full_range=True)
+  np.testing.assert_array_equal(np.asarray(q), [-7, -4, 0, 2, 7])  # +absmax: 7.5 clips to 7
+  assert int(core.quantize(jnp.array([-1.1]), s, bits=4, full_range=True)[0]) == -8
+  np.testing.assert_allclose(np.asarray(core.fake_quant_with_scale(x, s, None, 4, full_range=True)),
+                             np.asarray(q, np.float32) / 7.5, rtol=1e-6)

@@ -28,6 +28,8 @@ def _recipe(proj, embed=None):
     (jc.Quant(w_bits=8, a_bits=8, group=32), None),
     (jc.Quant(w_bits=4, w_symmetric=False), jc.Quant(w_bits=8)),
     (jc.Quant(w_bits=3, calibration="mse"), None),
+    (jc.Quant(w_bits=4, group=32, full_range=True), jc.Quant(w_bits=8, full_range=True)),
+    (jc.Quant(w_bits=8, a_bits=8, full_range=True), None),
 ], ids=str)
 def test_converted_logits_equal_fake_quant(proj, embed):
   model = Llama(CFG, rngs=nnx.Rngs(0))
