@@ -52,7 +52,7 @@ def _sparsegpt(w: Array, h: Array, damp: Array, sparsity: float, nm: tuple[int, 
   dead = jnp.diag(h) == 0
   h = jnp.where(dead[:, None] & dead[None, :] & jnp.eye(k, dtype=bool), 1.0, h)
   wt = jnp.where(dead[None, :], 0.0, wt)
-  s, z = gptq_core._column_scales(wt, spec) if spec is not None else (None, None)  # pylint: disable=protected-access
+  s, z = gptq_core.column_scales(wt, spec) if spec is not None else (None, None)
   h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k)
   hinv = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor of H^-1
   total_pruned = lambda cols: round(sparsity * n_out * cols)  # cumulative: exact in total
@@ -82,7 +82,7 @@ def _sparsegpt(w: Array, h: Array, damp: Array, sparsity: float, nm: tuple[int, 
       col, keep_col = w1[:, i], mask1[:, i]
       q = jnp.where(keep_col, col, 0.0)
       if spec is not None:
-        q = jnp.where(keep_col, gptq_core._quant_dequant(  # pylint: disable=protected-access
+        q = jnp.where(keep_col, gptq_core.quant_dequant(
             q, s1[:, i], None if z1 is None else z1[:, i], spec), 0.0)
       e = (col - q) / d[i]
       later = (jnp.arange(w1.shape[1]) > i).astype(w1.dtype)
@@ -94,7 +94,7 @@ def _sparsegpt(w: Array, h: Array, damp: Array, sparsity: float, nm: tuple[int, 
     q_out = q_out.at[:, i1:i2].set(q1)
     mask_out = mask_out.at[:, i1:i2].set(mask1)
     wt = wt.at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
-  step = None if spec is None else gptq_core._step(s, spec)  # pylint: disable=protected-access
+  step = None if spec is None else gptq_core.step_from_columns(s, spec)
   return q_out.T.astype(w.dtype), mask_out.T, step, jnp.all(jnp.isfinite(hinv))
 
 

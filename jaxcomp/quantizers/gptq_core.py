@@ -38,8 +38,15 @@ def hessian(x: Array) -> Array:
   return 2.0 * x.T @ x
 
 
-def _column_scales(wt: Array, spec: Quant) -> tuple[Array, Array | None]:
-  """Per-(row, column) scale and zero point of ``wt`` (N, K) from its original values."""
+def column_scales(wt: Array, spec: Quant) -> tuple[Array, Array | None]:
+  """Per-(row, column) scale and zero point of ``wt`` (N, K) from its original values (GPTQ's
+  static groups; also SparseGPT's joint quantization).
+
+  Example:
+    >>> s, z = column_scales(jnp.ones((4, 8)) * 7, jc.Quant(w_bits=4))
+    >>> s.shape, float(s[0, 0]), z
+    ((4, 8), 1.0, None)
+  """
   n, k = wt.shape
   if spec.granularity == "group":  # a shorter last group is zero-padded
     g = core.pad_to_groups(wt, 1, spec.group).reshape(n, -1, spec.group)
@@ -56,7 +63,14 @@ def _column_scales(wt: Array, spec: Quant) -> tuple[Array, Array | None]:
   return full(s), full(z)
 
 
-def _quant_dequant(w: Array, s: Array, z: Array | None, spec: Quant) -> Array:
+def quant_dequant(w: Array, s: Array, z: Array | None, spec: Quant) -> Array:
+  """``w`` rounded onto ``spec``'s grid with scales ``s`` (and zero points ``z``), dequantized;
+  all three broadcast together.
+
+  Example:
+    >>> quant_dequant(jnp.array([0.26, 9.0]), jnp.array(0.5), None, jc.Quant(w_bits=4))
+    Array([0.5, 3.5], dtype=float32)
+  """
   qmin, qmax = core.qrange(spec.w_bits, spec.w_symmetric, full_range=spec.full_range)
   q = jnp.round(w / s)
   if z is None:
@@ -72,7 +86,7 @@ def _gptq(w: Array, h: Array, damp: Array, spec: Quant, block_size: int,
   dead = jnp.diag(h) == 0
   h = jnp.where(dead[:, None] & dead[None, :] & jnp.eye(k, dtype=bool), 1.0, h)
   wt = jnp.where(dead[None, :], 0.0, wt)
-  s, z = _column_scales(wt, spec)
+  s, z = column_scales(wt, spec)
   perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
   wt, s = wt[:, perm], s[:, perm]
   z = None if z is None else z[:, perm]
@@ -89,7 +103,7 @@ def _gptq(w: Array, h: Array, damp: Array, spec: Quant, block_size: int,
     def column(i, carry, hinv1=hinv1, s1=s1, z1=z1):
       w1, q1, err1 = carry
       col = w1[:, i]
-      q = _quant_dequant(col, s1[:, i], None if z1 is None else z1[:, i], spec)
+      q = quant_dequant(col, s1[:, i], None if z1 is None else z1[:, i], spec)
       e = (col - q) / hinv1[i, i]
       mask = (jnp.arange(w1.shape[1]) > i).astype(w1.dtype)
       w1 = w1 - e[:, None] * (hinv1[i] * mask)[None, :]
@@ -100,13 +114,18 @@ def _gptq(w: Array, h: Array, damp: Array, spec: Quant, block_size: int,
     q_out = q_out.at[:, i1:i2].set(q1)
     wt = wt.at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
   inv = jnp.argsort(perm)
-  zero = None if z is None else _step(z[:, inv], spec)
-  return (q_out[:, inv].T.astype(w.dtype), _step(s[:, inv], spec), zero,
+  zero = None if z is None else step_from_columns(z[:, inv], spec)
+  return (q_out[:, inv].T.astype(w.dtype), step_from_columns(s[:, inv], spec), zero,
           jnp.all(jnp.isfinite(hinv)))
 
 
-def _step(s: Array, spec: Quant) -> Array:
-  """Per-(row, column) scales (N, K) -> the kernel-layout step: (1, N) or (K // group, N)."""
+def step_from_columns(s: Array, spec: Quant) -> Array:
+  """Per-(row, column) scales (N, K) -> the (K, N)-kernel step: (1, N), or (ceil(K / group), N).
+
+  Example:
+    >>> step_from_columns(jnp.ones((4, 8)), jc.Quant(w_bits=4, group=4)).shape
+    (2, 4)
+  """
   if spec.granularity == "group":
     return s[:, ::spec.group].T
   return s[:, :1].T
@@ -128,8 +147,8 @@ def weight_step(w: Array, spec: Quant) -> Array:
     >>> weight_step(jnp.ones((8, 4)) * 7, jc.Quant(w_bits=4))
     Array([[1., 1., 1., 1.]], dtype=float32)
   """
-  s, _ = _column_scales(w.T.astype(jnp.float32), spec)
-  return _step(s, spec)
+  s, _ = column_scales(w.T.astype(jnp.float32), spec)
+  return step_from_columns(s, spec)
 
 
 def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float = 0.01,
@@ -178,8 +197,8 @@ def rtn(w: Array, spec: Quant) -> Array:
     (8, 4)
   """
   wt = w.T.astype(jnp.float32)
-  s, z = _column_scales(wt, spec)
-  return _quant_dequant(wt, s, z, spec).T.astype(w.dtype)
+  s, z = column_scales(wt, spec)
+  return quant_dequant(wt, s, z, spec).T.astype(w.dtype)
 
 
 def output_error(x: Array, w: Array, w_hat: Array) -> float:

@@ -24,28 +24,20 @@ def _prepare(m: nnx.Module, spec: Quant) -> tuple[nnx.Variable, tuple[int, ...],
   return kernel, axes.contracting, step
 
 
-def _quant_linear(m: nnx.Linear, spec: Quant) -> nnx.Module:
+# Each layer's injection point and the hook module that takes it over.
+_INJECTION = {nnx.Linear: ("dot_general", qlayers.QuantDot),
+              nnx.LinearGeneral: ("dot_general", qlayers.QuantDot),
+              nnx.Einsum: ("einsum_op", qlayers.QuantEinsum),
+              nnx.Conv: ("conv_general_dilated", qlayers.QuantConv)}
+
+
+def _quant_layer(m: nnx.Module, spec: Quant) -> nnx.Module:
+  """Sets the layer's injection point to its quantized hook (the layer itself is kept)."""
   _, _, step = _prepare(m, spec)
-  m.dot_general = nnx.data(qlayers.QuantDot(spec, step))
-  return m
-
-
-def _quant_linear_general(m: nnx.LinearGeneral, spec: Quant) -> nnx.Module:
-  _, _, step = _prepare(m, spec)
-  m.dot_general_cls = None
-  m.dot_general = nnx.data(qlayers.QuantDot(spec, step))
-  return m
-
-
-def _quant_einsum(m: nnx.Einsum, spec: Quant) -> nnx.Module:
-  _, _, step = _prepare(m, spec)
-  m.einsum_op = nnx.data(qlayers.QuantEinsum(spec, step))
-  return m
-
-
-def _quant_conv(m: nnx.Conv, spec: Quant) -> nnx.Module:
-  _, _, step = _prepare(m, spec)
-  m.conv_general_dilated = nnx.data(qlayers.QuantConv(spec, step))
+  attr, hook = _INJECTION[type(m)]
+  if type(m) is nnx.LinearGeneral:
+    m.dot_general_cls = None
+  setattr(m, attr, nnx.data(hook(spec, step)))
   return m
 
 
@@ -55,13 +47,8 @@ def _quant_embed(m: nnx.Embed, spec: Quant) -> nnx.Module:
 
 
 # Exact types: a user subclass may change the forward pass, so it is not assumed to fit.
-QUANT_HANDLERS: dict[type, Handler] = {
-    nnx.Linear: _quant_linear,
-    nnx.LinearGeneral: _quant_linear_general,
-    nnx.Einsum: _quant_einsum,
-    nnx.Conv: _quant_conv,
-    nnx.Embed: _quant_embed,
-}
+QUANT_HANDLERS: dict[type, Handler] = {**{t: _quant_layer for t in _INJECTION},
+                                        nnx.Embed: _quant_embed}
 
 
 class QuantLayer(NamedTuple):

@@ -28,7 +28,7 @@ def test_int_dot_is_bit_exact_int32():
   out = qdot.int_dot(jnp.asarray(u_x), ones_x, jnp.asarray(u_w), ones_w, None)
   ref = u_x[0].astype(np.int64) @ u_w[0].astype(np.int64)
   np.testing.assert_array_equal(np.asarray(out[0]).astype(np.int64), ref)
-  acc = qdot._idot(jnp.asarray(u_x), jnp.asarray(u_w))  # pylint: disable=protected-access
+  acc = qdot._idot(jnp.asarray(u_x), jnp.asarray(u_w), "xla")  # pylint: disable=protected-access
   assert acc.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(acc[0]), ref)
 

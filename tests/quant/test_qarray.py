@@ -41,7 +41,7 @@ def test_pack_rejects_odd_axis():
     ((50, 16), (1,), jc.Quant(w_bits=4)),  # an embedding table, rows are channels
     ((64, 32), (0,), jc.Quant(w_bits=4, group=16, full_range=True)),
     ((4, 16, 32), (0, 1), jc.Quant(w_bits=4, group=32)),  # groups spanning two axes
-    ((3, 3, 3, 8), (0, 1, 2), jc.Quant(w_bits=4, group=8)),  # 27 taps, a shorter last group
+    ((3, 3, 4, 8), (0, 1, 2), jc.Quant(w_bits=4, group=8)),  # 36 taps, a shorter last group
 ], ids=str)
 def test_dequantize_equals_fake_quant(shape, contracting, spec):
   w = jax.random.normal(jax.random.key(0), shape)
