@@ -36,9 +36,6 @@ from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS
 
 Array = jax.Array
-_FIELD = {"quant": "Quant.method", "sparsity": "Sparsity.method", "lowrank": "LowRank.method"}
-
-
 def _default_call(m: nnx.Module, b: Any) -> Any:
   return m(*b) if isinstance(b, tuple) else m(b)
 
@@ -73,8 +70,8 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
       types = " and ".join(f"nnx.{t.__name__}" for t in solver.layers)
       fix = ", use 'rtn'" if kind == "quant" else ""
       raise ValueError(f"{path}: {what} support {types} layers, not {type(m).__name__}; "
-                       f"{_FIELD[kind]}={spec.method!r} cannot solve it{fix}")
-    if engine.kernel_axes(m).batch:
+                       f"{registry.FIELDS[kind]}={spec.method!r} cannot solve it{fix}")
+    if solver.solve is not None and engine.kernel_axes(m).batch:  # RTN quantizes as QAT does
       raise ValueError(f"{path}: {name} does not solve kernels with batch axes")
     check(path, m, spec)
   results: list[LayerResult] = []

@@ -99,7 +99,7 @@ class _CalibQuantDot(nnx.Module):
     if hook.in_scale is not None:
       lhs = qlayers.divide_contracting(lhs, hook.in_scale[...], lc)
     step = None if hook.w_step is None else hook.w_step[...]
-    zero = None if getattr(hook, "w_zero", None) is None else hook.w_zero[...]
+    zero = None if hook.w_zero is None else hook.w_zero[...]
     w_hat = qdot.fake_quant_weight(rhs, rc, hook.spec, step, zero)
     return low_precision_dot(lhs, w_hat, dimension_numbers, self.dtype,
                              preferred_element_type=preferred_element_type)

@@ -28,7 +28,8 @@ SOLVERS: tuple[Solver, ...] = (
     svd_llm.SOLVER,
 )
 
-_FIELD = {"quant": "Quant.method", "sparsity": "Sparsity.method", "lowrank": "LowRank.method"}
+# The spec field that names a solver of each kind (for messages).
+FIELDS = {"quant": "Quant.method", "sparsity": "Sparsity.method", "lowrank": "LowRank.method"}
 
 
 def names(kind: str) -> tuple[str, ...]:
@@ -43,5 +44,5 @@ def get(kind: str, name: str) -> Solver:
   for s in SOLVERS:
     if s.kind == kind and s.name == name:
       return s
-  raise ValueError(f"{_FIELD.get(kind, kind)}={name!r} is not a registered solver "
+  raise ValueError(f"{FIELDS.get(kind, kind)}={name!r} is not a registered solver "
                    f"(solvers: {', '.join(names(kind))})")
