@@ -91,7 +91,7 @@ def main() -> None:
                        text_path=str(ppl_lib.WIKITEXT2_DIR / "valid.txt"))
   models = {
       "smoothquant_w8a8": jc.convert(jc.ptq(model, jc.Recipe([jc.Rule(PROJ, quant=jc.Quant(
-          w_bits=8, a_bits=8, method="smoothquant", smooth_alpha=0.5))]), calib)),
+          w_bits=8, a_bits=8, method="smoothquant", options={"alpha": 0.5}))]), calib)),
       "rtn_w4g64": jc.convert(jc.quantize(model, jc.Recipe([
           jc.Rule(PROJ, quant=jc.Quant(w_bits=4, group=64))]))),
   }

@@ -45,7 +45,8 @@ def main() -> None:
                        text_path=args.calib_text)
   t_loaded = time.perf_counter()
 
-  spec = jc.Quant(w_bits=args.bits, group=args.group, method="gptq", act_order=args.act_order)
+  spec = jc.Quant(w_bits=args.bits, group=args.group, method="gptq",
+                  options={"act_order": args.act_order})
   recipe = jc.Recipe([jc.Rule(r"layers/\d+/(attn|mlp)/\w+_proj", quant=spec)])
   _, results = jc.ptq(model, recipe, calib, batch_size=args.batch_size, return_report=True)
   t_done = time.perf_counter()

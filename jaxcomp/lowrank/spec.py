@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-from jaxcomp.quant.spec import SpecError, known_fields
+from jaxcomp.quant.spec import (SolverOptions, SpecError, check_method, known_fields,
+                                migrate_moved, moved_to_options)
 
-LOWRANK_METHODS = ("svd", "asvd", "svd_llm")
-# Methods that need calibration inputs.
-CALIBRATED_LOWRANK_METHODS = ("asvd", "svd_llm")
+# Fields of earlier versions that are solver options now: old field -> (method, option).
+LOWRANK_MOVED = {"asvd_alpha": ("asvd", "alpha")}
 
 
+@moved_to_options(LOWRANK_MOVED)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LowRank:
   """How one layer is factored into ``(in -> r) -> (r -> out)``.
@@ -20,7 +22,8 @@ class LowRank:
   most ``1 - reduction`` of the layer's weights) or ``energy`` (smallest rank keeping that
   fraction of ``sum sigma^2`` of the matrix the method factors) picks the rank. ``method``:
   ``"svd"`` (plain), ``"asvd"`` (activation-aware scaling, needs calibration) or
-  ``"svd_llm"`` (whitening by the inputs' Cholesky factor, needs calibration).
+  ``"svd_llm"`` (whitening by the inputs' Cholesky factor, needs calibration); ``options``
+  sets the solver's options (asvd: ``alpha``, the exponent of the activation scaling).
 
   Example:
     >>> import jaxcomp as jc
@@ -31,8 +34,8 @@ class LowRank:
   rank: int | None = None
   reduction: float | None = None
   energy: float | None = None
-  method: str = "svd"
-  asvd_alpha: float = 0.5
+  method: str = "svd"  # svd, asvd or svd_llm (`jaxcomp.oneshot.registry`).
+  options: Mapping[str, Any] = SolverOptions()  # the solver's options (asvd: alpha).
 
   def __post_init__(self) -> None:
     o = "LowRank"
@@ -49,17 +52,14 @@ class LowRank:
     if self.energy is not None and not (
         isinstance(self.energy, (int, float)) and 0.0 < self.energy <= 1.0):
       raise SpecError(f"{o}.energy must be a number in (0, 1], got {self.energy!r}")
-    if self.method not in LOWRANK_METHODS:
-      raise SpecError(f"{o}.method must be one of {', '.join(LOWRANK_METHODS)}; "
-                      f"got {self.method!r}")
-    if not isinstance(self.asvd_alpha, (int, float)) or not 0.0 <= self.asvd_alpha <= 1.0:
-      raise SpecError(f"{o}.asvd_alpha must be a number in [0, 1], got {self.asvd_alpha!r}")
+    object.__setattr__(self, "options", check_method(o, "lowrank", self))
 
   def to_dict(self) -> dict[str, Any]:
     """The fields as a plain dict."""
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "options": dict(self.options)}
 
   @classmethod
   def from_dict(cls, d: Any) -> LowRank:
-    """Builds a spec from a mapping, rejecting unknown keys by name."""
-    return cls(**known_fields(cls, d))
+    """Builds a spec from a mapping, rejecting unknown keys by name (an earlier version's
+    ``asvd_alpha`` field becomes asvd's ``alpha`` option)."""
+    return cls(**known_fields(cls, migrate_moved(dict(d), LOWRANK_MOVED, "svd")))

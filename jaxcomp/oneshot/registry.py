@@ -1,5 +1,7 @@
-"""The one-shot solvers, one line each. A new method is one new file (its `Solver`) plus one line
-here; the transforms, the method lists and "needs calibration" all come from this table.
+"""The one-shot solvers, one line each. A new method is one new file (its `Solver`, with its
+``Options`` and spec ``check``) plus one line here; the transforms, the method names the specs
+accept, each solver's options, "needs calibration" and "smooths its inputs" all come from this
+table (entered into the specs' table, `jaxcomp.quant.spec.register_method`, at import).
 
 Example:
   >>> names("quant")
@@ -13,6 +15,7 @@ from __future__ import annotations
 from jaxcomp.factorizers import asvd, svd, svd_llm
 from jaxcomp.oneshot.solver import KINDS, Solver
 from jaxcomp.pruners import magnitude, sparsegpt, wanda
+from jaxcomp.quant.spec import register_method
 from jaxcomp.quantizers import awq, gptq, rtn, smoothquant
 
 SOLVERS: tuple[Solver, ...] = (
@@ -27,6 +30,9 @@ SOLVERS: tuple[Solver, ...] = (
     asvd.SOLVER,
     svd_llm.SOLVER,
 )
+
+for _solver in SOLVERS:
+  register_method(_solver.kind, _solver)
 
 # The spec field that names a solver of each kind (for messages).
 FIELDS = {"quant": "Quant.method", "sparsity": "Sparsity.method", "lowrank": "LowRank.method"}

@@ -9,6 +9,10 @@ its result back into the model. What it returns depends on its ``kind``:
   for a data-free method whose layer is quantized as QAT would (RTN).
 * ``"sparsity"``: the pruned ``(K, N)`` kernel.
 * ``"lowrank"``: the factors ``a (K, r)``, ``b (r, N)``.
+
+A solver's settings are its own ``Options`` dataclass (one default per field, validated on
+construction); a spec sets them by name (``Quant(method="gptq", options={"act_order":
+True})``) and the solver reads them with `jaxcomp.quant.spec.options_of`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.oneshot.calibrate import LayerStats
+from jaxcomp.quant.spec import Quant, SpecError, options_of
 
 Array = jax.Array
 KINDS = ("quant", "sparsity", "lowrank")
+__all__ = ["KINDS", "QuantSolution", "Solver", "check_option", "check_solved_step", "options_of", "relative_error"]
 
 
 class QuantSolution(NamedTuple):
@@ -57,8 +63,12 @@ class Solver:
       inputs `jaxcomp.oneshot.calibrate.Capture` records: ``nnx.Linear`` / ``LinearGeneral``).
     layers: the NNX layer types it can solve (exact types).
     solve: ``solve(w (K, N), stats or None, spec) -> result`` (see the module docstring).
-    check: optional ``check(spec, k, n) -> None`` raising a one-line ValueError when the
-      spec does not fit a (K, N) kernel.
+    options: the solver's options dataclass (keyword fields, one default each, a
+      `jaxcomp.SpecError` from ``__post_init__`` for a bad value), or None.
+    check: optional ``check(spec) -> None`` raising a one-line `jaxcomp.SpecError` when the
+      spec asks for something the solver cannot do; run when the spec is built.
+    smooths_inputs: the solved layer divides its inputs by a solved (K,) vector (a
+      `jaxcomp.layers.SmoothScale` the packed form keeps).
   """
 
   name: str
@@ -66,7 +76,43 @@ class Solver:
   calibrated: bool
   layers: tuple[type, ...]
   solve: Callable[[Array, LayerStats | None, Any], Any] | None
-  check: Callable[[Any, int, int], None] | None = None
+  options: type | None = None
+  check: Callable[[Any], None] | None = None
+  smooths_inputs: bool = False
+
+
+def check_solved_step(spec: Any, *, symmetric: bool) -> None:
+  """A one-line `jaxcomp.SpecError` unless a quant solver that fixes the step per output channel
+  or group (and, with ``symmetric``, keeps no zero point) can solve ``spec``.
+
+  Example:
+    >>> check_solved_step(Quant(w_bits=4, group=128, method="gptq"), symmetric=False)
+  """
+  m = spec.method
+  if symmetric and not spec.w_symmetric:
+    raise SpecError(f"Quant.method={m!r} needs w_symmetric=True (solved weights keep a fixed "
+                    "symmetric step per channel/group)")
+  if spec.granularity == "tensor":
+    raise SpecError(f"Quant.method={m!r} needs granularity 'channel' or 'group'")
+
+
+def check_option(solver: str, name: str, value: Any, kind: type, lo: float | None = None,
+                 hi: float | None = None, *, lo_open: bool = False) -> None:
+  """A one-line `jaxcomp.SpecError` unless ``value`` is a ``kind`` (bool, int or float; an int
+  passes as a float) in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``).
+
+  Example:
+    >>> check_option("gptq", "damp", 0.01, float, 0.0, 1.0, lo_open=True)
+  """
+  ok = isinstance(value, bool) if kind is bool else (
+      not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind))
+  if ok and lo is not None:
+    ok = (lo < value if lo_open else lo <= value) and (hi is None or value <= hi)
+  if not ok:
+    what = {bool: "a bool", int: "an int", float: "a number"}[kind]
+    if lo is not None:
+      what += f" in {'(' if lo_open else '['}{lo:g}, " + (f"{hi:g}]" if hi is not None else "inf)")
+    raise SpecError(f"{solver} option {name} must be {what}, got {value!r}")
 
 
 def relative_error(w: Array, w_eff: Array, h: Array) -> float:

@@ -7,8 +7,9 @@ where it is written (a config file, a recipe) with the field's name in the messa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any, Literal
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 Granularity = Literal["tensor", "channel", "group"]
 ActGranularity = Literal["tensor", "token"]
@@ -17,11 +18,7 @@ Calibration = Literal["absmax", "percentile", "mse"]
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_GRANULARITIES = ("tensor", "token")
 CALIBRATIONS = ("absmax", "percentile", "mse")
-Method = Literal["rtn", "gptq", "awq", "smoothquant"]
-METHODS = ("rtn", "gptq", "awq", "smoothquant")
-# Methods that solve for weights from calibration data (`jaxcomp.ptq`), not at run time.
-CALIBRATED_METHODS = ("gptq", "awq", "smoothquant")
-
+SPEC_KINDS = ("quant", "sparsity", "lowrank")
 
 class SpecError(ValueError):
   """A spec field holds a bad value; the message names the field."""
@@ -56,6 +53,169 @@ def _check_bool(owner: str, name: str, value: Any) -> None:
     raise SpecError(f"{owner}.{name} must be a bool, got {value!r}")
 
 
+# ------------------------------------------------------------------ solver methods of a spec
+#
+# A spec names its one-shot solver (``method``) and that solver's ``options``. The solvers
+# live above this layer (`jaxcomp.oneshot.registry`, which imports Flax); at import the
+# registry enters each one here, so that a spec checks its method and options where it is
+# written. ``jaxcomp/__init__`` imports the registry, and Python runs it before any
+# ``jaxcomp.*`` module, so the table is full before user code builds a spec.
+
+
+class MethodInfo(Protocol):
+  """What a spec needs to know of a registered solver (`jaxcomp.oneshot.solver.Solver`)."""
+
+  name: str
+  options: type | None  # the solver's options dataclass (one default per field), or None
+  check: Callable[[Any], None] | None  # spec-level constraints: check(spec) -> SpecError
+  smooths_inputs: bool  # the solved layer divides its input by a solved (K,) vector
+
+
+_METHODS: dict[str, dict[str, MethodInfo]] = {kind: {} for kind in SPEC_KINDS}
+
+
+def register_method(kind: str, info: MethodInfo) -> None:
+  """Enters solver ``info`` as a valid ``method`` of the ``kind`` specs (the registry does).
+
+  Example::
+
+    register_method("quant", gptq.SOLVER)
+  """
+  if kind not in _METHODS:
+    raise ValueError(f"spec kind must be one of {', '.join(SPEC_KINDS)}; got {kind!r}")
+  _METHODS[kind][info.name] = info
+
+
+def method_info(kind: str, name: str) -> MethodInfo:
+  """The registered solver ``name`` of ``kind``, or a `SpecError` listing the registered ones.
+
+  Example:
+    >>> method_info("quant", "gptq").options.__name__
+    'Options'
+  """
+  table = _METHODS[kind]
+  if name not in table:
+    owner = {"quant": "Quant", "sparsity": "Sparsity", "lowrank": "LowRank"}[kind]
+    raise SpecError(f"{owner}.method must be one of {', '.join(table)}; got {name!r}")
+  return table[name]
+
+
+class SolverOptions(Mapping[str, Any]):
+  """A spec's solver options: a read-only, hashable mapping of scalar values (so a spec stays
+  a valid static argument of ``jax.jit``). Only the options set are held; the solver's options
+  dataclass gives the defaults (`options_of`).
+
+  Example:
+    >>> SolverOptions({"act_order": True})["act_order"]
+    True
+  """
+
+  def __init__(self, items: Mapping[str, Any] | None = None):
+    self._d = dict(items or {})
+
+  def __getitem__(self, key: str) -> Any:
+    return self._d[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._d)
+
+  def __len__(self) -> int:
+    return len(self._d)
+
+  def __hash__(self) -> int:
+    return hash(tuple(sorted(self._d.items())))
+
+  def __repr__(self) -> str:
+    return repr(self._d)
+
+
+def check_method(owner: str, kind: str, spec: Any) -> SolverOptions:
+  """Checks ``spec.method`` and ``spec.options`` against the registered solver (names, values,
+  the solver's constraints on the spec); returns the options as a `SolverOptions`."""
+  info = method_info(kind, spec.method)
+  opts = spec.options
+  if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
+    raise SpecError(f"{owner}.options must be a mapping of option names to values, got {opts!r}")
+  for k, v in opts.items():
+    if not (v is None or isinstance(v, (bool, int, float, str))):
+      raise SpecError(f"{owner}.options[{k!r}] must be a bool, number or string, got {v!r}")
+  fields = [] if info.options is None else [f.name for f in dataclasses.fields(info.options)]
+  unknown = sorted(set(opts) - set(fields))
+  if unknown:
+    have = f"options: {', '.join(fields)}" if fields else "it takes no options"
+    raise SpecError(f"{owner}.options has no {unknown[0]!r} for method {spec.method!r} ({have})")
+  if info.options is not None:
+    try:
+      info.options(**opts)
+    except SpecError as e:
+      raise SpecError(f"{owner}.options: {e}") from None
+  if info.check is not None:
+    info.check(spec)
+  return SolverOptions(opts)
+
+
+def options_of(spec: Any) -> Any:
+  """The options dataclass of the solver ``spec`` names, defaults filled (None if it has none).
+
+  Example:
+    >>> options_of(Quant(method="gptq", options={"act_order": True})).damp
+    0.01
+  """
+  kind = {"Quant": "quant", "Sparsity": "sparsity", "LowRank": "lowrank"}[type(spec).__name__]
+  info = method_info(kind, spec.method)
+  return None if info.options is None else info.options(**spec.options)
+
+
+def moved_to_options(moved: Mapping[str, tuple[str, str]]) -> Callable[[type], type]:
+  """Class decorator for a spec whose old fields became solver options: ``moved`` maps an old
+  field to ``(method, option)``. Writing the old field is a one-line `SpecError` that names the
+  new place; `migrate_moved` carries such fields of a stored mapping (an old run's config)."""
+
+  def deco(cls: type) -> type:
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+      for old, (method, new) in moved.items():
+        if old in kwargs:
+          raise SpecError(
+              f"{cls.__name__}.{old} is now an option of method {method!r}: write "
+              f"{cls.__name__}(method={method!r}, options={{{new!r}: {kwargs[old]!r}}})")
+      init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+  return deco
+
+
+def migrate_moved(d: dict[str, Any], moved: Mapping[str, tuple[str, str]],
+                  default_method: str) -> dict[str, Any]:
+  """``d`` (a spec's fields as stored by an older version) with its moved fields turned into
+  ``options`` of the method they belonged to; dropped for other methods, which ignored them.
+
+  Example:
+    >>> migrate_moved({"method": "gptq", "act_order": True}, {"act_order": ("gptq", "act_order")}, "rtn")
+    {'method': 'gptq', 'options': {'act_order': True}}
+  """
+  d = dict(d)
+  options = dict(d.get("options") or {})
+  for old, (method, new) in moved.items():
+    if old in d:
+      value = d.pop(old)
+      if d.get("method", default_method) == method:
+        options.setdefault(new, value)
+  if options:
+    d["options"] = options
+  return d
+
+
+# Fields of earlier versions that are solver options now: old field -> (method, option).
+QUANT_MOVED = {"act_order": ("gptq", "act_order"), "damp": ("gptq", "damp"),
+               "smooth_alpha": ("smoothquant", "alpha")}
+
+
+@moved_to_options(QUANT_MOVED)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Quant:
   """How one layer is quantized (weights, and optionally activations and gradients).
@@ -72,13 +232,16 @@ class Quant:
     Quant(w_bits=4, a_bits=None, ...)
     >>> jc.Quant(w_bits=8, a_bits=8, learn_scale=True)   # w8a8 QAT with LSQ
     Quant(w_bits=8, a_bits=8, ...)
-    >>> jc.Quant(w_bits=4, group=128, method="gptq", act_order=True)  # for jc.ptq
+    >>> jc.Quant(w_bits=4, group=128, method="gptq", options={"act_order": True})  # jc.ptq
     Quant(w_bits=4, a_bits=None, ...)
 
-  ``method`` picks the post-training solver used by `jaxcomp.ptq` (``"rtn"``: round to
-  nearest; ``"gptq"``: Frantar et al., 2022; ``"awq"``: activation-aware scaling, Lin et al.,
-  2023; ``"smoothquant"``: activation-to-weight difficulty migration for W8A8, Xiao et al.,
-  2022). `jaxcomp.quantize` (QAT) calibrates at run time and accepts ``"rtn"`` only.
+  ``method`` picks the post-training solver used by `jaxcomp.ptq`, one of the registered
+  solvers of `jaxcomp.oneshot.registry` (``"rtn"``: round to nearest; ``"gptq"``: Frantar et
+  al., 2022; ``"awq"``: activation-aware scaling, Lin et al., 2023; ``"smoothquant"``:
+  activation-to-weight difficulty migration for W8A8, Xiao et al., 2022), and ``options`` sets
+  that solver's options (gptq: ``act_order``, ``damp``, ``block_size``; awq: ``n_grid``,
+  ``clip``; smoothquant: ``alpha``; each with one default in the solver's ``Options``).
+  `jaxcomp.quantize` (QAT) calibrates at run time and accepts ``"rtn"`` only.
   """
 
   w_bits: int = 8  # weight bits, 2..8.
@@ -93,10 +256,8 @@ class Quant:
   calibration: Calibration = "absmax"  # how weight scales are chosen: absmax, percentile, mse.
   percentile: float = 99.9  # used by calibration="percentile", in (0, 100].
   learn_scale: bool = False  # LSQ: train the step sizes (Esser et al., 2020).
-  method: Method = "rtn"  # PTQ solver: rtn, gptq, awq, smoothquant (see `jaxcomp.ptq`).
-  act_order: bool = False  # gptq: quantize input features by decreasing Hessian diagonal.
-  damp: float = 0.01  # gptq: dampening, a fraction of mean(diag(H)) added to the diagonal.
-  smooth_alpha: float = 0.5  # smoothquant: migration strength alpha in [0, 1].
+  method: str = "rtn"  # PTQ solver: rtn, gptq, awq, smoothquant (see `jaxcomp.ptq`).
+  options: Mapping[str, Any] = SolverOptions()  # the solver's options that differ from its defaults.
 
   def __post_init__(self) -> None:
     o = "Quant"
@@ -112,15 +273,6 @@ class Quant:
     _check_choice(o, "granularity", self.granularity, GRANULARITIES)
     _check_choice(o, "a_granularity", self.a_granularity, ACT_GRANULARITIES)
     _check_choice(o, "calibration", self.calibration, CALIBRATIONS)
-    _check_choice(o, "method", self.method, METHODS)
-    _check_bool(o, "act_order", self.act_order)
-    for name, lo, hi, lo_open in (("damp", 0.0, 1.0, True), ("smooth_alpha", 0.0, 1.0, False)):
-      v = getattr(self, name)
-      bad = isinstance(v, bool) or not isinstance(v, (int, float))
-      if bad or not (lo < v <= hi if lo_open else lo <= v <= hi):
-        interval = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise SpecError(f"Quant.{name} must be a number in {interval}, got {v!r}")
-      object.__setattr__(self, name, float(v))
     if self.group is not None:
       if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
         raise SpecError(f"Quant.group must be a positive int or None, got {self.group!r}")
@@ -140,16 +292,7 @@ class Quant:
       raise SpecError("Quant.g_bits needs Quant.a_bits: the int8 backward dots use both operands")
     if self.learn_scale and not self.w_symmetric:
       raise SpecError("Quant.learn_scale=True needs w_symmetric=True (LSQ learns a step, no zero point)")
-    if self.method in ("awq", "smoothquant") and not self.w_symmetric:
-      raise SpecError(f"Quant.method={self.method!r} needs w_symmetric=True (solved weights keep "
-                      "a fixed symmetric step per channel/group)")
-    if self.method in CALIBRATED_METHODS and self.granularity == "tensor":
-      raise SpecError(f"Quant.method={self.method!r} needs granularity 'channel' or 'group'")
-    if self.method == "smoothquant" and self.a_bits is None:
-      raise SpecError("Quant.method='smoothquant' migrates activation outliers for W8A8: set a_bits")
-    if self.method == "awq" and self.a_bits is not None:
-      raise SpecError("Quant.method='awq' is weight-only (its search assumes float activations); "
-                      "drop a_bits or use method='smoothquant'")
+    object.__setattr__(self, "options", check_method(o, "quant", self))
 
   @property
   def int_dot(self) -> bool:
@@ -158,12 +301,14 @@ class Quant:
 
   def to_dict(self) -> dict[str, Any]:
     """The fields as a plain dict (round-trips through `Quant(**d)`)."""
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "options": dict(self.options)}
 
   @classmethod
   def from_dict(cls, d: Any) -> "Quant":
-    """Builds a spec from a mapping, rejecting unknown keys by name."""
-    return cls(**known_fields(cls, d))
+    """Builds a spec from a mapping, rejecting unknown keys by name. A mapping stored by an
+    earlier version (``act_order`` / ``damp`` / ``smooth_alpha`` as fields) still loads: those
+    become the options of the method they belonged to."""
+    return cls(**known_fields(cls, migrate_moved(dict(d), QUANT_MOVED, "rtn")))
 
 
 def weight_scale_shape(

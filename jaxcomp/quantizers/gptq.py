@@ -4,13 +4,41 @@ min-max grid's zero points: GPTQ's reference default)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import nnx
 import jax
 
 from jaxcomp.oneshot.calibrate import LayerStats
-from jaxcomp.oneshot.solver import QuantSolution, Solver
+from jaxcomp.oneshot.solver import (QuantSolution, Solver, check_option, check_solved_step,
+                                    options_of)
 from jaxcomp.quant.spec import Quant
 from jaxcomp.quantizers import gptq_core
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+  """GPTQ's options (``Quant(method="gptq", options={...})``).
+
+  Attributes:
+    act_order: quantize input features by decreasing Hessian diagonal.
+    damp: dampening, a fraction of ``mean(diag(H))`` added to the diagonal, in (0, 1].
+    block_size: columns per lazy-update block.
+  """
+
+  act_order: bool = False
+  damp: float = 0.01
+  block_size: int = 128
+
+  def __post_init__(self) -> None:
+    check_option("gptq", "act_order", self.act_order, bool)
+    check_option("gptq", "damp", self.damp, float, 0.0, 1.0, lo_open=True)
+    check_option("gptq", "block_size", self.block_size, int, 1)
+
+
+def check(spec: Quant) -> None:
+  """GPTQ solves a step per output channel or group, not one per tensor."""
+  check_solved_step(spec, symmetric=False)
 
 
 def solve(w: jax.Array, stats: LayerStats, spec: Quant) -> QuantSolution:
@@ -20,9 +48,11 @@ def solve(w: jax.Array, stats: LayerStats, spec: Quant) -> QuantSolution:
 
     sol = solve(w, stats, jc.Quant(w_bits=4, group=128, method="gptq"))
   """
-  res = gptq_core.gptq(w, stats.h, spec, damp=spec.damp, act_order=spec.act_order)
+  o = options_of(spec)
+  res = gptq_core.gptq(w, stats.h, spec, block_size=o.block_size, damp=o.damp,
+                       act_order=o.act_order)
   return QuantSolution(res.w_hat, res.step, None, res.w_hat, res.zero)
 
 
 SOLVER = Solver("gptq", "quant", calibrated=True, layers=(nnx.Linear, nnx.LinearGeneral),
-                solve=solve)
+                solve=solve, options=Options, check=check)

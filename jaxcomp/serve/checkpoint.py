@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.qarray import QArray
+from jaxcomp.quant.spec import method_info
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.linen_quant import PackedParam
@@ -169,14 +170,15 @@ def packed_skeleton(model: nnx.Module, recipe: Recipe) -> nnx.Module:
     like = nnx.eval_shape(lambda: jc.packed_skeleton(Llama(cfg, rngs=nnx.Rngs(0)), recipe))
   """
   as_rtn = Recipe([r if r.quant is None else dataclasses.replace(
-      r, quant=dataclasses.replace(r.quant, method="rtn", learn_scale=False)) for r in recipe.rules])
+      r, quant=dataclasses.replace(r.quant, method="rtn", options={}, learn_scale=False))
+      for r in recipe.rules])
   new, _ = engine.rewrite(model, as_rtn, handlers=QUANT_HANDLERS,
                                kind=lambda r: r.quant, strict=False)
   for layer in quant_layers(new):
     rule = recipe.match(layer.path)
     if rule is not None and rule.quant is not None:
       layer.hook.spec = rule.quant
-      if rule.quant.method in ("awq", "smoothquant"):
+      if method_info("quant", rule.quant.method).smooths_inputs:
         k = int(np.prod([getattr(layer.module, layer.kernel_name)[...].shape[a]
                          for a in layer.contracting]))
         layer.hook.in_scale = qlayers.SmoothScale(jax.numpy.ones((k,), jax.numpy.float32))

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from jaxcomp.quant.spec import SpecError, known_fields
+from jaxcomp.quant.spec import SolverOptions, SpecError, check_method, known_fields
 
 PATTERNS = ("unstructured", "N:M", "block")
-SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
-# Methods that score or solve from calibration inputs.
-CALIBRATED_SPARSITY_METHODS = ("wanda", "sparsegpt")
 _NM = re.compile(r"(\d+):(\d+)")
 
 
@@ -43,7 +41,8 @@ class Sparsity:
   pattern: str = "unstructured"  # "unstructured", "<N>:<M>" (e.g. "2:4") or "block".
   _: dataclasses.KW_ONLY
   sparsity: float = 0.5  # fraction pruned (unstructured, block); N:M prunes 1 - N/M.
-  method: str = "magnitude"  # magnitude, wanda or sparsegpt.
+  method: str = "magnitude"  # magnitude, wanda or sparsegpt (`jaxcomp.oneshot.registry`).
+  options: Mapping[str, Any] = SolverOptions()  # the solver's options (sparsegpt: damp, block_size).
   block: tuple[int, int] = (16, 16)  # (bk, bn) tile of the (K, N) kernel, pattern "block".
 
   def __post_init__(self) -> None:
@@ -59,17 +58,12 @@ class Sparsity:
     s = self.sparsity
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
       raise SpecError(f"{o}.sparsity must be a number in [0, 1), got {s!r}")
-    if self.method not in SPARSITY_METHODS:
-      raise SpecError(f"{o}.method must be one of {', '.join(SPARSITY_METHODS)}; "
-                      f"got {self.method!r}")
     block = tuple(self.block) if isinstance(self.block, (list, tuple)) else self.block
     if not (isinstance(block, tuple) and len(block) == 2 and all(
         isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
       raise SpecError(f"{o}.block must be two positive ints (bk, bn), got {self.block!r}")
     object.__setattr__(self, "block", block)
-    if self.method == "sparsegpt" and self.pattern == "block":
-      raise SpecError(f"{o}.method='sparsegpt' supports patterns 'unstructured' and 'N:M', "
-                      "not 'block'")
+    object.__setattr__(self, "options", check_method(o, "sparsity", self))
 
   @property
   def nm(self) -> tuple[int, int] | None:
@@ -90,7 +84,7 @@ class Sparsity:
       '2:4'
     """
     return {"pattern": self.pattern, "sparsity": self.sparsity, "method": self.method,
-            "block": list(self.block)}
+            "options": dict(self.options), "block": list(self.block)}
 
   @classmethod
   def from_dict(cls, d: Any) -> Sparsity:

@@ -53,7 +53,7 @@ def test_input_model_untouched(setup):
 
 
 @pytest.mark.parametrize("spec", [
-    jc.Quant(w_bits=4, method="gptq", act_order=True),
+    jc.Quant(w_bits=4, method="gptq", options={"act_order": True}),
     jc.Quant(w_bits=4, group=32, method="gptq"),
     jc.Quant(w_bits=4, group=32, method="awq"),
     jc.Quant(w_bits=8, a_bits=8, method="smoothquant"),
