@@ -185,15 +185,17 @@ class QuantConv(nnx.Module):
   """
 
   def __init__(self, spec: Quant, w_step: QuantScale | None = None,
-               backend: str | None = None):
+               backend: str | None = None, w_zero: QuantZero | None = None):
     self.spec = spec
     self.w_step = nnx.data(w_step)
+    self.w_zero = nnx.data(w_zero)  # zero points of a solved asymmetric grid
     self.backend = qdot.kernel_backend(backend)  # convolutions run in XLA; kept for symmetry
 
   def __call__(self, lhs: Array, rhs: Array, *args: Any, out_sharding: Any = None,
                **kwargs: Any) -> Array:
     return qdot.quant_conv_general_dilated(lhs, rhs, *args, spec=self.spec,
-                                           w_step=_value(self.w_step), **kwargs)
+                                           w_step=_value(self.w_step),
+                                           w_zero=_value(self.w_zero), **kwargs)
 
 
 def packed_rows(table: QArray, ids: Array) -> Array:

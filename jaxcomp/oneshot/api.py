@@ -73,6 +73,9 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
                        f"{registry.FIELDS[kind]}={spec.method!r} cannot solve it{fix}")
     if solver.solve is not None and engine.kernel_axes(m).batch:  # RTN quantizes as QAT does
       raise ValueError(f"{path}: {name} does not solve kernels with batch axes")
+    if solver.calibrated and getattr(m, "feature_group_count", 1) != 1:
+      raise ValueError(f"{path}: calibrated methods do not solve grouped convolutions "
+                       f"(feature_group_count={m.feature_group_count})")
     check(path, m, spec)
   results: list[LayerResult] = []
   one = lambda p, m, spec, stats: results.append(solve(new, p, m, spec, stats))
@@ -99,7 +102,7 @@ def _install_quant(m: nnx.Module, spec: Quant, step2: Array | None,
   QUANT_HANDLERS[type(m)](m, dataclasses.replace(spec, learn_scale=False))
   axes = engine.kernel_axes(m)
   kernel = getattr(m, axes.name)
-  hook = m.dot_general
+  hook = m.conv_general_dilated if isinstance(m, nnx.Conv) else m.dot_general
   hook.spec = spec
   if step2 is not None:
     step = to_step_layout(step2.T, kernel[...].shape, axes.contracting, spec)
@@ -202,7 +205,7 @@ def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: i
 
   Args:
     model: an NNX model (Linear, LinearGeneral and Conv kernels are pruned; wanda and
-      sparsegpt need Linear / LinearGeneral, whose inputs they record).
+      sparsegpt need Linear / LinearGeneral / Conv, whose inputs they record).
     recipe: rules with ``sparsity=jc.Sparsity(...)`` (their ``quant`` is ignored here).
     calib: calibration inputs (as for `jaxcomp.ptq`); required when a rule uses wanda or
       sparsegpt.

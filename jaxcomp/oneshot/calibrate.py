@@ -76,15 +76,18 @@ class Capture(nnx.Module):
     (lc, _), (lb, _) = dimension_numbers
     if lb or tuple(a % lhs.ndim for a in lc) != tuple(range(lhs.ndim - len(lc), lhs.ndim)):
       raise ValueError("calibration needs a layer contracting the trailing input axes")
-    x = lhs.reshape(-1, self.absmax.shape[0])
+    self.record(lhs.reshape(-1, self.absmax.shape[0]))
+    return low_precision_dot(lhs, rhs, dimension_numbers, self.dtype, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+  def record(self, x: Array) -> None:
+    """Adds the rows of ``x`` (tokens, K) to the statistics."""
     xb = x.astype(jnp.bfloat16)
     self.h[...] += 2.0 * jnp.dot(xb.T, xb, preferred_element_type=jnp.float32)
     ax = jnp.abs(x).astype(jnp.float32)
     self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(ax, axis=0))
     self.abs_sum[...] += jnp.sum(ax, axis=0)
     self.count[...] += x.shape[0]
-    return low_precision_dot(lhs, rhs, dimension_numbers, self.dtype, precision=precision,
-                             preferred_element_type=preferred_element_type)
 
   def stats(self) -> LayerStats:
     """The statistics accumulated so far (means over tokens)."""
@@ -92,6 +95,50 @@ class Capture(nnx.Module):
     if n == 0:
       raise ValueError("Capture saw no tokens")
     return LayerStats(self.h[...] / n, self.absmax[...], self.abs_sum[...] / n, int(n))
+
+
+class ConvCapture(Capture):
+  """A ``conv_general_dilated`` for `nnx.Conv` that records the statistics of the convolution's
+  input patches: each output position's receptive field, ordered as the kernel's contracting
+  axes flattened (spatial taps, then input channels: the ``(K, N)`` view of
+  `jaxcomp.oneshot.pipeline.kernel_2d`), so ``patches @ kernel_2d == conv``.
+
+  Example::
+
+    conv = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+    conv.conv_general_dilated = nnx.data(ConvCapture(27))
+    _ = conv(jnp.ones((2, 16, 16, 3)))
+    conv.conv_general_dilated.stats().count          # 2 * 16 * 16 patches
+    512
+  """
+
+  def __call__(self, lhs: Array, rhs: Array, window_strides: Any, padding: Any,
+               lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
+               feature_group_count: int = 1, precision: Any = None,
+               preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
+    if feature_group_count != 1:
+      raise ValueError("calibration of grouped convolutions (feature_group_count > 1) is not "
+                       "supported")
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    spatial = [rhs.shape[a] for a in dn.rhs_spec[2:]]
+    patches = jax.lax.conv_general_dilated_patches(
+        lhs, spatial, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers=dimension_numbers, precision=precision)
+    # Feature axis of the patches: (Cin, *taps) in the kernel's spatial order; the kernel's
+    # contracting axes flatten as (*its spatial axes, Cin) -> reorder to that.
+    patches = jnp.moveaxis(patches, dn.out_spec[1], -1)
+    p = patches.reshape(-1, rhs.shape[dn.rhs_spec[1]], *spatial)
+    p = jnp.moveaxis(p, 1, -1)  # (rows, *taps, Cin)
+    kernel_order = sorted(range(len(spatial)), key=lambda i: dn.rhs_spec[2 + i])
+    p = jnp.transpose(p, (0, *[1 + i for i in kernel_order], p.ndim - 1))
+    self.record(p.reshape(p.shape[0], -1))
+    dtype = self.dtype
+    y = jax.lax.conv_general_dilated(
+        lhs if dtype is None else lhs.astype(dtype), rhs if dtype is None else rhs.astype(dtype),
+        window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        precision=precision,
+        preferred_element_type=jnp.float32 if dtype is not None else preferred_element_type)
+    return y if dtype is None else y.astype(preferred_element_type or lhs.dtype)
 
 
 def low_precision_dot(lhs: Array, rhs: Array, dimension_numbers: Any, dtype: Any, *,

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcomp.layers import quant as qlayers
-from jaxcomp.oneshot.calibrate import (Capture, LayerStats, catch_inputs, find_blocks,
+from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_inputs, find_blocks,
                                        low_precision_dot)
 from jaxcomp.quant import dot as qdot
 from jaxcomp.quant.qarray import canonical
@@ -112,12 +112,15 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
   (with its plain ``dot_general`` back in place) from its input statistics."""
   captures, originals = {}, {}
   for path, m, _ in todo:
-    captures[path], originals[path] = Capture(kernel_2d(m).shape[0], dtype), m.dot_general
-    m.dot_general = nnx.data(captures[path])
+    hook, cls = ("conv_general_dilated", ConvCapture) if isinstance(m, nnx.Conv) else (
+        "dot_general", Capture)
+    captures[path], originals[path] = cls(kernel_2d(m).shape[0], dtype), (hook, getattr(m, hook))
+    setattr(m, hook, nnx.data(captures[path]))
   run()
   for path, m, payload in todo:
     stats = captures.pop(path).stats()
-    m.dot_general = nnx.static(originals[path])  # the plain layer again, before the rewrite
+    hook, fn = originals[path]
+    setattr(m, hook, nnx.static(fn))  # the plain layer again, before the rewrite
     solve(path, m, payload, stats)
 
 

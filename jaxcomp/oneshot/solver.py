@@ -60,7 +60,8 @@ class Solver:
       ``Sparsity.method``, ``LowRank.method``).
     kind: ``"quant"``, ``"sparsity"`` or ``"lowrank"``.
     calibrated: whether it needs calibration statistics (then the layer must be one whose
-      inputs `jaxcomp.oneshot.calibrate.Capture` records: ``nnx.Linear`` / ``LinearGeneral``).
+      inputs `jaxcomp.oneshot.calibrate.Capture` / ``ConvCapture`` record: ``nnx.Linear``,
+      ``LinearGeneral``, ``Conv`` (its input patches)).
     layers: the NNX layer types it can solve (exact types).
     solve: ``solve(w (K, N), stats or None, spec) -> result`` (see the module docstring).
     options: the solver's options dataclass (keyword fields, one default each, a

@@ -52,5 +52,5 @@ def solve(w: jax.Array, stats: LayerStats, spec: Sparsity) -> jax.Array:
 
 
 SOLVER = Solver("sparsegpt", "sparsity", calibrated=True,
-                layers=(nnx.Linear, nnx.LinearGeneral), solve=solve, options=Options,
+                layers=(nnx.Linear, nnx.LinearGeneral, nnx.Conv), solve=solve, options=Options,
                 check=check)

@@ -24,5 +24,5 @@ def solve(w: jax.Array, stats: LayerStats, spec: Sparsity) -> jax.Array:
   return masks.apply_mask(w, masks.mask_for_spec(s, spec, per_output=True))
 
 
-SOLVER = Solver("wanda", "sparsity", calibrated=True, layers=(nnx.Linear, nnx.LinearGeneral),
+SOLVER = Solver("wanda", "sparsity", calibrated=True, layers=(nnx.Linear, nnx.LinearGeneral, nnx.Conv),
                 solve=solve)

@@ -531,7 +531,7 @@ def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Arra
 
 def quant_conv_general_dilated(
     lhs: Array, rhs: Array, *args: Any, spec: Quant, w_step: Array | None = None,
-    dimension_numbers: Any = None, **kwargs: Any
+    w_zero: Array | None = None, dimension_numbers: Any = None, **kwargs: Any
 ) -> Array:
   """``lax.conv_general_dilated`` with the kernel (and optionally the input) fake-quantized.
 
@@ -545,7 +545,8 @@ def quant_conv_general_dilated(
     *args, dimension_numbers, **kwargs: as for `jax.lax.conv_general_dilated`.
     spec: a `jaxcomp.Quant`.
     w_step: LSQ weight step (kernel layout, `weight_scale_shape` with every axis but the output
-      feature axis contracting).
+      feature axis contracting), or a step solved by PTQ.
+    w_zero: with ``w_step``, the integer-valued zero points of a solved asymmetric grid.
 
   Example:
     >>> x = jnp.ones((1, 8, 8, 3)); k = jnp.ones((3, 3, 3, 4))
@@ -558,7 +559,8 @@ def quant_conv_general_dilated(
     w_hat = rhs.dequantize(lhs.dtype)
   else:
     w_hat = fake_quant_weight(
-        rhs, conv_contracting_axes(rhs.ndim, lhs.shape, dimension_numbers), spec, w_step)
+        rhs, conv_contracting_axes(rhs.ndim, lhs.shape, dimension_numbers), spec, w_step,
+        w_zero)
   if spec.a_bits is not None:
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     batch_axis = dn.lhs_spec[0]

@@ -54,5 +54,5 @@ def solve(w: jax.Array, stats: LayerStats, spec: Quant) -> QuantSolution:
   return QuantSolution(res.w_hat, res.step, None, res.w_hat, res.zero)
 
 
-SOLVER = Solver("gptq", "quant", calibrated=True, layers=(nnx.Linear, nnx.LinearGeneral),
+SOLVER = Solver("gptq", "quant", calibrated=True, layers=(nnx.Linear, nnx.LinearGeneral, nnx.Conv),
                 solve=solve, options=Options, check=check)

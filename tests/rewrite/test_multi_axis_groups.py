@@ -109,6 +109,56 @@ def test_gptq_on_linear_general_head_spanning_groups():
   _check_packed(q, x, ("out",))
 
 
+def _gptq_beats_rtn(model, rule, spec, calib):
+  """GPTQ through jc.ptq: lower output error than RTN on its calibration inputs."""
+  q, results = jc.ptq(model, jc.Recipe([jc.Rule(rule, quant=spec)]), calib, progress=False,
+                      return_report=True, calib_dtype=None)
+  assert [r.path for r in results] == [rule] and 0 < results[0].error < 0.2, results
+  rtn_spec = jc.Quant(w_bits=spec.w_bits, group=spec.group, w_symmetric=spec.w_symmetric)
+  rtn = jc.quantize(model, jc.Recipe([jc.Rule(rule, quant=rtn_spec)]))
+  ref = model(calib)
+  err = lambda m: float(jnp.mean((m(calib) - ref) ** 2))
+  assert err(q) < err(rtn), (err(q), err(rtn))
+  return q
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_on_conv_with_three_input_channels_group_8(symmetric):
+  model = ConvNet(nnx.Rngs(0))
+  calib = jax.random.normal(jax.random.key(2), (8, 8, 8, 3))
+  spec = jc.Quant(w_bits=3, group=8, method="gptq", w_symmetric=symmetric)
+  q = _gptq_beats_rtn(model, "conv", spec, calib)
+  hook = q.conv.conv_general_dilated
+  assert hook.w_step.shape == (1, 1, 4, 8)  # 27 taps: 3 x 8 + 3
+  assert (hook.w_zero is None) == symmetric
+  packed = jc.convert(q)
+  assert isinstance(packed.conv.kernel[...], jc.QArray)
+  np.testing.assert_allclose(np.asarray(packed(calib)), np.asarray(q(calib)), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_gptq_on_multi_head_attention_out_projection():
+  model = Attn(nnx.Rngs(0))
+  calib = jax.random.normal(jax.random.key(2), (8, 6, 256))
+  spec = jc.Quant(w_bits=3, group=128, method="gptq", options={"act_order": True})
+  q = _gptq_beats_rtn(model, "attn/out", spec, calib)
+  assert q.attn.out.dot_general.w_step.shape == (1, 2, 256)  # groups span two heads
+  _check_packed(q, calib[:2], ("attn", "out"))
+
+
+def test_calibrated_pruning_on_conv_uses_its_input_patches():
+  model = ConvNet(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (8, 8, 8, 3)) * jnp.array([0.1, 1.0, 10.0])
+  rule = lambda m: jc.Recipe([jc.Rule("conv", sparsity=jc.Sparsity(sparsity=0.5, method=m))])
+  ref = model(x)
+  err = lambda m: float(jnp.mean((m(x) - ref) ** 2))
+  wanda = jc.prune(model, rule("wanda"), x, progress=False, calib_dtype=None)
+  magnitude = jc.prune(model, rule("magnitude"), progress=False)
+  per_output = jnp.sum(wanda.conv.kernel[...] == 0, axis=(0, 1, 2))  # K = 27 per output
+  assert set(np.asarray(per_output).tolist()) <= {13, 14}, per_output
+  assert err(wanda) < err(magnitude)  # the input scale per channel is seen through the patches
+
+
 def test_linen_dense_general_and_attention_groups_across_heads():
   class Block(nn.Module):
 
