@@ -218,19 +218,27 @@ class MatchReport:
     matched: rule label -> paths of the layers it was applied to (skips included).
     unused: labels of the rules that matched no supported layer.
     unsupported: ``(path, type name)`` of modules that a non-skip rule matched but that the
-      transform cannot handle (e.g. a norm layer under ``r".*"``).
+      transform cannot handle (e.g. a norm layer under ``r".*"``); they stay in float.
+    depth: path -> number of stacked copies, for each matched layer that stacks several
+      (``nnx.vmap``); such a layer is one path in ``matched``.
   """
 
   matched: dict[str, list[str]]
   unused: list[str]
   unsupported: list[tuple[str, str]]
+  depth: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def __str__(self) -> str:
     lines = [f"{'rule':<40} layers"]
     for label, paths in self.matched.items():
-      lines.append(f"{label:<40} {len(paths)}")
+      stacked = [f"{p} x{self.depth[p]}" for p in paths if p in self.depth]
+      lines.append(f"{label:<40} {len(paths)}" + (
+          f" (stacked: {', '.join(stacked)})" if stacked else ""))
     if self.unused:
       lines.append("rules that matched nothing: " + ", ".join(self.unused))
+    if self.unsupported:
+      lines.append("left in float, not supported: " + ", ".join(
+          f"{path} ({kind})" for path, kind in self.unsupported))
     return "\n".join(lines)
 
   def check(self) -> None:

@@ -82,16 +82,24 @@ def divide_contracting(x: Array, s: Array, contracting: Sequence[int]) -> Array:
   return (x / s.reshape(shape).astype(x.dtype)).astype(x.dtype)
 
 
-def make_step(kernel: nnx.Variable, contracting: Sequence[int], spec: Quant) -> QuantScale:
+def make_step(kernel: nnx.Variable, contracting: Sequence[int], spec: Quant, *,
+              stack: int = 0) -> QuantScale:
   """LSQ step for ``kernel`` (shape from `weight_scale_shape`), initialised from the calibrated
   scale and carrying the kernel's logical axis names on its non-contracting axes.
+
+  With ``stack`` leading axes stacking copies of a layer (``nnx.vmap``), ``contracting`` counts
+  one layer's axes and the step keeps the stack axes: ``(L, 1, N)`` for L stacked Linears.
 
   Example:
     >>> lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
     >>> make_step(lin.kernel, (0,), jc.Quant(w_bits=4, learn_scale=True)).shape
     (1, 32)
   """
-  return step_variable(kernel, contracting, initial_step(kernel[...], contracting, spec))
+  init = lambda w: initial_step(w, contracting, spec)
+  for _ in range(stack):
+    init = jax.vmap(init)
+  nd = kernel[...].ndim - stack
+  return step_variable(kernel, tuple(stack + a % nd for a in contracting), init(kernel[...]))
 
 
 def step_variable(kernel: nnx.Variable, contracting: Sequence[int], step: Array) -> QuantScale:

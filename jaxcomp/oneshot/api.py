@@ -41,11 +41,13 @@ def _default_call(m: nnx.Module, b: Any) -> Any:
 
 
 def _set_kernel(m: nnx.Module, w2: Array) -> None:
-  """Writes a (K, N) kernel back into the layer's own layout and dtype."""
+  """Writes a (K, N) kernel ((L, K, N) for a stack) back into the layer's layout and dtype."""
   axes = engine.kernel_axes(m)
   var = getattr(m, axes.name)
   old = var[...]
-  var[...] = from_canonical(w2.T, old.shape, axes.contracting).astype(old.dtype)
+  shape = old.shape[axes.stack:]
+  put = engine.over_stack(lambda w: from_canonical(w.T, shape, axes.contracting), axes.stack)
+  var[...] = put(w2).astype(old.dtype)
 
 
 def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Callable[[Any], Any],
@@ -71,8 +73,14 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
       fix = ", use 'rtn'" if kind == "quant" else ""
       raise ValueError(f"{path}: {what} support {types} layers, not {type(m).__name__}; "
                        f"{registry.FIELDS[kind]}={spec.method!r} cannot solve it{fix}")
-    if solver.solve is not None and engine.kernel_axes(m).batch:  # RTN quantizes as QAT does
+    axes = engine.kernel_axes(m)
+    if solver.solve is not None and axes.batch:  # RTN quantizes as QAT does
       raise ValueError(f"{path}: {name} does not solve kernels with batch axes")
+    if axes.stack and (solver.calibrated or kind == "lowrank"):
+      depth = "x".join(str(d) for d in getattr(m, axes.name)[...].shape[:axes.stack])
+      raise ValueError(f"{path}: a stack of {depth} layers (nnx.vmap): {name} solves stacked "
+                       f"layers with data-free methods only so far; "
+                       f"{registry.FIELDS[kind]}={spec.method!r} needs per-layer calibration")
     if solver.calibrated and getattr(m, "feature_group_count", 1) != 1:
       raise ValueError(f"{path}: calibrated methods do not solve grouped convolutions "
                        f"(feature_group_count={m.feature_group_count})")
@@ -178,7 +186,7 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int
 
 
 def _check_nm(path: str, m: nnx.Module, spec: Any) -> None:
-  k = kernel_2d(m).shape[0]
+  k = kernel_2d(m).shape[-2]
   if spec.nm is not None and k % spec.nm[1]:
     raise ValueError(f"{path}: Sparsity.pattern {spec.pattern!r} needs the input size {k} "
                      f"to be a multiple of M={spec.nm[1]}")
@@ -190,7 +198,9 @@ def _solve_sparse(root: nnx.Module, path: str, m: nnx.Module, spec: Any,
 
   def run():
     w = kernel_2d(m)
-    w_hat = registry.get("sparsity", spec.method).solve(w, stats, spec)
+    solve = registry.get("sparsity", spec.method).solve
+    stack = engine.kernel_axes(m).stack  # a stack is pruned layer by layer (data-free only)
+    w_hat = engine.over_stack(lambda w: solve(w, stats, spec), stack)(w)
     _set_kernel(m, w_hat)
     return (float("nan") if stats is None else relative_error(w, w_hat, stats.h)), None
 

@@ -56,14 +56,16 @@ class LayerResult:
 
 def kernel_2d(m: nnx.Module) -> Array:
   """A layer's weight as ``(K, N)`` (`jaxcomp.rewrite.engine.kernel_axes`: K the contracting
-  axes flattened in order, N the others), the view every solver works on.
+  axes flattened in order, N the others), the view every solver works on; ``(L, K, N)`` for a
+  stack of L layers (``nnx.vmap``).
 
   Example:
     >>> kernel_2d(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))).shape
     (27, 8)
   """
   axes = engine.kernel_axes(m)
-  return canonical(getattr(m, axes.name)[...], axes.contracting).T
+  view = engine.over_stack(lambda w: canonical(w, axes.contracting).T, axes.stack)
+  return view(getattr(m, axes.name)[...])
 
 
 def as_batches(calib: Any, batch_size: int, fn: str = "ptq") -> list[Any]:

@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 from flax import linen as nn
 from flax import nnx
+import jax
+import numpy as np
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.recipe import MatchReport, Recipe, Rule
@@ -92,11 +94,42 @@ class KernelAxes(NamedTuple):
       is viewed as ``(K, N)`` with K the contracting axes and N the others, both flattened).
     batch: weight axes that are batch dimensions of the dot (LinearGeneral ``batch_axis``,
       einsum batch indices); no solver or packed format handles these.
+    stack: leading axes of the stored weight that stack copies of the layer (a layer built
+      under ``nnx.vmap`` and run under ``nnx.scan``: ``(L, K, N)`` for a stack of L Linears);
+      ``contracting`` and ``batch`` count the axes of *one* layer's weight, after them.
   """
 
   name: str
   contracting: tuple[int, ...]
   batch: tuple[int, ...] = ()
+  stack: int = 0
+
+
+def _layer_ndim(layer: Any) -> int | None:
+  """The weight rank of one (unstacked) NNX layer, from its constructor arguments."""
+  t = type(layer)
+  if t in (nnx.Linear, nnx.Embed, qlayers.QuantEmbed):
+    return 2
+  if t is nnx.LinearGeneral:
+    return len(layer.batch_axis) + len(layer.in_features) + len(layer.out_features)
+  if t is nnx.Conv:
+    return len(layer.kernel_size) + 2
+  if t is nnx.Einsum:
+    return len(layer.kernel_shape)
+  return None
+
+
+def over_stack(fn: Callable[..., Any], stack: int) -> Callable[..., Any]:
+  """``fn`` mapped over ``stack`` leading axes of every array argument and result (nested
+  ``jax.vmap``): what a one-layer function becomes for a stacked layer.
+
+  Example:
+    >>> over_stack(lambda w: w.sum(0), 1)(jnp.ones((3, 4, 2))).shape
+    (3, 2)
+  """
+  for _ in range(stack):
+    fn = jax.vmap(fn)
+  return fn
 
 
 def kernel_axes(layer: Any, *, kernel_ndim: int | None = None,
@@ -116,10 +149,23 @@ def kernel_axes(layer: Any, *, kernel_ndim: int | None = None,
 
   Example:
     >>> kernel_axes(nnx.LinearGeneral((4, 64), 256, axis=(-2, -1), rngs=nnx.Rngs(0)))
-    KernelAxes(name='kernel', contracting=(0, 1), batch=())
+    KernelAxes(name='kernel', contracting=(0, 1), batch=(), stack=0)
     >>> kernel_axes(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)))
-    KernelAxes(name='kernel', contracting=(0, 1, 2), batch=())
+    KernelAxes(name='kernel', contracting=(0, 1, 2), batch=(), stack=0)
   """
+  axes = _one_layer_axes(layer, kernel_ndim, einsum_str)
+  nd = _layer_ndim(layer)
+  if axes is None or nd is None:  # Linen: one layer as seen at call time
+    return axes
+  stack = getattr(layer, axes.name)[...].ndim - nd
+  if stack < 0:
+    raise ValueError(f"{type(layer).__name__}: its {axes.name} has rank "
+                     f"{getattr(layer, axes.name)[...].ndim}, below the layer's own {nd}")
+  return axes._replace(stack=stack)
+
+
+def _one_layer_axes(layer: Any, kernel_ndim: int | None, einsum_str: str | None
+                    ) -> KernelAxes | None:
   t = type(layer)
   if t in (nnx.Embed, qlayers.QuantEmbed, nn.Embed):
     return KernelAxes("embedding", (1,))
@@ -134,11 +180,11 @@ def kernel_axes(layer: Any, *, kernel_ndim: int | None = None,
     nb = len((batch,) if isinstance(batch, int) else tuple(batch))
     return KernelAxes("kernel", tuple(range(nb, nb + len(axis))), tuple(range(nb)))
   if t in (nnx.Conv, nn.Conv):
-    nd = layer.kernel[...].ndim if kernel_ndim is None else kernel_ndim
+    nd = _layer_ndim(layer) if kernel_ndim is None else kernel_ndim
     return KernelAxes("kernel", tuple(range(nd - 1)))
   if t in (nnx.Einsum, nn.Einsum):
     eq = einsum_str or layer.einsum_str
-    nd = layer.kernel[...].ndim if kernel_ndim is None else kernel_ndim
+    nd = _layer_ndim(layer) if kernel_ndim is None else kernel_ndim
     (_, rc), (_, rb) = qlayers.einsum_kernel_dimension_numbers(eq, nd)
     return KernelAxes("kernel", tuple(rc), tuple(rb))
   return None
@@ -179,7 +225,7 @@ def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bo
   ok = supported if callable(supported) else (lambda m: type(m) in supported)
   relevant = [r for r in recipe.rules if r.skip or kind(r) is not None]
   matched: dict[str, list[str]] = {r.label: [] for r in relevant}
-  unsupported, todo = [], []
+  unsupported, todo, depth = [], [], {}
   for path, module in iter_layers(model):
     rule = next((r for r in relevant if r.matches(path)), None)
     if rule is None:
@@ -189,10 +235,13 @@ def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bo
     elif ok(module) and not is_quantized(module):
       matched[rule.label].append(path)
       todo.append((path, module, rule))
+      axes = kernel_axes(module)
+      if axes is not None and axes.stack:
+        depth[path] = int(np.prod(getattr(module, axes.name)[...].shape[:axes.stack]))
     else:
       unsupported.append((path, type(module).__name__))
   unused = [label for label, paths in matched.items() if not paths]
-  return todo, MatchReport(matched=matched, unused=unused, unsupported=unsupported)
+  return todo, MatchReport(matched=matched, unused=unused, unsupported=unsupported, depth=depth)
 
 
 def rewrite(model: nnx.Module, recipe: Recipe, *, handlers: dict[type, Handler],

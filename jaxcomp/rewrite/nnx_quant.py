@@ -19,8 +19,10 @@ def _prepare(m: nnx.Module, spec: Quant) -> tuple[nnx.Variable, tuple[int, ...],
   """The layer's weight Variable, contracting axes and (LSQ) step; validates the group size."""
   axes = kernel_axes(m)
   kernel = getattr(m, axes.name)
-  weight_scale_shape(kernel[...].shape, axes.contracting, spec)  # a SpecError naming the group
-  step = qlayers.make_step(kernel, axes.contracting, spec) if spec.learn_scale else None
+  # One layer's shape: a SpecError naming the group if it does not fit.
+  weight_scale_shape(kernel[...].shape[axes.stack:], axes.contracting, spec)
+  step = (qlayers.make_step(kernel, axes.contracting, spec, stack=axes.stack)
+          if spec.learn_scale else None)
   return kernel, axes.contracting, step
 
 
@@ -61,6 +63,7 @@ class QuantLayer(NamedTuple):
   contracting: tuple[int, ...]  # kernel axes the layer contracts over
   batch: tuple[int, ...]  # kernel axes that are batch dims of the dot (not packable)
   spec: Quant
+  stack: int = 0  # leading kernel axes stacking copies of the layer (nnx.vmap); axes above are per layer
 
 
 _HOOKS = (("dot_general", qlayers.QuantDot), ("einsum_op", qlayers.QuantEinsum),
@@ -85,7 +88,8 @@ def quant_layers(model: nnx.Module) -> Iterator[QuantLayer]:
       if hook is None:
         continue
     axes = kernel_axes(m)
-    yield QuantLayer(path, m, hook, axes.name, axes.contracting, axes.batch, hook.spec)
+    yield QuantLayer(path, m, hook, axes.name, axes.contracting, axes.batch, hook.spec,
+                     axes.stack)
 
 
 def set_backend(model: nnx.Module, backend: str | None) -> None:

@@ -21,6 +21,7 @@ import jax
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
+from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.linen_quant import PackedParam, quantized_layers_linen
 from jaxcomp.quant.dot import kernel_backend
 from jaxcomp.rewrite.nnx_quant import quant_layers, set_backend
@@ -110,8 +111,9 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
     if layer.batch:
       raise ValueError(f"{layer.path}: convert does not pack LinearGeneral kernels with batch axes")
     step, zero = layer.hook.w_step, getattr(layer.hook, "w_zero", None)
-    qa = pack_kernel(value, layer.contracting, layer.spec, None if step is None else step[...],
-                     None if zero is None else zero[...])
+    pack = engine.over_stack(  # a stacked layer packs per layer: values and scales keep the stack axes
+        lambda w, s, z, c=layer.contracting, q=layer.spec: pack_kernel(w, c, q, s, z), layer.stack)
+    qa = pack(value, None if step is None else step[...], None if zero is None else zero[...])
     setattr(layer.module, layer.kernel_name, nnx.Param(qa))
     layer.hook.w_step = None
     if zero is not None:

@@ -1,0 +1,152 @@
+"""Layers stacked the way the Flax NNX docs scan over layers (`nnx.vmap` to build L copies of a
+block, `nnx.scan` to run them): the transforms treat each stacked layer as L layers, and the
+results equal the same model written as a Python loop over unstacked blocks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxcomp as jc
+
+DEPTH = 3
+
+
+class Block(nnx.Module):
+
+  def __init__(self, rngs):
+    self.up = nnx.Linear(16, 32, rngs=rngs)
+    self.mix = nnx.Einsum("btd,df->btf", (32, 16), rngs=rngs)
+    self.out = nnx.LinearGeneral(16, (2, 8), rngs=rngs)
+
+  def __call__(self, x):
+    h = self.mix(jax.nn.gelu(self.up(x)))
+    return x + self.out(h).reshape(x.shape)
+
+
+class ScannedLM(nnx.Module):
+  """A tiny LM in the NNX docs' scan-over-layers style."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(50, 16, rngs=rngs)
+
+    @nnx.split_rngs(splits=DEPTH)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(16, 50, rngs=rngs)
+
+  def __call__(self, tokens):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+      return block(x)
+
+    return self.head(forward(self.embed(tokens), self.blocks))
+
+
+class LoopLM(nnx.Module):
+  """The same weights as a Python loop over unstacked blocks (the per-layer reference)."""
+
+  def __init__(self, scanned):
+    self.embed, self.head = scanned.embed, scanned.head
+    graphdef, state = nnx.split(scanned.blocks)
+    self.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                            for i in range(DEPTH)])
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def models():
+  scanned = ScannedLM(nnx.Rngs(0))
+  loop = LoopLM(nnx.clone(scanned))
+  tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, 50)
+  np.testing.assert_allclose(np.asarray(scanned(tokens)), np.asarray(loop(tokens)), rtol=1e-5,
+                             atol=1e-6)  # scan and loop compile differently: last-ulp only
+  return scanned, loop, tokens
+
+
+def _recipes(payload, layers=r"\w+"):
+  return (jc.Recipe([jc.Rule(rf"blocks/{layers}", **payload)]),
+          jc.Recipe([jc.Rule(rf"blocks/\d+/{layers}", **payload)]))
+
+
+@pytest.mark.parametrize("spec", [
+    jc.Quant(w_bits=8, a_bits=8),
+    jc.Quant(w_bits=4, group=16),
+    jc.Quant(w_bits=4, group=8, learn_scale=True),
+], ids=["w8a8", "w4g16", "lsq"])
+def test_quantize_and_convert_equal_the_per_layer_model(models, tmp_path, spec):
+  scanned, loop, tokens = models
+  before = jax.tree.map(np.asarray, nnx.state(scanned, nnx.Param))
+  stacked_recipe, loop_recipe = _recipes(dict(quant=spec))
+  q = jc.quantize(scanned, stacked_recipe, strict=True)
+  ref = jc.quantize(loop, loop_recipe, strict=True)
+  np.testing.assert_allclose(np.asarray(q(tokens)), np.asarray(ref(tokens)), rtol=1e-6, atol=1e-6)
+  if spec.learn_scale:
+    assert q.blocks.up.dot_general.w_step.shape == (DEPTH, 2, 32)  # the step gains the stack axis
+  packed = jc.convert(q)
+  qa = packed.blocks.up.kernel[...]
+  assert isinstance(qa, jc.QArray) and qa.values.shape[0] == DEPTH
+  np.testing.assert_allclose(np.asarray(packed(tokens)), np.asarray(q(tokens)), rtol=1e-5,
+                             atol=1e-5)
+  if not spec.learn_scale:  # save / restore through the skeleton of a fresh model
+    jc.save_packed(packed, tmp_path / "packed")
+    like = nnx.eval_shape(lambda: jc.packed_skeleton(ScannedLM(nnx.Rngs(0)), stacked_recipe))
+    back = jc.restore_packed(tmp_path / "packed", like)
+    np.testing.assert_array_equal(np.asarray(back(tokens)), np.asarray(packed(tokens)))
+  after = jax.tree.map(np.asarray, nnx.state(scanned, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_report_names_each_stacked_layer_once_with_its_depth_and_the_float_layers(models):
+  scanned, _, _ = models
+  rep = jc.report(scanned, jc.Recipe([jc.Rule(r"blocks/\w+", quant=jc.Quant(w_bits=8))]))
+  assert rep.matched[r"blocks/\w+"] == ["blocks/mix", "blocks/out", "blocks/up"]
+  assert rep.depth == {"blocks/mix": DEPTH, "blocks/out": DEPTH, "blocks/up": DEPTH}
+  assert "blocks/up x3" in str(rep)
+
+  class Norm(nnx.Module):  # a custom layer a rule matches: reported as left in float
+
+    def __init__(self):
+      self.scale = nnx.Param(jnp.ones(4))
+
+  model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), Norm())
+  text = str(jc.report(model, jc.Recipe([jc.Rule(".*", quant=jc.Quant(w_bits=8))])))
+  assert "left in float, not supported: layers/1 (Norm)" in text
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_magnitude_pruning_ranks_each_stacked_layer_on_its_own(models, pattern):
+  scanned, loop, tokens = models
+  payload = dict(sparsity=jc.Sparsity(pattern, sparsity=0.5))
+  stacked_recipe, loop_recipe = _recipes(payload, "(up|out)")  # pruning takes no Einsum
+  pruned = jc.prune(scanned, stacked_recipe, progress=False, strict=True)
+  ref = jc.prune(loop, loop_recipe, progress=False, strict=True)
+  zeros = jnp.mean(pruned.blocks.up.kernel[...] == 0, axis=(1, 2))
+  np.testing.assert_array_equal(np.asarray(zeros), 0.5)  # per layer, not pooled over the stack
+  for i in range(DEPTH):
+    np.testing.assert_array_equal(np.asarray(pruned.blocks.up.kernel[...][i]),
+                                  np.asarray(ref.blocks[i].up.kernel[...]))
+  np.testing.assert_allclose(np.asarray(pruned(tokens)), np.asarray(ref(tokens)), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_rtn_ptq_on_a_stack_and_calibrated_methods_name_the_stack(models):
+  scanned, loop, tokens = models
+  stacked_recipe, loop_recipe = _recipes(dict(quant=jc.Quant(w_bits=4, group=16)))
+  q = jc.ptq(scanned, stacked_recipe, progress=False)
+  np.testing.assert_allclose(np.asarray(q(tokens)),
+                             np.asarray(jc.ptq(loop, loop_recipe, progress=False)(tokens)),
+                             rtol=1e-6, atol=1e-6)
+  gptq = jc.Recipe([jc.Rule("blocks/up", quant=jc.Quant(w_bits=4, method="gptq"))])
+  with pytest.raises(ValueError, match=r"blocks/up: a stack of 3 layers \(nnx.vmap\)") as e:
+    jc.ptq(scanned, gptq, tokens, progress=False)
+  assert "\n" not in str(e.value)
