@@ -22,8 +22,8 @@ def _names(kernel: nnx.Variable) -> tuple[Any, Any]:
   return (None, None) if names is None else (names[0], names[-1])
 
 
-def _param(cls: type, value: Array, names: tuple[Any, Any]) -> nnx.Variable:
-  meta = {} if names == (None, None) else {"out_sharding": names}
+def _param(cls: type, value: Array, names: tuple[Any, ...]) -> nnx.Variable:
+  meta = {} if all(n is None for n in names) else {"out_sharding": names}
   return cls(value, eager_sharding=False, **meta)
 
 
@@ -78,19 +78,22 @@ class LoRALinear(nnx.Module):
 
   def __init__(self, base: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs):
     kernel = base.kernel
-    k, n = kernel[...].shape
+    *stack, k, n = kernel[...].shape  # a stack of L layers (nnx.vmap) gets L adapters
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(k, n):
       raise ValueError(f"LoRA rank must be an int in [1, min(in, out) = {min(k, n)}], got {rank!r}")
+    names = kernel.get_metadata().get("out_sharding")
+    lead = tuple(names[:-2]) if names is not None else (None,) * len(stack)
     k_name, n_name = _names(kernel)
-    init = nnx.initializers.he_uniform()
+    init = nnx.initializers.he_uniform(batch_axis=tuple(range(len(stack))))
     self.base = base
-    self.lora_a = _param(nnx.LoRAParam, init(rngs.params(), (k, rank), jnp.float32),
-                         (k_name, None))
-    self.lora_b = _param(nnx.LoRAParam, jnp.zeros((rank, n), jnp.float32), (None, n_name))
+    self.lora_a = _param(nnx.LoRAParam, init(rngs.params(), (*stack, k, rank), jnp.float32),
+                         (*lead, k_name, None))
+    self.lora_b = _param(nnx.LoRAParam, jnp.zeros((*stack, rank, n), jnp.float32),
+                         (*lead, None, n_name))
     self.scale = float(alpha) / rank
 
   def delta(self) -> Array:
-    """The kernel update ``(alpha / r) a @ b``, ``(K, N)`` float32."""
+    """The kernel update ``(alpha / r) a @ b``, ``(K, N)`` float32 (``(L, K, N)`` for a stack)."""
     return self.scale * (self.lora_a[...] @ self.lora_b[...])
 
   def __call__(self, x: Array) -> Array:

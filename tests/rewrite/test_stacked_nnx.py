@@ -150,3 +150,22 @@ def test_rtn_ptq_on_a_stack_and_calibrated_methods_name_the_stack(models):
   with pytest.raises(ValueError, match=r"blocks/up: a stack of 3 layers \(nnx.vmap\)") as e:
     jc.ptq(scanned, gptq, tokens, progress=False)
   assert "\n" not in str(e.value)
+
+
+def test_lora_gives_each_stacked_layer_its_adapter(models):
+  scanned, loop, tokens = models
+  lora = jc.add_lora(scanned, "blocks/up", rank=4, rngs=nnx.Rngs(3))
+  assert lora.blocks.up.lora_a.shape == (DEPTH, 16, 4) and lora.blocks.up.lora_b.shape == (
+      DEPTH, 4, 32)
+  np.testing.assert_allclose(np.asarray(lora(tokens)), np.asarray(scanned(tokens)), rtol=1e-6,
+                             atol=1e-6)  # a fresh adapter changes nothing
+  lora.blocks.up.lora_b[...] = jax.random.normal(jax.random.key(4), (DEPTH, 4, 32)) * 0.1
+  ref = jc.add_lora(loop, r"blocks/\d+/up", rank=4, rngs=nnx.Rngs(3))
+  for i in range(DEPTH):  # the same adapters, layer by layer
+    ref.blocks[i].up.lora_a[...] = lora.blocks.up.lora_a[...][i]
+    ref.blocks[i].up.lora_b[...] = lora.blocks.up.lora_b[...][i]
+  np.testing.assert_allclose(np.asarray(lora(tokens)), np.asarray(ref(tokens)), rtol=1e-5,
+                             atol=1e-5)
+  merged = jc.merge_lora(lora)
+  np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(lora(tokens)), rtol=1e-4,
+                             atol=1e-5)
