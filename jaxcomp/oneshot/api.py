@@ -76,11 +76,10 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
     axes = engine.kernel_axes(m)
     if solver.solve is not None and axes.batch:  # RTN quantizes as QAT does
       raise ValueError(f"{path}: {name} does not solve kernels with batch axes")
-    if axes.stack and (solver.calibrated or kind == "lowrank"):
+    if axes.stack and kind == "lowrank":
       depth = "x".join(str(d) for d in getattr(m, axes.name)[...].shape[:axes.stack])
-      raise ValueError(f"{path}: a stack of {depth} layers (nnx.vmap): {name} solves stacked "
-                       f"layers with data-free methods only so far; "
-                       f"{registry.FIELDS[kind]}={spec.method!r} needs per-layer calibration")
+      raise ValueError(f"{path}: a stack of {depth} layers (nnx.vmap): factorize does not "
+                       "rewrite stacked layers yet")
     if solver.calibrated and getattr(m, "feature_group_count", 1) != 1:
       raise ValueError(f"{path}: calibrated methods do not solve grouped convolutions "
                        f"(feature_group_count={m.feature_group_count})")

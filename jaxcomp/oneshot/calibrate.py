@@ -170,10 +170,13 @@ class _Sink:
 
 
 class _Catcher(nnx.Module):
-  """Stands in for the first block: records its arguments, then stops the forward pass."""
+  """Stands in for the first block: records its arguments, then stops the forward pass. For a
+  stacked block it holds the original (``inner``), so a scan over it still finds the stacked
+  state to slice."""
 
-  def __init__(self, sink: _Sink):
+  def __init__(self, sink: _Sink, inner: nnx.Module | None = None):
     self.sink = sink
+    self.inner = inner
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     self.sink.calls.append((args, kwargs))
@@ -181,7 +184,8 @@ class _Catcher(nnx.Module):
 
 
 def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
-                 call: Callable[[nnx.Module, Any], Any]) -> list[tuple[tuple, dict]]:
+                 call: Callable[[nnx.Module, Any], Any], *,
+                 stacked: bool = False) -> list[tuple[tuple, dict]]:
   """The ``(args, kwargs)`` the module at ``block_path`` receives for each calibration batch.
 
   The model runs eagerly up to that module only (its first call), so nothing after it costs.
@@ -191,6 +195,9 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
     block_path: path of the module whose inputs to record (e.g. ``"layers/0"``).
     batches: calibration batches.
     call: ``call(model, batch)`` runs the model on one batch.
+    stacked: the module stacks layers run by a scan (``nnx.vmap`` + ``nnx.scan``): the model
+      runs under ``jax.disable_jit`` (the scan then loops in Python) and the arguments of the
+      scan's first step, the first layer's, are recorded.
 
   Example::
 
@@ -199,12 +206,16 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
   """
   original = module_at(model, block_path)
   sink = _Sink()
-  set_at(model, block_path, _Catcher(sink))
+  set_at(model, block_path, _Catcher(sink, original if stacked else None))
   try:
     for batch in batches:
       n = len(sink.calls)
       try:
-        call(model, batch)
+        if stacked:
+          with jax.disable_jit():
+            call(model, batch)
+        else:
+          call(model, batch)
       except _Stop:
         pass
       if len(sink.calls) != n + 1:
@@ -239,8 +250,17 @@ def find_blocks(model: nnx.Module, layer_paths: Sequence[str],
       paths.append(p)
   # Outermost only: drop blocks nested inside another block.
   outer = [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
-  natural = lambda p: [(0, int(k), "") if k.isdigit() else (1, 0, k) for k in p.split("/")]
-  return sorted(outer, key=natural)
+  return sorted(outer, key=natural_order)
+
+
+def natural_order(path: str) -> list[tuple[int, int, str]]:
+  """Sort key of module paths in model order (``layers/2`` before ``layers/10``).
+
+  Example:
+    >>> sorted(["layers/10", "layers/2"], key=natural_order)
+    ['layers/2', 'layers/10']
+  """
+  return [(0, int(k), "") if k.isdigit() else (1, 0, k) for k in path.split("/")]
 
 
 def calib_tokens(tokenizer: Any, *, n_seq: int = 128, seq_len: int = 512,

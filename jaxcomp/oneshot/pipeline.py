@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_inputs, find_blocks,
-                                       low_precision_dot)
+                                       low_precision_dot, natural_order)
 from jaxcomp.quant import dot as qdot
 from jaxcomp.quant.qarray import canonical
 from jaxcomp.recipe import Recipe
@@ -207,6 +207,79 @@ def _inside(path: str, block: str) -> bool:
   return path.startswith(block + "/")
 
 
+def _next_inputs(block: nnx.Module, inputs: list[tuple[tuple, dict]], dtype: Any
+                 ) -> list[tuple[tuple, dict]]:
+  """The next block's inputs: this (rewritten) block's output replaces the first argument."""
+  with _calibration_dots(block, dtype):
+    return [((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
+            for args, kwargs in inputs]
+
+
+def stacked_blocks(model: nnx.Module, layers: list[tuple[str, nnx.Module]]) -> dict[str, int]:
+  """The stacked blocks holding any of ``layers`` (path -> depth): for a layer whose weight
+  carries a stack axis (`jaxcomp.rewrite.engine.KernelAxes.stack`), its outermost ancestor
+  module whose every array has that same leading axis (the module built under ``nnx.vmap``
+  and run under ``nnx.scan``).
+
+  Example::
+
+    stacked_blocks(model, [("blocks/up", model.blocks.up)])     # -> {"blocks": 3}
+  """
+  found: dict[str, int] = {}
+  for path, m in layers:
+    axes = engine.kernel_axes(m)
+    if axes is None or not axes.stack:
+      continue
+    lead = getattr(m, axes.name)[...].shape[:axes.stack]
+    if axes.stack > 1:
+      raise ValueError(f"{path}: the calibrated walk over stacked layers takes one stack axis, "
+                       f"the weight has {axes.stack} {lead}")
+    parts = path.split("/")
+    for n in range(1, len(parts)):
+      prefix = "/".join(parts[:n])
+      leaves = jax.tree.leaves(nnx.state(engine.module_at(model, prefix)))
+      if all(getattr(x, "shape", ())[:1] == lead for x in leaves):
+        found[prefix] = lead[0]
+        break
+    else:
+      raise ValueError(f"{path}: found no module stacking it over {lead[0]} layers with all its "
+                       "arrays (the module nnx.vmap built)")
+  return found
+
+
+def _walk_stack(model: nnx.Module, path: str, depth: int,
+                todo: list[tuple[str, nnx.Module, Any]], inputs: list[tuple[tuple, dict]],
+                solve: Callable[[str, nnx.Module, Any, LayerStats], None], dtype: Any, *,
+                need_outputs: bool) -> list[tuple[tuple, dict]]:
+  """Calibrates a stacked block layer by layer: slice layer i out of the stack, capture and
+  solve its ``todo`` layers (reported as ``path[i]/layer``), run the rewritten layer for the
+  next one's inputs; then stack the rewritten layers back in place of the block."""
+  graphdef, state = nnx.split(engine.module_at(model, path))
+  done = []
+  for i in range(depth):
+    block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+    rel = lambda p: p[len(path) + 1:]
+    layer_todo = [(f"{path}[{i}]/{rel(p)}", engine.module_at(block, rel(p)), payload)
+                  for p, _, payload in todo]
+
+    def run_capture(block=block):
+      for args, kwargs in inputs:
+        _run_block(block, args, kwargs)
+
+    _capture_and_solve(layer_todo, run_capture, solve, dtype)
+    if need_outputs or i < depth - 1:
+      inputs = _next_inputs(block, inputs, dtype)
+    done.append(nnx.split(block))
+  del state
+  new_graphdef = done[0][0]
+  if any(g != new_graphdef for g, _ in done[1:]):
+    raise ValueError(f"{path}: the solved layers of the stack differ in structure and cannot be "
+                     "stacked again")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in done])
+  engine.set_at(model, path, nnx.merge(new_graphdef, stacked))
+  return inputs
+
+
 def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
                    solve: Callable[[str, nnx.Module, Any, LayerStats], None],
                    batches: list[Any], *, blocks: str | None = None,
@@ -230,27 +303,33 @@ def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
 
     run_sequential(model, todo, solve, batches, call=lambda m, b: m(b))
   """
-  block_paths = find_blocks(model, [p for p, _, _ in todo], blocks)
-  if blocks is not None and not block_paths:
+  stacks = stacked_blocks(model, [(p, m) for p, m, _ in todo])
+  block_paths = find_blocks(model, [p for p, _, _ in todo if not any(
+      _inside(p, b) for b in stacks)], blocks)
+  if blocks is not None and not block_paths and not stacks:
     raise ValueError(f"blocks={blocks!r} matches no module of the model")
+  block_paths = sorted(set(block_paths) | set(stacks), key=natural_order)
   in_blocks = lambda path: any(_inside(path, b) for b in block_paths)
   if block_paths:
-    inputs = catch_inputs(model, block_paths[0], batches, call)
+    inputs = catch_inputs(model, block_paths[0], batches, call, stacked=block_paths[0] in stacks)
     for b in tqdm(block_paths, desc=desc, disable=not progress):
-      block = engine.module_at(model, b)
       if before_block is not None:
         before_block(b)
+      last = b == block_paths[-1] and all(in_blocks(t[0]) for t in todo)
+      if b in stacks:
+        inputs = _walk_stack(model, b, stacks[b], [t for t in todo if _inside(t[0], b)], inputs,
+                             solve, calib_dtype, need_outputs=not last)
+        continue
+      block = engine.module_at(model, b)
 
       def run_capture(block=block, inputs=inputs):
         for args, kwargs in inputs:
           _run_block(block, args, kwargs)
 
       _capture_and_solve([t for t in todo if _inside(t[0], b)], run_capture, solve, calib_dtype)
-      if b == block_paths[-1] and all(in_blocks(t[0]) for t in todo):
+      if last:
         break  # nothing after the last block needs its outputs
-      with _calibration_dots(block, calib_dtype):
-        inputs = [((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
-                  for args, kwargs in inputs]
+      inputs = _next_inputs(block, inputs, calib_dtype)
     del inputs
   if before_tail is not None:
     before_tail(in_blocks)

@@ -139,16 +139,65 @@ def test_magnitude_pruning_ranks_each_stacked_layer_on_its_own(models, pattern):
                              atol=1e-6)
 
 
-def test_rtn_ptq_on_a_stack_and_calibrated_methods_name_the_stack(models):
+def test_rtn_ptq_on_a_stack_equals_the_per_layer_model(models):
   scanned, loop, tokens = models
   stacked_recipe, loop_recipe = _recipes(dict(quant=jc.Quant(w_bits=4, group=16)))
   q = jc.ptq(scanned, stacked_recipe, progress=False)
   np.testing.assert_allclose(np.asarray(q(tokens)),
                              np.asarray(jc.ptq(loop, loop_recipe, progress=False)(tokens)),
                              rtol=1e-6, atol=1e-6)
-  gptq = jc.Recipe([jc.Rule("blocks/up", quant=jc.Quant(w_bits=4, method="gptq"))])
+
+
+CALIBRATED = [
+    ("gptq", dict(quant=jc.Quant(w_bits=4, group=16, method="gptq",
+                                 options={"act_order": True}))),
+    ("gptq_asym", dict(quant=jc.Quant(w_bits=3, method="gptq", w_symmetric=False))),
+    ("awq", dict(quant=jc.Quant(w_bits=4, group=16, method="awq"))),
+    ("smoothquant", dict(quant=jc.Quant(w_bits=8, a_bits=8, method="smoothquant"))),
+    ("wanda", dict(sparsity=jc.Sparsity(sparsity=0.5, method="wanda"))),
+    ("sparsegpt", dict(sparsity=jc.Sparsity(sparsity=0.5, method="sparsegpt"))),
+    ("sparsegpt_2:4", dict(sparsity=jc.Sparsity("2:4", method="sparsegpt"))),
+]
+
+
+@pytest.mark.parametrize("payload", [p for _, p in CALIBRATED], ids=[n for n, _ in CALIBRATED])
+def test_calibrated_methods_walk_the_stack_layer_by_layer(models, payload):
+  """Each stacked layer is sliced out, calibrated on the outputs of the layers before it
+  (already solved), solved and stacked back: the same results as the unstacked model."""
+  scanned, loop, _ = models
+  before = jax.tree.map(np.asarray, nnx.state(scanned, nnx.Param))
+  calib = jax.random.randint(jax.random.key(5), (8, 12), 0, 50)
+  transform = jc.ptq if "quant" in payload else jc.prune
+  stacked_recipe, loop_recipe = _recipes(payload, "(up|out)")
+  kw = dict(progress=False, return_report=True, calib_dtype=None, strict=True)
+  new, results = transform(scanned, stacked_recipe, calib, **kw)
+  ref, ref_results = transform(loop, loop_recipe, calib, **kw)
+  errors = {r.path.replace("[", "/").replace("]", ""): r.error for r in results}
+  ref_errors = {r.path: r.error for r in ref_results}
+  assert sorted(errors) == sorted(ref_errors) == sorted(
+      f"blocks/{i}/{n}" for i in range(DEPTH) for n in ("up", "out"))
+  np.testing.assert_allclose([errors[k] for k in sorted(errors)],
+                             [ref_errors[k] for k in sorted(errors)], rtol=1e-3, atol=1e-6)
+  for i in range(DEPTH):
+    for name in ("up", "out"):
+      np.testing.assert_allclose(np.asarray(getattr(new.blocks, name).kernel[...][i]),
+                                 np.asarray(getattr(ref.blocks[i], name).kernel[...]),
+                                 rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new(calib)), np.asarray(ref(calib)), rtol=1e-4,
+                             atol=1e-4)
+  if "quant" in payload:
+    packed = jc.convert(new)
+    np.testing.assert_allclose(np.asarray(packed(calib)), np.asarray(new(calib)), rtol=1e-4,
+                               atol=1e-4)
+  after = jax.tree.map(np.asarray, nnx.state(scanned, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_factorize_names_the_stack(models):
+  scanned, _, tokens = models
+  recipe = jc.Recipe([jc.Rule("blocks/up", lowrank=jc.LowRank(rank=4))])
   with pytest.raises(ValueError, match=r"blocks/up: a stack of 3 layers \(nnx.vmap\)") as e:
-    jc.ptq(scanned, gptq, tokens, progress=False)
+    jc.factorize(scanned, recipe, tokens, progress=False)
   assert "\n" not in str(e.value)
 
 
