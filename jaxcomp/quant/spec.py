@@ -134,6 +134,8 @@ def check_method(owner: str, kind: str, spec: Any) -> SolverOptions:
   the solver's constraints on the spec); returns the options as a `SolverOptions`."""
   info = method_info(kind, spec.method)
   opts = spec.options
+  if not isinstance(opts, Mapping) and callable(getattr(opts, "items", None)):
+    opts = dict(opts.items())  # e.g. an ml_collections.ConfigDict of a config file
   if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
     raise SpecError(f"{owner}.options must be a mapping of option names to values, got {opts!r}")
   for k, v in opts.items():

@@ -120,6 +120,11 @@ def test_a_new_solver_is_one_record_plus_its_registration(monkeypatch):
     jc.Sparsity(method="rows", options={"keep_every": 0})
 
 
-def test_configdict_default_options_are_empty():
+def test_configdict_default_options_are_empty_and_specs_take_configdicts():
   cfg = ml_collections.ConfigDict(jc.Recipe([jc.Rule(".*", quant=jc.Quant())]).to_config())
   assert cfg.rules.rule0.quant.options.to_dict() == {}
+  # A spec stored in a config file as a ConfigDict (what configs/smollm2_distill.py does).
+  stored = ml_collections.ConfigDict({"student": jc.LowRank(
+      rank=2, method="asvd", options={"alpha": 0.25}).to_dict()})
+  assert jc.LowRank(**stored.student).options == {"alpha": 0.25}
+  assert jc.Sparsity(**ml_collections.ConfigDict(jc.Sparsity("2:4").to_dict())).nm == (2, 4)
