@@ -54,7 +54,7 @@ class LowRankLinear(nnx.Module):
 
   @property
   def rank(self) -> int:
-    return self.a[...].shape[1]
+    return self.a[...].shape[-1]
 
   def __call__(self, x: Array) -> Array:
     dtype = self.dtype or jnp.result_type(x, self.a[...])

@@ -76,16 +76,15 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
     axes = engine.kernel_axes(m)
     if solver.solve is not None and axes.batch:  # RTN quantizes as QAT does
       raise ValueError(f"{path}: {name} does not solve kernels with batch axes")
-    if axes.stack and kind == "lowrank":
-      depth = "x".join(str(d) for d in getattr(m, axes.name)[...].shape[:axes.stack])
-      raise ValueError(f"{path}: a stack of {depth} layers (nnx.vmap): factorize does not "
-                       "rewrite stacked layers yet")
     if solver.calibrated and getattr(m, "feature_group_count", 1) != 1:
       raise ValueError(f"{path}: calibrated methods do not solve grouped convolutions "
                        f"(feature_group_count={m.feature_group_count})")
     check(path, m, spec)
   results: list[LayerResult] = []
-  one = lambda p, m, spec, stats: results.append(solve(new, p, m, spec, stats))
+  def one(p, m, spec, stats, root=new):  # root: one layer of a stack, p relative to it
+    results.append(solve(root, p, m, spec, stats))
+    return results[-1]
+
   solve_plain = lambda layers: [one(p, m, spec, None) for p, m, spec in layers]
   solve_all(new, calibrated, one, plain, solve_plain, calib, name=name, batch_size=batch_size,
             blocks=blocks, call=call or _default_call, progress=progress,
@@ -263,16 +262,26 @@ def factorize(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_siz
     small = jc.factorize(model, recipe, calib=tokens)
   """
   def check(path, m, spec):
-    if spec.rank is not None and spec.rank > min(m.kernel[...].shape):
+    if spec.rank is not None and spec.rank > min(m.kernel[...].shape[-2:]):
       raise ValueError(f"{path}: LowRank.rank={spec.rank} is above min(in, out) = "
-                       f"min{tuple(m.kernel[...].shape)}")
+                       f"min{tuple(m.kernel[...].shape[-2:])}")
 
   def solve(root, path, m, spec, stats):
     def run():
       w = m.kernel[...]
-      a, b = registry.get("lowrank", spec.method).solve(w, stats, spec)
+      factor = lambda w: registry.get("lowrank", spec.method).solve(w, stats, spec)
+      if w.ndim == 2:
+        a, b = factor(w)
+      else:  # a data-free method on a stack (nnx.vmap): each layer factored, ranks must agree
+        factors = [factor(wi) for wi in w]
+        ranks = sorted({fa.shape[-1] for fa, _ in factors})
+        if len(ranks) > 1:
+          raise ValueError(f"{path}: the stacked layers got different ranks {ranks}; give "
+                           "LowRank.rank or reduction= (one rank for the stack)")
+        a, b = jnp.stack([fa for fa, _ in factors]), jnp.stack([fb for _, fb in factors])
       engine.set_at(root, path, LowRankLinear.from_linear(m, a, b))
-      return (float("nan") if stats is None else relative_error(w, a @ b, stats.h)), a.shape[1]
+      err = float("nan") if stats is None else relative_error(w, a @ b, stats.h)
+      return err, a.shape[-1]
 
     return _timed(path, spec.method, run)
 

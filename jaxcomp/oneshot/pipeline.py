@@ -108,10 +108,13 @@ class _CalibQuantDot(nnx.Module):
 
 
 def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[], None],
-                       solve: Callable[[str, nnx.Module, Any, LayerStats], None],
-                       dtype: Any = None) -> None:
+                       solve: Callable[..., Any], dtype: Any = None,
+                       root: nnx.Module | None = None,
+                       label: Callable[[str], str] | None = None) -> None:
   """Installs `Capture` hooks on ``todo``'s layers, calls ``run()``, then ``solve``s each one
-  (with its plain ``dot_general`` back in place) from its input statistics."""
+  (with its plain ``dot_general`` back in place) from its input statistics. With ``root`` the
+  paths are relative to it (one layer of a stack) and ``solve`` gets ``root=``; ``label`` then
+  renames the result it returns (``blocks[i]/up``)."""
   captures, originals = {}, {}
   for path, m, _ in todo:
     hook, cls = ("conv_general_dilated", ConvCapture) if isinstance(m, nnx.Conv) else (
@@ -123,7 +126,10 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
     stats = captures.pop(path).stats()
     hook, fn = originals[path]
     setattr(m, hook, nnx.static(fn))  # the plain layer again, before the rewrite
-    solve(path, m, payload, stats)
+    if root is None:
+      solve(path, m, payload, stats)
+    else:
+      solve(path, m, payload, stats, root=root).path = label(path)
 
 
 @contextlib.contextmanager
@@ -259,22 +265,23 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
   for i in range(depth):
     block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
     rel = lambda p: p[len(path) + 1:]
-    layer_todo = [(f"{path}[{i}]/{rel(p)}", engine.module_at(block, rel(p)), payload)
-                  for p, _, payload in todo]
+    layer_todo = [(rel(p), engine.module_at(block, rel(p)), payload) for p, _, payload in todo]
 
     def run_capture(block=block):
       for args, kwargs in inputs:
         _run_block(block, args, kwargs)
 
-    _capture_and_solve(layer_todo, run_capture, solve, dtype)
+    _capture_and_solve(layer_todo, run_capture, solve, dtype, root=block,
+                       label=lambda p, i=i: f"{path}[{i}]/{p}")
     if need_outputs or i < depth - 1:
       inputs = _next_inputs(block, inputs, dtype)
     done.append(nnx.split(block))
   del state
   new_graphdef = done[0][0]
-  if any(g != new_graphdef for g, _ in done[1:]):
-    raise ValueError(f"{path}: the solved layers of the stack differ in structure and cannot be "
-                     "stacked again")
+  shapes = [jax.tree.map(jnp.shape, st) for _, st in done]
+  if any(g != new_graphdef for g, _ in done[1:]) or any(x != shapes[0] for x in shapes[1:]):
+    raise ValueError(f"{path}: the solved layers of the stack differ in structure or shapes "
+                     "(e.g. ranks chosen by energy) and cannot be stacked again")
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in done])
   engine.set_at(model, path, nnx.merge(new_graphdef, stacked))
   return inputs

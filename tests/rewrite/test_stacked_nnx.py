@@ -193,12 +193,23 @@ def test_calibrated_methods_walk_the_stack_layer_by_layer(models, payload):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
-def test_factorize_names_the_stack(models):
-  scanned, _, tokens = models
-  recipe = jc.Recipe([jc.Rule("blocks/up", lowrank=jc.LowRank(rank=4))])
-  with pytest.raises(ValueError, match=r"blocks/up: a stack of 3 layers \(nnx.vmap\)") as e:
-    jc.factorize(scanned, recipe, tokens, progress=False)
-  assert "\n" not in str(e.value)
+@pytest.mark.parametrize("spec", [jc.LowRank(rank=4), jc.LowRank(reduction=0.4,
+                                                                method="svd_llm")],
+                         ids=["svd", "svd_llm"])
+def test_factorize_each_stacked_layer(models, spec):
+  scanned, loop, _ = models
+  calib = jax.random.randint(jax.random.key(5), (8, 12), 0, 50)
+  stacked_recipe, loop_recipe = _recipes(dict(lowrank=spec), "up")
+  kw = dict(progress=False, return_report=True, calib_dtype=None, strict=True)
+  new, results = jc.factorize(scanned, stacked_recipe, calib, **kw)
+  ref, _ = jc.factorize(loop, loop_recipe, calib, **kw)
+  assert new.blocks.up.a[...].shape[0] == DEPTH and all(r.rank == ref.blocks[0].up.rank
+                                                        for r in results)
+  np.testing.assert_allclose(np.asarray(new(calib)), np.asarray(ref(calib)), rtol=1e-4,
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="blocks/up: the stacked layers got different ranks"):
+    jc.factorize(scanned, _recipes(dict(lowrank=jc.LowRank(energy=0.5)), "up")[0], calib,
+                 progress=False)
 
 
 def test_lora_gives_each_stacked_layer_its_adapter(models):
