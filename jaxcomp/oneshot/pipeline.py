@@ -261,9 +261,10 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
   solve its ``todo`` layers (reported as ``path[i]/layer``), run the rewritten layer for the
   next one's inputs; then stack the rewritten layers back in place of the block."""
   graphdef, state = nnx.split(engine.module_at(model, path))
+  stack_name = _stack_axis_name(state)
   done = []
   for i in range(depth):
-    block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+    block = nnx.merge(graphdef, _layer_of(state, i))
     rel = lambda p: p[len(path) + 1:]
     layer_todo = [(rel(p), engine.module_at(block, rel(p)), payload) for p, _, payload in todo]
 
@@ -282,9 +283,46 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
   if any(g != new_graphdef for g, _ in done[1:]) or any(x != shapes[0] for x in shapes[1:]):
     raise ValueError(f"{path}: the solved layers of the stack differ in structure or shapes "
                      "(e.g. ranks chosen by energy) and cannot be stacked again")
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in done])
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  stacked = jax.tree.map(lambda *vs: _with_stack_name(vs[0].replace(
+      jnp.stack([v[...] for v in vs])), stack_name), *[st for _, st in done], is_leaf=is_var)
   engine.set_at(model, path, nnx.merge(new_graphdef, stacked))
   return inputs
+
+
+def _names(v: nnx.Variable) -> tuple[Any, ...] | None:
+  names = v.get_metadata().get("out_sharding")
+  return None if names is None else tuple(names)
+
+
+def _stack_axis_name(state: Any) -> Any:
+  """The logical name ``nnx.vmap(transform_metadata={nnx.PARTITION_NAME: ...})`` gave the stack
+  axis (the first name of a stacked variable's ``out_sharding``), or None."""
+  for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = _names(v)
+    if names is not None and len(names) == v[...].ndim:
+      return names[0]
+  return None
+
+
+def _layer_of(state: Any, i: int) -> Any:
+  """Layer ``i`` of a stacked state: every array sliced, the stack axis dropped from each
+  variable's logical names too (so variables made from it get per-layer names)."""
+
+  def one(v):
+    names = _names(v)
+    meta = {} if names is None or len(names) != v[...].ndim else {"out_sharding": names[1:]}
+    return v.replace(v[...][i], **meta)
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _with_stack_name(v: nnx.Variable, name: Any) -> nnx.Variable:
+  """A restacked variable with the stack axis' name in front of its per-layer names."""
+  names = _names(v)
+  if names is None or len(names) == v[...].ndim:
+    return v
+  return v.replace(v[...], out_sharding=(name,) + names)
 
 
 def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],

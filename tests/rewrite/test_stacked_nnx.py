@@ -229,3 +229,48 @@ def test_lora_gives_each_stacked_layer_its_adapter(models):
   merged = jc.merge_lora(lora)
   np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(lora(tokens)), rtol=1e-4,
                              atol=1e-5)
+
+
+def test_stack_axis_names_from_vmap_metadata_are_kept():
+  """With ``transform_metadata={nnx.PARTITION_NAME: "layers"}`` (the stack axis has a logical
+  name), LSQ steps and the variables a walk creates carry it too, so the scan still runs."""
+  meta = {nnx.PARTITION_NAME: "layers"}
+
+  class Up(nnx.Module):
+
+    def __init__(self, rngs):
+      self.up = nnx.Linear(16, 16, rngs=rngs, kernel_metadata={
+          "out_sharding": ("embed", "mlp"), "eager_sharding": False})
+
+    def __call__(self, x):
+      return x + self.up(x)
+
+  class Named(nnx.Module):
+
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=DEPTH)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=meta)
+      def make(rngs):
+        return Up(rngs)
+
+      self.blocks = make(rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta)
+      def forward(x, block):
+        return block(x)
+
+      return forward(x, self.blocks)
+
+  model = Named(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 3, 16))
+  names = lambda v: tuple(v.get_metadata()["out_sharding"])
+  assert names(model.blocks.up.kernel) == ("layers", "embed", "mlp")
+  lsq = jc.quantize(model, jc.Recipe([jc.Rule("blocks/up", quant=jc.Quant(
+      w_bits=4, learn_scale=True))]))
+  assert names(lsq.blocks.up.dot_general.w_step) == ("layers", None, "mlp")
+  gptq = jc.ptq(model, jc.Recipe([jc.Rule("blocks/up", quant=jc.Quant(w_bits=4, method="gptq"))]),
+                x, progress=False, calib_dtype=None)
+  assert names(gptq.blocks.up.dot_general.w_step) == ("layers", None, "mlp")
+  assert names(gptq.blocks.up.kernel) == ("layers", "embed", "mlp")
+  assert gptq(x).shape == x.shape and float(jnp.mean((gptq(x) - model(x)) ** 2)) < 0.05
