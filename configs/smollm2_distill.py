@@ -27,7 +27,7 @@ import ml_collections
 
 import jaxcomp as jc
 
-STUDENT = r"student/layers/\d+/(attn|mlp)/\w+_proj"
+STUDENT = r"student/layers/(\d+/)?(attn|mlp)/\w+_proj"
 VARIANTS = ("w4_2of4", "svd_llm_30", "depth15")
 
 
@@ -45,7 +45,7 @@ def get_config(arg: str = "w4_2of4") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "distill"
   config.seed = 0
-  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="")
+  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="", scan_layers=False)
   config.teacher = dict(dtype="float32")
   config.student = dict(keep_layers=0, prune=None, factorize=None, calib_rows=8 if tiny else 64)
   config.distill = dict(alpha=0.0 if "ce" in mods else 0.9, temperature=2.0, top_k=0,

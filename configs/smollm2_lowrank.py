@@ -19,7 +19,7 @@ import jaxcomp as jc
 from jaxcomp.experiments.compress import job_config
 from jaxcomp.experiments.variants import parse_variant
 
-PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
+PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
 
 VARIANTS = {f"{method}_{pct}": jc.LowRank(reduction=pct / 100, method=method)
             for method in ("svd", "asvd", "svd_llm") for pct in (20, 40)}

@@ -29,7 +29,7 @@ import jaxcomp as jc
 from jaxcomp.experiments.compress import job_config
 from jaxcomp.experiments.variants import parse_variant
 
-PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
+PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
 
 VARIANTS = {
     "float": None,

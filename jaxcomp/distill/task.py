@@ -230,7 +230,7 @@ def build_student(base: Llama, cfg: ml_collections.ConfigDict, calib: Any) -> Ll
       raise ValueError(f"student.keep_layers must be in [1, {n}], got {cfg.keep_layers}")
     keep = set(layer_map(cfg.keep_layers, n))
     student = drop_blocks(student, [i for i in range(n) if i not in keep])
-  proj = r"layers/\d+/(attn|mlp)/\w+_proj"
+  proj = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
   rows = calib(cfg.calib_rows) if (cfg.prune or cfg.factorize) else None
   if cfg.prune:
     spec = Sparsity.from_dict(dict(cfg.prune))

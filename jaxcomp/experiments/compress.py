@@ -41,7 +41,7 @@ def job_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.C
   config = ml_collections.ConfigDict()
   config.task = "ptq"
   config.seed = 0
-  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="")
+  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="", scan_layers=False)
   config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128,
                       seq_len=64 if tiny else 512, batch_size=8, seed=0, dtype="bfloat16")
   config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,

@@ -113,6 +113,9 @@ class LlamaConfig:
   attn_query_chunk: int | None = 128
   dtype: Any = jnp.float32  # compute dtype (activations, logits).
   param_dtype: Any = jnp.float32  # storage dtype of the parameters.
+  # One stacked Block (nnx.vmap, leading axis "layers") run by nnx.scan instead of a list of
+  # n_layers Blocks: one block to compile, as MaxText's scan_layers (`scan_layers` / `unroll`).
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -517,7 +520,15 @@ class Llama(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.dim, dtype=config.dtype,
                            param_dtype=config.param_dtype, embedding_init=_INIT,
                            embedding_metadata=axes("vocab", "embed"), rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+    if config.scan_layers:
+      @nnx.split_rngs(splits=config.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stack(rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs=rngs)
+
+      self.layers = stack(rngs)
+    else:
+      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
     self.norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=config.dtype,
                         param_dtype=config.param_dtype)
     if not config.tie_embeddings:
@@ -599,19 +610,45 @@ class Llama(nnx.Module):
           f"positions shape {positions.shape} must equal tokens shape {tokens.shape}")
     residual = ("act_batch", "act_seq", "act_embed")
     h = constrain(self.embed(tokens), *residual)
-    hiddens = []
-    for i, block in enumerate(self.layers):
-      if cache is None:
-        h = block(h, positions)
-      else:
-        h, cache = block(h, positions, cache, i, fresh_cache)
-      h = constrain(h, *residual)
-      hiddens.append(h)
+    if self.config.scan_layers:
+      h, hiddens, cache = self._scan_blocks(h, positions, cache, fresh_cache)
+    else:
+      hiddens = []
+      for i, block in enumerate(self.layers):
+        if cache is None:
+          h = block(h, positions)
+        else:
+          h, cache = block(h, positions, cache, i, fresh_cache)
+        h = constrain(h, *residual)
+        hiddens.append(h)
     logits = constrain(self.head(h), "act_batch", "act_seq", "act_vocab")
     if cache is None:
       return (logits, hiddens) if return_hidden else logits
     cache = dataclasses.replace(cache, index=cache.index + t)
     return (logits, hiddens, cache) if return_hidden else (logits, cache)
+
+  def _scan_blocks(self, h: jax.Array, positions: jax.Array, cache: KVCache | None,
+                   fresh_cache: bool) -> tuple[jax.Array, list[jax.Array], KVCache | None]:
+    """The stacked blocks under ``jax.lax.scan``: the residual stream (and the cache, whose
+    layer ``i`` block ``i`` writes) is the carry; each block's output is also stacked, for
+    ``return_hidden``. Functional (split once, merge one block per step) rather than
+    ``nnx.scan``, so the model also runs inside ``jax.grad`` of a function that merged it."""
+    residual = ("act_batch", "act_seq", "act_embed")
+    graphdef, state = nnx.split(self.layers)
+
+    def step(carry, xs):
+      h, cache = carry
+      block = nnx.merge(graphdef, xs[0])
+      if cache is None:
+        h = block(h, positions)
+      else:
+        h, cache = block(h, positions, cache, xs[1], fresh_cache)
+      h = constrain(h, *residual)
+      return (h, cache), h
+
+    (h, cache), stacked = jax.lax.scan(step, (h, cache),
+                                       (state, jnp.arange(self.config.n_layers)))
+    return h, list(stacked), cache
 
   def head(self, h: jax.Array) -> jax.Array:
     """Final norm and output head: residual stream ``[..., D]`` -> logits ``[..., V]``.
@@ -639,6 +676,56 @@ class Llama(nnx.Module):
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
       raise ValueError(
           f"cache.index={int(cache.index)} + {t} tokens exceeds max_len={cache.max_len}")
+
+
+def scan_layers(model: Llama) -> Llama:
+  """The same model with its blocks stacked (``LlamaConfig.scan_layers=True``): every block
+  parameter gains a leading ``"layers"`` axis; the embedding, norm and head are shared.
+
+  Example::
+
+    scanned = scan_layers(io.load_gguf(path))      # same logits, one block to compile
+  """
+  cfg = model.config
+  if cfg.scan_layers:
+    return model
+  new = nnx.eval_shape(lambda: Llama(dataclasses.replace(cfg, scan_layers=True),
+                                     rngs=nnx.Rngs(0)))
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  states = [nnx.state(block) for block in model.layers]
+  stacked = jax.tree.map(lambda like, *vs: like.replace(jnp.stack([v[...] for v in vs])),
+                         nnx.state(new.layers), *states, is_leaf=is_var)
+  nnx.update(new.layers, stacked)
+  _share_ends(model, new)
+  return new
+
+
+def unroll_layers(model: Llama) -> Llama:
+  """The inverse of `scan_layers`: a list of ``n_layers`` blocks again.
+
+  Example::
+
+    unrolled = unroll_layers(scanned)              # per-layer paths layers/0/...
+  """
+  cfg = model.config
+  if not cfg.scan_layers:
+    return model
+  new = nnx.eval_shape(lambda: Llama(dataclasses.replace(cfg, scan_layers=False),
+                                     rngs=nnx.Rngs(0)))
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  stacked = nnx.state(model.layers)
+  for i, block in enumerate(new.layers):
+    nnx.update(block, jax.tree.map(lambda like, v, i=i: like.replace(v[...][i]),
+                                   nnx.state(block), stacked, is_leaf=is_var))
+  _share_ends(model, new)
+  return new
+
+
+def _share_ends(src: Llama, dst: Llama) -> None:
+  """Copies the embedding, final norm and head (everything but the blocks) into ``dst``."""
+  dst.embed, dst.norm = src.embed, src.norm
+  if not src.config.tie_embeddings:
+    dst.lm_head = src.lm_head
 
 
 # --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.models.llama import Llama
+from jaxcomp.models.llama import Llama, scan_layers, unroll_layers
 from jaxcomp.sparse import masks as masks_lib
 
 Array = jax.Array
@@ -52,6 +53,28 @@ def _check(model: Any) -> None:
     raise TypeError(f"expected a jaxcomp.models.Llama, got {type(model).__name__}")
 
 
+def _per_block(fn):
+  """Runs ``fn`` on the unrolled form of a scanned Llama (`LlamaConfig.scan_layers`) and
+  stacks a returned model back (a one-line error when its blocks no longer share shapes)."""
+
+  @functools.wraps(fn)
+  def wrapped(model, *args, **kwargs):
+    if not (isinstance(model, Llama) and model.config.scan_layers):
+      return fn(model, *args, **kwargs)
+    out = fn(unroll_layers(model), *args, **kwargs)
+    if not isinstance(out, Llama):
+      return out
+    shapes = {tuple(x.shape for x in jax.tree.leaves(nnx.state(b))) for b in out.layers}
+    if len(shapes) > 1:
+      raise ValueError(f"{fn.__name__}: the blocks now differ in shape (e.g. heads or FFN "
+                       "channels removed unevenly), so the model cannot be scanned again; "
+                       "unroll_layers the model first to keep it unrolled")
+    return scan_layers(out)
+
+  return wrapped
+
+
+@_per_block
 def llama_structured_scores(model: Llama) -> tuple[Array, Array]:
   """Magnitude scores: FFN channels ``[n_layers, F]`` and query heads ``[n_layers, H]``.
 
@@ -73,6 +96,7 @@ def llama_structured_scores(model: Llama) -> tuple[Array, Array]:
   return jnp.stack(ffn), jnp.stack(heads)
 
 
+@_per_block
 def llama_structured_keep(model: Llama, *, ffn_sparsity: float = 0.0,
                           head_sparsity: float = 0.0,
                           scores: tuple[Array, Array] | None = None) -> StructuredKeep:
@@ -117,6 +141,7 @@ def _head_columns(heads: np.ndarray, hd: int) -> np.ndarray:
   return (heads[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
 
 
+@_per_block
 def mask_llama(model: Llama, keep: StructuredKeep) -> Llama:
   """A copy of ``model`` with the pruned channels' / heads' weights zeroed (same shapes).
 
@@ -142,6 +167,7 @@ def mask_llama(model: Llama, keep: StructuredKeep) -> Llama:
   return new
 
 
+@_per_block
 def shrink_llama(model: Llama, keep: StructuredKeep) -> Llama:
   """A smaller `Llama` holding only the kept FFN channels and query heads.
 
@@ -174,6 +200,7 @@ def shrink_llama(model: Llama, keep: StructuredKeep) -> Llama:
   return new
 
 
+@_per_block
 def drop_blocks(model: Llama, drop: Iterable[int]) -> Llama:
   """A shallower `Llama` without the blocks ``drop`` (depth pruning); the rest keep their order.
 

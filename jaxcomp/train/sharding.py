@@ -37,7 +37,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension of inputs and activations
 
 _PARAM_NAMES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm", "conv_in", "conv_out",
-                "classes")
+                "classes", "layers")  # layers: the stack axis of scanned layers, never sharded
 # Activation names (used by `constrain` inside models): batch, sequence, hidden.
 _ACT_NAMES = ("act_batch", "act_seq", "act_embed", "act_mlp", "act_heads", "act_vocab")
 

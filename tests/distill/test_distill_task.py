@@ -103,3 +103,18 @@ def test_bad_distill_config_is_one_line(tmp_path, text_files):
     train(cfg, str(tmp_path / "b"))
   with pytest.raises(ValueError, match="unknown modifier 'kd'"):
     smollm2_distill.get_config("w4_2of4,kd")
+
+
+def test_scanned_teacher_and_student_train_like_the_unrolled_ones(tmp_path, text_files):
+  """`config.model.scan_layers`: teacher and student keep stacked blocks (the 2:4 Wanda stage
+  walks the stack, QAT steps gain the stack axis) and the run matches the unrolled one."""
+  reports = {}
+  for scan in (False, True):
+    cfg = _config("w4_2of4,tiny", text_files, tmp_path / str(scan))
+    cfg.model.scan_layers = scan
+    cfg.train.steps = 3
+    reports[scan] = train(cfg, str(tmp_path / f"run{scan}"))
+  assert reports[True]["sparsity"] == 0.5
+  assert reports[True]["teacher_eval_ppl"] == pytest.approx(reports[False]["teacher_eval_ppl"],
+                                                            rel=1e-5)
+  assert reports[True]["eval_ppl"] == pytest.approx(reports[False]["eval_ppl"], rel=1e-3)

@@ -117,3 +117,16 @@ def test_every_variant_config_builds():
       jc.Recipe.from_config(module.get_config(variant).recipe)
   with pytest.raises(ValueError, match="unknown variant 'svd_10' of smollm2_lowrank.py"):
     smollm2_lowrank.get_config("svd_10")
+
+
+def test_scanned_model_gives_the_unrolled_perplexity(texts, tmp_path):
+  """`config.model.scan_layers`: the same job on the stacked-blocks Llama (the recipe's
+  ``layers/(\\d+/)?...`` pattern takes both), GPTQ walking the stack layer by layer."""
+  reports = {}
+  for scan in (False, True):
+    config = _config("gptq_w4g128", texts)
+    config.model.scan_layers = scan
+    reports[scan] = run_ptq(config, str(tmp_path / f"run{scan}"))
+  assert reports[True]["ppl"] == pytest.approx(reports[False]["ppl"], rel=1e-4)
+  layers = json.loads((tmp_path / "runTrue" / "layers.json").read_text())
+  assert len(layers) == 14 and layers[0]["path"].startswith("layers[0]/")

@@ -67,3 +67,21 @@ def test_errors(model):
     drop_blocks(model, [0, 1, 2])
   with pytest.raises(TypeError, match="expected a jaxcomp.models.Llama"):
     shrink_llama(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), None)
+
+
+def test_scanned_model_goes_through_the_same_surgery(model):
+  from jaxcomp.models.llama import scan_layers  # pylint: disable=import-outside-toplevel
+  scanned = scan_layers(model)
+  keep = llama_structured_keep(scanned, ffn_sparsity=0.5)
+  ref_keep = llama_structured_keep(model, ffn_sparsity=0.5)
+  for a, b in zip(keep.ffn, ref_keep.ffn):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  small = shrink_llama(scanned, keep)  # every block keeps the same number of channels
+  assert small.config.scan_layers and small.layers.mlp.down_proj.kernel[...].shape == (3, 64, 64)
+  np.testing.assert_allclose(np.asarray(small(TOKENS)),
+                             np.asarray(shrink_llama(model, ref_keep)(TOKENS)), rtol=1e-5,
+                             atol=1e-5)
+  shallow = drop_blocks(scanned, [1])
+  assert shallow.config.n_layers == 2 and shallow.layers.mlp.up_proj.kernel[...].shape[0] == 2
+  np.testing.assert_allclose(np.asarray(shallow(TOKENS)),
+                             np.asarray(drop_blocks(model, [1])(TOKENS)), rtol=1e-5, atol=1e-5)

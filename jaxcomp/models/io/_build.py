@@ -9,6 +9,8 @@ weights are ever materialised) and fills it in.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -16,8 +18,7 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.models.llama import Llama
-from jaxcomp.models.llama import LlamaConfig
+from jaxcomp.models.llama import Llama, LlamaConfig, scan_layers
 
 
 class Source(NamedTuple):
@@ -44,12 +45,15 @@ def build_llama(config: LlamaConfig, sources: Mapping[str, Source]) -> Llama:
     sources: ``{param_path: Source}`` covering every parameter of the model.
 
   Returns:
-    The model, parameters cast to ``config.param_dtype``.
+    The model, parameters cast to ``config.param_dtype``; with ``config.scan_layers``, the
+    per-layer tensors stacked (`jaxcomp.models.llama.scan_layers`).
 
   Raises:
     ValueError: naming the checkpoint tensor when one is missing or has the
       wrong shape.
   """
+  if config.scan_layers:
+    return scan_layers(build_llama(dataclasses.replace(config, scan_layers=False), sources))
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   for path, var in nnx.to_flat_state(state):

