@@ -1,17 +1,33 @@
-"""The Colab quickstart runs top to bottom (its code cells, in one namespace)."""
+"""The Colab notebooks run top to bottom (their code cells, in one namespace)."""
 
 import json
 import os
 
-NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "colab", "quickstart.ipynb")
+import pytest
+
+COLAB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "colab")
+
+# notebook -> text its printed output must contain
+EXPECT = {
+    "quickstart.ipynb": ("QuantDot", "w_step"),
+    "bring_your_own_model.ipynb": ("stacked: blocks/down x4", "left in float, not supported",
+                                   "blocks[1]/up", "restored == packed: True"),
+}
 
 
-def test_quickstart_notebook_runs(capsys):
-  with open(NOTEBOOK) as f:
+def test_every_notebook_is_listed():
+  assert sorted(f for f in os.listdir(COLAB) if f.endswith(".ipynb")) == sorted(EXPECT)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECT))
+def test_notebook_runs(name, capsys):
+  path = os.path.join(COLAB, name)
+  with open(path) as f:
     cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
   namespace: dict = {}
   for cell in cells:
     source = "".join(l for l in cell["source"] if not l.lstrip().startswith(("!", "%")))
-    exec(compile(source, NOTEBOOK, "exec"), namespace)  # pylint: disable=exec-used
+    exec(compile(source, path, "exec"), namespace)  # pylint: disable=exec-used
   out = capsys.readouterr().out
-  assert "QuantDot" in out and "w_step" in out
+  for text in EXPECT[name]:
+    assert text in out, text
