@@ -43,7 +43,7 @@ synthetic: $(STAMP)
 	$(VPY) -m jaxcomp.demo
 
 test: $(TSTAMP)
-	$(VPY) -m pytest -q -n 2 tests
+	$(VPY) -m pytest -q -n 2 --dist worksteal tests
 
 bench: $(BSTAMP)
 	$(VPY) bench/qat_step.py
