@@ -262,10 +262,10 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
   next one's inputs; then stack the rewritten layers back in place of the block."""
   graphdef, state = nnx.split(engine.module_at(model, path))
   stack_name = _stack_axis_name(state)
+  rel = lambda p: p[len(path) + 1:]
   done = []
   for i in range(depth):
     block = nnx.merge(graphdef, _layer_of(state, i))
-    rel = lambda p: p[len(path) + 1:]
     layer_todo = [(rel(p), engine.module_at(block, rel(p)), payload) for p, _, payload in todo]
 
     def run_capture(block=block):

@@ -29,7 +29,8 @@ from jaxcomp.quant.spec import Quant, SpecError, options_of
 
 Array = jax.Array
 KINDS = ("quant", "sparsity", "lowrank")
-__all__ = ["KINDS", "QuantSolution", "Solver", "check_option", "check_solved_step", "options_of", "relative_error"]
+__all__ = ["KINDS", "QuantSolution", "Solver", "check_option", "check_solved_step", "options_of",
+           "relative_error"]  # options_of: re-exported for the solver files
 
 
 class QuantSolution(NamedTuple):
