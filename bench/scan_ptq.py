@@ -1,0 +1,64 @@
+"""Scanned vs unrolled SmolLM2-135M: the same PTQ job on both forms of the model, side by side.
+
+Each form runs ``python -m jaxcomp --config configs/smollm2_ptq.py:VARIANT`` as its own process
+(``--config.model.scan_layers`` False, then True), so that its peak host memory (the child's
+maximum resident set size, from ``os.wait4``) is its own. Printed: perplexity of each form on
+the README slice of WikiText-2 test, their relative difference (target: within 0.5%), PTQ wall
+time and peak RSS (target: the scanned form's no higher than the unrolled one's).
+
+    python bench/scan_ptq.py                          # gptq_w4g128, 32768 test tokens
+    python bench/scan_ptq.py --variant rtn_w4g128 --max_tokens 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args: argparse.Namespace, scan: bool) -> dict:
+  work = pathlib.Path(args.root) / f"{args.variant}-{'scan' if scan else 'unrolled'}"
+  if (work / "report.json").exists():
+    report = json.loads((work / "report.json").read_text())
+    if "peak_rss_mb" in report:
+      return report
+  cmd = [sys.executable, "-m", "jaxcomp", f"--config={ROOT}/configs/smollm2_ptq.py:{args.variant}",
+         f"--workdir={work}", f"--config.model.scan_layers={scan}",
+         f"--config.eval.max_tokens={args.max_tokens}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT)
+  _, status, usage = os.wait4(proc.pid, 0)
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
+  report = json.loads((work / "report.json").read_text())
+  report["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports kilobytes
+  (work / "report.json").write_text(json.dumps(report, indent=2))
+  return report
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--root", default="runs/scan_ptq")
+  parser.add_argument("--variant", default="gptq_w4g128")
+  parser.add_argument("--max_tokens", type=int, default=32768)
+  args = parser.parse_args()
+  unrolled, scanned = _run(args, scan=False), _run(args, scan=True)
+  print(f"\nSmolLM2-135M {args.variant}, {scanned['eval_text']}: {scanned['eval_tokens']} "
+        "scored tokens\n")
+  print("| form | ppl | PTQ s | wall s | peak RSS MB |")
+  print("|---|---:|---:|---:|---:|")
+  for name, r in (("unrolled", unrolled), ("scan_layers", scanned)):
+    print(f"| {name} | {r['ppl']:.4f} | {r['ptq_s']} | {r['wall_s']} | {r['peak_rss_mb']:.0f} |")
+  diff = 100 * (scanned["ppl"] - unrolled["ppl"]) / unrolled["ppl"]
+  print(f"\nscanned - unrolled perplexity: {diff:+.4f}% (target within 0.5%); peak RSS "
+        f"scanned / unrolled: {scanned['peak_rss_mb'] / unrolled['peak_rss_mb']:.3f} "
+        "(target <= 1)")
+
+
+if __name__ == "__main__":
+  main()
