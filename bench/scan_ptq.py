@@ -4,7 +4,7 @@ Each form runs ``python -m jaxcomp --config configs/smollm2_ptq.py:VARIANT`` as 
 (``--config.model.scan_layers`` False, then True), so that its peak host memory (the child's
 maximum resident set size, from ``os.wait4``) is its own. Printed: perplexity of each form on
 the README slice of WikiText-2 test, their relative difference (target: within 0.5%), PTQ wall
-time and peak RSS (target: the scanned form's no higher than the unrolled one's).
+time and peak RSS after each phase (target: the scanned form's no higher than the unrolled one's).
 
     python bench/scan_ptq.py                          # gptq_w4g128, 32768 test tokens
     python bench/scan_ptq.py --variant rtn_w4g128 --max_tokens 0
@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace, scan: bool) -> dict:
   work = pathlib.Path(args.root) / f"{args.variant}-{'scan' if scan else 'unrolled'}"
   if (work / "report.json").exists():
     report = json.loads((work / "report.json").read_text())
-    if "peak_rss_mb" in report:
+    if "process_peak_rss_mb" in report:
       return report
   cmd = [sys.executable, "-m", "jaxcomp", f"--config={ROOT}/configs/smollm2_ptq.py:{args.variant}",
          f"--workdir={work}", f"--config.model.scan_layers={scan}",
@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace, scan: bool) -> dict:
   if os.waitstatus_to_exitcode(status) != 0:
     raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
   report = json.loads((work / "report.json").read_text())
-  report["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports kilobytes
+  report["process_peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports kilobytes
   (work / "report.json").write_text(json.dumps(report, indent=2))
   return report
 
@@ -50,10 +50,13 @@ def main() -> None:
   unrolled, scanned = _run(args, scan=False), _run(args, scan=True)
   print(f"\nSmolLM2-135M {args.variant}, {scanned['eval_text']}: {scanned['eval_tokens']} "
         "scored tokens\n")
-  print("| form | ppl | PTQ s | wall s | peak RSS MB |")
-  print("|---|---:|---:|---:|---:|")
+  print("| form | ppl | PTQ s | wall s | peak RSS MB: load | after PTQ | after convert+save | "
+        "after eval (= process) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
   for name, r in (("unrolled", unrolled), ("scan_layers", scanned)):
-    print(f"| {name} | {r['ppl']:.4f} | {r['ptq_s']} | {r['wall_s']} | {r['peak_rss_mb']:.0f} |")
+    rss = r["peak_rss_mb"]
+    print(f"| {name} | {r['ppl']:.4f} | {r['ptq_s']} | {r['wall_s']} | {rss['load']:.0f} | "
+          f"{rss['ptq']:.0f} | {rss['convert_save']:.0f} | {r['process_peak_rss_mb']:.0f} |")
   diff = 100 * (scanned["ppl"] - unrolled["ppl"]) / unrolled["ppl"]
   print(f"\nscanned - unrolled perplexity: {diff:+.4f}% (target within 0.5%); peak RSS "
         f"scanned / unrolled: {scanned['peak_rss_mb'] / unrolled['peak_rss_mb']:.3f} "

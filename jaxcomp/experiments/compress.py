@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import resource
 import time
 from typing import Any
 
@@ -101,7 +102,8 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_load = time.perf_counter() - t0
 
   report: dict[str, Any] = {"model": config.model.name, "eval_text": text_name,
-                            "eval_split_tokens": n_split, "load_s": round(t_load, 1)}
+                            "eval_split_tokens": n_split, "load_s": round(t_load, 1),
+                            "peak_rss_mb": {"load": _peak_rss_mb()}}
   results: list[LayerResult] = []
   if recipe is not None:
     calib = calib_tokens(tokenizer, n_seq=config.calib.n_seq, seq_len=config.calib.seq_len,
@@ -125,9 +127,15 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   report.update({"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"],
                  "eval_s": round(time.perf_counter() - t0, 1),
                  "wall_s": round(time.perf_counter() - t_start, 1)})
+  report["peak_rss_mb"]["eval"] = _peak_rss_mb()
   (work / "layers.json").write_text(json.dumps([vars(x) for x in results], indent=1))
   logging.info("ptq report: %s", report)
   return report
+
+
+def _peak_rss_mb() -> float:
+  """This process' peak resident memory so far (MB): the report records it after each phase."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _stage(name: str, report: dict[str, Any], results: list[LayerResult],
@@ -136,6 +144,7 @@ def _stage(name: str, report: dict[str, Any], results: list[LayerResult],
   t0 = time.perf_counter()
   model, mine = run()
   report[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+  report["peak_rss_mb"][name] = _peak_rss_mb()
   report[f"{name}_layers"] = len(mine)
   errors = [r.error for r in mine if np.isfinite(r.error)]
   if errors:
@@ -161,4 +170,5 @@ def _quantize_and_pack(model: nnx.Module, recipe: Recipe, calib: np.ndarray,
     report.update({k: (round(v, 4) if isinstance(v, float) else v)
                    for k, v in size.to_dict().items()})
   report["convert_save_s"] = round(time.perf_counter() - t0, 1)
+  report["peak_rss_mb"]["convert_save"] = _peak_rss_mb()
   return model

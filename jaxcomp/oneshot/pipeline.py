@@ -283,10 +283,20 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
   if any(g != new_graphdef for g, _ in done[1:]) or any(x != shapes[0] for x in shapes[1:]):
     raise ValueError(f"{path}: the solved layers of the stack differ in structure or shapes "
                      "(e.g. ranks chosen by energy) and cannot be stacked again")
+  # Restacked one variable at a time, each layer's copy dropped once stacked: the stack is
+  # never held twice over (peak: the solved layers plus one stacked variable).
   is_var = lambda x: isinstance(x, nnx.Variable)
-  stacked = jax.tree.map(lambda *vs: _with_stack_name(vs[0].replace(
-      jnp.stack([v[...] for v in vs])), stack_name), *[st for _, st in done], is_leaf=is_var)
-  engine.set_at(model, path, nnx.merge(new_graphdef, stacked))
+  treedef = jax.tree.structure(done[0][1], is_leaf=is_var)
+  per_layer = [jax.tree.leaves(st, is_leaf=is_var) for _, st in done]
+  del done, block, layer_todo
+  stacked = []
+  for j in range(len(per_layer[0])):
+    vs = [leaves[j] for leaves in per_layer]
+    for leaves in per_layer:
+      leaves[j] = None
+    stacked.append(_with_stack_name(vs[0].replace(jnp.stack([v[...] for v in vs])), stack_name))
+    del vs
+  engine.set_at(model, path, nnx.merge(new_graphdef, jax.tree.unflatten(treedef, stacked)))
   return inputs
 
 

@@ -11,8 +11,9 @@ next to their kernel as ``w_step``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ class _QuantConvFn(_QuantDotFn):
                                            **kwargs)
 
 
-class PackedParam(struct.PyTreeNode, meta.AxisMetadata):
+class PackedParam(nn.LogicallyPartitioned):
   """A packed kernel in a Linen ``params`` tree (what `jaxcomp.convert` puts there).
 
   Linen layers read their kernel with ``self.param``, which unboxes it and checks its shape;
@@ -60,26 +61,76 @@ class PackedParam(struct.PyTreeNode, meta.AxisMetadata):
   yields float weights equal to the fake-quant ones). The quantized layer call never uses that
   value (dead code under ``jit``): its injection point contracts with ``value``, the `QArray`.
 
+  The box keeps the kernel's logical axis names (``names``, in the stored layout, or None when
+  the kernel was not partitioned) and, for a kernel stacked by ``nn.scan`` / ``nn.vmap``, the
+  stacked axis (``stack_axis``): every leaf of the `QArray` carries the layer axis at that
+  position, so the lifted transform slices one layer's `QArray` out of it like any variable.
+  `nn.get_partition_spec` gives one logical spec per leaf: values and zero points ``(N, K)``
+  take the names of the kernel's first output and first contracting axis, scales ``(N, G)``
+  the output name only.
+
   Example:
     >>> from jaxcomp.quant.qarray import quantize_weight
-    >>> box = PackedParam(quantize_weight(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)))
+    >>> box = PackedParam(quantize_weight(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)),
+    ...                   names=("embed", "mlp"))
     >>> box.unbox().shape
     (8, 4)
+    >>> nn.get_partition_spec({"kernel": box})["kernel"].value.scale
+    PartitionSpec('mlp', None)
   """
 
-  value: QArray
+  stack_axis: int | None = struct.field(pytree_node=False, default=None)
 
-  def unbox(self) -> jax.Array:
-    return self.value.dequantize()
+  def unbox(self, apply_constraint: bool = True) -> jax.Array:
+    del apply_constraint
+    if self.stack_axis is None:
+      return self.value.dequantize()
+    return jax.vmap(QArray.dequantize, in_axes=self.stack_axis,
+                    out_axes=self.stack_axis)(self.value)
 
   def replace_boxed(self, val: Any) -> PackedParam:
     return self.replace(value=val)
 
   def add_axis(self, index: int, params: dict[Any, Any]) -> PackedParam:
-    raise ValueError("packed kernels cannot be lifted over nn.scan / nn.vmap axes")
+    if self.stack_axis is not None:
+      raise ValueError("packed kernels are stacked over one nn.scan / nn.vmap axis, not two")
+    names = self.names
+    if names is not None:
+      names = names[:index] + (params.get(nn.PARTITION_NAME),) + names[index:]
+    return self.replace(stack_axis=index, names=names)
 
   def remove_axis(self, index: int, params: dict[Any, Any]) -> PackedParam:
-    raise ValueError("packed kernels cannot be lifted over nn.scan / nn.vmap axes")
+    del params
+    names = None if self.names is None else self.names[:index] + self.names[index + 1:]
+    return self.replace(stack_axis=None, names=names)
+
+  def get_partition_spec(self) -> Any:
+    """Logical specs shaped like the box: one `PartitionSpec` per leaf of the `QArray`."""
+    qa, names = self.value, self.names
+    if names is None:
+      spec = lambda n: jax.sharding.PartitionSpec()
+    else:
+      layer_names = list(names)
+      stack_name = None if self.stack_axis is None else layer_names.pop(self.stack_axis)
+      out = next((n for a, n in enumerate(layer_names) if a not in qa.contracting), None)
+      k = layer_names[qa.contracting[0]] if qa.contracting else None
+
+      def spec(per_layer):
+        parts = list(per_layer)
+        if self.stack_axis is not None:
+          parts.insert(self.stack_axis, stack_name)
+        return jax.sharding.PartitionSpec(*parts)
+
+      spec_vk, spec_s = spec((out, k)), spec((out, None))
+      return self.replace(value=dataclasses.replace(
+          qa, values=spec_vk, scale=spec_s,
+          zero_point=None if qa.zero_point is None else spec_vk))
+    return self.replace(value=jax.tree.map(spec, qa))
+
+  def get_sharding(self, mesh: jax.sharding.Mesh) -> Any:
+    specs = nn.logical_to_mesh(self.get_partition_spec(), self.rules)
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 class _PackedDotFn(_QuantDotFn):
@@ -119,7 +170,7 @@ def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, k
     return rows
   if isinstance(m, nn.Einsum):
     einsum_str = _einsum_str(m, args, kwargs)
-    bias = m.scope.get_variable("params", "bias") if m.use_bias else None
+    bias = _param(m, "bias") if m.use_bias else None
     inputs, bias = m.promote_dtype(args[0], bias, dtype=m.dtype)
     dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, len(packed.shape))
     y = jnp.transpose(qdot.quant_dot_general(
@@ -149,15 +200,44 @@ def _kernel_name(m: nn.Module) -> str:
   return "embedding" if isinstance(m, nn.Embed) else "kernel"
 
 
+def _raw(m: nn.Module, name: str) -> Any:
+  """A layer's param as stored: a `PackedParam`, a metadata box or an array."""
+  return m.scope.get_variable("params", name)
+
+
+def _param(m: nn.Module, name: str) -> Any:
+  """A layer's param as an array (boxes such as ``nn.LogicallyPartitioned`` unboxed); a
+  `PackedParam` stays boxed (its `QArray` is what the packed path contracts with)."""
+  raw = _raw(m, name)
+  return raw if isinstance(raw, PackedParam) else meta.unbox(raw)
+
+
+def boxed_like(box: Any, value: jax.Array, contracting: tuple[int, ...]) -> Any:
+  """``value`` (a step, zero point: the kernel's rank, contracting axes reduced) in the box
+  type of its kernel ``box``, with the kernel's logical names on the output axes only; a plain
+  array when the kernel is not boxed.
+
+  Example:
+    >>> kernel = nn.LogicallyPartitioned(jnp.ones((8, 4)), ("embed", "mlp"))
+    >>> boxed_like(kernel, jnp.ones((1, 4)), (0,)).names
+    (None, 'mlp')
+  """
+  if not isinstance(box, meta.Partitioned):
+    return value
+  names = tuple(None if a in contracting else n for a, n in enumerate(box.names))
+  return box.replace(value=value, names=names)
+
+
 def _step(m: nn.Module, spec: Quant, contracting: tuple[int, ...]) -> jax.Array | None:
   """The layer's LSQ step: read, or (when params are mutable) created from the kernel."""
   if not spec.learn_scale:
     return None
-  kernel = m.scope.get_variable("params", _kernel_name(m))
-  init = lambda *_: initial_step(kernel, contracting, spec)
   if m.scope.has_variable("params", "w_step"):
-    return m.scope.get_variable("params", "w_step")
+    return _param(m, "w_step")
   if m.scope.is_mutable_collection("params"):
+    box = _raw(m, _kernel_name(m))
+    init = lambda *_: boxed_like(box, initial_step(meta.unbox(box), contracting, spec),
+                                 contracting)
     return m.scope.param("w_step", init)
   raise ValueError(
       f"{'/'.join(m.path)}: no 'w_step' param; build the variables with "
@@ -172,7 +252,7 @@ def _einsum_str(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
 
 def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs, backend: str) -> Any:
   einsum_str = _einsum_str(m, args, kwargs)
-  kernel = m.scope.get_variable("params", _kernel_name(m))
+  kernel = _param(m, _kernel_name(m))
   if isinstance(kernel, PackedParam):
     return _packed_call(m, method, spec, kernel.value, args, kwargs, backend)
   contracting = _contracting(m, kernel, einsum_str)
@@ -195,7 +275,7 @@ def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs, backen
     return jnp.take(table, args[0], axis=0)
   # nn.Einsum
   inputs = args[0]
-  bias = m.scope.get_variable("params", "bias") if m.use_bias else None
+  bias = _param(m, "bias") if m.use_bias else None
   inputs, kernel, bias = m.promote_dtype(inputs, kernel, bias, dtype=m.dtype)
   dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
   y = jnp.transpose(qdot.quant_dot_general(
@@ -231,7 +311,7 @@ def _intercept(recipe: Recipe, backend: str, next_fun, args, kwargs, context):
     # Initialisation: the layer creates its params, then its LSQ step is made from the kernel.
     # (The output of `init` is the float layer's; every apply is quantized.)
     out = next_fun(*args, **kwargs)
-    kernel = m.scope.get_variable("params", _kernel_name(m))
+    kernel = _param(m, _kernel_name(m))
     _step(m, rule.quant, _contracting(m, kernel, _einsum_str(m, args, kwargs)))
     return out
   return _quantized_call(m, context.method_name, rule.quant, args, kwargs, backend)
@@ -264,16 +344,79 @@ class QuantizedLinen(nn.Module):
       return self.inner(*args, **kwargs)
 
 
-def _record(seen: dict[str, str]):
-  """Interceptor that records the path and type of every layer that owns params."""
+def box_value(x: Any) -> Any:
+  """The array inside a metadata box (no sharding constraint applied), or ``x`` itself.
+
+  Example:
+    >>> box_value(nn.LogicallyPartitioned(jnp.ones(2), ("embed",))).shape
+    (2,)
+  """
+  if isinstance(x, meta.Partitioned):
+    return x.value
+  return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+
+
+def stored_param(variables: Any, path: tuple[str, ...] | str, name: str) -> Any:
+  """The param ``name`` of the layer at ``path`` as stored in a Linen variables tree (for a
+  layer under ``nn.scan`` / ``nn.vmap``: the stacked value), or None.
+
+  Example:
+    >>> variables = {"params": {"up": {"kernel": jnp.ones((3, 4))}}}
+    >>> stored_param(variables, "up", "kernel").shape
+    (3, 4)
+  """
+  node = variables.get("params", {})
+  for key in (path.split("/") if isinstance(path, str) else path):
+    if key not in node:
+      return None
+    node = node[key]
+  return node.get(name) if hasattr(node, "get") else None
+
+
+def stack_axis(path: str, stored: Any, seen_shape: tuple[int, ...],
+               seen_names: tuple[Any, ...] | None = None) -> int | None:
+  """Which axis of a stored Linen param stacks the copies of a layer that its call saw with
+  ``seen_shape`` (the axis ``nn.scan`` / ``nn.vmap`` lifted it over), or None when not stacked.
+
+  Found from the shapes and, for boxed params, the logical names (the stored names are the
+  seen ones with the stack axis' name inserted); when the shapes leave several axes possible
+  and no names tell them apart, axis 0 (``variable_axes={"params": 0}``, the common layout).
+
+  Example:
+    >>> stack_axis("mlp/up", jnp.ones((16, 3, 32)), (16, 32))
+    1
+  """
+  if isinstance(stored, PackedParam):
+    return stored.stack_axis
+  shape = tuple(box_value(stored).shape)
+  extra = len(shape) - len(seen_shape)
+  if extra == 0:
+    return None
+  if extra != 1:
+    raise ValueError(f"{path}: stacked over {extra} axes (nested nn.scan / nn.vmap); jaxcomp "
+                     "handles one stack axis per layer")
+  candidates = [a for a in range(len(shape)) if shape[:a] + shape[a + 1:] == tuple(seen_shape)]
+  names = getattr(stored, "names", None) if isinstance(stored, meta.Partitioned) else None
+  if names is not None and seen_names is not None:
+    candidates = [a for a in candidates if names[:a] + names[a + 1:] == tuple(seen_names)]
+  if not candidates:
+    raise ValueError(f"{path}: stored shape {shape} is not the called layer's {seen_shape} "
+                     "with one stack axis")
+  return candidates[0] if len(candidates) == 1 or 0 not in candidates else 0
+
+
+def _record(seen: dict[str, tuple[str, Any]]):
+  """Interceptor recording the path, type and (for a supported layer) the kernel as the call
+  sees it, of every layer that owns params."""
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     m = context.module
-    params = m.scope.variables().get("params", {}) if m.scope is not None else {}
+    params = meta.unbox(m.scope.variables().get("params", {})) if m.scope is not None else {}
     if m.path and any(not isinstance(v, dict) and hasattr(v, "shape")
                       for v in params.values()):
-      seen.setdefault("/".join(m.path), type(m).__name__)
+      kernel = params.get(_kernel_name(m)) if type(m) in _SUPPORTED else None
+      seen.setdefault("/".join(m.path), (type(m).__name__, kernel))
     return out
 
   return interceptor
@@ -281,8 +424,9 @@ def _record(seen: dict[str, str]):
 
 def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
                  kwargs: dict) -> MatchReport:
-  """Which Linen layers the recipe matches (traced abstractly on the example arguments)."""
-  seen: dict[str, str] = {}
+  """Which Linen layers the recipe matches (traced abstractly on the example arguments); a
+  layer stacked by ``nn.scan`` / ``nn.vmap`` is listed once, with its depth."""
+  seen: dict[str, tuple[str, Any]] = {}
 
   def run(variables, *args):
     with nn.intercept_methods(_record(seen)):
@@ -290,9 +434,9 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
 
   jax.eval_shape(run, variables, *args)
   matched = {r.label: [] for r in recipe.rules}
-  unsupported = []
+  unsupported, depth = [], {}
   supported_names = {t.__name__ for t in _SUPPORTED}
-  for path, kind in seen.items():
+  for path, (kind, kernel) in seen.items():
     rule = recipe.match(path)
     if rule is None:
       continue
@@ -300,8 +444,13 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
       matched[rule.label].append(path)
     else:
       unsupported.append((path, kind))
+    if kernel is not None and not isinstance(kernel, PackedParam):
+      stored = stored_param(variables, path, "embedding" if kind == "Embed" else "kernel")
+      axis = None if stored is None else stack_axis(path, stored, kernel.shape)
+      if axis is not None:
+        depth[path] = box_value(stored).shape[axis]
   unused = [label for label, paths in matched.items() if not paths]
-  return MatchReport(matched=matched, unused=unused, unsupported=unsupported)
+  return MatchReport(matched=matched, unused=unused, unsupported=unsupported, depth=depth)
 
 
 def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: tuple,
@@ -320,34 +469,54 @@ def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: t
   return wrapped, new_vars, report
 
 
-def _record_quantized(recipe: Recipe, found: dict[tuple[str, ...], tuple[str, tuple, Quant]]):
-  """Interceptor recording each layer that ``recipe`` quantizes: kernel name, axes, spec."""
+class QuantizedLayer(NamedTuple):
+  """A quantized (not yet packed) Linen layer as its call sees it (`quantized_layers_linen`).
+
+  Attributes:
+    kernel: the param name (``kernel`` / ``embedding``).
+    contracting: the contracted axes of one layer's kernel.
+    spec: its `Quant` spec.
+    shape: one layer's kernel shape (under ``nn.scan`` the stored one has a stack axis more).
+    names: one layer's logical axis names, or None when the kernel is not boxed.
+  """
+
+  kernel: str
+  contracting: tuple[int, ...]
+  spec: Quant
+  shape: tuple[int, ...]
+  names: tuple[Any, ...] | None
+
+
+def _record_quantized(recipe: Recipe, found: dict[tuple[str, ...], QuantizedLayer]):
+  """Interceptor recording each layer that ``recipe`` quantizes (a `QuantizedLayer`)."""
 
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
     rule = _quant_rule(recipe, m, context.method_name)
     if rule is not None and m.scope.has_variable("params", _kernel_name(m)):
-      kernel = m.scope.get_variable("params", _kernel_name(m))
+      raw = _raw(m, _kernel_name(m))
       if isinstance(m, nn.DenseGeneral) and m.batch_dims not in ((), None):
         raise ValueError(f"{'/'.join(m.path)}: convert does not pack DenseGeneral kernels "
                          "with batch_dims")
-      if not isinstance(kernel, PackedParam):
-        found.setdefault(tuple(m.path), (
-            _kernel_name(m), _contracting(m, kernel, _einsum_str(m, args, kwargs)), rule.quant))
+      if not isinstance(raw, PackedParam):
+        kernel = meta.unbox(raw)
+        found.setdefault(tuple(m.path), QuantizedLayer(
+            _kernel_name(m), _contracting(m, kernel, _einsum_str(m, args, kwargs)), rule.quant,
+            tuple(kernel.shape), getattr(raw, "names", None)))
     return next_fun(*args, **kwargs)
 
   return interceptor
 
 
 def quantized_layers_linen(module: nn.Module, variables: Any, args: tuple,
-                           kwargs: dict | None) -> dict[tuple[str, ...], tuple[str, tuple, Quant]]:
-  """``{layer path: (kernel name, contracting axes, spec)}`` of a `QuantizedLinen`'s quantized,
-  not yet packed layers (traced abstractly on the example arguments)."""
+                           kwargs: dict | None) -> dict[tuple[str, ...], QuantizedLayer]:
+  """``{layer path: QuantizedLayer}`` of a `QuantizedLinen`'s quantized, not yet packed layers
+  (traced abstractly on the example arguments)."""
   if not isinstance(module, QuantizedLinen):
     raise TypeError("convert: a Linen module must be the QuantizedLinen that jc.quantize "
                     f"returned, got {type(module).__name__}")
   kwargs = kwargs or {}
-  found: dict[tuple[str, ...], tuple[str, tuple, Quant]] = {}
+  found: dict[tuple[str, ...], QuantizedLayer] = {}
 
   def run(variables, *args):
     with nn.intercept_methods(_record_quantized(module.recipe, found)):

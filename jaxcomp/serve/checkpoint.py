@@ -101,15 +101,17 @@ def _split_linen(variables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
   return walk(variables)
 
 
-def _merge_linen(packed: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of `_split_linen`: the QArrays boxed back into `PackedParam`."""
+def _merge_linen(packed: Mapping[str, Any], other: Mapping[str, Any],
+                 like: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `_split_linen`: the QArrays boxed back into ``like``'s `PackedParam` boxes
+  (their logical names and stack axis)."""
   out = {key: dict(value) if isinstance(value, Mapping) else value
          for key, value in other.items()}
   for key, value in packed.items():
     if isinstance(value, Mapping):
-      out[key] = _merge_linen(value, out.get(key, {}))
+      out[key] = _merge_linen(value, out.get(key, {}), like[key])
     else:
-      out[key] = PackedParam(value)
+      out[key] = like[key].replace(value=value)
   return out
 
 
@@ -218,7 +220,7 @@ def restore_packed(directory: str | os.PathLike, like: Any) -> Any:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"restore_packed: {directory} does not match the model: {first}") from None
   if graphdef is None:
-    return _merge_linen(restored["packed"], restored["float"])
+    return _merge_linen(restored["packed"], restored["float"], like)
   _, packed_state, other_state = _split(like)
   nnx.replace_by_pure_dict(packed_state, restored["packed"])
   nnx.replace_by_pure_dict(other_state, restored["float"])

@@ -16,13 +16,16 @@ from typing import Any
 
 from flax import linen as nn
 from flax import nnx
+from flax.core import meta
 import jax
+import jax.numpy as jnp
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
 from jaxcomp.rewrite import engine
-from jaxcomp.rewrite.linen_quant import PackedParam, quantized_layers_linen
+from jaxcomp.rewrite.linen_quant import (PackedParam, QuantizedLayer, box_value,
+                                         quantized_layers_linen, stack_axis)
 from jaxcomp.quant.dot import kernel_backend
 from jaxcomp.rewrite.nnx_quant import quant_layers, set_backend
 
@@ -123,17 +126,34 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
   return new
 
 
+def _pack_linen(path: str, stored: Any, step: Any, layer: QuantizedLayer) -> PackedParam:
+  """One Linen kernel packed into its `PackedParam`; a kernel stacked by ``nn.scan`` /
+  ``nn.vmap`` is packed per layer, with the stack axis kept at its place in every leaf."""
+  axis = stack_axis(path, stored, layer.shape, layer.names)
+  kernel, step = box_value(stored), None if step is None else box_value(step)
+  pack = lambda w, s: pack_kernel(w, layer.contracting, layer.spec, s)
+  if axis is None:
+    qa = pack(kernel, step)
+  else:
+    qa = jax.vmap(pack, in_axes=(axis, None if step is None else axis))(kernel, step)
+    qa = jax.tree.map(lambda x: jnp.moveaxis(x, 0, axis), qa)
+  names = stored.names if isinstance(stored, meta.Partitioned) else None
+  return PackedParam(qa, names=names, stack_axis=axis, mesh=getattr(stored, "mesh", None),
+                     rules=getattr(stored, "rules", None))
+
+
 def _convert_linen(module: nn.Module, variables: Any, args: tuple,
                    kwargs: dict | None) -> tuple[nn.Module, Any]:
   is_packed = lambda x: isinstance(x, PackedParam)
   found = quantized_layers_linen(module, variables, args, kwargs)
   if not found and not any(map(is_packed, jax.tree.leaves(variables, is_leaf=is_packed))):
     raise ValueError("convert: the module has no quantized layers; check the recipe")
-  new_vars = jax.tree.map(lambda x: x, dict(variables), is_leaf=is_packed)  # fresh dicts
-  for path, (name, contracting, spec) in found.items():
-    layer = new_vars["params"]
+  is_box = lambda x: isinstance(x, meta.AxisMetadata)
+  new_vars = jax.tree.map(lambda x: x, dict(variables), is_leaf=is_box)  # fresh dicts
+  for path, layer in found.items():
+    params = new_vars["params"]
     for key in path:
-      layer = layer[key]
-    step = layer.pop("w_step", None)
-    layer[name] = PackedParam(pack_kernel(layer[name], contracting, spec, step))
+      params = params[key]
+    step = params.pop("w_step", None)
+    params[layer.kernel] = _pack_linen("/".join(path), params[layer.kernel], step, layer)
   return module, new_vars
