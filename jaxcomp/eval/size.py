@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxcomp.layers.quant import QuantScale
 from jaxcomp.recipe import Recipe
-from jaxcomp.rewrite.engine import iter_layers
+from jaxcomp.rewrite.engine import iter_layers, rule_for
 
 
 def model_bits(model: nnx.Module, recipe: Recipe | None = None) -> int:
@@ -32,7 +32,8 @@ def model_bits(model: nnx.Module, recipe: Recipe | None = None) -> int:
     width = value.dtype.itemsize * 8
     if recipe is not None and path[-1] in ("kernel", "embedding") and not isinstance(
         var, QuantScale):
-      rule = recipe.match("/".join(str(p) for p in path[:-1]))
+      layer = "/".join(str(p) for p in path[:-1])
+      rule = rule_for(model, recipe, layer)
       if rule is not None and rule.quant is not None:
         width = rule.quant.w_bits
     total += width * value.size

@@ -240,13 +240,9 @@ def stacked_blocks(model: nnx.Module, layers: list[tuple[str, nnx.Module]]) -> d
     if axes.stack > 1:
       raise ValueError(f"{path}: the calibrated walk over stacked layers takes one stack axis, "
                        f"the weight has {axes.stack} {lead}")
-    parts = path.split("/")
-    for n in range(1, len(parts)):
-      prefix = "/".join(parts[:n])
-      leaves = jax.tree.leaves(nnx.state(engine.module_at(model, prefix)))
-      if all(getattr(x, "shape", ())[:1] == lead for x in leaves):
-        found[prefix] = lead[0]
-        break
+    prefix = engine.stack_root(model, path, lead)
+    if prefix is not None:
+      found[prefix] = lead[0]
     else:
       raise ValueError(f"{path}: found no module stacking it over {lead[0]} layers with all its "
                        "arrays (the module nnx.vmap built)")

@@ -203,6 +203,57 @@ def is_quantized(m: nnx.Module) -> bool:
       isinstance(h, (qlayers.QuantDot, qlayers.QuantEinsum, qlayers.QuantConv)) for h in hooks)
 
 
+def stack_root(model: nnx.Module, path: str, lead: tuple[int, ...]) -> str | None:
+  """The module stacking the layer at ``path`` whose weight has the leading stack axes
+  ``lead``: its outermost ancestor whose every array has that same leading shape (the module
+  ``nnx.vmap`` built), or None.
+
+  Example::
+
+    stack_root(model, "blocks/up", (3,))       # -> "blocks"
+  """
+  parts = path.split("/")
+  for n in range(1, len(parts)):
+    prefix = "/".join(parts[:n])
+    leaves = jax.tree.leaves(nnx.state(module_at(model, prefix)))
+    if all(getattr(x, "shape", ())[:len(lead)] == lead for x in leaves):
+      return prefix
+  return None
+
+
+def rule_for(model: nnx.Module, rules: Recipe | list[Rule], path: str,
+             module: nnx.Module | None = None) -> Rule | None:
+  """The rule of the layer at ``path``: the first one matching it; for a stacked layer
+  (``blocks/up`` holding L layers), the first rule matching ``blocks/up`` or ``blocks/<i>/up``,
+  which must be the same for every layer i (so a recipe written for the unrolled model applies
+  to the stacked one); a recipe splitting a stack is a one-line error naming the module.
+
+  Example::
+
+    rule_for(model, recipe, "blocks/up")    # the rule of "blocks/up" or of all "blocks/<i>/up"
+  """
+  rules = list(rules.rules if isinstance(rules, Recipe) else rules)
+  module = module_at(model, path) if module is None else module
+  first = lambda *names: next((r for r in rules if any(r.matches(n) for n in names)), None)
+  axes = kernel_axes(module)
+  if axes is None or axes.stack != 1:
+    return first(path)
+  lead = getattr(module, axes.name)[...].shape[:1]
+  root = stack_root(model, path, lead)
+  if root is None:
+    return first(path)
+  rest = path[len(root) + 1:]
+  per_layer = [first(path, f"{root}/{i}/{rest}") for i in range(lead[0])]
+  if any(r is not per_layer[0] for r in per_layer):
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(per_layer):
+      groups.setdefault("no rule" if r is None else repr(r.label), []).append(i)
+    split = "; ".join(f"{label}: layers {idx}" for label, idx in groups.items())
+    raise ValueError(f"{path}: the recipe splits the {lead[0]} layers stacked in {root!r} "
+                     f"({split}); a stacked module takes one rule for all its layers")
+  return per_layer[0]
+
+
 def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bool] | Any,
          kind: Callable[[Rule], Any]) -> tuple[list[tuple[str, nnx.Module, Rule]], MatchReport]:
   """Matches every parameterised layer against ``recipe``.
@@ -227,7 +278,7 @@ def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bo
   matched: dict[str, list[str]] = {r.label: [] for r in relevant}
   unsupported, todo, depth = [], [], {}
   for path, module in iter_layers(model):
-    rule = next((r for r in relevant if r.matches(path)), None)
+    rule = rule_for(model, relevant, path, module)
     if rule is None:
       continue
     if rule.skip:

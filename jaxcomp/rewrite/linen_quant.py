@@ -76,7 +76,7 @@ class PackedParam(nn.LogicallyPartitioned):
     >>> box.unbox().shape
     (8, 4)
     >>> nn.get_partition_spec({"kernel": box})["kernel"].value.scale
-    PartitionSpec('mlp', None)
+    P('mlp', None)
   """
 
   stack_axis: int | None = struct.field(pytree_node=False, default=None)

@@ -177,7 +177,7 @@ def packed_skeleton(model: nnx.Module, recipe: Recipe) -> nnx.Module:
   new, _ = engine.rewrite(model, as_rtn, handlers=QUANT_HANDLERS,
                                kind=lambda r: r.quant, strict=False)
   for layer in quant_layers(new):
-    rule = recipe.match(layer.path)
+    rule = engine.rule_for(new, recipe, layer.path, layer.module)
     if rule is not None and rule.quant is not None:
       layer.hook.spec = rule.quant
       if method_info("quant", rule.quant.method).smooths_inputs:

@@ -274,3 +274,23 @@ def test_stack_axis_names_from_vmap_metadata_are_kept():
   assert names(gptq.blocks.up.dot_general.w_step) == ("layers", None, "mlp")
   assert names(gptq.blocks.up.kernel) == ("layers", "embed", "mlp")
   assert gptq(x).shape == x.shape and float(jnp.mean((gptq(x) - model(x)) ** 2)) < 0.05
+
+
+def test_a_recipe_for_the_unrolled_model_applies_to_the_stack(models):
+  scanned, loop, tokens = models
+  spec = jc.Quant(w_bits=4, group=8)
+  unrolled_recipe = jc.Recipe([jc.Rule(r"blocks/\d+/(up|out)", quant=spec)])
+  rep = jc.report(scanned, unrolled_recipe)
+  assert sorted(rep.matched[r"blocks/\d+/(up|out)"]) == ["blocks/out", "blocks/up"]
+  q_scan, q_loop = jc.quantize(scanned, unrolled_recipe), jc.quantize(loop, unrolled_recipe)
+  np.testing.assert_allclose(np.asarray(q_scan(tokens)), np.asarray(q_loop(tokens)), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_a_rule_splitting_a_stack_is_a_one_line_error(models):
+  scanned, _, _ = models
+  split = jc.Recipe([jc.Rule(r"blocks/0/up", skip=True),
+                     jc.Rule(r".*", quant=jc.Quant(w_bits=8))])
+  with pytest.raises(ValueError, match=r"^blocks/up: the recipe splits the 3 layers stacked in "
+                     r"'blocks' \('blocks/0/up': layers \[0\]; '\.\*': layers \[1, 2\]\)"):
+    jc.quantize(scanned, split)
