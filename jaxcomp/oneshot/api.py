@@ -198,7 +198,7 @@ def _solve_sparse(root: nnx.Module, path: str, m: nnx.Module, spec: Any,
     w = kernel_2d(m)
     solve = registry.get("sparsity", spec.method).solve
     stack = engine.kernel_axes(m).stack  # a stack is pruned layer by layer (data-free only)
-    w_hat = engine.over_stack(lambda w: solve(w, stats, spec), stack)(w)
+    w_hat = engine.over_stack(lambda w: solve(w, stats, spec), stack, sequential=True)(w)
     _set_kernel(m, w_hat)
     return (float("nan") if stats is None else relative_error(w, w_hat, stats.h)), None
 

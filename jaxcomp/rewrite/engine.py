@@ -119,16 +119,24 @@ def _layer_ndim(layer: Any) -> int | None:
   return None
 
 
-def over_stack(fn: Callable[..., Any], stack: int) -> Callable[..., Any]:
+def over_stack(fn: Callable[..., Any], stack: int, *, sequential: bool = False
+               ) -> Callable[..., Any]:
   """``fn`` mapped over ``stack`` leading axes of every array argument and result (nested
-  ``jax.vmap``): what a one-layer function becomes for a stacked layer.
+  ``jax.vmap``): what a one-layer function becomes for a stacked layer. With ``sequential``
+  the layers run one after another (``jax.lax.map``), so the intermediates of one layer are
+  alive at a time (packing, pruning: memory bounded by one layer, not the stack).
 
   Example:
     >>> over_stack(lambda w: w.sum(0), 1)(jnp.ones((3, 4, 2))).shape
     (3, 2)
+    >>> over_stack(lambda w: w.sum(0), 1, sequential=True)(jnp.ones((3, 4, 2))).shape
+    (3, 2)
   """
   for _ in range(stack):
-    fn = jax.vmap(fn)
+    if sequential:
+      fn = (lambda f: lambda *args: jax.lax.map(lambda xs: f(*xs), args))(fn)
+    else:
+      fn = jax.vmap(fn)
   return fn
 
 

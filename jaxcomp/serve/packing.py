@@ -115,7 +115,8 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
       raise ValueError(f"{layer.path}: convert does not pack LinearGeneral kernels with batch axes")
     step, zero = layer.hook.w_step, getattr(layer.hook, "w_zero", None)
     pack = engine.over_stack(  # a stacked layer packs per layer: values and scales keep the stack axes
-        lambda w, s, z, c=layer.contracting, q=layer.spec: pack_kernel(w, c, q, s, z), layer.stack)
+        lambda w, s, z, c=layer.contracting, q=layer.spec: pack_kernel(w, c, q, s, z), layer.stack,
+        sequential=True)  # one layer's intermediates at a time
     qa = pack(value, None if step is None else step[...], None if zero is None else zero[...])
     setattr(layer.module, layer.kernel_name, nnx.Param(qa))
     layer.hook.w_step = None
@@ -135,7 +136,8 @@ def _pack_linen(path: str, stored: Any, step: Any, layer: QuantizedLayer) -> Pac
   if axis is None:
     qa = pack(kernel, step)
   else:
-    qa = jax.vmap(pack, in_axes=(axis, None if step is None else axis))(kernel, step)
+    front = lambda x: None if x is None else jnp.moveaxis(x, axis, 0)
+    qa = engine.over_stack(pack, 1, sequential=True)(front(kernel), front(step))
     qa = jax.tree.map(lambda x: jnp.moveaxis(x, 0, axis), qa)
   names = stored.names if isinstance(stored, meta.Partitioned) else None
   return PackedParam(qa, names=names, stack_axis=axis, mesh=getattr(stored, "mesh", None),

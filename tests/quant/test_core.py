@@ -10,7 +10,7 @@ import pytest
 
 from jaxcomp.quant import core
 
-SETTINGS = hypothesis.settings(max_examples=40, deadline=None)
+SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=16),

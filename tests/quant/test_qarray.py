@@ -18,7 +18,7 @@ int4_arrays = hnp.arrays(
     elements=st.integers(-8, 7))
 
 
-@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(q=int4_arrays, axis=st.sampled_from([0, -2]))
 def test_pack_unpack_roundtrip(q, axis):
   packed = pack_int4(jnp.asarray(q), axis)

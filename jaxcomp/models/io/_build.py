@@ -18,7 +18,7 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.models.llama import Llama, LlamaConfig, scan_layers
+from jaxcomp.models.llama import Llama, LlamaConfig
 
 
 class Source(NamedTuple):
@@ -37,6 +37,18 @@ def param_path(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
+def _read(sources: Mapping[str, Source], key: str, shape: tuple[int, ...]) -> np.ndarray:
+  """The tensor of parameter ``key``, checked against its expected ``shape``."""
+  if key not in sources:
+    raise ValueError(f"checkpoint has no tensor for parameter {key!r}")
+  src = sources[key]
+  value = np.asarray(src.load())
+  if value.shape != tuple(shape):
+    raise ValueError(f"tensor {src.name!r} has shape {value.shape} in our layout, "
+                     f"expected {tuple(shape)} for {key!r}")
+  return value
+
+
 def build_llama(config: LlamaConfig, sources: Mapping[str, Source]) -> Llama:
   """Builds ``Llama(config)`` whose every parameter is read from ``sources``.
 
@@ -45,27 +57,25 @@ def build_llama(config: LlamaConfig, sources: Mapping[str, Source]) -> Llama:
     sources: ``{param_path: Source}`` covering every parameter of the model.
 
   Returns:
-    The model, parameters cast to ``config.param_dtype``; with ``config.scan_layers``, the
-    per-layer tensors stacked (`jaxcomp.models.llama.scan_layers`).
+    The model, parameters cast to ``config.param_dtype``; with ``config.scan_layers``, each
+    block parameter is the stack of its per-layer tensors (read one parameter at a time, so
+    the blocks are never held twice).
 
   Raises:
     ValueError: naming the checkpoint tensor when one is missing or has the
       wrong shape.
   """
-  if config.scan_layers:
-    return scan_layers(build_llama(dataclasses.replace(config, scan_layers=False), sources))
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   for path, var in nnx.to_flat_state(state):
     key = param_path(path)
-    if key not in sources:
-      raise ValueError(f"checkpoint has no tensor for parameter {key!r}")
-    src = sources[key]
     expected = var.get_value()
-    value = np.asarray(src.load())
-    if value.shape != tuple(expected.shape):
-      raise ValueError(
-          f"tensor {src.name!r} has shape {value.shape} in our layout, "
-          f"expected {tuple(expected.shape)} for {key!r}")
+    if config.scan_layers and path[0] == "layers":  # stacked: read layer by layer, stack once
+      rest = param_path(path[1:])
+      value = np.empty(expected.shape, np.dtype(expected.dtype))
+      for i in range(config.n_layers):
+        value[i] = _read(sources, f"layers/{i}/{rest}", expected.shape[1:])
+    else:
+      value = _read(sources, key, expected.shape)
     var.set_value(jnp.asarray(value, dtype=expected.dtype))
   return nnx.merge(graphdef, state)
