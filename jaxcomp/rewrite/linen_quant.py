@@ -402,7 +402,7 @@ def stack_axis(path: str, stored: Any, seen_shape: tuple[int, ...],
   if not candidates:
     raise ValueError(f"{path}: stored shape {shape} is not the called layer's {seen_shape} "
                      "with one stack axis")
-  return candidates[0] if len(candidates) == 1 or 0 not in candidates else 0
+  return 0 if 0 in candidates else candidates[0]
 
 
 def _record(seen: dict[str, tuple[str, Any]]):
