@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flax import linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.layers.lowrank import LowRankLinear
+from jaxcomp.oneshot import linen as linen_oneshot
 from jaxcomp.oneshot import registry
 from jaxcomp.oneshot.calibrate import LayerStats
 from jaxcomp.oneshot.pipeline import LayerResult, kernel_2d, plan_transform, solve_all
@@ -32,7 +34,10 @@ from jaxcomp.oneshot.solver import relative_error
 from jaxcomp.quant.qarray import from_canonical, to_step_layout
 from jaxcomp.quant.spec import Quant
 from jaxcomp.recipe import Recipe
+from jaxcomp.quant import dot as qdot
 from jaxcomp.rewrite import engine
+from jaxcomp.rewrite.linen_lowrank import LowRankLinen
+from jaxcomp.rewrite.linen_quant import QuantizedLinen
 from jaxcomp.rewrite.nnx_quant import QUANT_HANDLERS
 
 Array = jax.Array
@@ -92,6 +97,22 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
   return new, results
 
 
+def _linen(kind: str, name: str, model: nn.Module, recipe: Recipe, calib: Any,
+           payload: Callable[[Any], Any], wrap: Callable[[nn.Module], nn.Module],
+           return_report: bool, kw: dict[str, Any]) -> tuple[Any, ...]:
+  """A one-shot transform of a Linen module (`jaxcomp.oneshot.linen`):
+  ``(wrap(model), new variables)``, plus the results with ``return_report``."""
+  new_vars, results = linen_oneshot.run_linen(kind, name, model, recipe, calib,
+                                              payload=payload, **kw)
+  out = (wrap(model), new_vars)
+  return out + (results,) if return_report else out
+
+
+def _nnx_only(name: str, variables: Any, args: tuple) -> None:
+  if variables is not None or args:
+    raise TypeError(f"{name}: variables= and args= are for Linen modules, not NNX models")
+
+
 def _timed(path: str, method: str, fn: Callable[[], tuple[float, int | None]]) -> LayerResult:
   t0 = time.perf_counter()
   err, rank = fn()
@@ -137,10 +158,11 @@ def _solve_quant(root: nnx.Module, path: str, m: nnx.Module, spec: Quant, stats:
   return _timed(path, spec.method, run)
 
 
-def ptq(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
+def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
         blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
         strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
-        return_report: bool = False) -> nnx.Module | tuple[nnx.Module, list[LayerResult]]:
+        return_report: bool = False, variables: Any = None,
+    args: tuple[Any, ...] = ()) -> Any:
   """Post-training quantization of an NNX model; ``model`` is left untouched.
 
   Args:
@@ -170,6 +192,13 @@ def ptq(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int
                                                             method="gptq"))])
     qmodel, layers = jc.ptq(model, recipe, calib=tokens, return_report=True)
   """
+  if isinstance(model, nn.Module):
+    return _linen("quant", "ptq", model, recipe, calib, lambda r: r.quant,
+                  lambda m: QuantizedLinen(inner=m, recipe=recipe, backend=qdot.kernel_backend(None)), return_report,
+                  dict(variables=variables, args=tuple(args), batch_size=batch_size,
+                       blocks=blocks, call=call, strict=strict, progress=progress,
+                       calib_dtype=calib_dtype))
+  _nnx_only("ptq", variables, args)
   def check(path, m, spec):
     if registry.get("quant", spec.method).solve is not None:
       kernel_2d(m)  # the (K, N) view exists
@@ -205,10 +234,11 @@ def _solve_sparse(root: nnx.Module, path: str, m: nnx.Module, spec: Any,
   return _timed(path, spec.method, run)
 
 
-def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
+def prune(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
           blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
           strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
-          return_report: bool = False) -> nnx.Module | tuple[nnx.Module, list[LayerResult]]:
+          return_report: bool = False, variables: Any = None,
+    args: tuple[Any, ...] = ()) -> Any:
   """One-shot pruning of an NNX model by the recipe's `Sparsity` rules; ``model`` is untouched.
 
   Args:
@@ -229,6 +259,13 @@ def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: i
     recipe = jc.Recipe([jc.Rule(r".*_proj", sparsity=jc.Sparsity("2:4", method="sparsegpt"))])
     pruned = jc.prune(model, recipe, calib=tokens)     # tokens: int32[128, 512]
   """
+  if isinstance(model, nn.Module):
+    return _linen("sparsity", "prune", model, recipe, calib, lambda r: r.sparsity,
+                  lambda m: m, return_report,
+                  dict(variables=variables, args=tuple(args), batch_size=batch_size,
+                       blocks=blocks, call=call, strict=strict, progress=progress,
+                       calib_dtype=calib_dtype))
+  _nnx_only("prune", variables, args)
   new, results = _run("sparsity", model, recipe, calib, lambda r: r.sparsity, _solve_sparse,
                       _check_nm, name="prune", batch_size=batch_size, blocks=blocks, call=call,
                       strict=strict, progress=progress, calib_dtype=calib_dtype)
@@ -238,11 +275,12 @@ def prune(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: i
 # --------------------------------------------------------------------------- factorize
 
 
-def factorize(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
+def factorize(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
               blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
               strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
-              return_report: bool = False
-              ) -> nnx.Module | tuple[nnx.Module, list[LayerResult]]:
+              return_report: bool = False, variables: Any = None,
+    args: tuple[Any, ...] = ()
+              ) -> Any:
   """Factors the linear layers the recipe's `LowRank` rules match; ``model`` is untouched.
 
   Args:
@@ -261,6 +299,13 @@ def factorize(model: nnx.Module, recipe: Recipe, calib: Any = None, *, batch_siz
     recipe = jc.Recipe([jc.Rule(r".*_proj", lowrank=jc.LowRank(reduction=0.4, method="svd_llm"))])
     small = jc.factorize(model, recipe, calib=tokens)
   """
+  if isinstance(model, nn.Module):
+    return _linen("lowrank", "factorize", model, recipe, calib, lambda r: r.lowrank,
+                  lambda m: LowRankLinen(inner=m), return_report,
+                  dict(variables=variables, args=tuple(args), batch_size=batch_size,
+                       blocks=blocks, call=call, strict=strict, progress=progress,
+                       calib_dtype=calib_dtype))
+  _nnx_only("factorize", variables, args)
   def check(path, m, spec):
     if spec.rank is not None and spec.rank > min(m.kernel[...].shape[-2:]):
       raise ValueError(f"{path}: LowRank.rank={spec.rank} is above min(in, out) = "

@@ -73,21 +73,17 @@ class Capture(nnx.Module):
 
   def __call__(self, lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                preferred_element_type: Any = None, out_sharding: Any = None) -> Array:
-    (lc, _), (lb, _) = dimension_numbers
-    if lb or tuple(a % lhs.ndim for a in lc) != tuple(range(lhs.ndim - len(lc), lhs.ndim)):
-      raise ValueError("calibration needs a layer contracting the trailing input axes")
-    self.record(lhs.reshape(-1, self.absmax.shape[0]))
+    self.record(dot_input_rows(lhs, dimension_numbers))
     return low_precision_dot(lhs, rhs, dimension_numbers, self.dtype, precision=precision,
                              preferred_element_type=preferred_element_type)
 
   def record(self, x: Array) -> None:
     """Adds the rows of ``x`` (tokens, K) to the statistics."""
-    xb = x.astype(jnp.bfloat16)
-    self.h[...] += 2.0 * jnp.dot(xb.T, xb, preferred_element_type=jnp.float32)
-    ax = jnp.abs(x).astype(jnp.float32)
-    self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(ax, axis=0))
-    self.abs_sum[...] += jnp.sum(ax, axis=0)
-    self.count[...] += x.shape[0]
+    h, absmax, abs_sum, count = input_moments(x)
+    self.h[...] += h
+    self.absmax[...] = jnp.maximum(self.absmax[...], absmax)
+    self.abs_sum[...] += abs_sum
+    self.count[...] += count
 
   def stats(self) -> LayerStats:
     """The statistics accumulated so far (means over tokens)."""
@@ -119,19 +115,8 @@ class ConvCapture(Capture):
     if feature_group_count != 1:
       raise ValueError("calibration of grouped convolutions (feature_group_count > 1) is not "
                        "supported")
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    spatial = [rhs.shape[a] for a in dn.rhs_spec[2:]]
-    patches = jax.lax.conv_general_dilated_patches(
-        lhs, spatial, window_strides, padding, lhs_dilation, rhs_dilation,
-        dimension_numbers=dimension_numbers, precision=precision)
-    # Feature axis of the patches: (Cin, *taps) in the kernel's spatial order; the kernel's
-    # contracting axes flatten as (*its spatial axes, Cin) -> reorder to that.
-    patches = jnp.moveaxis(patches, dn.out_spec[1], -1)
-    p = patches.reshape(-1, rhs.shape[dn.rhs_spec[1]], *spatial)
-    p = jnp.moveaxis(p, 1, -1)  # (rows, *taps, Cin)
-    kernel_order = sorted(range(len(spatial)), key=lambda i: dn.rhs_spec[2 + i])
-    p = jnp.transpose(p, (0, *[1 + i for i in kernel_order], p.ndim - 1))
-    self.record(p.reshape(p.shape[0], -1))
+    self.record(conv_input_rows(lhs, rhs.shape, window_strides, padding, lhs_dilation,
+                                rhs_dilation, dimension_numbers, precision))
     dtype = self.dtype
     y = jax.lax.conv_general_dilated(
         lhs if dtype is None else lhs.astype(dtype), rhs if dtype is None else rhs.astype(dtype),
@@ -139,6 +124,62 @@ class ConvCapture(Capture):
         precision=precision,
         preferred_element_type=jnp.float32 if dtype is not None else preferred_element_type)
     return y if dtype is None else y.astype(preferred_element_type or lhs.dtype)
+
+
+def input_moments(x: Array) -> tuple[Array, Array, Array, int]:
+  """The sums a `LayerStats` is made of, over the rows of ``x`` (tokens, K): ``2 X^T X``
+  (bfloat16 products, float32 sums), ``max |x|``, ``sum |x|`` per feature, and the row count.
+
+  Example:
+    >>> h, absmax, abs_sum, n = input_moments(jnp.ones((3, 2)))
+    >>> h.shape, n
+    ((2, 2), 3)
+  """
+  xb = x.astype(jnp.bfloat16)
+  h = 2.0 * jnp.dot(xb.T, xb, preferred_element_type=jnp.float32)
+  ax = jnp.abs(x).astype(jnp.float32)
+  return h, jnp.max(ax, axis=0), jnp.sum(ax, axis=0), x.shape[0]
+
+
+def dot_input_rows(lhs: Array, dimension_numbers: Any) -> Array:
+  """A dot's left operand as (tokens, K) rows, K its contracted (trailing) axes flattened.
+
+  Example:
+    >>> dot_input_rows(jnp.ones((2, 5, 8)), (((2,), (0,)), ((), ()))).shape
+    (10, 8)
+  """
+  (lc, _), (lb, _) = dimension_numbers
+  if lb or tuple(a % lhs.ndim for a in lc) != tuple(range(lhs.ndim - len(lc), lhs.ndim)):
+    raise ValueError("calibration needs a layer contracting the trailing input axes")
+  return lhs.reshape(-1, int(np.prod([lhs.shape[a] for a in lc])))
+
+
+def conv_input_rows(lhs: Array, rhs_shape: Sequence[int], window_strides: Any, padding: Any,
+                    lhs_dilation: Any, rhs_dilation: Any, dimension_numbers: Any,
+                    precision: Any = None) -> Array:
+  """A convolution's input patches as (positions, K) rows: each output position's receptive
+  field, ordered as the kernel's contracting axes flattened (spatial taps, then input
+  channels), so ``rows @ kernel_2d == conv``.
+
+  Example:
+    >>> conv_input_rows(jnp.ones((1, 4, 4, 3)), (3, 3, 3, 8), (1, 1), "SAME", None, None,
+    ...                 ("NHWC", "HWIO", "NHWC")).shape
+    (16, 27)
+  """
+  rhs_shape = tuple(rhs_shape)
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs_shape, dimension_numbers)
+  spatial = [rhs_shape[a] for a in dn.rhs_spec[2:]]
+  patches = jax.lax.conv_general_dilated_patches(
+      lhs, spatial, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers=dimension_numbers, precision=precision)
+  # Feature axis of the patches: (Cin, *taps) in the kernel's spatial order; the kernel's
+  # contracting axes flatten as (*its spatial axes, Cin) -> reorder to that.
+  patches = jnp.moveaxis(patches, dn.out_spec[1], -1)
+  p = patches.reshape(-1, rhs_shape[dn.rhs_spec[1]], *spatial)
+  p = jnp.moveaxis(p, 1, -1)  # (rows, *taps, Cin)
+  kernel_order = sorted(range(len(spatial)), key=lambda i: dn.rhs_spec[2 + i])
+  p = jnp.transpose(p, (0, *[1 + i for i in kernel_order], p.ndim - 1))
+  return p.reshape(p.shape[0], -1)
 
 
 def low_precision_dot(lhs: Array, rhs: Array, dimension_numbers: Any, dtype: Any, *,

@@ -32,14 +32,23 @@ _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed)
 
 
 class _QuantDotFn:
-  """A ``dot_general`` bound to a spec and a step (marks a clone as already quantized)."""
+  """A ``dot_general`` bound to a spec and a step (marks a clone as already quantized); a PTQ
+  solved layer also has its zero points and its input smoothing (``lhs / in_scale``)."""
 
-  def __init__(self, spec: Quant, w_step: jax.Array | None, backend: str):
+  def __init__(self, spec: Quant, w_step: jax.Array | None, backend: str,
+               w_zero: jax.Array | None = None, in_scale: jax.Array | None = None):
     self.spec, self.w_step, self.backend = spec, w_step, backend
+    self.w_zero, self.in_scale = w_zero, in_scale
+
+  def smooth(self, lhs, dimension_numbers):
+    if self.in_scale is None:
+      return lhs
+    return qlayers.divide_contracting(lhs, self.in_scale, dimension_numbers[0][0])
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                **unused):
-    return qdot.quant_dot_general(lhs, rhs, dimension_numbers, self.spec, w_step=self.w_step,
+    return qdot.quant_dot_general(self.smooth(lhs, dimension_numbers), rhs, dimension_numbers,
+                                  self.spec, w_step=self.w_step, w_zero=self.w_zero,
                                   precision=precision,
                                   preferred_element_type=preferred_element_type,
                                   backend=self.backend)
@@ -50,7 +59,7 @@ class _QuantConvFn(_QuantDotFn):
   def __call__(self, lhs, rhs, *args, **kwargs):
     kwargs.pop("out_sharding", None)
     return qdot.quant_conv_general_dilated(lhs, rhs, *args, spec=self.spec, w_step=self.w_step,
-                                           **kwargs)
+                                           w_zero=self.w_zero, **kwargs)
 
 
 class PackedParam(nn.LogicallyPartitioned):
@@ -137,15 +146,16 @@ class _PackedDotFn(_QuantDotFn):
   """A ``dot_general`` that contracts with a packed `QArray` instead of the kernel it is given
   (the layer's own call runs, with the unboxed stand-in as its kernel)."""
 
-  def __init__(self, spec: Quant, packed: QArray, backend: str):
-    super().__init__(spec, None, backend)
+  def __init__(self, spec: Quant, packed: QArray, backend: str,
+               in_scale: jax.Array | None = None):
+    super().__init__(spec, None, backend, in_scale=in_scale)
     self.packed = packed
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                **unused):
     del rhs  # the stand-in
-    return qdot.quant_dot_general(lhs, self.packed, dimension_numbers, self.spec,
-                                  precision=precision,
+    return qdot.quant_dot_general(self.smooth(lhs, dimension_numbers), self.packed,
+                                  dimension_numbers, self.spec, precision=precision,
                                   preferred_element_type=preferred_element_type,
                                   backend=self.backend)
 
@@ -187,8 +197,8 @@ def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, k
     clone = m.clone(parent=m.scope, conv_general_dilated=_PackedConvFn(spec, packed, backend),
                     conv_general_dilated_cls=None)
   else:
-    clone = m.clone(parent=m.scope, dot_general=_PackedDotFn(spec, packed, backend),
-                    dot_general_cls=None)
+    clone = m.clone(parent=m.scope, dot_general=_PackedDotFn(
+        spec, packed, backend, _optional(m, "in_scale")), dot_general_cls=None)
   return getattr(clone, method)(*args, **kwargs)
 
 
@@ -228,12 +238,18 @@ def boxed_like(box: Any, value: jax.Array, contracting: tuple[int, ...]) -> Any:
   return box.replace(value=value, names=names)
 
 
+def _optional(m: nn.Module, name: str) -> jax.Array | None:
+  """A param the layer may have (a PTQ-solved ``w_zero`` / ``in_scale``), unboxed, or None."""
+  return _param(m, name) if m.scope.has_variable("params", name) else None
+
+
 def _step(m: nn.Module, spec: Quant, contracting: tuple[int, ...]) -> jax.Array | None:
-  """The layer's LSQ step: read, or (when params are mutable) created from the kernel."""
-  if not spec.learn_scale:
-    return None
+  """The layer's step: solved by PTQ or learned (LSQ), read; for LSQ with params mutable,
+  created from the kernel; None when the step is computed from the weights at run time."""
   if m.scope.has_variable("params", "w_step"):
     return _param(m, "w_step")
+  if not spec.learn_scale:
+    return None
   if m.scope.is_mutable_collection("params"):
     box = _raw(m, _kernel_name(m))
     init = lambda *_: boxed_like(box, initial_step(meta.unbox(box), contracting, spec),
@@ -258,12 +274,13 @@ def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs, backen
   contracting = _contracting(m, kernel, einsum_str)
   step = _step(m, spec, contracting)
   if isinstance(m, (nn.Dense, nn.DenseGeneral)):
-    clone = m.clone(parent=m.scope, dot_general=_QuantDotFn(spec, step, backend),
+    clone = m.clone(parent=m.scope, dot_general=_QuantDotFn(
+        spec, step, backend, _optional(m, "w_zero"), _optional(m, "in_scale")),
                     dot_general_cls=None)
     return getattr(clone, method)(*args, **kwargs)
   if isinstance(m, nn.Conv):
-    clone = m.clone(parent=m.scope, conv_general_dilated=_QuantConvFn(spec, step, backend),
-                    conv_general_dilated_cls=None)
+    clone = m.clone(parent=m.scope, conv_general_dilated=_QuantConvFn(
+        spec, step, backend, _optional(m, "w_zero")), conv_general_dilated_cls=None)
     return getattr(clone, method)(*args, **kwargs)
   if isinstance(m, nn.Embed):
     if method == "attend":  # a tied output head: through the quantized dot (W8A8 with a_bits)
