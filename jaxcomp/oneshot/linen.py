@@ -102,13 +102,15 @@ def _fresh(tree: Any) -> Any:
 
 
 def _find(module: nn.Module, variables: Any, example: Any, recipe: Recipe,
-          payload: Callable[[Any], Any], call: Callable) -> list[_Site]:
-  """The layers the recipe's ``payload`` rules match, in call order (one abstract pass)."""
+          payload: Callable[[Any], Any], call: Callable, supported: tuple[type, ...]
+          ) -> list[_Site]:
+  """The ``supported`` layers the recipe's ``payload`` rules match, in call order (one
+  abstract pass)."""
   sites: dict[str, _Site] = {}
 
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
-    if (context.method_name == "__call__" and type(m) in _TWIN and m.scope is not None
+    if (context.method_name == "__call__" and type(m) in supported and m.scope is not None
         and m.path):
       path, name = "/".join(m.path), lq._kernel_name(m)  # pylint: disable=protected-access
       rule = recipe.match(path)
@@ -457,12 +459,14 @@ def run_linen(kind: str, name: str, module: nn.Module, recipe: Recipe, calib: An
   else:
     raise ValueError(f"{name}: a Linen module is traced on an example batch; give calib= or "
                      "args=(example inputs,)")
+  twins = {t for s in registry.SOLVERS if s.kind == kind for t in s.layers}
+  supported = tuple(t for t, twin in _TWIN.items() if twin in twins)
   report = lq.report_linen(module, recipe, variables, example if isinstance(example, tuple)
-                           else (example,), {})
+                           else (example,), {}, supported)
   if strict:
     report.check()
   logging.info("jaxcomp.%s:\n%s", name, report)
-  sites = _find(module, variables, example, recipe, payload, call)
+  sites = _find(module, variables, example, recipe, payload, call, supported)
   for site in sites:
     _check(kind, name, site)
   calibrated = [s for s in sites if registry.get(kind, s.spec.method).calibrated]

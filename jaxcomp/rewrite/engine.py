@@ -262,6 +262,20 @@ def rule_for(model: nnx.Module, rules: Recipe | list[Rule], path: str,
   return per_layer[0]
 
 
+def check_not_bridged(model: nnx.Module) -> None:
+  """A one-line error if ``model`` holds a Linen module bridged into NNX (``nnx.bridge.ToNNX``):
+  its layers are Linen's, reached only through the Linen API of each transform.
+
+  Example:
+    >>> check_not_bridged(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  """
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.bridge.ToNNX):
+      raise ValueError(f"{path_str(path) or 'the model'} is a bridged Linen module "
+                       "(nnx.bridge.ToNNX), whose layers jaxcomp cannot reach from NNX; give the "
+                       "Linen module itself with variables= and args=")
+
+
 def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bool] | Any,
          kind: Callable[[Rule], Any]) -> tuple[list[tuple[str, nnx.Module, Rule]], MatchReport]:
   """Matches every parameterised layer against ``recipe``.
@@ -282,6 +296,7 @@ def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bo
     todo, rep = plan(model, recipe, {nnx.Linear}, lambda r: r.quant)
   """
   ok = supported if callable(supported) else (lambda m: type(m) in supported)
+  check_not_bridged(model)
   relevant = [r for r in recipe.rules if r.skip or kind(r) is not None]
   matched: dict[str, list[str]] = {r.label: [] for r in relevant}
   unsupported, todo, depth = [], [], {}

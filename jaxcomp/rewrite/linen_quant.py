@@ -440,9 +440,10 @@ def _record(seen: dict[str, tuple[str, Any]]):
 
 
 def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
-                 kwargs: dict) -> MatchReport:
+                 kwargs: dict, supported: tuple[type, ...] = _SUPPORTED) -> MatchReport:
   """Which Linen layers the recipe matches (traced abstractly on the example arguments); a
-  layer stacked by ``nn.scan`` / ``nn.vmap`` is listed once, with its depth."""
+  layer stacked by ``nn.scan`` / ``nn.vmap`` is listed once, with its depth. ``supported``:
+  the layer types the transform handles (others a rule matches are reported unsupported)."""
   seen: dict[str, tuple[str, Any]] = {}
 
   def run(variables, *args):
@@ -452,7 +453,7 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
   jax.eval_shape(run, variables, *args)
   matched = {r.label: [] for r in recipe.rules}
   unsupported, depth = [], {}
-  supported_names = {t.__name__ for t in _SUPPORTED}
+  supported_names = {t.__name__ for t in supported}
   for path, (kind, kernel) in seen.items():
     rule = recipe.match(path)
     if rule is None:

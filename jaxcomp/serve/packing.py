@@ -127,17 +127,20 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
   return new
 
 
-def _pack_linen(path: str, stored: Any, step: Any, layer: QuantizedLayer) -> PackedParam:
-  """One Linen kernel packed into its `PackedParam`; a kernel stacked by ``nn.scan`` /
-  ``nn.vmap`` is packed per layer, with the stack axis kept at its place in every leaf."""
+def _pack_linen(path: str, stored: Any, step: Any, layer: QuantizedLayer,
+                zero: Any = None) -> PackedParam:
+  """One Linen kernel packed into its `PackedParam` (on its solved or learned step and zero
+  points when given); a kernel stacked by ``nn.scan`` / ``nn.vmap`` is packed per layer, with
+  the stack axis kept at its place in every leaf."""
   axis = stack_axis(path, stored, layer.shape, layer.names)
-  kernel, step = box_value(stored), None if step is None else box_value(step)
-  pack = lambda w, s: pack_kernel(w, layer.contracting, layer.spec, s)
+  kernel = box_value(stored)
+  step, zero = (None if x is None else box_value(x) for x in (step, zero))
+  pack = lambda w, s, z: pack_kernel(w, layer.contracting, layer.spec, s, z)
   if axis is None:
-    qa = pack(kernel, step)
+    qa = pack(kernel, step, zero)
   else:
     front = lambda x: None if x is None else jnp.moveaxis(x, axis, 0)
-    qa = engine.over_stack(pack, 1, sequential=True)(front(kernel), front(step))
+    qa = engine.over_stack(pack, 1, sequential=True)(front(kernel), front(step), front(zero))
     qa = jax.tree.map(lambda x: jnp.moveaxis(x, 0, axis), qa)
   names = stored.names if isinstance(stored, meta.Partitioned) else None
   return PackedParam(qa, names=names, stack_axis=axis, mesh=getattr(stored, "mesh", None),
@@ -156,6 +159,6 @@ def _convert_linen(module: nn.Module, variables: Any, args: tuple,
     params = new_vars["params"]
     for key in path:
       params = params[key]
-    step = params.pop("w_step", None)
-    params[layer.kernel] = _pack_linen("/".join(path), params[layer.kernel], step, layer)
+    step, zero = params.pop("w_step", None), params.pop("w_zero", None)
+    params[layer.kernel] = _pack_linen("/".join(path), params[layer.kernel], step, layer, zero)
   return module, new_vars
