@@ -11,7 +11,8 @@ COLAB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "colab")
 EXPECT = {
     "quickstart.ipynb": ("QuantDot", "w_step"),
     "bring_your_own_model.ipynb": ("stacked: blocks/down x4", "left in float, not supported",
-                                   "blocks[1]/up", "restored == packed: True"),
+                                   "blocks[1]/up", "restored == packed: True", "layers[1]/up",
+                                   "linen restored == packed: True"),
 }
 
 

@@ -159,46 +159,57 @@ def _solve_quant(root: nnx.Module, path: str, m: nnx.Module, spec: Quant, stats:
 
 
 def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
-        blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
+        blocks: str | None = None, call: Callable[..., Any] | None = None,
         strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
-        return_report: bool = False, variables: Any = None,
-    args: tuple[Any, ...] = ()) -> Any:
-  """Post-training quantization of an NNX model; ``model`` is left untouched.
+        return_report: bool = False, variables: Any = None, args: tuple[Any, ...] = ()) -> Any:
+  """Post-training quantization of an NNX model or a Linen module; ``model`` (and Linen
+  ``variables``) are left untouched.
 
   Args:
-    model: an NNX model (e.g. `jaxcomp.models.Llama`).
+    model: an NNX model (e.g. `jaxcomp.models.Llama`), or a Linen module (then ``variables``
+      is needed; `jaxcomp.oneshot.linen` says how Linen layers are calibrated).
     recipe: rules with `Quant` specs; ``Quant.method`` names the solver per layer.
     calib: calibration inputs: an array whose leading axis indexes examples (e.g. int32
       tokens [N, T], cut into ``batch_size`` batches), or an iterable of batches; may be None
       when every rule is data-free (rtn).
     batch_size: examples per forward pass when ``calib`` is an array.
     blocks: regex of the block paths to run sequentially; default: the elements of the
-      outermost module list holding matched layers (``layers/0``, ``layers/1``, ...).
-    call: ``call(model, batch)`` runs the model; default ``model(batch)``.
+      outermost module list holding matched layers (``layers/0``, ``layers/1``, ...); Linen:
+      the modules named ``<name>_<n>`` (``layers_0``). A stacked layer (``nnx.vmap`` /
+      ``nn.scan``) is always solved one layer of the stack at a time.
+    call: ``call(model, batch)`` runs the model; default ``model(batch)``. Linen:
+      ``call(module, variables, batch)``, default ``module.apply(variables, batch)``.
     strict: raise if a rule matches nothing or matches an unsupported layer.
     progress: show a tqdm bar over blocks.
     calib_dtype: dtype of the weight-only matmuls while calibration data flows through the
       blocks (float32 accumulation; GPTQ's reference runs them in float16); None keeps the
       model's. W8A8 layers always run their int8 dot. The solved weights are float32.
     return_report: also return one `LayerResult` per solved layer.
+    variables: Linen only: the module's variables (``module.init``'s dict, boxes kept).
+    args: Linen only: example inputs to trace the module on when ``calib`` is None.
 
   Returns:
     The quantized model (convert it with `jaxcomp.convert` for serving), or
-    ``(model, results)`` with ``return_report``.
+    ``(model, results)`` with ``return_report``. Linen: ``(QuantizedLinen, variables)``, the
+    solved layers holding ``w_step`` (and ``w_zero`` / ``in_scale``) beside their kernels,
+    plus the results with ``return_report``.
 
   Example::
 
     recipe = jc.Recipe([jc.Rule(r"layers/.*", quant=jc.Quant(w_bits=4, group=128,
                                                             method="gptq"))])
     qmodel, layers = jc.ptq(model, recipe, calib=tokens, return_report=True)
+    qmodule, qvars = jc.ptq(linen_lm, recipe, calib=tokens, variables=variables)   # Linen
   """
   if isinstance(model, nn.Module):
     return _linen("quant", "ptq", model, recipe, calib, lambda r: r.quant,
-                  lambda m: QuantizedLinen(inner=m, recipe=recipe, backend=qdot.kernel_backend(None)), return_report,
+                  lambda m: QuantizedLinen(inner=m, recipe=recipe,
+                                           backend=qdot.kernel_backend(None)), return_report,
                   dict(variables=variables, args=tuple(args), batch_size=batch_size,
                        blocks=blocks, call=call, strict=strict, progress=progress,
                        calib_dtype=calib_dtype))
   _nnx_only("ptq", variables, args)
+
   def check(path, m, spec):
     if registry.get("quant", spec.method).solve is not None:
       kernel_2d(m)  # the (K, N) view exists
@@ -234,25 +245,28 @@ def _solve_sparse(root: nnx.Module, path: str, m: nnx.Module, spec: Any,
   return _timed(path, spec.method, run)
 
 
-def prune(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
-          blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
+def prune(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *,
+          batch_size: int = 8, blocks: str | None = None, call: Callable[..., Any] | None = None,
           strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
-          return_report: bool = False, variables: Any = None,
-    args: tuple[Any, ...] = ()) -> Any:
-  """One-shot pruning of an NNX model by the recipe's `Sparsity` rules; ``model`` is untouched.
+          return_report: bool = False, variables: Any = None, args: tuple[Any, ...] = ()) -> Any:
+  """One-shot pruning of an NNX model or a Linen module by the recipe's `Sparsity` rules;
+  ``model`` (and Linen ``variables``) are untouched.
 
   Args:
     model: an NNX model (Linear, LinearGeneral and Conv kernels are pruned; wanda and
-      sparsegpt need Linear / LinearGeneral / Conv, whose inputs they record).
+      sparsegpt need Linear / LinearGeneral / Conv, whose inputs they record), or a Linen
+      module (Dense, DenseGeneral, Conv) with its ``variables``.
     recipe: rules with ``sparsity=jc.Sparsity(...)`` (their ``quant`` is ignored here).
     calib: calibration inputs (as for `jaxcomp.ptq`); required when a rule uses wanda or
       sparsegpt.
-    batch_size, blocks, call, strict, progress, calib_dtype: as for `jaxcomp.ptq`.
+    batch_size, blocks, call, strict, progress, calib_dtype, variables, args: as for
+      `jaxcomp.ptq`.
     return_report: also return one `LayerResult` per pruned layer (``error``: relative output
       error on the calibration inputs; NaN for magnitude).
 
   Returns:
     The pruned model (same structure, pruned weights exactly zero), or ``(model, results)``.
+    Linen: ``(module, pruned variables)`` (+ results).
 
   Example::
 
@@ -275,24 +289,29 @@ def prune(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, b
 # --------------------------------------------------------------------------- factorize
 
 
-def factorize(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, batch_size: int = 8,
-              blocks: str | None = None, call: Callable[[nnx.Module, Any], Any] | None = None,
-              strict: bool = False, progress: bool = True, calib_dtype: Any = jnp.bfloat16,
+def factorize(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *,
+              batch_size: int = 8, blocks: str | None = None,
+              call: Callable[..., Any] | None = None, strict: bool = False,
+              progress: bool = True, calib_dtype: Any = jnp.bfloat16,
               return_report: bool = False, variables: Any = None,
-    args: tuple[Any, ...] = ()
-              ) -> Any:
-  """Factors the linear layers the recipe's `LowRank` rules match; ``model`` is untouched.
+              args: tuple[Any, ...] = ()) -> Any:
+  """Factors the linear layers the recipe's `LowRank` rules match; ``model`` (and Linen
+  ``variables``) are untouched.
 
   Args:
-    model: an NNX model (``nnx.Linear`` layers are factored).
+    model: an NNX model (``nnx.Linear`` layers are factored), or a Linen module (``nn.Dense``
+      layers) with its ``variables``.
     recipe: rules with ``lowrank=jc.LowRank(...)`` (their ``quant`` / ``sparsity`` are ignored
       here).
     calib: calibration inputs (as for `jaxcomp.ptq`); required for asvd and svd_llm.
-    batch_size, blocks, call, strict, progress, calib_dtype: as for `jaxcomp.ptq`.
+    batch_size, blocks, call, strict, progress, calib_dtype, variables, args: as for
+      `jaxcomp.ptq`.
     return_report: also return one `LayerResult` per factored layer (with its rank).
 
   Returns:
-    The factored model, or ``(model, results)``.
+    The factored model, or ``(model, results)``. Linen: ``(LowRankLinen(module), variables)``
+    with ``lowrank_a`` (K, r) / ``lowrank_b`` (r, N) in place of each factored kernel
+    (+ results).
 
   Example::
 
@@ -306,6 +325,7 @@ def factorize(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, 
                        blocks=blocks, call=call, strict=strict, progress=progress,
                        calib_dtype=calib_dtype))
   _nnx_only("factorize", variables, args)
+
   def check(path, m, spec):
     if spec.rank is not None and spec.rank > min(m.kernel[...].shape[-2:]):
       raise ValueError(f"{path}: LowRank.rank={spec.rank} is above min(in, out) = "

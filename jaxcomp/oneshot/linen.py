@@ -112,16 +112,16 @@ def _find(module: nn.Module, variables: Any, example: Any, recipe: Recipe,
     m = context.module
     if (context.method_name == "__call__" and type(m) in supported and m.scope is not None
         and m.path):
-      path, name = "/".join(m.path), lq._kernel_name(m)  # pylint: disable=protected-access
+      path, name = "/".join(m.path), lq.kernel_param_name(m)
       rule = recipe.match(path)
       if (path not in sites and rule is not None and not rule.skip
           and payload(rule) is not None and m.scope.has_variable("params", name)):
-        raw = lq._raw(m, name)  # pylint: disable=protected-access
+        raw = lq.boxed_param(m, name)
         if isinstance(raw, lq.PackedParam):
           raise ValueError(f"{path}: the kernel is packed already; one-shot transforms take "
                            "float weights")
         kernel = meta.unbox(raw)
-        einsum_str = lq._einsum_str(m, args, kwargs)  # pylint: disable=protected-access
+        einsum_str = lq.einsum_str_of(m, args, kwargs)
         axes = kernel_axes(m, kernel_ndim=kernel.ndim, einsum_str=einsum_str)
         names = getattr(raw, "names", None)
         stored = lq.stored_param(variables, m.path, name)

@@ -179,7 +179,7 @@ def _packed_call(m: nn.Module, method: str, spec: Quant, packed: QArray, args, k
     (rows,) = m.promote_dtype(qlayers.packed_rows(packed, args[0]), dtype=m.dtype, inexact=False)
     return rows
   if isinstance(m, nn.Einsum):
-    einsum_str = _einsum_str(m, args, kwargs)
+    einsum_str = einsum_str_of(m, args, kwargs)
     bias = _param(m, "bias") if m.use_bias else None
     inputs, bias = m.promote_dtype(args[0], bias, dtype=m.dtype)
     dims, perm = qlayers.einsum_dimension_numbers(einsum_str, inputs.ndim, len(packed.shape))
@@ -206,19 +206,31 @@ def _contracting(m: nn.Module, kernel: jax.Array, einsum_str: str | None) -> tup
   return kernel_axes(m, kernel_ndim=kernel.ndim, einsum_str=einsum_str).contracting
 
 
-def _kernel_name(m: nn.Module) -> str:
+def kernel_param_name(m: nn.Module) -> str:
+  """The name of a Linen layer's weight param.
+
+  Example:
+    >>> kernel_param_name(nn.Embed(10, 4)), kernel_param_name(nn.Dense(4))
+    ('embedding', 'kernel')
+  """
   return "embedding" if isinstance(m, nn.Embed) else "kernel"
 
 
-def _raw(m: nn.Module, name: str) -> Any:
-  """A layer's param as stored: a `PackedParam`, a metadata box or an array."""
+def boxed_param(m: nn.Module, name: str) -> Any:
+  """A bound layer's param as its scope holds it: a `PackedParam`, a metadata box (e.g.
+  ``nn.LogicallyPartitioned``) or an array (inside ``nn.scan``: one layer's).
+
+  Example::
+
+    kernel = boxed_param(module, "kernel")       # in an interceptor, module = context.module
+  """
   return m.scope.get_variable("params", name)
 
 
 def _param(m: nn.Module, name: str) -> Any:
   """A layer's param as an array (boxes such as ``nn.LogicallyPartitioned`` unboxed); a
   `PackedParam` stays boxed (its `QArray` is what the packed path contracts with)."""
-  raw = _raw(m, name)
+  raw = boxed_param(m, name)
   return raw if isinstance(raw, PackedParam) else meta.unbox(raw)
 
 
@@ -251,7 +263,7 @@ def _step(m: nn.Module, spec: Quant, contracting: tuple[int, ...]) -> jax.Array 
   if not spec.learn_scale:
     return None
   if m.scope.is_mutable_collection("params"):
-    box = _raw(m, _kernel_name(m))
+    box = boxed_param(m, kernel_param_name(m))
     init = lambda *_: boxed_like(box, initial_step(meta.unbox(box), contracting, spec),
                                  contracting)
     return m.scope.param("w_step", init)
@@ -260,15 +272,22 @@ def _step(m: nn.Module, spec: Quant, contracting: tuple[int, ...]) -> jax.Array 
       "jc.quantize(module, recipe, variables=..., args=...) or module.init")
 
 
-def _einsum_str(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
+def einsum_str_of(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
+  """A Linen Einsum's equation for this call (given at call time or as its attribute); None
+  for other layers.
+
+  Example:
+    >>> einsum_str_of(nn.Einsum((4, 8), "bd,df->bf"), (jnp.ones((2, 4)),), {})
+    'bd,df->bf'
+  """
   if not isinstance(m, nn.Einsum):
     return None
   return kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or m.einsum_str
 
 
 def _quantized_call(m: nn.Module, method: str, spec: Quant, args, kwargs, backend: str) -> Any:
-  einsum_str = _einsum_str(m, args, kwargs)
-  kernel = _param(m, _kernel_name(m))
+  einsum_str = einsum_str_of(m, args, kwargs)
+  kernel = _param(m, kernel_param_name(m))
   if isinstance(kernel, PackedParam):
     return _packed_call(m, method, spec, kernel.value, args, kwargs, backend)
   contracting = _contracting(m, kernel, einsum_str)
@@ -324,12 +343,12 @@ def _intercept(recipe: Recipe, backend: str, next_fun, args, kwargs, context):
   rule = _quant_rule(recipe, m, context.method_name)
   if rule is None:
     return next_fun(*args, **kwargs)
-  if not m.scope.has_variable("params", _kernel_name(m)):
+  if not m.scope.has_variable("params", kernel_param_name(m)):
     # Initialisation: the layer creates its params, then its LSQ step is made from the kernel.
     # (The output of `init` is the float layer's; every apply is quantized.)
     out = next_fun(*args, **kwargs)
-    kernel = _param(m, _kernel_name(m))
-    _step(m, rule.quant, _contracting(m, kernel, _einsum_str(m, args, kwargs)))
+    kernel = _param(m, kernel_param_name(m))
+    _step(m, rule.quant, _contracting(m, kernel, einsum_str_of(m, args, kwargs)))
     return out
   return _quantized_call(m, context.method_name, rule.quant, args, kwargs, backend)
 
@@ -432,7 +451,7 @@ def _record(seen: dict[str, tuple[str, Any]]):
     params = meta.unbox(m.scope.variables().get("params", {})) if m.scope is not None else {}
     if m.path and any(not isinstance(v, dict) and hasattr(v, "shape")
                       for v in params.values()):
-      kernel = params.get(_kernel_name(m)) if type(m) in _SUPPORTED else None
+      kernel = params.get(kernel_param_name(m)) if type(m) in _SUPPORTED else None
       seen.setdefault("/".join(m.path), (type(m).__name__, kernel))
     return out
 
@@ -511,15 +530,15 @@ def _record_quantized(recipe: Recipe, found: dict[tuple[str, ...], QuantizedLaye
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
     rule = _quant_rule(recipe, m, context.method_name)
-    if rule is not None and m.scope.has_variable("params", _kernel_name(m)):
-      raw = _raw(m, _kernel_name(m))
+    if rule is not None and m.scope.has_variable("params", kernel_param_name(m)):
+      raw = boxed_param(m, kernel_param_name(m))
       if isinstance(m, nn.DenseGeneral) and m.batch_dims not in ((), None):
         raise ValueError(f"{'/'.join(m.path)}: convert does not pack DenseGeneral kernels "
                          "with batch_dims")
       if not isinstance(raw, PackedParam):
         kernel = meta.unbox(raw)
         found.setdefault(tuple(m.path), QuantizedLayer(
-            _kernel_name(m), _contracting(m, kernel, _einsum_str(m, args, kwargs)), rule.quant,
+            kernel_param_name(m), _contracting(m, kernel, einsum_str_of(m, args, kwargs)), rule.quant,
             tuple(kernel.shape), getattr(raw, "names", None)))
     return next_fun(*args, **kwargs)
 
