@@ -22,9 +22,17 @@ def _names(kernel: nnx.Variable) -> tuple[Any, Any]:
   return (None, None) if names is None else (names[0], names[-1])
 
 
-def _param(cls: type, value: Array, names: tuple[Any, ...]) -> nnx.Variable:
+def _param(cls: type, value: Array, names: tuple[Any, ...],
+           like: nnx.Variable | None = None) -> nnx.Variable:
+  """A new variable with logical ``names``; placed by them on the mesh of ``like`` (the layer's
+  kernel) when that kernel is placed on one."""
   meta = {} if all(n is None for n in names) else {"out_sharding": names}
-  return cls(value, eager_sharding=False, **meta)
+  var = cls(value, eager_sharding=False, **meta)
+  sharding = None if like is None else getattr(like[...], "sharding", None)
+  if meta and isinstance(sharding, jax.sharding.NamedSharding):
+    spec = nnx.spmd.get_var_pspec(var)  # the logical rules in force applied
+    var = var.replace(jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec)))
+  return var
 
 
 class LowRankLinear(nnx.Module):
@@ -47,10 +55,13 @@ class LowRankLinear(nnx.Module):
   def from_linear(cls, lin: nnx.Linear, a: Array, b: Array) -> LowRankLinear:
     """Factors of ``lin``'s kernel (its bias, dtypes and sharding names kept)."""
     k_name, n_name = _names(lin.kernel)
+    names = lin.kernel.get_metadata().get("out_sharding")
+    lead = tuple(names[:-2]) if names is not None else (None,) * (jnp.ndim(a) - 2)
     dt = lin.kernel[...].dtype
     bias = None if lin.bias is None else lin.bias
-    return cls(_param(nnx.Param, jnp.asarray(a, dt), (k_name, None)),
-               _param(nnx.Param, jnp.asarray(b, dt), (None, n_name)), bias, lin.dtype)
+    return cls(_param(nnx.Param, jnp.asarray(a, dt), (*lead, k_name, None), lin.kernel),
+               _param(nnx.Param, jnp.asarray(b, dt), (*lead, None, n_name), lin.kernel), bias,
+               lin.dtype)
 
   @property
   def rank(self) -> int:
@@ -87,9 +98,9 @@ class LoRALinear(nnx.Module):
     init = nnx.initializers.he_uniform(batch_axis=tuple(range(len(stack))))
     self.base = base
     self.lora_a = _param(nnx.LoRAParam, init(rngs.params(), (*stack, k, rank), jnp.float32),
-                         (*lead, k_name, None))
+                         (*lead, k_name, None), kernel)
     self.lora_b = _param(nnx.LoRAParam, jnp.zeros((*stack, rank, n), jnp.float32),
-                         (*lead, None, n_name))
+                         (*lead, None, n_name), kernel)
     self.scale = float(alpha) / rank
 
   def delta(self) -> Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,11 @@ class QArray:
     if index is Ellipsis:
       return self
     raise TypeError("QArray supports only [...]; call .dequantize() for the float kernel")
+
+  @property
+  def sharding(self) -> QArray:
+    """The sharding of each leaf (a `QArray` of them; None for leaves without one)."""
+    return jax.tree.map(lambda x: getattr(x, "sharding", None), self)
 
   @property
   def ndim(self) -> int:
@@ -302,3 +308,35 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
   q = jnp.round(m / expand(s))
   q = jnp.clip(q if z is None else q + expand(z), qmin, qmax)
   return _from_ints(q, s, z, bits, w.shape, contracting, group if s.shape[1] > 1 else None)
+
+
+def leaf_partition_specs(qa: QArray, names: Sequence[Any] | None,
+                         stack_axis: int | None = None) -> QArray:
+  """One `PartitionSpec` per leaf of a packed kernel, from the kernel's axis names (logical
+  names or mesh axes, one per stored axis): values and zero points ``(N, K)`` take the names of
+  the kernel's first output and first contracting axis, scales ``(N, G)`` the output name
+  only. A kernel stacked at ``stack_axis`` (its leaves carry that axis at the same place) keeps
+  the stack's name there. No names: every leaf replicated.
+
+  Example:
+    >>> qa = quantize_weight(jnp.ones((8, 4)), (0,), Quant(w_bits=4))
+    >>> leaf_partition_specs(qa, ("embed", "mlp")).scale
+    PartitionSpec('mlp', None)
+  """
+  P = jax.sharding.PartitionSpec
+  if names is None:
+    return jax.tree.map(lambda _: P(), qa)
+  layer_names = list(names)
+  stack_name = None if stack_axis is None else layer_names.pop(stack_axis)
+  out = next((n for a, n in enumerate(layer_names) if a not in qa.contracting), None)
+  k = layer_names[qa.contracting[0]] if qa.contracting else None
+
+  def spec(per_layer):
+    parts = list(per_layer)
+    if stack_axis is not None:
+      parts.insert(stack_axis, stack_name)
+    return P(*parts)
+
+  spec_vk = spec((out, k))
+  return dataclasses.replace(qa, values=spec_vk, scale=spec((out, None)),
+                             zero_point=None if qa.zero_point is None else spec_vk)

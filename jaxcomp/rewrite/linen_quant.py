@@ -11,7 +11,6 @@ next to their kernel as ``w_step``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -23,7 +22,7 @@ from flax.core import meta
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant import dot as qdot
-from jaxcomp.quant.qarray import QArray, initial_step
+from jaxcomp.quant.qarray import QArray, initial_step, leaf_partition_specs
 from jaxcomp.quant.spec import Quant
 from jaxcomp.recipe import MatchReport, Recipe
 from jaxcomp.rewrite.engine import kernel_axes
@@ -115,26 +114,7 @@ class PackedParam(nn.LogicallyPartitioned):
 
   def get_partition_spec(self) -> Any:
     """Logical specs shaped like the box: one `PartitionSpec` per leaf of the `QArray`."""
-    qa, names = self.value, self.names
-    if names is None:
-      spec = lambda n: jax.sharding.PartitionSpec()
-    else:
-      layer_names = list(names)
-      stack_name = None if self.stack_axis is None else layer_names.pop(self.stack_axis)
-      out = next((n for a, n in enumerate(layer_names) if a not in qa.contracting), None)
-      k = layer_names[qa.contracting[0]] if qa.contracting else None
-
-      def spec(per_layer):
-        parts = list(per_layer)
-        if self.stack_axis is not None:
-          parts.insert(self.stack_axis, stack_name)
-        return jax.sharding.PartitionSpec(*parts)
-
-      spec_vk, spec_s = spec((out, k)), spec((out, None))
-      return self.replace(value=dataclasses.replace(
-          qa, values=spec_vk, scale=spec_s,
-          zero_point=None if qa.zero_point is None else spec_vk))
-    return self.replace(value=jax.tree.map(spec, qa))
+    return self.replace(value=leaf_partition_specs(self.value, self.names, self.stack_axis))
 
   def get_sharding(self, mesh: jax.sharding.Mesh) -> Any:
     specs = nn.logical_to_mesh(self.get_partition_spec(), self.rules)
@@ -499,9 +479,17 @@ def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: t
   if strict:
     report.check()
   wrapped = QuantizedLinen(inner=module, recipe=recipe, backend=qdot.kernel_backend(backend))
-  # Adding the LSQ steps: one forward with params mutable creates them from the kernels.
+  # Adding the LSQ steps: one forward with params mutable creates them from the kernels. The
+  # steps depend on the kernels only: abstract example inputs run as zeros, and abstract
+  # variables give abstract steps.
   apply = functools.partial(wrapped.apply, mutable=["params"], rngs={"params": jax.random.key(0)})
-  _, updates = jax.jit(lambda v, *a: apply(v, *a, **kwargs))(variables, *args)
+  run = lambda v, *a: apply(v, *a, **kwargs)
+  is_abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+  if any(map(is_abstract, jax.tree.leaves(variables))):
+    _, updates = jax.eval_shape(run, variables, *args)
+  else:
+    concrete = lambda x: jnp.zeros(x.shape, x.dtype) if is_abstract(x) else x
+    _, updates = jax.jit(run)(variables, *jax.tree.map(concrete, args))
   new_vars = {**jax.tree.map(lambda x: x, dict(variables)), **updates}
   return wrapped, new_vars, report
 

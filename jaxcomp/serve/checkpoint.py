@@ -210,7 +210,8 @@ def restore_packed(directory: str | os.PathLike, like: Any) -> Any:
     if not (directory / item).is_dir():
       raise ValueError(f"restore_packed: {directory} is not a packed checkpoint (no {item!r} item)")
   graphdef, packed, other = _pure_parts(like, "restore_packed")
-  as_abstract = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
+  as_abstract = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None)), s)  # placed like ``like``
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
       restored = ckpt.restore(directory, ocp.args.Composite(

@@ -17,11 +17,12 @@ from typing import Any
 from flax import linen as nn
 from flax import nnx
 from flax.core import meta
+from flax.core import spmd as core_spmd
 import jax
 import jax.numpy as jnp
 
 from jaxcomp.layers import quant as qlayers
-from jaxcomp.quant.qarray import QArray, quantize_weight, quantize_with_step
+from jaxcomp.quant.qarray import QArray, leaf_partition_specs, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
 from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.linen_quant import (PackedParam, QuantizedLayer, box_value,
@@ -118,13 +119,65 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
         lambda w, s, z, c=layer.contracting, q=layer.spec: pack_kernel(w, c, q, s, z), layer.stack,
         sequential=True)  # one layer's intermediates at a time
     qa = pack(value, None if step is None else step[...], None if zero is None else zero[...])
-    setattr(layer.module, layer.kernel_name, nnx.Param(qa))
+    setattr(layer.module, layer.kernel_name, _packed_variable(var, qa, layer.stack))
     layer.hook.w_step = None
     if zero is not None:
       layer.hook.w_zero = None
     if not isinstance(layer.module, qlayers.QuantEmbed):
       layer.module.promote_dtype = qlayers.promote_keep_packed
   return new
+
+
+def _packed_variable(var: nnx.Variable, qa: QArray, stack: int) -> nnx.Param:
+  """The packed kernel's variable: the kernel's logical names kept as ``kernel_sharding``
+  metadata and, when the kernel was placed on a mesh, each leaf placed by them (values
+  ``(N, K)``: the first output and contracting axes' mesh axes; scales: the output's).
+
+  ``out_sharding`` is not set: Flax applies it to a variable's value as one spec of the
+  value's rank, which a `QArray`'s leaves do not share; `leaf_partition_specs` gives theirs.
+  """
+  names = var.get_metadata().get("out_sharding")
+  if names is None:
+    return nnx.Param(qa)
+  sharding = getattr(var[...], "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and stack <= 1:
+    mesh_axes = tuple(nnx.spmd.get_var_pspec(var))  # the logical rules in force applied
+    mesh_axes += (None,) * (len(names) - len(mesh_axes))
+    specs = leaf_partition_specs(qa, mesh_axes, 0 if stack else None)
+    qa = jax.tree.map(lambda x, p: jax.device_put(x, jax.sharding.NamedSharding(
+        sharding.mesh, p)), qa, specs)
+  return nnx.Param(qa, kernel_sharding=tuple(names))
+
+
+def packed_named_sharding(state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``nnx.get_named_sharding`` for the state of a converted NNX model: each packed kernel gets
+  one `NamedSharding` per `QArray` leaf from its ``kernel_sharding`` names (values ``(N, K)``:
+  the first output and contracting names; scales: the output's; the logical axis rules in
+  force applied), every other variable its usual one.
+
+  Example::
+
+    graphdef, state = nnx.split(jc.convert(qmodel))
+    with nnx.logical_axis_rules(rules):
+      state = jax.device_put(state, packed_named_sharding(state, mesh))
+  """
+  rules = core_spmd.get_logical_axis_rules()
+
+  def one(v):
+    if not isinstance(v, nnx.Variable):
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    value = v.get_value()
+    if not isinstance(value, QArray):
+      return v.replace(jax.sharding.NamedSharding(mesh, nnx.spmd.get_var_pspec(v)))
+    names = v.get_metadata().get("kernel_sharding")
+    if names is not None and rules:
+      names = tuple(core_spmd.from_sharding_rules(names, rules))
+    stack = value.values.ndim - 2
+    specs = leaf_partition_specs(value, names, 0 if stack == 1 else None) if stack <= 1 else (
+        jax.tree.map(lambda _: jax.sharding.PartitionSpec(), value))
+    return v.replace(jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _pack_linen(path: str, stored: Any, step: Any, layer: QuantizedLayer,

@@ -152,3 +152,19 @@ def test_vision_attention_and_conv():
   qmodel, qvars = jc.quantize(model, recipe, variables=variables, args=(images,))
   module, packed = jc.convert(qmodel, variables=qvars, args=(images,))
   _close(module.apply(packed, images), qmodel.apply(qvars, images), 1e-5)
+
+
+def test_quantize_takes_abstract_example_inputs_and_variables():
+  """``args`` may be `jax.ShapeDtypeStruct`s (the LSQ steps depend on the kernels only), and
+  abstract variables give abstract quantized variables (for sharded initialisation)."""
+  scan, variables, _, _ = _lms(0)
+  sds = jax.ShapeDtypeStruct(TOKENS.shape, TOKENS.dtype)
+  recipe = _recipe(SPECS["lsq"])
+  _, from_abstract_args = jc.quantize(scan, recipe, variables=variables, args=(sds,))
+  _, reference = jc.quantize(scan, recipe, variables=variables, args=(TOKENS,))
+  jax.tree.map(np.testing.assert_array_equal, meta.unbox(from_abstract_args),
+               meta.unbox(reference))
+  _, abstract = jc.quantize(scan, recipe, variables=jax.eval_shape(lambda: variables),
+                            args=(sds,))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), meta.unbox(abstract)) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), meta.unbox(reference))
