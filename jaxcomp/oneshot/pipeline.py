@@ -250,12 +250,16 @@ def stacked_blocks(model: nnx.Module, layers: list[tuple[str, nnx.Module]]) -> d
 
 
 def _walk_stack(model: nnx.Module, path: str, depth: int,
-                todo: list[tuple[str, nnx.Module, Any]], inputs: list[tuple[tuple, dict]],
+                todo: list[tuple[str, nnx.Module, Any]], given: list[list[tuple[tuple, dict]]],
                 solve: Callable[[str, nnx.Module, Any, LayerStats], None], dtype: Any, *,
                 need_outputs: bool) -> list[tuple[tuple, dict]]:
   """Calibrates a stacked block layer by layer: slice layer i out of the stack, capture and
   solve its ``todo`` layers (reported as ``path[i]/layer``), run the rewritten layer for the
-  next one's inputs; then stack the rewritten layers back in place of the block."""
+  next one's inputs; then stack the rewritten layers back in place of the block.
+
+  ``given`` holds the block's inputs, popped here: once layer 0 has run on them nothing keeps
+  them (one set of calibration activations alive at a time, plus the next while computed)."""
+  inputs = given.pop()
   graphdef, state = nnx.split(engine.module_at(model, path))
   stack_name = _stack_axis_name(state)
   rel = lambda p: p[len(path) + 1:]
@@ -368,7 +372,8 @@ def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
         before_block(b)
       last = b == block_paths[-1] and all(in_blocks(t[0]) for t in todo)
       if b in stacks:
-        inputs = _walk_stack(model, b, stacks[b], [t for t in todo if _inside(t[0], b)], inputs,
+        given, inputs = [inputs], None  # handed over: the walk drops them after layer 0
+        inputs = _walk_stack(model, b, stacks[b], [t for t in todo if _inside(t[0], b)], given,
                              solve, calib_dtype, need_outputs=not last)
         continue
       block = engine.module_at(model, b)
