@@ -321,7 +321,7 @@ def leaf_partition_specs(qa: QArray, names: Sequence[Any] | None,
   Example:
     >>> qa = quantize_weight(jnp.ones((8, 4)), (0,), Quant(w_bits=4))
     >>> leaf_partition_specs(qa, ("embed", "mlp")).scale
-    PartitionSpec('mlp', None)
+    P('mlp', None)
   """
   P = jax.sharding.PartitionSpec
   if names is None:
