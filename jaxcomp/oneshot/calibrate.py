@@ -13,7 +13,6 @@ before it *after* they were quantized, so every layer is solved for the inputs i
 
 from __future__ import annotations
 
-import functools
 import pathlib
 import re
 from collections.abc import Callable, Sequence
@@ -209,19 +208,6 @@ class _Sink:
 
   def __init__(self):
     self.calls: list[tuple[tuple, dict]] = []
-    self.fresh = False  # the next call received starts a new pass
-
-  def receive(self, treedef: Any, statics: list[Any], *arrays: Any) -> None:
-    """Host side of `_ScanCatcher`: keeps the first call of each pass (layer 0's)."""
-    if not self.fresh:
-      return
-    self.fresh = False
-    it = iter(arrays)
-    leaves = [jnp.array(next(it)) if s is _ARRAY else s for s in statics]
-    self.calls.append(jax.tree.unflatten(treedef, leaves))
-
-
-_ARRAY = object()  # marks an array leaf among a call's static leaves
 
 
 class _Catcher(nnx.Module):
@@ -238,25 +224,6 @@ class _Catcher(nnx.Module):
     raise _Stop
 
 
-class _ScanCatcher(nnx.Module):
-  """Stands in for a stacked block in a jitted pass: the scan over it slices ``inner`` (the
-  original stack) as it would the block; each layer's call sends its arguments to the host (an
-  ordered `jax.debug.callback`; `_Sink.receive` keeps the pass's first, layer 0's) and runs
-  the layer, so the pass goes on as the model's own."""
-
-  def __init__(self, sink: _Sink, inner: nnx.Module):
-    self.sink = sink
-    self.inner = inner
-
-  def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
-    statics = [_ARRAY if a else x for x, a in zip(leaves, is_array)]
-    jax.debug.callback(functools.partial(self.sink.receive, treedef, statics),
-                       *[x for x, a in zip(leaves, is_array) if a], ordered=True)
-    return self.inner(*args, **kwargs)
-
-
 def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
                  call: Callable[[nnx.Module, Any], Any], *,
                  stacked: bool = False) -> list[tuple[tuple, dict]]:
@@ -270,10 +237,8 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
     batches: calibration batches.
     call: ``call(model, batch)`` runs the model on one batch.
     stacked: the module stacks layers run by a scan (``nnx.vmap`` + ``nnx.scan``): the model
-      runs whole and jitted, with the stack's calls sending their arguments to the host, and
-      the scan's first step's, the first layer's, are recorded. (Not eagerly: run op by op
-      under ``jax.disable_jit``, a scanned model compiles one small executable per operation,
-      which stayed resident: SmolLM2's walk then peaked 17% above the unrolled one's.)
+      runs under ``jax.disable_jit`` (the scan then loops in Python) and the arguments of the
+      scan's first step, the first layer's, are recorded.
 
   Example::
 
@@ -282,19 +247,16 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
   """
   original = module_at(model, block_path)
   sink = _Sink()
-  set_at(model, block_path, _ScanCatcher(sink, original) if stacked else _Catcher(sink))
-  run = call
-  if stacked:  # a pure jitted pass returning nothing: the outputs are dead code, and no
-    graphdef, state = nnx.split(model)  # updated copy of the model's state comes back
-    forward = jax.jit(lambda state, batch: [call(nnx.merge(graphdef, state), batch)][:0])
-    run = lambda m, batch: forward(state, batch)
+  set_at(model, block_path, _Catcher(sink, original if stacked else None))
   try:
     for batch in batches:
       n = len(sink.calls)
-      sink.fresh = True
       try:
-        run(model, batch)
-        jax.effects_barrier()
+        if stacked:
+          with jax.disable_jit():
+            call(model, batch)
+        else:
+          call(model, batch)
       except _Stop:
         pass
       if len(sink.calls) != n + 1:
