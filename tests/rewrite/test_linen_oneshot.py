@@ -37,10 +37,9 @@ CASES = [
     ("gptq_asym", jc.ptq, dict(quant=jc.Quant(w_bits=3, group=8, method="gptq",
                                               w_symmetric=False,
                                               options={"act_order": True})), 1),
-    ("gptq_axis0", jc.ptq, dict(quant=jc.Quant(w_bits=4, group=8, method="gptq")), 0),
     ("awq", jc.ptq, dict(quant=jc.Quant(w_bits=4, group=8, method="awq")), 1),
     ("smoothquant", jc.ptq, dict(quant=jc.Quant(w_bits=8, a_bits=8, method="smoothquant")), 1),
-    ("wanda", jc.prune, dict(sparsity=jc.Sparsity(sparsity=0.5, method="wanda")), 1),
+    ("wanda_axis0", jc.prune, dict(sparsity=jc.Sparsity(sparsity=0.5, method="wanda")), 0),
     ("sparsegpt_2:4", jc.prune, dict(sparsity=jc.Sparsity("2:4", method="sparsegpt")), 1),
     ("svd_llm", jc.factorize, dict(lowrank=jc.LowRank(rank=6, method="svd_llm")), 1),
 ]

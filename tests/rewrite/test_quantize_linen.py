@@ -43,7 +43,7 @@ def test_rewrite_is_pure_and_keeps_layout(net, spec):
   before = jax.tree.map(np.array, variables)
   qmodule, qvars = jc.quantize(module, _recipe(spec), variables=variables, args=(TOKENS,))
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, variables))
-  y, yq = module.apply(variables, TOKENS), qmodule.apply(qvars, TOKENS)
+  y, yq = jax.jit(module.apply)(variables, TOKENS), jax.jit(qmodule.apply)(qvars, TOKENS)
   rel = float(jnp.linalg.norm(yq - y) / jnp.linalg.norm(y))
   assert 0 < rel < (0.05 if spec.a_bits else 0.5)
   for name, p in variables["params"].items():  # same paths, same float weights
@@ -51,7 +51,7 @@ def test_rewrite_is_pure_and_keeps_layout(net, spec):
       np.testing.assert_array_equal(qvars["params"][name][k], v)
   has_steps = {name for name, p in qvars["params"].items() if "w_step" in p}
   assert has_steps == ({"up", "heads", "merge", "conv", "embed"} if spec.learn_scale else set())
-  grads = jax.grad(lambda v: qmodule.apply(v, TOKENS).sum())(qvars)
+  grads = jax.jit(jax.grad(lambda v: qmodule.apply(v, TOKENS).sum()))(qvars)
   if spec.learn_scale:
     assert float(jnp.abs(grads["params"]["up"]["w_step"]).sum()) > 0
 
