@@ -117,13 +117,9 @@ class ConvCapture(Capture):
                        "supported")
     self.record(conv_input_rows(lhs, rhs.shape, window_strides, padding, lhs_dilation,
                                 rhs_dilation, dimension_numbers, precision))
-    dtype = self.dtype
-    y = jax.lax.conv_general_dilated(
-        lhs if dtype is None else lhs.astype(dtype), rhs if dtype is None else rhs.astype(dtype),
-        window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        precision=precision,
-        preferred_element_type=jnp.float32 if dtype is not None else preferred_element_type)
-    return y if dtype is None else y.astype(preferred_element_type or lhs.dtype)
+    return low_precision_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                              dimension_numbers, self.dtype, precision=precision,
+                              preferred_element_type=preferred_element_type)
 
 
 def input_moments(x: Array) -> tuple[Array, Array, Array, int]:
@@ -197,6 +193,25 @@ def low_precision_dot(lhs: Array, rhs: Array, dimension_numbers: Any, dtype: Any
   y = jax.lax.dot_general(lhs.astype(dtype), rhs.astype(dtype), dimension_numbers,
                           preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or lhs.dtype)
+
+
+def low_precision_conv(lhs: Array, rhs: Array, window_strides: Any, padding: Any,
+                       lhs_dilation: Any, rhs_dilation: Any, dimension_numbers: Any, dtype: Any,
+                       *, feature_group_count: int = 1, precision: Any = None,
+                       preferred_element_type: Any = None) -> Array:
+  """``lax.conv_general_dilated`` with both operands cast to ``dtype`` (None: as they are),
+  float32 accumulation, the result in ``lhs``'s dtype (`low_precision_dot` for convolutions).
+
+  Example::
+
+    low_precision_conv(x, k, (1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"), jnp.bfloat16)
+  """
+  cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+  y = jax.lax.conv_general_dilated(
+      cast(lhs), cast(rhs), window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, feature_group_count=feature_group_count, precision=precision,
+      preferred_element_type=jnp.float32 if dtype is not None else preferred_element_type)
+  return y if dtype is None else y.astype(preferred_element_type or lhs.dtype)
 
 
 class _Stop(Exception):

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from jaxcomp.oneshot import registry
 from jaxcomp.oneshot.calibrate import (LayerStats, conv_input_rows, dot_input_rows,
-                                       input_moments, low_precision_dot)
+                                       input_moments, low_precision_conv, low_precision_dot)
 from jaxcomp.oneshot.pipeline import LayerResult, as_batches
 from jaxcomp.oneshot.solver import relative_error
 from jaxcomp.quant import dot as qdot
@@ -305,13 +305,10 @@ class _CaptureConv(_CaptureDot):
                preferred_element_type=None, **unused):
     self.send(conv_input_rows(lhs, rhs.shape, window_strides, padding, lhs_dilation,
                               rhs_dilation, dimension_numbers, precision))
-    dtype = self.dtype
-    y = jax.lax.conv_general_dilated(
-        lhs if dtype is None else lhs.astype(dtype), rhs if dtype is None else rhs.astype(dtype),
-        window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision,
-        preferred_element_type=jnp.float32 if dtype is not None else preferred_element_type)
-    return y if dtype is None else y.astype(preferred_element_type or lhs.dtype)
+    return low_precision_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                              dimension_numbers, self.dtype,
+                              feature_group_count=feature_group_count, precision=precision,
+                              preferred_element_type=preferred_element_type)
 
 
 def _capture_pass(module: nn.Module, call: Callable, paths: frozenset[str],
