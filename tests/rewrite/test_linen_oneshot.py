@@ -144,7 +144,8 @@ def test_vmapped_layers_are_each_solved_on_their_own_inputs():
 
 def test_vision_model_conv_and_attention():
   """Conv (its input patches) and MultiHeadDotProductAttention's DenseGeneral projections:
-  GPTQ solves each, SparseGPT prunes each, and the PTQ result packs to the same outputs."""
+  GPTQ solves each and the result packs to the same outputs; 2:4 on the 27-wide Conv input
+  is a one-line error before anything runs."""
   net = VisionNet()
   images = jax.random.normal(jax.random.key(2), (8, 8, 8, 3))
   variables = net.init(jax.random.key(0), images[:1])
@@ -157,14 +158,6 @@ def test_vision_model_conv_and_attention():
   packed_module, packed = jc.convert(module, variables=new, args=(images[:1],))
   np.testing.assert_allclose(np.asarray(packed_module.apply(packed, images)), np.asarray(out),
                              rtol=1e-4, atol=1e-4)
-  recipe = jc.Recipe([jc.Rule("stem", sparsity=jc.Sparsity(sparsity=0.5, method="sparsegpt")),
-                      jc.Rule(".*", sparsity=jc.Sparsity("2:4", method="sparsegpt"))])
-  pruned_module, pruned = jc.prune(net, recipe, images, variables=variables, progress=False)
-  assert pruned_module is net
-  np.testing.assert_allclose(np.mean(np.asarray(pruned["params"]["stem"]["kernel"]) == 0), 0.5,
-                             atol=0.02)
-  head = np.asarray(pruned["params"]["classifier"]["kernel"])  # (K, N): 2 of every 4 inputs
-  np.testing.assert_array_equal((head.reshape(-1, 4, 10) != 0).sum(axis=1), 2)
   with pytest.raises(ValueError, match=r"^stem: Sparsity.pattern '2:4' needs the input size 27 "
                      r"to be a multiple of M=4$"):
     jc.prune(net, jc.Recipe([jc.Rule(".*", sparsity=jc.Sparsity("2:4"))]),
