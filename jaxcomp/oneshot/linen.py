@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -92,13 +92,6 @@ class _Site:
 def _default_call(module: nn.Module, variables: Any, batch: Any) -> Any:
   return module.apply(variables, *batch) if isinstance(batch, tuple) else module.apply(
       variables, batch)
-
-
-def _fresh(tree: Any) -> Any:
-  """New dicts all the way down (leaves and boxes shared), so params can be set in place."""
-  if isinstance(tree, Mapping):
-    return {k: _fresh(v) for k, v in tree.items()}
-  return tree
 
 
 def _find(module: nn.Module, variables: Any, example: Any, recipe: Recipe,
@@ -202,7 +195,7 @@ class _Params:
   """The variables being rewritten: fresh dicts, a layer's params read and set per layer."""
 
   def __init__(self, variables: Any):
-    self.tree = _fresh(dict(variables))
+    self.tree = lq.fresh_dicts(dict(variables))
 
   def node(self, site: _Site) -> dict[str, Any]:
     node = self.tree["params"]
@@ -477,10 +470,8 @@ def run_linen(kind: str, name: str, module: nn.Module, recipe: Recipe, calib: An
 
   def solve(site, i, stats):
     t0 = time.perf_counter()
-    solved = _solve(kind, site, params.get(site, "kernel" if site.layer is not nn.Embed
-                                           else "embedding", i), stats)
-    params.set(site, "kernel" if site.layer is not nn.Embed else "embedding", i,
-               solved.effective)
+    solved = _solve(kind, site, params.get(site, site.axes.name, i), stats)
+    params.set(site, site.axes.name, i, solved.effective)
     finals[site.path].append(solved.final)
     results.append(LayerResult(_label(params.tree["params"], site, i), site.spec.method,
                                solved.error, time.perf_counter() - t0, solved.rank))
@@ -517,7 +508,7 @@ def _write_finals(kind: str, params: _Params, sites: list[_Site],
   """Puts each layer's final params in place of the effective kernels."""
   for site in sites:
     per_layer = finals[site.path]
-    kernel_name = "embedding" if site.layer is nn.Embed else "kernel"
+    kernel_name = site.axes.name
     node = params.node(site)
     kernel = node[kernel_name]
     for key in per_layer[0]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from jaxcomp.rewrite.linen_quant import PackedParam, _already_quantized
+from jaxcomp.rewrite.linen_quant import PackedParam, _already_quantized, box_value, fresh_dicts
 
 
 def _factored_call(next_fun, args, kwargs, context):
@@ -74,7 +74,7 @@ def _lora_call(pattern: str, rank: int, alpha: float, next_fun, args, kwargs, co
   params (``lora_b`` zero) when params are mutable."""
   m = context.module
   if (type(m) is not nn.Dense or context.method_name != "__call__" or m.scope is None
-      or not re.fullmatch(pattern, "/".join(m.path)) or _inside_rewrite(m)):
+      or not re.fullmatch(pattern, "/".join(m.path)) or _already_quantized(m)):
     return next_fun(*args, **kwargs)
   y = next_fun(*args, **kwargs)
   kernel = m.scope.get_variable("params", "kernel")
@@ -90,11 +90,6 @@ def _lora_call(pattern: str, rank: int, alpha: float, next_fun, args, kwargs, co
   b = meta.unbox(m.scope.param("lora_b", init_b))
   lora = (args[0].astype(jnp.float32) @ a) @ b
   return y + (alpha / rank * lora).astype(y.dtype)
-
-
-def _inside_rewrite(m: nn.Module) -> bool:
-  """A clone another rewrite re-issued (its call is the matched layer's own, already seen)."""
-  return _already_quantized(m)
 
 
 class LoRALinen(nn.Module):
@@ -141,8 +136,7 @@ def add_lora_linen(module: nn.Module, pattern: str, *, rank: int, alpha: float, 
   kwargs = kwargs or {}
   apply = functools.partial(wrapped.apply, mutable=["params"], rngs={"params": key})
   _, updates = jax.jit(lambda v, *a: apply(v, *a, **kwargs))(variables, *args)
-  fresh = lambda t: {k: fresh(v) for k, v in t.items()} if isinstance(t, Mapping) else t
-  new = fresh(dict(variables))
+  new = fresh_dicts(dict(variables))
   added = []
 
   def merge(dst, src, path):
@@ -153,7 +147,7 @@ def add_lora_linen(module: nn.Module, pattern: str, *, rank: int, alpha: float, 
         dst[k] = v
         added.append("/".join(path))
 
-  merge(new["params"], fresh(updates)["params"], ())
+  merge(new["params"], fresh_dicts(updates)["params"], ())
   if not added:
     raise ValueError(f"add_lora: pattern {pattern!r} matches no nn.Dense layer the module calls")
   return wrapped, new
@@ -178,8 +172,7 @@ def merge_lora_linen(module: LoRALinen, variables: Any) -> tuple[nn.Module, Any]
     raise TypeError(f"merge_lora: a Linen module must be the LoRALinen add_lora returned, got "
                     f"{type(module).__name__}")
   scale = module.alpha / module.rank
-  fresh = lambda t: {k: fresh(v) for k, v in t.items()} if isinstance(t, Mapping) else t
-  new = fresh(dict(variables))
+  new = fresh_dicts(dict(variables))
 
   def walk(node, path):
     if "lora_a" in node:
@@ -187,8 +180,8 @@ def merge_lora_linen(module: LoRALinen, variables: Any) -> tuple[nn.Module, Any]
       if isinstance(kernel, PackedParam):
         raise ValueError(f"{path}: merge_lora needs a float (or fake-quantized) base kernel, "
                          "not a packed QArray; merge before jc.convert")
-      value = jnp.asarray(_value(kernel))
-      a, b = _value(node.pop("lora_a")), _value(node.pop("lora_b"))
+      value = jnp.asarray(box_value(kernel))
+      a, b = box_value(node.pop("lora_a")), box_value(node.pop("lora_b"))
       merged = (value.astype(jnp.float32) + scale * _stacked_delta(value, a, b)).astype(
           value.dtype)
       node["kernel"] = kernel.replace_boxed(merged) if isinstance(
@@ -199,9 +192,3 @@ def merge_lora_linen(module: LoRALinen, variables: Any) -> tuple[nn.Module, Any]
 
   walk(new["params"], "")
   return module.base, new
-
-
-def _value(x: Any) -> Any:
-  if isinstance(x, meta.Partitioned):
-    return x.value
-  return x

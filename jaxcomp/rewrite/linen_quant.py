@@ -12,6 +12,7 @@ next to their kernel as ``w_step``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -370,6 +371,20 @@ def box_value(x: Any) -> Any:
   if isinstance(x, meta.Partitioned):
     return x.value
   return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+
+
+def fresh_dicts(tree: Any) -> Any:
+  """A copy of a variables tree with new dicts all the way down (leaves and boxes shared), so a
+  transform can set params in it without touching the input.
+
+  Example:
+    >>> v = {"params": {"up": {"kernel": jnp.ones(2)}}}
+    >>> fresh_dicts(v)["params"]["up"] is v["params"]["up"]
+    False
+  """
+  if isinstance(tree, Mapping):
+    return {k: fresh_dicts(v) for k, v in tree.items()}
+  return tree
 
 
 def stored_param(variables: Any, path: tuple[str, ...] | str, name: str) -> Any:
