@@ -29,7 +29,8 @@ from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.oneshot import linen as linen_oneshot
 from jaxcomp.oneshot import registry
 from jaxcomp.oneshot.calibrate import LayerStats
-from jaxcomp.oneshot.pipeline import LayerResult, kernel_2d, plan_transform, solve_all
+from jaxcomp.oneshot.pipeline import (LayerResult, kernel_2d, kernel_2d_shape, plan_transform,
+                                      solve_all)
 from jaxcomp.oneshot.solver import relative_error
 from jaxcomp.quant.qarray import from_canonical, to_step_layout
 from jaxcomp.quant.spec import Quant
@@ -212,7 +213,7 @@ def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, bat
 
   def check(path, m, spec):
     if registry.get("quant", spec.method).solve is not None:
-      kernel_2d(m)  # the (K, N) view exists
+      kernel_2d_shape(m)  # the (K, N) view exists
 
   new, results = _run("quant", model, recipe, calib, lambda r: r.quant, _solve_quant, check,
                       name="ptq", batch_size=batch_size, blocks=blocks, call=call,
@@ -224,7 +225,7 @@ def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, bat
 
 
 def _check_nm(path: str, m: nnx.Module, spec: Any) -> None:
-  k = kernel_2d(m).shape[-2]
+  k = kernel_2d_shape(m)[-2]
   if spec.nm is not None and k % spec.nm[1]:
     raise ValueError(f"{path}: Sparsity.pattern {spec.pattern!r} needs the input size {k} "
                      f"to be a multiple of M={spec.nm[1]}")

@@ -13,6 +13,9 @@ before it *after* they were quantized, so every layer is solved for the inputs i
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import pathlib
 import re
 from collections.abc import Callable, Sequence
@@ -278,7 +281,36 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
         raise ValueError(f"calibration: the model never called {block_path!r}")
   finally:
     set_at(model, block_path, original)
+  # The stopped passes leave reference cycles (tracebacks through the model's frames) that
+  # hold their activations and, for a stack, slices of its first layer; free them now.
+  release_host_memory()
   return sink.calls
+
+
+def release_host_memory() -> None:
+  """Frees what the last calibration step left: unreachable reference cycles (modules of a
+  finished layer, tracebacks of stopped passes) and, with glibc, the freed heap pages the
+  allocator would otherwise keep (``malloc_trim``), so a long sequential walk's resident
+  memory follows what it holds rather than what it once held.
+
+  Example::
+
+    release_host_memory()   # after each block of a sequential calibration
+  """
+  gc.collect()
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    return libc if hasattr(libc, "malloc_trim") else None
+  except OSError:  # not glibc (macOS, musl): nothing to trim
+    return None
+
+
+_LIBC = _glibc()
 
 
 def find_blocks(model: nnx.Module, layer_paths: Sequence[str],

@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_inputs, find_blocks,
-                                       low_precision_dot, natural_order)
+                                       low_precision_dot, natural_order, release_host_memory)
 from jaxcomp.quant import dot as qdot
 from jaxcomp.quant.qarray import canonical
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import engine
 
 Array = jax.Array
+P = jax.sharding.PartitionSpec
 
 
 @dataclasses.dataclass
@@ -64,8 +65,22 @@ def kernel_2d(m: nnx.Module) -> Array:
     (27, 8)
   """
   axes = engine.kernel_axes(m)
-  view = engine.over_stack(lambda w: canonical(w, axes.contracting).T, axes.stack)
-  return view(getattr(m, axes.name)[...])
+  return _view_2d(axes)(getattr(m, axes.name)[...])
+
+
+def kernel_2d_shape(m: nnx.Module) -> tuple[int, ...]:
+  """`kernel_2d`'s shape, computed without building the view (no copy of a stacked kernel).
+
+  Example:
+    >>> kernel_2d_shape(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)))
+    (27, 8)
+  """
+  axes = engine.kernel_axes(m)
+  return jax.eval_shape(_view_2d(axes), getattr(m, axes.name)[...]).shape
+
+
+def _view_2d(axes: engine.KernelAxes) -> Callable[[Array], Array]:
+  return engine.over_stack(lambda w: canonical(w, axes.contracting).T, axes.stack)
 
 
 def as_batches(calib: Any, batch_size: int, fn: str = "ptq") -> list[Any]:
@@ -119,7 +134,7 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
   for path, m, _ in todo:
     hook, cls = ("conv_general_dilated", ConvCapture) if isinstance(m, nnx.Conv) else (
         "dot_general", Capture)
-    captures[path], originals[path] = cls(kernel_2d(m).shape[0], dtype), (hook, getattr(m, hook))
+    captures[path], originals[path] = cls(kernel_2d_shape(m)[0], dtype), (hook, getattr(m, hook))
     setattr(m, hook, nnx.data(captures[path]))
   run()
   for path, m, payload in todo:
@@ -215,10 +230,12 @@ def _inside(path: str, block: str) -> bool:
 
 def _next_inputs(block: nnx.Module, inputs: list[tuple[tuple, dict]], dtype: Any
                  ) -> list[tuple[tuple, dict]]:
-  """The next block's inputs: this (rewritten) block's output replaces the first argument."""
+  """The next block's inputs: this (rewritten) block's output replaces the first argument,
+  in place, batch by batch (one set of activations alive, not two)."""
   with _calibration_dots(block, dtype):
-    return [((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
-            for args, kwargs in inputs]
+    for j, (args, kwargs) in enumerate(inputs):
+      inputs[j] = ((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
+  return inputs
 
 
 def stacked_blocks(model: nnx.Module, layers: list[tuple[str, nnx.Module]]) -> dict[str, int]:
@@ -263,7 +280,7 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
   graphdef, state = nnx.split(engine.module_at(model, path))
   stack_name = _stack_axis_name(state)
   rel = lambda p: p[len(path) + 1:]
-  done = []
+  out = _Restack(path, depth)
   for i in range(depth):
     block = nnx.merge(graphdef, _layer_of(state, i))
     layer_todo = [(rel(p), engine.module_at(block, rel(p)), payload) for p, _, payload in todo]
@@ -276,28 +293,61 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
                        label=lambda p, i=i: f"{path}[{i}]/{p}")
     if need_outputs or i < depth - 1:
       inputs = _next_inputs(block, inputs, dtype)
-    done.append(nnx.split(block))
+    out.put(i, *nnx.split(block))
+    del block, layer_todo
+    release_host_memory()
   del state
-  new_graphdef = done[0][0]
-  shapes = [jax.tree.map(jnp.shape, st) for _, st in done]
-  if any(g != new_graphdef for g, _ in done[1:]) or any(x != shapes[0] for x in shapes[1:]):
-    raise ValueError(f"{path}: the solved layers of the stack differ in structure or shapes "
-                     "(e.g. ranks chosen by energy) and cannot be stacked again")
-  # Restacked one variable at a time, each layer's copy dropped once stacked: the stack is
-  # never held twice over (peak: the solved layers plus one stacked variable).
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  treedef = jax.tree.structure(done[0][1], is_leaf=is_var)
-  per_layer = [jax.tree.leaves(st, is_leaf=is_var) for _, st in done]
-  del done, block, layer_todo
-  stacked = []
-  for j in range(len(per_layer[0])):
-    vs = [leaves[j] for leaves in per_layer]
-    for leaves in per_layer:
-      leaves[j] = None
-    stacked.append(_with_stack_name(vs[0].replace(jnp.stack([v[...] for v in vs])), stack_name))
-    del vs
+  new_graphdef, treedef, stacked = out.take(lambda v: _with_stack_name(v, stack_name))
   engine.set_at(model, path, nnx.merge(new_graphdef, jax.tree.unflatten(treedef, stacked)))
   return inputs
+
+
+class _Restack:
+  """The solved layers of a stack, written into one preallocated host buffer per variable as
+  each layer is done (its own arrays then dropped), so that the stack of solved layers is
+  never held twice over; `take` turns each buffer into the stacked array, one at a time."""
+
+  def __init__(self, path: str, depth: int):
+    self.path, self.depth = path, depth
+    self.graphdef = self.treedef = self.shapes = self.first = self.buffers = None
+
+  def put(self, i: int, graphdef: Any, state: Any) -> None:
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    leaves, treedef = jax.tree.flatten(state, is_leaf=is_var)
+    shapes = [(v[...].shape, v[...].dtype) for v in leaves]
+    if self.buffers is None:
+      self.graphdef, self.treedef, self.shapes = graphdef, treedef, shapes
+      # Layer 0's variables, values as shape and placement only: the stack's metadata.
+      self.first = [v.replace(jax.ShapeDtypeStruct(v[...].shape, v[...].dtype,
+                                                   sharding=v[...].sharding)) for v in leaves]
+      self.buffers = [np.empty((self.depth,) + s, np.dtype(d)) for s, d in shapes]
+    elif graphdef != self.graphdef or treedef != self.treedef or shapes != self.shapes:
+      raise ValueError(f"{self.path}: solved layer {i} of the stack differs from layer 0 in "
+                       "structure or shapes (e.g. ranks chosen by energy); the stack cannot be "
+                       "rebuilt")
+    for buf, v in zip(self.buffers, leaves):
+      buf[i] = np.asarray(v[...])
+
+  def take(self, finish: Callable[[nnx.Variable], nnx.Variable]) -> tuple[Any, Any, list]:
+    """``(graphdef, treedef, stacked variables)``, each buffer freed once it is on device."""
+    stacked = []
+    while self.buffers:
+      buf, v = self.buffers.pop(0), self.first.pop(0)
+      stacked.append(finish(v.replace(jax.device_put(buf, _stacked_sharding(v.get_value())))))
+      del buf
+    return self.graphdef, self.treedef, stacked
+
+
+def _stacked_sharding(layer: Array) -> jax.sharding.Sharding:
+  """Where a stack of arrays placed like ``layer`` goes: the same mesh axes per layer, the
+  stack axis unsharded (or the layer's one device)."""
+  sharding = layer.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, P(None, *sharding.spec))
+  if len(sharding.device_set) != 1:
+    raise ValueError(f"cannot restack layers placed by a {type(sharding).__name__}; place "
+                     "the model with NamedShardings")
+  return next(iter(sharding.device_set))
 
 
 def _names(v: nnx.Variable) -> tuple[Any, ...] | None:
@@ -322,9 +372,14 @@ def _layer_of(state: Any, i: int) -> Any:
   def one(v):
     names = _names(v)
     meta = {} if names is None or len(names) != v[...].ndim else {"out_sharding": names[1:]}
-    return v.replace(v[...][i], **meta)
+    return v.replace(_take(v[...], i), **meta)
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# The layer index traced: one compiled slice per variable shape, not one per (shape, layer) as
+# eager ``x[i]`` would compile (and keep) for every layer of the walk.
+_take = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
 
 
 def _with_stack_name(v: nnx.Variable, name: Any) -> nnx.Variable:
@@ -386,6 +441,7 @@ def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
       if last:
         break  # nothing after the last block needs its outputs
       inputs = _next_inputs(block, inputs, calib_dtype)
+      release_host_memory()
     del inputs
   if before_tail is not None:
     before_tail(in_blocks)

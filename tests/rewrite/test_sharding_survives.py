@@ -73,6 +73,42 @@ def test_nnx_outputs_keep_their_names_and_placement():
                                                                              P(None, "fsdp"))
 
 
+def test_nnx_stack_solved_layer_by_layer_keeps_its_placement():
+  """GPTQ on an `nnx.vmap` stack under the mesh: each layer solved alone, the rebuilt stack
+  placed by the layers' names with the stack axis unsharded."""
+  x = jax.random.normal(jax.random.key(0), (16, 16))
+  with jax.set_mesh(_mesh()), nnx.logical_axis_rules(RULES):
+    model = Stacked(nnx.Rngs(0))
+    assert _spec(model.blocks.up.kernel[...]) == P(None, "fsdp", "tensor")
+    q = jc.ptq(model, jc.Recipe([jc.Rule(".*", quant=GPTQ)]), x, progress=False)
+    up = q.blocks.up
+    assert _spec(up.kernel[...]) == P(None, "fsdp", "tensor")
+    assert _spec(up.dot_general.w_step[...]) == P(None, None, "tensor")
+    assert up.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+  plain = jc.ptq(model, jc.Recipe([jc.Rule(".*", quant=GPTQ)]), x, progress=False)
+  np.testing.assert_allclose(np.asarray(up.kernel[...]), np.asarray(plain.blocks.up.kernel[...]),
+                             rtol=1e-6, atol=1e-6)
+
+
+class Stacked(nnx.Module):
+  """Two `MLP` blocks built by `nnx.vmap` (stack axis named "layers"), run by `nnx.scan`."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return MLP(rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(h, block):
+      return block(h)
+
+    return forward(x, self.blocks)
+
+
 def test_linen_outputs_keep_their_boxes_and_place_on_the_mesh():
   """PTQ steps, factors and LoRA adapters of a boxed, scanned Linen LM: their partition specs
   come from `nn.get_partition_spec`, and the placed variables run jitted on the mesh."""
