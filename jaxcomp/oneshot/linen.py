@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 
 from jaxcomp.oneshot import registry
 from jaxcomp.oneshot.calibrate import (LayerStats, conv_input_rows, dot_input_rows,
-                                       input_moments, low_precision_conv, low_precision_dot)
+                                       input_moments, low_precision_conv, low_precision_dot,
+                                       release_host_memory)
 from jaxcomp.oneshot.pipeline import LayerResult, as_batches
 from jaxcomp.oneshot.solver import relative_error
 from jaxcomp.quant import dot as qdot
@@ -499,6 +500,7 @@ def run_linen(kind: str, name: str, module: nn.Module, recipe: Recipe, calib: An
     for s, i in members:
       solve(s, i, recorder.stats(s.path))
     logging.info("jaxcomp.%s: solved %s", name, label or "the layers outside blocks")
+    release_host_memory()
   _write_finals(kind, params, sites, finals)
   return params.tree, results
 

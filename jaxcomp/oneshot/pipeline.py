@@ -320,7 +320,7 @@ class _Restack:
       # Layer 0's variables, values as shape and placement only: the stack's metadata.
       self.first = [v.replace(jax.ShapeDtypeStruct(v[...].shape, v[...].dtype,
                                                    sharding=v[...].sharding)) for v in leaves]
-      self.buffers = [np.empty((self.depth,) + s, np.dtype(d)) for s, d in shapes]
+      self.buffers = [_host_buffer((self.depth,) + s, d) for s, d in shapes]
     elif graphdef != self.graphdef or treedef != self.treedef or shapes != self.shapes:
       raise ValueError(f"{self.path}: solved layer {i} of the stack differs from layer 0 in "
                        "structure or shapes (e.g. ranks chosen by energy); the stack cannot be "
@@ -329,13 +329,34 @@ class _Restack:
       buf[i] = np.asarray(v[...])
 
   def take(self, finish: Callable[[nnx.Variable], nnx.Variable]) -> tuple[Any, Any, list]:
-    """``(graphdef, treedef, stacked variables)``, each buffer freed once it is on device."""
+    """``(graphdef, treedef, stacked variables)``: each buffer becomes its array without a
+    copy on the host device (DLPack), else is placed and freed one at a time."""
     stacked = []
     while self.buffers:
       buf, v = self.buffers.pop(0), self.first.pop(0)
-      stacked.append(finish(v.replace(jax.device_put(buf, _stacked_sharding(v.get_value())))))
+      stacked.append(finish(v.replace(_to_device(buf, _stacked_sharding(v.get_value())))))
       del buf
     return self.graphdef, self.treedef, stacked
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialised host array, 64-byte aligned (so the CPU client can take it over without
+  a copy); its pages are only committed as layers are written into it."""
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(size + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def _to_device(buf: np.ndarray, where: jax.sharding.Sharding | jax.Device) -> Array:
+  """``buf`` as a jax array at ``where``: on a CPU device, the host buffer itself (DLPack takes
+  plain integer / float dtypes; bfloat16 and other ml_dtypes are copied)."""
+  if isinstance(where, jax.Device) and where.platform == "cpu" and buf.dtype.kind in "iufc":
+    array = jnp.from_dlpack(buf)
+    if array.devices() == {where}:
+      return array
+  return jax.device_put(buf, where)
 
 
 def _stacked_sharding(layer: Array) -> jax.sharding.Sharding:
