@@ -398,9 +398,17 @@ def _layer_of(state: Any, i: int) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-# The layer index traced: one compiled slice per variable shape, not one per (shape, layer) as
-# eager ``x[i]`` would compile (and keep) for every layer of the walk.
-_take = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
+def _take(x: Array, i: int) -> Array:
+  """``x[i]``: on one CPU device a copy of the host view's row (nothing compiled: every
+  compiled executable keeps ~1.5 MB of host memory), elsewhere one compiled slice per shape
+  with the index traced (eager ``x[i]`` would compile one per layer)."""
+  devices = x.devices()
+  if len(devices) == 1 and next(iter(devices)).platform == "cpu":
+    return jax.device_put(np.asarray(x)[i], next(iter(devices)))
+  return _take_traced(x, i)
+
+
+_take_traced = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
 
 
 def _with_stack_name(v: nnx.Variable, name: Any) -> nnx.Variable:
