@@ -281,9 +281,8 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
         raise ValueError(f"calibration: the model never called {block_path!r}")
   finally:
     set_at(model, block_path, original)
-  # The stopped passes leave reference cycles (tracebacks through the model's frames) that
-  # hold their activations and, for a stack, slices of its first layer; free them now.
-  gc.collect()
+  if stacked:  # the stopped Python-loop scans left layer 0's slices in reference cycles
+    gc.collect()
   release_host_memory()
   return sink.calls
 
