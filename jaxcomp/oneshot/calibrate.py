@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-
 import pathlib
 import re
 from collections.abc import Callable, Sequence

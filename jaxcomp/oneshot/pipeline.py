@@ -309,19 +309,20 @@ class _Restack:
 
   def __init__(self, path: str, depth: int):
     self.path, self.depth = path, depth
-    self.graphdef = self.treedef = self.shapes = self.first = self.buffers = None
+    self.graphdef = self.treedef = self.first = self.buffers = None
 
   def put(self, i: int, graphdef: Any, state: Any) -> None:
     is_var = lambda x: isinstance(x, nnx.Variable)
     leaves, treedef = jax.tree.flatten(state, is_leaf=is_var)
     shapes = [(v[...].shape, v[...].dtype) for v in leaves]
     if self.buffers is None:
-      self.graphdef, self.treedef, self.shapes = graphdef, treedef, shapes
+      self.graphdef, self.treedef = graphdef, treedef
       # Layer 0's variables, values as shape and placement only: the stack's metadata.
       self.first = [v.replace(jax.ShapeDtypeStruct(v[...].shape, v[...].dtype,
                                                    sharding=v[...].sharding)) for v in leaves]
       self.buffers = [_host_buffer((self.depth,) + s, d) for s, d in shapes]
-    elif graphdef != self.graphdef or treedef != self.treedef or shapes != self.shapes:
+    elif (graphdef != self.graphdef or treedef != self.treedef
+          or shapes != [(f.get_value().shape, f.get_value().dtype) for f in self.first]):
       raise ValueError(f"{self.path}: solved layer {i} of the stack differs from layer 0 in "
                        "structure or shapes (e.g. ranks chosen by energy); the stack cannot be "
                        "rebuilt")
