@@ -400,8 +400,8 @@ def _layer_of(state: Any, i: int) -> Any:
 
 
 def _take(x: Array, i: int) -> Array:
-  """``x[i]``: on one CPU device a copy of the host view's row (nothing compiled: a compiled
-  executable keeps ~1.5 MB of host memory), elsewhere one compiled slice per shape with the
+  """``x[i]``: on one CPU device a copy of the host view's row (nothing compiled: compiled
+  executables stay resident in host memory), elsewhere one compiled slice per shape with the
   index traced (eager ``x[i]`` would compile one per layer)."""
   devices = x.devices()
   if len(devices) == 1 and next(iter(devices)).platform == "cpu":
