@@ -137,6 +137,7 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
     captures[path], originals[path] = cls(kernel_2d_shape(m)[0], dtype), (hook, getattr(m, hook))
     setattr(m, hook, nnx.data(captures[path]))
   run()
+  release_host_memory()
   for path, m, payload in todo:
     stats = captures.pop(path).stats()
     hook, fn = originals[path]
