@@ -401,15 +401,30 @@ def _layer_of(state: Any, i: int) -> Any:
 
 
 def _take(x: Array, i: int) -> Array:
-  """``x[i]``: on one CPU device a copy of the host view's row (nothing compiled: compiled
-  executables stay resident in host memory), elsewhere one compiled slice per shape with the
+  """``x[i]``: on one CPU device the row of the host buffer itself (`_RowOf`; a copy where the
+  row is not aligned for the CPU client, or the stack uncommitted), nothing compiled (compiled
+  executables stay resident in host memory); elsewhere one compiled slice per shape with the
   index traced (eager ``x[i]`` would compile one per layer)."""
   devices = x.devices()
   if len(devices) == 1 and next(iter(devices)).platform == "cpu":
-    row = np.asarray(x)[i]
+    if x.committed and x.dtype.kind in "iufc":
+      return jnp.from_dlpack(np.asarray(_RowOf(x, i)))
     # As committed as the stack: eager ops on committed and uncommitted arrays compile apart.
-    return jax.device_put(row, x.sharding) if x.committed else jnp.asarray(row)
+    return jax.device_put(np.asarray(x)[i], x.sharding) if x.committed else jnp.asarray(
+        np.asarray(x)[i])
   return _take_traced(x, i)
+
+
+class _RowOf:
+  """Row ``i`` of a CPU array's buffer, as an array interface DLPack can export (NumPy's own
+  view of a jax array is read-only, which DLPack cannot signal): the layer of a stack the walk
+  calibrates, without a copy. It holds the array, so the buffer outlives every view of it;
+  nothing writes through it (jax arrays are immutable and the walk donates nothing)."""
+
+  def __init__(self, x: Array, i: int):
+    row = np.asarray(x)[i]
+    self.owner = x
+    self.__array_interface__ = dict(row.__array_interface__, data=(row.ctypes.data, False))
 
 
 _take_traced = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
