@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TSTAMP): $(STAMP)
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e ".[test,aot]"
 	touch $(TSTAMP)
 
 $(BSTAMP): $(STAMP)

@@ -156,6 +156,7 @@ def interpret_sweep() -> None:
 def tiles_table(ms: list[int], kns: list[int]) -> None:
   """The tiles each TPU generation gets for int8 (W8A8) and int4 g128 (w4a16, bf16 x)."""
   int4_mod = importlib.import_module("pallas_kernels.int4_matmul")  # the module, not the fn
+  int8_mod = importlib.import_module("pallas_kernels.int8_matmul")
   print("| gen | ridge int8 / bf16 (ops/B) | kernel | M | K=N | tm x tn x tk | steps | "
         "VMEM MiB | model us | bound |")
   print("|---|---:|---|---:|---:|---|---:|---:|---:|---|")
@@ -166,9 +167,10 @@ def tiles_table(ms: list[int], kns: list[int]) -> None:
     for kn in kns:
       for m in ms:
         for name in ("int8", "int4_g128"):
-          if name == "int8":
-            kw = dict(x_bytes=1, w_bytes=1)
-            b = tiling.tpu_blocks(gen, m=m, n=kn, k=kn, **kw)
+          if name == "int8":  # v4: bf16 tiles of at most 1024 deep (no int8 MXU)
+            kw = int8_mod.tpu_tile_bytes(gen)
+            b = tiling.tpu_blocks(gen, m=m, n=kn, k=kn, k_max=None if c.int8_mxu else 1024,
+                                  **kw)
           else:
             kw = dict(x_bytes=2, w_bytes=0.5, peak="bf16",
                       w_temp_bytes=int4_mod._DEQUANT_TEMP_BYTES)  # pylint: disable=protected-access

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -17,12 +20,52 @@ ENV_BACKEND = "JAXCOMP_KERNEL_BACKEND"
 ENV_INTERPRET = "JAXCOMP_KERNEL_INTERPRET"
 
 
+# What an ahead-of-time compile targets (`compiling_for`): (platform, TPU generation or None).
+_TARGET: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "pallas_kernels_target", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str, generation: str | None = None) -> Iterator[None]:
+  """Traces inside this context are for ``platform`` ("tpu", "cuda", "cpu"), not the host's:
+  ``backend="auto"`` resolves to that platform's kernels, the kernels are not interpreted, and
+  TPU tiles are chosen for ``generation`` (v4, v5e, v5p, v6e). For compiling on a host without
+  the hardware (`jaxcomp.aot`).
+
+  Example::
+
+    with compiling_for("tpu", "v6e"):
+      compiled = jax.jit(f).lower(*avals_on_tpu_devices).compile()
+  """
+  if platform not in ("tpu", "cuda", "cpu"):
+    raise ValueError(f"platform must be 'tpu', 'cuda' or 'cpu'; got {platform!r}")
+  token = _TARGET.set((platform, generation))
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def target_platform() -> str:
+  """The platform programs are traced for: the `compiling_for` target's, else the default
+  device's ("cpu", "tpu", "gpu", ...)."""
+  target = _TARGET.get()
+  return target[0] if target is not None else jax.default_backend()
+
+
+def target_generation() -> str | None:
+  """The TPU generation of the `compiling_for` target, or None outside one."""
+  target = _TARGET.get()
+  return None if target is None else target[1]
+
+
 def resolve_backend(backend: str | None) -> str:
   """The backend a call runs on: ``backend`` if given, else ``$JAXCOMP_KERNEL_BACKEND``, else
-  the default device's platform (tpu -> Mosaic kernel, gpu -> Triton kernel, else XLA)."""
+  the target platform (`target_platform`: tpu -> Mosaic kernel, gpu -> Triton kernel, else
+  XLA)."""
   chosen = backend or os.environ.get(ENV_BACKEND) or "auto"
   if chosen == "auto":
-    platform = jax.default_backend()
+    platform = target_platform()
     return "tpu" if platform == "tpu" else "gpu" if platform in ("gpu", "cuda", "rocm") else "xla"
   if chosen not in BACKENDS:
     source = "backend" if backend else f"${ENV_BACKEND}"
@@ -32,9 +75,12 @@ def resolve_backend(backend: str | None) -> str:
 
 def resolve_interpret(interpret: bool | None, backend: str) -> bool:
   """``interpret`` if given, else ``$JAXCOMP_KERNEL_INTERPRET`` ("1" / "0"), else whether the
-  kernel's hardware is absent (a TPU kernel forced on a CPU host runs in the interpreter)."""
+  kernel's hardware is absent (a TPU kernel forced on a CPU host runs in the interpreter;
+  inside `compiling_for` the target's kernels are compiled, never interpreted)."""
   if interpret is not None:
     return bool(interpret)
+  if _TARGET.get() is not None:
+    return False
   env = os.environ.get(ENV_INTERPRET, "")
   if env:
     return env.lower() in ("1", "true", "yes")

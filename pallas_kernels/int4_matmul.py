@@ -168,6 +168,10 @@ def int4_matmul(x: Array, w_packed: Array, scales: Array, *, group: int | None,
   if blocks is None:
     blocks = _tpu_blocks(m, n, k, group, x.dtype) if backend == "tpu" else tiling.gpu_blocks(
         m, n, k, tk=group or 64)  # one group per K step: a (1, tn) scale row
+  elif backend == "tpu":
+    tiling.check_tpu_blocks("int4_matmul", tiling.current_generation(), blocks,
+                            x_bytes=jnp.dtype(x.dtype).itemsize, w_bytes=0.5,
+                            out_bytes=out_dtype.itemsize, w_temp_bytes=_DEQUANT_TEMP_BYTES)
   tm, tn, tk = blocks.tm, blocks.tn, blocks.tk
   cm.check(tk % 2 == 0 and (group is None or tk % group == 0),
            f"int4_matmul: blocks.tk={tk} must be even and a multiple of group {group}")

@@ -2,7 +2,10 @@
 
 ``y = act(acc * x_scale[:, None] * w_scale[None, :] + bias)`` with ``acc = x @ w`` summed
 exactly in int32 over K blocks in a scratch accumulator (TPU: VMEM scratch over the
-"arbitrary" K grid axis; GPU: a loop inside the program), then scaled once. With
+"arbitrary" K grid axis; GPU: a loop inside the program), then scaled once. TPU v4's MXU has
+no int8 mode: there each K tile (at most 1024 deep) is converted to bf16 in VMEM and summed in
+f32 on the bf16 MXU, exact because every partial sum is an integer below 2**24, then added to
+the int32 accumulator (the same bits as an int8 MXU, at the bf16 rate). With
 ``out_dtype=jnp.int32`` and no scales the raw accumulator is returned (what the tests compare
 bit for bit).
 
@@ -117,10 +120,19 @@ def int8_matmul(x: Array, w: Array, x_scale: Array | None = None, w_scale: Array
     return int8_matmul_reference(x, w, x_scale, w_scale, bias, activation=activation,
                                  out_dtype=out_dtype, w_layout=w_layout)
   interpret = cm.resolve_interpret(interpret, backend)
+  generation = tiling.current_generation()
+  int8_mxu = tiling.chip(generation).int8_mxu if backend == "tpu" else True
   if blocks is None:
-    blocks = (tiling.tpu_blocks(tiling.current_generation(), m=m, n=n, k=k, x_bytes=1,
-                                w_bytes=1, out_bytes=out_dtype.itemsize)
+    blocks = (tiling.tpu_blocks(generation, m=m, n=n, k=k, out_bytes=out_dtype.itemsize,
+                                k_max=None if int8_mxu else _BF16_TK_MAX, **tpu_tile_bytes(
+                                    generation))
               if backend == "tpu" else tiling.gpu_blocks(m, n, k))
+  elif backend == "tpu":
+    tiling.check_tpu_blocks("int8_matmul", generation, blocks, out_bytes=out_dtype.itemsize,
+                            **tpu_tile_bytes(generation))
+    cm.check(int8_mxu or blocks.tk <= _BF16_TK_MAX,
+             f"int8_matmul: tk={blocks.tk} on {generation} (no int8 MXU: bf16 tiles, exact "
+             f"only for tk <= {_BF16_TK_MAX})")
   tm, tn, tk = blocks.tm, blocks.tn, blocks.tk
   mp, np_, kp = cm.round_up(m, tm), cm.round_up(n, tn), cm.round_up(k, tk)
   xp = cm.pad_to(x, (mp, kp))
@@ -130,10 +142,30 @@ def int8_matmul(x: Array, w: Array, x_scale: Array | None = None, w_scale: Array
   ws = None if w_scale is None else cm.pad_to(w_scale.reshape(1, -1).astype(jnp.float32),
                                               (1, np_))
   b = None if bias is None else cm.pad_to(bias.reshape(1, -1).astype(jnp.float32), (1, np_))
-  run = _tpu_call if backend == "tpu" else _gpu_call
-  y = run(xp, wp, xs, ws, b, blocks=blocks, activation=activation, out_dtype=out_dtype,
-          w_layout=w_layout, interpret=cm.interpret_arg(backend, interpret))
+  kw = dict(blocks=blocks, activation=activation, out_dtype=out_dtype, w_layout=w_layout,
+            interpret=cm.interpret_arg(backend, interpret))
+  y = (_tpu_call(xp, wp, xs, ws, b, int8_mxu=int8_mxu, **kw) if backend == "tpu"
+       else _gpu_call(xp, wp, xs, ws, b, **kw))
   return y[:m, :n]
+
+
+# Without an int8 MXU (v4) the tiles are converted to bf16 in VMEM: K tiles of at most 1024
+# keep each tile's f32 sum exact (|sum| <= 1024 * 128**2 = 2**24).
+_BF16_TK_MAX = 1024
+
+
+def tpu_tile_bytes(generation: str) -> dict[str, float]:
+  """The per-element byte counts `tiling.tpu_blocks` / `tiling.roofline` take for this
+  kernel on ``generation``: int8 operands, and on v4 (no int8 MXU) the bf16 copies of both
+  tiles and the f32 partial sum, its int32 cast and the new accumulator.
+
+  Example:
+    >>> tpu_tile_bytes("v4")["x_temp_bytes"]
+    2
+  """
+  if tiling.chip(generation).int8_mxu:
+    return dict(x_bytes=1, w_bytes=1)
+  return dict(x_bytes=1, w_bytes=1, w_temp_bytes=2, x_temp_bytes=2, acc_temp_bytes=12)
 
 
 def _operands(xs, ws, b):
@@ -154,7 +186,8 @@ def _cost(mp, np_, kp, out_dtype, n_epi) -> pl.CostEstimate:
                          + 4 * n_epi * (mp + np_))
 
 
-def _tpu_call(xp, wp, xs, ws, b, *, blocks, activation, out_dtype, w_layout, interpret):
+def _tpu_call(xp, wp, xs, ws, b, *, blocks, activation, out_dtype, w_layout, interpret,
+              int8_mxu=True):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
   (mp, kp), tm, tn, tk = xp.shape, blocks.tm, blocks.tn, blocks.tk
   np_ = wp.shape[1] if w_layout == "kn" else wp.shape[0]
@@ -170,8 +203,14 @@ def _tpu_call(xp, wp, xs, ws, b, *, blocks, activation, out_dtype, w_layout, int
     def _init():
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], dims,
-                                        preferred_element_type=jnp.int32)
+    if int8_mxu:
+      acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], dims,
+                                          preferred_element_type=jnp.int32)
+    else:  # bf16 MXU: int8 values and this tile's f32 sum are exact; int32 across tiles
+      part = jax.lax.dot_general(x_ref[...].astype(jnp.bfloat16),
+                                 w_ref[...].astype(jnp.bfloat16), dims,
+                                 preferred_element_type=jnp.float32)
+      acc_ref[...] += part.astype(jnp.int32)
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _store():

@@ -25,6 +25,8 @@ import dataclasses
 import functools
 import os
 
+from pallas_kernels import _common
+
 # Per-grid-step overhead of a Pallas TPU kernel (pipeline bookkeeping, DMA issue), from the
 # Pallas TPU docs' guidance that each step costs ~0.35 us.
 _STEP_OVERHEAD_S = 0.35e-6
@@ -54,11 +56,12 @@ class Chip:
   TensorCores)."""
 
   name: str
-  peak_ops: float  # int8 ops/s where the MXU has an int8 mode, else bf16
+  peak_ops: float  # int8 ops/s where the MXU has an int8 mode, else bf16 (see int8_mxu)
   peak_bf16: float
   hbm_bw: float  # bytes/s
   mxu: int  # MXU width (128 before v6e, 256 on v6e)
   vmem_budget: int  # bytes
+  int8_mxu: bool = True  # False on v4: int8 tiles run on the bf16 MXU (int8_matmul)
 
 
 @functools.cache
@@ -77,13 +80,19 @@ def chip(generation: str) -> Chip:
   cores = version.num_physical_tensor_cores_per_chip
   info = pltpu.get_tpu_info_for_chip(version, 1)
   bf16 = info.bf16_ops_per_second * cores
-  int8 = info.int8_ops_per_second * cores or bf16  # v4's MXU runs int8 at the bf16 rate
-  return Chip(generation, int8, bf16, info.mem_bw_bytes_per_second * cores,
-              info.mxu_column_size, _SCOPED_VMEM[generation] * 3 // 4)
+  # v4's MXU has no int8 mode (Mosaic rejects an int8 matmul for it): `int8_matmul` converts
+  # its int8 tiles to bf16 in VMEM there, so int8 runs at the bf16 rate.
+  int8 = info.int8_ops_per_second * cores
+  return Chip(generation, int8 or bf16, bf16, info.mem_bw_bytes_per_second * cores,
+              info.mxu_column_size, _SCOPED_VMEM[generation] * 3 // 4, int8_mxu=int8 > 0)
 
 
 def current_generation() -> str:
-  """The TPU generation to tile for: ``$JAXCOMP_TPU_GENERATION``, the attached TPU, or v5e."""
+  """The TPU generation to tile for: the `compiling_for` target's, ``$JAXCOMP_TPU_GENERATION``,
+  the attached TPU, or v5e."""
+  target = _common.target_generation()
+  if target:
+    return target
   env = os.environ.get(ENV_GENERATION)
   if env:
     return env
@@ -126,13 +135,14 @@ class Roofline:
 
 
 def _model(c: Chip, ops: float, b: Blocks, m: int, n: int, k: int, x_bytes: float,
-           w_bytes: float, out_bytes: float, w_temp_bytes: float = 0) -> Roofline:
+           w_bytes: float, out_bytes: float, w_temp_bytes: float = 0,
+           x_temp_bytes: float = 0, acc_temp_bytes: float = 0) -> Roofline:
   gm, gn, gk = _cdiv(m, b.tm), _cdiv(n, b.tn), _cdiv(k, b.tk)
   mp, np_, kp = gm * b.tm, gn * b.tn, gk * b.tk
   traffic = mp * kp * x_bytes * gn + kp * np_ * w_bytes * gm + mp * np_ * out_bytes
   compute, memory = 2 * mp * np_ * kp / ops, traffic / c.hbm_bw
   vmem = (2 * (b.tm * b.tk * x_bytes + b.tk * b.tn * w_bytes) + b.tk * b.tn * w_temp_bytes
-          + b.tm * b.tn * (4 + 2 * out_bytes))
+          + b.tm * b.tk * x_temp_bytes + b.tm * b.tn * (4 + acc_temp_bytes + 2 * out_bytes))
   steps = gm * gn * gk
   return Roofline(max(compute, memory) + steps * _STEP_OVERHEAD_S, compute, memory, traffic,
                   steps, vmem)
@@ -140,7 +150,8 @@ def _model(c: Chip, ops: float, b: Blocks, m: int, n: int, k: int, x_bytes: floa
 
 def roofline(generation: str, blocks: Blocks, *, m: int, n: int, k: int, x_bytes: float,
              w_bytes: float, out_bytes: float = 2, peak: str = "int8",
-             w_temp_bytes: float = 0) -> Roofline:
+             w_temp_bytes: float = 0, x_temp_bytes: float = 0,
+             acc_temp_bytes: float = 0) -> Roofline:
   """The model `tpu_blocks` minimises, for given tiles (for tables and docs).
 
   Example:
@@ -151,13 +162,14 @@ def roofline(generation: str, blocks: Blocks, *, m: int, n: int, k: int, x_bytes
   """
   c = chip(generation)
   return _model(c, c.peak_ops if peak == "int8" else c.peak_bf16, blocks, m, n, k, x_bytes,
-                w_bytes, out_bytes, w_temp_bytes)
+                w_bytes, out_bytes, w_temp_bytes, x_temp_bytes, acc_temp_bytes)
 
 
 @functools.cache
 def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_bytes: float,
                out_bytes: float = 2, row_align: int = 32, k_align: int = 128,
-               peak: str = "int8", w_temp_bytes: float = 0) -> Blocks:
+               peak: str = "int8", w_temp_bytes: float = 0, x_temp_bytes: float = 0,
+               acc_temp_bytes: float = 0, k_max: int | None = None) -> Blocks:
   """The roofline-optimal ``(tm, tn, tk)`` for a ``(m, k) @ (k, n)`` kernel on a generation.
 
   Args:
@@ -170,6 +182,11 @@ def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_byt
     peak: "int8" or "bf16": which MXU rate bounds the compute.
     w_temp_bytes: VMEM per weight-tile element for in-kernel temporaries (int4: the
       unpacked f32 and the cast copy, 6).
+    x_temp_bytes, acc_temp_bytes: the same per activation-tile and per output-tile element
+      (int8 on v4: the bf16 copy of the x tile, 2; the f32 partial sum, its int32 cast and
+      the new accumulator, 12).
+    k_max: largest ``tk`` (int8 on v4's bf16 MXU: 1024, where the f32 sum of a tile is
+      still exact).
 
   Returns:
     `Blocks` with ``tm`` a multiple of ``row_align`` and ``tn``, ``tk`` multiples of 128 and
@@ -182,13 +199,13 @@ def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_byt
   lane = max(128, min(c.mxu, _cdiv(n, 128) * 128))
   tns = sorted({min(t, _cdiv(n, lane) * lane) for t in _pow2_range(lane, 4096)})
   kq = max(k_align, 128)
-  tks = sorted({min(t, _cdiv(k, kq) * kq) for t in _pow2_range(kq, 8192)})
+  tks = sorted({min(t, _cdiv(k, kq) * kq) for t in _pow2_range(kq, k_max or 8192)})
   best, best_t = None, float("inf")
   for tm in tms:
     for tn in tns:
       for tk in tks:
         r = _model(c, ops, Blocks(tm, tn, tk), m, n, k, x_bytes, w_bytes, out_bytes,
-                   w_temp_bytes)
+                   w_temp_bytes, x_temp_bytes, acc_temp_bytes)
         if r.vmem_bytes > c.vmem_budget:
           continue
         t = r.time_s
@@ -197,6 +214,27 @@ def tpu_blocks(generation: str, *, m: int, n: int, k: int, x_bytes: float, w_byt
   if best is None:
     raise ValueError(f"no tile of ({m}, {k}) @ ({k}, {n}) fits {generation}'s VMEM budget")
   return best
+
+
+def check_tpu_blocks(kernel: str, generation: str, blocks: Blocks, *, x_bytes: float,
+                     w_bytes: float, out_bytes: float, w_temp_bytes: float = 0,
+                     x_temp_bytes: float = 0, acc_temp_bytes: float = 0) -> None:
+  """Raises a one-line ValueError if tiles given by hand need more VMEM than ``generation``
+  grants a kernel (`tpu_blocks` never picks such tiles; the compiler would fail with an
+  out-of-VMEM error deep in the compile).
+
+  Example:
+    >>> check_tpu_blocks("int8_matmul", "v5e", Blocks(256, 256, 512), x_bytes=1, w_bytes=1,
+    ...                  out_bytes=2)
+  """
+  c = chip(generation)
+  need = _model(c, c.peak_ops, blocks, blocks.tm, blocks.tn, blocks.tk, x_bytes, w_bytes,
+                out_bytes, w_temp_bytes, x_temp_bytes, acc_temp_bytes).vmem_bytes
+  if need > c.vmem_budget:
+    raise ValueError(
+        f"{kernel}: tiles (tm={blocks.tm}, tn={blocks.tn}, tk={blocks.tk}) need "
+        f"{need / 2**20:.1f} MiB of VMEM; {generation} grants a kernel "
+        f"{c.vmem_budget / 2**20:.0f} MiB (3/4 of its scoped VMEM): use smaller tiles")
 
 
 def gpu_blocks(m: int, n: int, k: int, *, tk: int = 64) -> Blocks:

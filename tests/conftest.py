@@ -6,9 +6,15 @@ when jax first initialises its backends, so this must run before any test
 module imports jax; pytest imports this file first (also in each xdist worker,
 which inherits the environment). Every other test keeps running on device 0.
 An existing ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` wins.
+
+``JAX_PLATFORMS=cpu`` (unless set): the suite runs on the host, and with the TPU / CUDA
+plugins of the ``aot`` extra installed, jax would otherwise try (and fail, loudly on stderr)
+to initialise them in every process; `jaxcomp.aot` still compiles for both.
 """
 
 import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
 

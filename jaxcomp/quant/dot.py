@@ -413,7 +413,7 @@ def quant_dot_general(
 def _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_element_type,
                out_sharding, out_dtype):
   """The float dot of a weight-only layer (on a fake-quantized or dequantized kernel)."""
-  if jax.default_backend() == "cpu" and frame.B == 1 and preferred_element_type is None:
+  if pallas_kernels.target_platform() == "cpu" and frame.B == 1 and preferred_element_type is None:
     y = _cpu_float_dot(frame.lhs(lhs)[0], frame.rhs(w_hat)[0], precision)
     return frame.out(y).astype(out_dtype)
   kw = {} if out_sharding is None else {"out_sharding": out_sharding}
@@ -486,7 +486,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
       y = pallas_kernels.int8_matmul(qx, qw, s_x[0, :, 0], qa.scale[:, 0], w_layout="nk",
                                      out_dtype=jnp.float32, backend=backend)
       return frame.out(y[None]).astype(out_dtype)
-    if jax.default_backend() == "cpu" and m < _CPU_SKINNY_ROWS:
+    if pallas_kernels.target_platform() == "cpu" and m < _CPU_SKINNY_ROWS:
       qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
       acc = jax.lax.dot_general(qw, qx, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.int32).T[:m]

@@ -34,6 +34,24 @@ def test_accumulator_is_bit_exact(backend, m, k, n, layout):
       int8_matmul_reference(x, w, out_dtype=jnp.int32, w_layout=layout)))
 
 
+def test_v4_bf16_mxu_path_is_bit_exact_at_the_largest_k_tile(monkeypatch):
+  """v4 has no int8 MXU: int8 tiles run as bf16 with an f32 sum per K tile. At the extreme
+  values (-128 * -128 everywhere) over tk = 1024 the tile sum is 2**24, still exact."""
+  monkeypatch.setenv("JAXCOMP_TPU_GENERATION", "v4")
+  x = jnp.full((8, 2048), -128, jnp.int8)
+  w = jnp.full((2048, 128), -128, jnp.int8)
+  y = int8_matmul(x, w, out_dtype=jnp.int32, backend="tpu", interpret=True,
+                  blocks=Blocks(8, 128, 1024))
+  np.testing.assert_array_equal(np.asarray(y), np.full((8, 128), 2048 * 128 * 128))
+  rng = np.random.default_rng(4)
+  x, w = _ints(rng, (40, 384)), _ints(rng, (384, 260))
+  y = int8_matmul(x, w, out_dtype=jnp.int32, backend="tpu", interpret=True,
+                  blocks=BLOCKS["tpu"])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+  with pytest.raises(ValueError, match="tk <= 1024"):
+    int8_matmul(x, w, backend="tpu", interpret=True, blocks=Blocks(32, 128, 2048))
+
+
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_fused_epilogue(backend, activation):

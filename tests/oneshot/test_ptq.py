@@ -157,3 +157,23 @@ def test_asymmetric_and_full_grid_gptq_pack_and_serve_the_same_logits(spec):
   tokens = calib[:2]
   np.testing.assert_allclose(np.asarray(packed(tokens)), np.asarray(q(tokens)), rtol=1e-5,
                              atol=1e-5)
+
+
+def test_stack_walk_host_memory_plumbing():
+  """The stack walk's host-memory measures: a layer of a committed CPU stack is its host row
+  (no copy, alive after the stack is dropped); the cache a stacked catch clears exists in this
+  jax (`calibrate._drop_eager_executables`)."""
+  import gc  # pylint: disable=import-outside-toplevel
+  from jax._src import dispatch  # pylint: disable=import-outside-toplevel
+  from jaxcomp.oneshot import pipeline  # pylint: disable=import-outside-toplevel
+  assert callable(getattr(dispatch.xla_primitive_callable, "cache_clear", None))
+  x = jax.device_put(jnp.arange(4 * 64 * 32, dtype=jnp.float32).reshape(4, 64, 32),
+                     jax.devices()[0])
+  row = pipeline._take(x, 2)
+  assert row.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + 2 * 64 * 32 * 4
+  expected = np.asarray(x)[2].copy()
+  del x
+  gc.collect()
+  np.testing.assert_array_equal(np.asarray(row), expected)
+  odd = jax.device_put(jnp.ones((3, 5, 7), jnp.bfloat16), jax.devices()[0])  # copied
+  np.testing.assert_array_equal(np.asarray(pipeline._take(odd, 1)), np.ones((5, 7)))
