@@ -9,12 +9,16 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-core
 TSTAMP  := $(VENV)/.installed-test
 BSTAMP  := $(VENV)/.installed-bench
+# The CUDA plugin of the installed jax, for jaxcomp.aot's GPU targets only: its own directory
+# (PYTHONPATH of the processes that compile for GPUs), as loaded into every jax process it
+# would print CUDA driver warnings. No CUDA libraries: XLA:GPU runs the ptxas on PATH.
+GPU_PLUGIN := $(VENV)/aot-gpu
 
 DATA_DIR ?= $(or $(TFDS_DATA_DIR),$(HOME)/tensorflow_datasets)
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench data synthetic clean
+.PHONY: demo test bench data synthetic clean aot-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -25,6 +29,14 @@ $(STAMP): pyproject.toml
 $(TSTAMP): $(STAMP)
 	$(VPY) -m pip install -q -e ".[test,aot]"
 	touch $(TSTAMP)
+
+$(GPU_PLUGIN)/.installed: $(STAMP)
+	v=$$($(VPY) -c "import jax; print(jax.__version__)") && \
+	  $(VPY) -m pip install -q --no-deps --target $(GPU_PLUGIN) \
+	    "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v"
+	touch $@
+
+aot-gpu: $(GPU_PLUGIN)/.installed
 
 $(BSTAMP): $(STAMP)
 	$(VPY) -m pip install -q -e ".[bench]"
@@ -42,7 +54,7 @@ demo: data
 synthetic: $(STAMP)
 	$(VPY) -m jaxcomp.demo
 
-test: $(TSTAMP)
+test: $(TSTAMP) $(GPU_PLUGIN)/.installed
 	$(VPY) -m pytest -q -n 2 --dist worksteal tests
 
 bench: $(BSTAMP)

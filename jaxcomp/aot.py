@@ -8,10 +8,12 @@ compiling_for`), compiles it, and reports what the compiler says of one device: 
 arguments, outputs, temporaries and code, and for TPUs its cost model (flops, bytes, the summed
 ``estimated_cycles`` of the fusions). Those are **compiler estimates**, not measurements.
 
-TPU targets need ``libtpu`` (the version ``jax[tpu]`` pins); GPU targets need the CUDA plugin
-of this jax and a ``ptxas`` (a CUDA toolkit's; no CUDA libraries), in a process whose platforms
-are CPU only (``JAX_PLATFORMS=cpu``: there is no GPU to initialise). ``pip install -e
-'.[aot]'`` installs both plugins (the test target does).
+TPU targets need ``libtpu`` (the version ``jax[tpu]`` pins: ``pip install -e '.[aot]'``). GPU
+targets need the CUDA plugin of this jax and a ``ptxas`` (a CUDA toolkit's; no CUDA libraries):
+``make aot-gpu`` puts the plugin in ``.venv/aot-gpu``, kept off the default path because every
+jax process that finds it prints CUDA driver warnings; compile for GPUs in a process with
+``PYTHONPATH=.venv/aot-gpu`` and ``JAX_PLATFORMS=cpu`` (there is no GPU to initialise). With
+libtpu installed, ``JAX_PLATFORMS=cpu`` also keeps jax from trying to start a TPU.
 
 Example::
 
@@ -190,7 +192,8 @@ def missing(platform: str) -> str | None:
   if platform != "cuda":
     raise ValueError(f"platform must be 'tpu' or 'cuda'; got {platform!r}")
   if not _installed("jax_plugins.xla_cuda12"):
-    return "the CUDA plugin of this jax is not installed (pip install -e '.[aot]')"
+    return ("the CUDA plugin of this jax is not on the path (make aot-gpu, then "
+            "PYTHONPATH=.venv/aot-gpu)")
   if jax.config.jax_platforms != "cpu":
     return "GPU targets compile in a CPU-only process (set JAX_PLATFORMS=cpu)"
   if not (shutil.which("ptxas") or os.path.exists("/usr/local/cuda/bin/ptxas")
@@ -206,6 +209,8 @@ def _devices(platform: str, topology: str, name: str) -> list[Any]:
   if why:
     raise RuntimeError(f"cannot compile for {name}: {why}")
   if platform == "tpu":  # hosts of up to 2x2 chips, so that single chips and pairs exist too
+    if jax.default_backend() != "tpu":  # compile-only: no TPU to hold, so let several
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # processes load libtpu at once
     dims = [int(d) for d in topology.partition(":")[2].split("x")]
     return list(topologies.get_topology_desc(
         platform="tpu", topology_name=topology,
