@@ -611,7 +611,7 @@ class Llama(nnx.Module):
     residual = ("act_batch", "act_seq", "act_embed")
     h = constrain(self.embed(tokens), *residual)
     if self.config.scan_layers:
-      h, hiddens, cache = self._scan_blocks(h, positions, cache, fresh_cache)
+      h, hiddens, cache = self._scan_blocks(h, positions, cache, fresh_cache, return_hidden)
     else:
       hiddens = []
       for i, block in enumerate(self.layers):
@@ -628,11 +628,13 @@ class Llama(nnx.Module):
     return (logits, hiddens, cache) if return_hidden else (logits, cache)
 
   def _scan_blocks(self, h: jax.Array, positions: jax.Array, cache: KVCache | None,
-                   fresh_cache: bool) -> tuple[jax.Array, list[jax.Array], KVCache | None]:
+                   fresh_cache: bool, return_hidden: bool = False,
+                   ) -> tuple[jax.Array, list[jax.Array], KVCache | None]:
     """The stacked blocks under ``jax.lax.scan``: the residual stream (and the cache, whose
-    layer ``i`` block ``i`` writes) is the carry; each block's output is also stacked, for
-    ``return_hidden``. Functional (split once, merge one block per step) rather than
-    ``nnx.scan``, so the model also runs inside ``jax.grad`` of a function that merged it."""
+    layer ``i`` block ``i`` writes) is the carry; with ``return_hidden`` each block's output is
+    also stacked (only then: run eagerly, the scan would allocate ``n_layers`` activations).
+    Functional (split once, merge one block per step) rather than ``nnx.scan``, so the model
+    also runs inside ``jax.grad`` of a function that merged it."""
     residual = ("act_batch", "act_seq", "act_embed")
     graphdef, state = nnx.split(self.layers)
 
@@ -644,11 +646,11 @@ class Llama(nnx.Module):
       else:
         h, cache = block(h, positions, cache, xs[1], fresh_cache)
       h = constrain(h, *residual)
-      return (h, cache), h
+      return (h, cache), (h if return_hidden else None)
 
     (h, cache), stacked = jax.lax.scan(step, (h, cache),
                                        (state, jnp.arange(self.config.n_layers)))
-    return h, list(stacked), cache
+    return h, [] if stacked is None else list(stacked), cache
 
   def head(self, h: jax.Array) -> jax.Array:
     """Final norm and output head: residual stream ``[..., D]`` -> logits ``[..., V]``.

@@ -14,6 +14,7 @@ before it *after* they were quantized, so every layer is solved for the inputs i
 from __future__ import annotations
 
 import ctypes
+import logging
 import pathlib
 import re
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 from flax import nnx
 import jax
 from jax._src import dispatch  # the eager-primitive executable cache (_drop_eager_executables)
+from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 
@@ -228,18 +230,59 @@ class _Sink:
 
 
 class _Catcher(nnx.Module):
-  """Stands in for the first block: records its arguments, then stops the forward pass. For a
-  stacked block of ``depth`` layers it holds one ``int8[depth]`` array, so that a scan over it
-  finds its length without slicing the real stack (eagerly, each slice of a new shape would
-  compile an executable that stays resident: ~1.4 MB of host memory each, measured)."""
+  """Stands in for the first block: records its arguments, then stops the forward pass.
 
-  def __init__(self, sink: _Sink, depth: int | None = None):
+  Called with concrete arrays (an eager model, a Python loop over layers) it records them and
+  raises `_Stop`. Called inside a trace (the body of a ``lax.scan`` / ``nnx.scan`` over a stacked
+  block, or a jitted model) it adds an ``io_callback`` that records the first step's arguments
+  on the host and raises there, which aborts the compiled loop before the first layer's work,
+  and returns zeros shaped like the real block's output (``jax.eval_shape`` of one layer of
+  ``stack``, so the trace goes on). For a stack of ``depth`` layers it holds one
+  ``int8[depth]`` array, so that a scan over it finds its length without the real stack."""
+
+  def __init__(self, sink: _Sink, stack: nnx.Module | None = None):
     self.sink = sink
-    self.steps = None if depth is None else nnx.Param(jnp.zeros((depth,), jnp.int8))
+    if stack is None:
+      self.steps, self.layer = None, None
+      return
+    graphdef, state = nnx.split(stack)
+    self.steps = nnx.Param(jnp.zeros((jax.tree.leaves(state)[0].shape[0],), jnp.int8))
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    self.layer = _Static((graphdef, one))
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    self.sink.calls.append((args, kwargs))
-    raise _Stop
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    if self.layer is None or not any(isinstance(x, jax.core.Tracer) for x in leaves):
+      self.sink.calls.append((args, kwargs))
+      raise _Stop
+    arrays = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
+
+    def record(*values: np.ndarray) -> np.ndarray:
+      got = list(leaves)
+      for i, v in zip(arrays, values):
+        got[i] = jnp.asarray(v)
+      self.sink.calls.append(jax.tree.unflatten(treedef, got))
+      raise _Stop
+
+    io_callback(record, jax.ShapeDtypeStruct((), jnp.int32),
+                *[leaves[i] for i in arrays], ordered=True)
+    graphdef, one = self.layer.value
+    out = jax.eval_shape(lambda s, a, k: nnx.merge(graphdef, s)(*a, **k), one, args, kwargs)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
+
+
+class _QuietStop(logging.Filter):
+  """Drops the log record of a host callback that raised `_Stop`."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], _Stop))
+
+
+class _Static:
+  """A value NNX treats as static (not a pytree of arrays)."""
+
+  def __init__(self, value: Any):
+    self.value = value
 
 
 def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
@@ -247,17 +290,18 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
                  stacked: bool = False) -> list[tuple[tuple, dict]]:
   """The ``(args, kwargs)`` the module at ``block_path`` receives for each calibration batch.
 
-  The model runs eagerly up to that module only (its first call), so nothing after it costs.
+  The model runs up to that module only (its first call), so nothing after it costs.
 
   Args:
     model: an NNX model (left as it was on return).
     block_path: path of the module whose inputs to record (e.g. ``"layers/0"``).
     batches: calibration batches.
     call: ``call(model, batch)`` runs the model on one batch.
-    stacked: the module stacks layers run by a scan (``nnx.vmap`` + ``nnx.scan``): the model
-      runs under ``jax.disable_jit`` (the scan then loops in Python) and the arguments of the
-      scan's first step, the first layer's, are recorded. The scan body must call the layer it
-      is given (as ``nnx.scan`` over the stack or a split / merge per step does).
+    stacked: the module stacks layers run by a scan (``nnx.vmap`` + ``nnx.scan``, or
+      ``lax.scan`` over a split stack): the arguments of the scan's first step, the first
+      layer's, are recorded from inside the compiled scan (a host callback that then aborts it).
+      The scan body must call the layer it is given (as ``nnx.scan`` over the stack or a split /
+      merge per step does).
 
   Example::
 
@@ -266,23 +310,24 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
   """
   original = module_at(model, block_path)
   sink = _Sink()
-  depth = jax.tree.leaves(nnx.state(original))[0].shape[0] if stacked else None
-  set_at(model, block_path, _Catcher(sink, depth))
+  set_at(model, block_path, _Catcher(sink, original if stacked else None))
+  quiet = _QuietStop()  # jax logs every failed host callback: the stand-in's stop is no error
+  logging.getLogger("jax._src.callback").addFilter(quiet)
   try:
     for batch in batches:
       n = len(sink.calls)
       try:
-        if stacked:
-          with jax.disable_jit():
-            call(model, batch)
-        else:
-          call(model, batch)
+        jax.block_until_ready(call(model, batch))
       except _Stop:
         pass
+      except Exception:  # pylint: disable=broad-except
+        if len(sink.calls) != n + 1:  # not the stand-in's stop: the model's own error
+          raise
       if len(sink.calls) != n + 1:
         raise ValueError(f"calibration: the model never called {block_path!r}")
   finally:
     set_at(model, block_path, original)
+    logging.getLogger("jax._src.callback").removeFilter(quiet)
   if stacked:
     _drop_eager_executables()
   release_host_memory()

@@ -232,10 +232,12 @@ def _inside(path: str, block: str) -> bool:
 def _next_inputs(block: nnx.Module, inputs: list[tuple[tuple, dict]], dtype: Any
                  ) -> list[tuple[tuple, dict]]:
   """The next block's inputs: this (rewritten) block's output replaces the first argument,
-  in place, batch by batch (one set of activations alive, not two)."""
+  in place, batch by batch (one set of activations alive, not two): each batch's output is
+  waited for before the next is dispatched, so one batch's temporaries are alive at a time."""
   with _calibration_dots(block, dtype):
     for j, (args, kwargs) in enumerate(inputs):
-      inputs[j] = ((_run_block(block, args, kwargs),) + tuple(args[1:]), kwargs)
+      out = jax.block_until_ready(_run_block(block, args, kwargs))
+      inputs[j] = ((out,) + tuple(args[1:]), kwargs)
   return inputs
 
 
@@ -292,6 +294,7 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
 
     _capture_and_solve(layer_todo, run_capture, solve, dtype, root=block,
                        label=lambda p, i=i: f"{path}[{i}]/{p}")
+    jax.block_until_ready(nnx.state(block))  # the solvers' temporaries gone before the next pass
     if need_outputs or i < depth - 1:
       inputs = _next_inputs(block, inputs, dtype)
     out.put(i, *nnx.split(block))
