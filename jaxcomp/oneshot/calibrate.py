@@ -218,8 +218,13 @@ def low_precision_conv(lhs: Array, rhs: Array, window_strides: Any, padding: Any
   return y if dtype is None else y.astype(preferred_element_type or lhs.dtype)
 
 
+_STOP = "jaxcomp calibration: inputs recorded, forward pass stopped"
+
+
 class _Stop(Exception):
-  pass
+
+  def __init__(self):
+    super().__init__(_STOP)
 
 
 class _Sink:
@@ -227,6 +232,7 @@ class _Sink:
 
   def __init__(self):
     self.calls: list[tuple[tuple, dict]] = []
+    self.where: jax.sharding.Sharding | None = None  # where a host callback's values go
 
 
 class _Catcher(nnx.Module):
@@ -256,16 +262,19 @@ class _Catcher(nnx.Module):
       self.sink.calls.append((args, kwargs))
       raise _Stop
     arrays = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
+    where = self.sink.where  # the callback gets host values: put them back there
 
     def record(*values: np.ndarray) -> np.ndarray:
       got = list(leaves)
       for i, v in zip(arrays, values):
-        got[i] = jnp.asarray(v)
+        got[i] = jnp.asarray(v) if where is None else jax.device_put(v, where)
       self.sink.calls.append(jax.tree.unflatten(treedef, got))
       raise _Stop
 
+    # Unordered: an ordered callback threads jax's runtime token, which the raised stop would
+    # leave failed for every later ordered effect of the process (effects_barrier included).
     io_callback(record, jax.ShapeDtypeStruct((), jnp.int32),
-                *[leaves[i] for i in arrays], ordered=True)
+                *[leaves[i] for i in arrays], ordered=False)
     graphdef, one = self.layer.value
     out = jax.eval_shape(lambda s, a, k: nnx.merge(graphdef, s)(*a, **k), one, args, kwargs)
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
@@ -310,6 +319,9 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
   """
   original = module_at(model, block_path)
   sink = _Sink()
+  mesh = jax.sharding.get_mesh()  # the model's context mesh (`jax.set_mesh`), if any
+  sink.where = None if mesh.empty else jax.sharding.NamedSharding(mesh,
+                                                                  jax.sharding.PartitionSpec())
   set_at(model, block_path, _Catcher(sink, original if stacked else None))
   quiet = _QuietStop()  # jax logs every failed host callback: the stand-in's stop is no error
   logging.getLogger("jax._src.callback").addFilter(quiet)
@@ -323,6 +335,7 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
       except Exception:  # pylint: disable=broad-except
         if len(sink.calls) != n + 1:  # not the stand-in's stop: the model's own error
           raise
+        _forget_stopped_runs()
       if len(sink.calls) != n + 1:
         raise ValueError(f"calibration: the model never called {block_path!r}")
   finally:
@@ -332,6 +345,17 @@ def catch_inputs(model: nnx.Module, block_path: str, batches: Sequence[Any],
     _drop_eager_executables()
   release_host_memory()
   return sink.calls
+
+
+def _forget_stopped_runs() -> None:
+  """Drops the runtime tokens of the programs the stand-in stopped: jax keeps the last one of
+  each device for `jax.effects_barrier`, and a failed one would re-raise the stop there."""
+  try:
+    dispatch.runtime_tokens.block_until_ready()
+  except Exception as e:  # pylint: disable=broad-except
+    if _STOP not in str(e):
+      raise
+    dispatch.runtime_tokens.clear()
 
 
 def _drop_eager_executables() -> None:

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import io_callback
 
 import jaxcomp as jc
 from jaxcomp.layers.quant import QuantDot, SmoothScale
-from jaxcomp.models.llama import Llama, LlamaConfig
+from jaxcomp.models.llama import Llama, LlamaConfig, scan_layers
 from jaxcomp.oneshot.calibrate import catch_inputs, find_blocks
 
 PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
@@ -99,6 +100,23 @@ def test_catch_inputs_records_the_first_block_arguments(setup):
   np.testing.assert_allclose(h, model.embed(calib[:4]), rtol=1e-6)
   assert positions.shape == (4, 32) and kwargs == {}
   assert type(model.layers[0]).__name__ == "Block"  # restored
+
+
+def test_catching_a_scanned_stack_leaves_the_process_clean(setup):
+  """The stand-in stops the compiled scan from a host callback: the first layer's inputs are
+  recorded (eager and jitted model), and later ordered effects still run."""
+  model, calib, _ = setup
+  scanned = scan_layers(model)
+  for call in (lambda m, b: m(b), nnx.jit(lambda m, b: m(b))):
+    inputs = catch_inputs(scanned, "layers", [calib[:4]], call, stacked=True)
+    (h, positions), _ = inputs[0]
+    np.testing.assert_allclose(h, model.embed(calib[:4]), rtol=1e-6)
+    assert positions.shape == (4, 32)
+  jax.effects_barrier()  # the stopped programs' runtime tokens do not re-raise the stop
+  seen = []
+  jax.jit(lambda x: io_callback(lambda v: seen.append(v) or v, x, x, ordered=True))(jnp.ones(2))
+  jax.effects_barrier()
+  assert len(seen) == 1
 
 
 def test_find_blocks_orders_naturally():

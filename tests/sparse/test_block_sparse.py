@@ -25,7 +25,7 @@ def test_roundtrip_and_matmul_equal_masked_dense(k, n, block, p, seed):
   np.testing.assert_allclose(np.asarray(block_sparse_matmul(jnp.asarray(x), bs)),
                              x @ (w * keep), rtol=1e-5, atol=1e-5)
   gk, gn = -(-k // block[0]), -(-n // block[1])
-  assert int(bs.counts.sum()) == gk * gn - round(p * gk * gn)
+  assert int(bs.counts.sum()) == gk * gn - round(p * (gk * gn))  # round(p * n) of n tiles
 
 
 def test_layout_for_the_kernel():
