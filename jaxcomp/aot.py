@@ -299,6 +299,19 @@ def report_of(compiled: Any, target: Target, devices: int = 1) -> Report:
                        if _OURS in line and _KERNELS.search(line)))
 
 
+def tracing_for(target: Target) -> Any:
+  """A context in which jaxcomp's layers trace for ``target``: their Pallas kernels compiled
+  (not interpreted) and tiled for its TPU generation (`pallas_kernels.compiling_for`). Lower
+  and compile inside it.
+
+  Example::
+
+    with aot.tracing_for(aot.target("v6e")):
+      compiled = jax.jit(step).lower(*abstract_args).compile()
+  """
+  return pallas_kernels.compiling_for(target.platform, target.generation)
+
+
 def compile_for(fn: Callable[..., Any], *args: Any, target: Target | str,
                 mesh_shape: Mapping[str, int] | None = None, in_shardings: Any = None,
                 out_shardings: Any = None, donate_argnums: Sequence[int] = (),
@@ -339,7 +352,7 @@ def compile_for(fn: Callable[..., Any], *args: Any, target: Target | str,
     jit_kw["in_shardings"] = in_shardings
   if out_shardings is not None:
     jit_kw["out_shardings"] = out_shardings
-  with pallas_kernels.compiling_for(target.platform, target.generation), jax.set_mesh(mesh):
+  with tracing_for(target), jax.set_mesh(mesh):
     compiled = jax.jit(fn, **jit_kw).lower(*args).compile()
   return compiled, report_of(compiled, target, devices=mesh.size)
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run a jaxcomp config on every worker of a Cloud TPU VM slice (multi-host), with gcloud.
 #
-#   launch/tpu_pod.sh create     # the slice (TPU VM, runtime image), once
+#   launch/tpu_pod.sh check --config configs/smollm2_distill.py:w4_2of4 \
+#       --config.mesh.shape.fsdp=16 --config.mesh.rules=fsdp   # dry run here, no TPU
+#   launch/tpu_pod.sh create [<the same jaxcomp args>]  # the slice (TPU VM, runtime image),
+#                                # once; with args, only after the dry run says the step fits
 #   launch/tpu_pod.sh setup      # copy this checkout to every worker, pip install -e .
 #   launch/tpu_pod.sh run --config configs/smollm2_distill.py:w4_2of4 \
 #       --workdir /mnt/shared/runs/w4_2of4 --config.mesh.shape.fsdp=-1 --config.mesh.rules=fsdp
@@ -10,7 +13,14 @@
 #
 # Settings (environment): TPU_NAME (required), ZONE (required), PROJECT (default: gcloud's),
 # ACCELERATOR (default v5litepod-16), RUNTIME (default v2-alpha-tpuv5-lite), SPOT=1 for a
-# spot slice, REMOTE_DIR (default ~/jaxcomp), LOG_DIR (default ./pod_logs).
+# spot slice, REMOTE_DIR (default ~/jaxcomp), LOG_DIR (default ./pod_logs), TOPOLOGY (for
+# check / create with args: the slice as jaxcomp.aot names it, e.g. v5p:4x4x4 for a v5p-128,
+# v6e:16x16 for a v6e-256), PYTHON (default python3, for the local dry run).
+#
+# `check` compiles the config's training step for TOPOLOGY on this machine (python -m jaxcomp
+# --compile_only: the real TPU compiler, the model's shapes, no data or weights; needs
+# libtpu, pip install -e '.[aot]') and fails unless it fits in the chips' HBM; `create` with
+# jaxcomp arguments runs it first, so a slice is never created for a step that cannot run.
 #
 # `run` starts `python -m jaxcomp --distributed "$@"` on all workers at once
 # (`--worker=all`): jax.distributed.initialize() finds the coordinator and the process ids
@@ -23,8 +33,23 @@
 set -euo pipefail
 
 cmd=${1:-}
-[[ -n $cmd ]] || { sed -n '2,21p' "$0"; exit 2; }
+[[ -n $cmd ]] || { sed -n '2,31p' "$0"; exit 2; }
 shift
+
+dry_run() {  # compile the step for TOPOLOGY here; fails if it does not compile or fit
+  : "${TOPOLOGY:?set TOPOLOGY (e.g. v5p:4x4x4) for the dry run}"
+  local root workdir
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  workdir=$(mktemp -d)
+  (cd "$root" && JAX_PLATFORMS=cpu "${PYTHON:-python3}" -m jaxcomp --compile_only \
+     --topology="$TOPOLOGY" --workdir="$workdir" "$@")
+}
+
+if [[ $cmd == check ]]; then
+  [[ $# -gt 0 ]] || { echo "$0 check: give the jaxcomp arguments (--config ...)" >&2; exit 2; }
+  dry_run "$@"
+  exit
+fi
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v5litepod-16}
 RUNTIME=${RUNTIME:-v2-alpha-tpuv5-lite}
@@ -41,6 +66,7 @@ ssh_all() {  # run a shell command on every worker
 
 case $cmd in
   create)
+    [[ $# -eq 0 ]] || dry_run "$@"
     spot=()
     [[ ${SPOT:-0} == 1 ]] && spot=(--spot)
     "${tpu[@]}" create "$TPU_NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR" \
@@ -73,7 +99,7 @@ case $cmd in
     "${tpu[@]}" delete "$TPU_NAME" --zone="$ZONE" --quiet
     ;;
   *)
-    echo "$0: unknown command '$cmd' (create, setup, run, logs, delete)" >&2
+    echo "$0: unknown command '$cmd' (check, create, setup, run, logs, delete)" >&2
     exit 2
     ;;
 esac

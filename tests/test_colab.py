@@ -12,7 +12,7 @@ EXPECT = {
     "quickstart.ipynb": ("QuantDot", "w_step"),
     "compile_for_tpu.ipynb": ("v4 int8 kernels in the program: 1",
                               "v6e int8 kernels in the program: 1", "v5e:2x2 (4 devices)",
-                              "jaxcomp kernels: 14"),
+                              "jaxcomp kernels: 14", "fits: True"),
     "bring_your_own_model.ipynb": ("stacked: blocks/down x4", "left in float, not supported",
                                    "blocks[1]/up", "restored == packed: True", "layers[1]/up",
                                    "linen restored == packed: True"),

@@ -58,8 +58,9 @@ ALLOWED: dict[str, set[str]] = {
     "jaxcomp.data": {"jaxcomp.eval", "jaxcomp.models"},
     "jaxcomp.distill": {"jaxcomp.models", "jaxcomp.oneshot", "jaxcomp.data", "jaxcomp.eval",
                         "jaxcomp.recipe", "jaxcomp.sparse", "jaxcomp.lowrank"},
+    # aot: compile_step, the pod dry run, compiles the step for a target
     "jaxcomp.train": {"jaxcomp.distill", "jaxcomp.models", "jaxcomp.data", "jaxcomp.eval",
-                      "jaxcomp.rewrite", "jaxcomp.recipe", "jaxcomp.sparse"},
+                      "jaxcomp.rewrite", "jaxcomp.recipe", "jaxcomp.sparse", "jaxcomp.aot"},
     "jaxcomp.experiments": {"jaxcomp.oneshot", "jaxcomp.serve", "jaxcomp.models",
                             "jaxcomp.eval", "jaxcomp.recipe"},
     "jaxcomp.cli": {"jaxcomp.experiments", "jaxcomp.train", "jaxcomp.recipe", "jaxcomp.quant"},

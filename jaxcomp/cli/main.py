@@ -30,6 +30,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Dry run: compile the config's training step for --topology with "
+    "the real TPU / GPU compiler (no device, data or weights needed), print HBM per device and "
+    "write DIR/compile_report.json.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: a TPU slice or GPU as jaxcomp.aot.target names it "
+    "(v5p:4x4x4, v6e:16x16, v5e:2x2, h100, ...).")
 
 
 def _init_distributed() -> None:
@@ -73,6 +80,19 @@ def main(argv: list[str]) -> None:
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   job = run_ptq if config.get("task") == "ptq" else train  # training tasks: jaxcomp.train.tasks
+  if _COMPILE_ONLY.value or _TOPOLOGY.value:
+    if not (_COMPILE_ONLY.value and _TOPOLOGY.value):
+      sys.exit("jaxcomp: error: --compile_only and --topology go together")
+    if config.get("task") == "ptq":
+      sys.exit("jaxcomp: error: --compile_only compiles a training step; this config is a ptq "
+               "job")
+    from jaxcomp.train.loop import compile_step  # pylint: disable=import-outside-toplevel
+
+    def job(c, w):
+      try:
+        return compile_step(c, w, _TOPOLOGY.value)
+      except RuntimeError as e:  # the compiler's own errors (e.g. RESOURCE_EXHAUSTED): one line
+        raise ValueError(f"compiling for {_TOPOLOGY.value}: {str(e).splitlines()[0]}") from e
   try:
     _init_distributed()
     report = job(config, workdir)
@@ -90,6 +110,12 @@ def main(argv: list[str]) -> None:
   name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"],
                                                           "config_filename") else "run"
   md = _report_md(report, str(name))
+  if _COMPILE_ONLY.value:  # nothing ran: the run's report.json stays for a real run
+    print(md)
+    if not report["fits"]:
+      sys.exit(f"jaxcomp: error: the step does not fit {report['topology']}: "
+               f"{report['peak_gib']} GiB per device of {report['hbm_gib']} GiB HBM")
+    return
   _write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
   _write_atomic(os.path.join(workdir, "report.md"), md)
   logging.info("report written to %s", workdir)

@@ -132,12 +132,15 @@ class DistillTask:
     self._teacher_graphdef = None
     self._distill = None
 
-  def _load(self, config):
+  def _load(self, config, abstract=False):
     self._distill = config.distill
     if self._base is None:
-      from jaxcomp.models.zoo import load_model  # pylint: disable=import-outside-toplevel
-      self._base, self._tokenizer = load_model(config)
-      self._base = nnx.clone(self._base)
+      from jaxcomp.models import zoo  # pylint: disable=import-outside-toplevel
+      if abstract:
+        self._base = zoo.abstract_model(config)
+      else:
+        self._base, self._tokenizer = zoo.load_model(config)
+        self._base = nnx.clone(self._base)
     return self._base
 
   def data(self, config: ml_collections.ConfigDict) -> _TextData:
@@ -146,19 +149,33 @@ class DistillTask:
       self._data = _TextData(config, self._tokenizer)
     return self._data
 
-  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Distiller:
-    base = self._load(config)
+  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+            abstract: bool = False) -> Distiller:
+    base = self._load(config, abstract)
+    if abstract:
+      student = build_student(base, config.student, calib=None, abstract=True)
+      n = student.config.n_layers if config.distill.hidden_weight else 0
+      return nnx.eval_shape(lambda s: Distiller(s, teacher_dim=base.config.dim, n_projections=n,
+                                                rngs=nnx.Rngs(config.seed)), student)
     student = build_student(base, config.student, self.data(config).calib)
     n = student.config.n_layers if config.distill.hidden_weight else 0
     return Distiller(student, teacher_dim=base.config.dim, n_projections=n, rngs=rngs)
 
-  def frozen(self, config: ml_collections.ConfigDict) -> nnx.State:
-    teacher = self._load(config)
+  def batch_spec(self, config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    return {"tokens": jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1),
+                                           jnp.int32)}
+
+  def frozen(self, config: ml_collections.ConfigDict, abstract: bool = False) -> nnx.State:
+    teacher = self._load(config, abstract)
     if config.teacher.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"teacher.dtype must be 'float32' or 'bfloat16', got "
                        f"{config.teacher.dtype!r}")
     graphdef, state = nnx.split(teacher)
     dtype = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else None
+    if abstract:
+      self._teacher_graphdef = graphdef
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(
+          x.dtype, jnp.floating) and dtype else x.dtype), state)
     # Own buffers: the student shares its untouched arrays with the teacher, and the step
     # donates the student's.
     state = jax.tree.map(lambda x: jnp.array(x, dtype=dtype if jnp.issubdtype(
@@ -207,9 +224,15 @@ class DistillTask:
             "eval_tokens": student["tokens"], "eval_text": data.eval_name}
 
 
-def build_student(base: Llama, cfg: ml_collections.ConfigDict, calib: Any) -> Llama:
+def build_student(base: Llama, cfg: ml_collections.ConfigDict, calib: Any, *,
+                  abstract: bool = False) -> Llama:
   """``base`` compressed by ``cfg`` (keep_layers, prune, factorize, in that order); ``base`` is
   untouched. ``calib(n)`` gives ``n`` calibration rows for the one-shot stages.
+
+  ``abstract``: ``base`` has shapes only (`jaxcomp.models.zoo.abstract_model`) and so has the
+  student: depth pruning applies, one-shot pruning keeps every shape (its zeros need weights:
+  skipped), factorize is refused (its ranks depend on the weights for ``energy`` and on
+  calibration for SVD-LLM).
 
   Example::
 
@@ -230,6 +253,11 @@ def build_student(base: Llama, cfg: ml_collections.ConfigDict, calib: Any) -> Ll
       raise ValueError(f"student.keep_layers must be in [1, {n}], got {cfg.keep_layers}")
     keep = set(layer_map(cfg.keep_layers, n))
     student = drop_blocks(student, [i for i in range(n) if i not in keep])
+  if abstract:
+    if cfg.factorize:
+      raise ValueError("student.factorize cannot be compiled without weights (--compile_only): "
+                       "its ranks come from the weights")
+    return student
   proj = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
   rows = calib(cfg.calib_rows) if (cfg.prune or cfg.factorize) else None
   if cfg.prune:

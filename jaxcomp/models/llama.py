@@ -72,6 +72,7 @@ import jax.numpy as jnp
 
 from jaxcomp.models.partitioning import axes
 from jaxcomp.models.partitioning import constrain
+from jaxcomp.models.partitioning import shards
 
 # Every logical axis name a Llama parameter uses; a rules table must map each.
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm")
@@ -178,6 +179,15 @@ class LlamaConfig:
     fields = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9,
                   n_kv_heads=3, head_dim=64, ffn_dim=1536, rope_theta=100_000.0,
                   norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192)
+    return cls(**{**fields, **overrides})
+
+  @classmethod
+  def llama3_8b(cls, **overrides: Any) -> LlamaConfig:
+    """Meta Llama-3-8B's shapes (8,030,261,248 params; GQA 32 / 8 heads, untied head), from
+    its published ``config.json``: for compile-only dry runs (no weights are fetched)."""
+    fields = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                  head_dim=128, ffn_dim=14336, rope_theta=500_000.0, norm_eps=1e-5,
+                  tie_embeddings=False, max_seq_len=8192)
     return cls(**{**fields, **overrides})
 
 
@@ -432,13 +442,22 @@ class Attention(nnx.Module):
         outs.append(attend(q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask))
       return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
-    chunk, b = self.attn_batch_chunk, x.shape[0]
-    if chunk is None or chunk >= b or b % chunk:
+    # attn_batch_chunk sequences at a time *per batch shard*: the loop runs over the index
+    # within a shard, so every shard of a sharded batch works in each step (a loop over the
+    # global batch would run each sequence's attention on every device).
+    chunk, b, n = self.attn_batch_chunk, x.shape[0], shards("act_batch")
+    per = b // n if b % n == 0 else b
+    n = b // per
+    if chunk is None or chunk >= per or per % chunk:
       out = attend_all(q, k, v)
     else:
-      split = lambda a: a.reshape((b // chunk, chunk) + a.shape[1:])
+      def split(a):  # [B, ...] -> [per / chunk, n * chunk, ...]: step i takes `chunk` per shard
+        a = jnp.moveaxis(a.reshape((n, per // chunk, chunk) + a.shape[1:]), 1, 0)
+        return a.reshape((per // chunk, n * chunk) + a.shape[3:])
+
       out = jax.lax.map(lambda a: attend_all(*a), (split(q), split(k), split(v)))
-      out = out.reshape((b,) + out.shape[2:])
+      out = out.reshape((per // chunk, n, chunk) + out.shape[2:])
+      out = jnp.moveaxis(out, 0, 1).reshape((b,) + out.shape[3:])
     out = self.o_proj(einops.rearrange(out, "b k g t d -> b t (k g d)"))
     return out if cache is None else (out, cache)
 

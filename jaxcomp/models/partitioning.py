@@ -75,6 +75,18 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
 
 
+def shards(name: str) -> int:
+  """How many ways the active `activation_context` splits logical activation axis ``name``
+  (1 outside one).
+
+  Example:
+    >>> shards("act_batch")
+    1
+  """
+  ctx = _ACTIVATIONS.get()
+  return 1 if ctx is None else axis_size(ctx[0], ctx[1].get(name))
+
+
 def axis_size(mesh: jax.sharding.Mesh, axis: str | tuple[str, ...] | None) -> int:
   """Devices along a mesh axis, a tuple of axes (their product) or None (1)."""
   if axis is None:

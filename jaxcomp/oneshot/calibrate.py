@@ -359,10 +359,10 @@ def _forget_stopped_runs() -> None:
 
 
 def _drop_eager_executables() -> None:
-  """Frees the executables compiled for single primitives run eagerly. Under
-  ``jax.disable_jit`` every operation before the stack (embedding lookup, positions, the scan's
-  bookkeeping) compiles one of its own, and each stays resident (~1.4 MB of host memory on
-  CPU, measured); none is needed again. Only jax's cache of eager primitives is cleared
+  """Frees the executables compiled for single primitives run eagerly. Run eagerly, every
+  operation of the model before the stack (embedding lookup, positions) compiles one of its
+  own, and each stays resident (~1.4 MB of host memory on CPU, measured); none is needed
+  again. Only jax's cache of eager primitives is cleared
   (later eager operations recompile in milliseconds); jitted functions keep theirs.
   `tests/oneshot/test_ptq.py` checks that this cache still exists in the installed jax."""
   dispatch.xla_primitive_callable.cache_clear()

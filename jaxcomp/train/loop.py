@@ -163,6 +163,127 @@ def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
   return train_step
 
 
+def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  split = int(np.prod([mesh.shape[a] for a in sh.BATCH]))
+  if config.data.batch_size % split:
+    raise ValueError(f"data.batch_size={config.data.batch_size} does not divide over the "
+                     f"{split} devices of the mesh's data x fsdp axes")
+
+
+def _recipe(config: ml_collections.ConfigDict) -> Recipe | None:
+  recipe = Recipe.from_config(config.recipe) if config.get("recipe") else None
+  if (recipe is not None and any(r.sparsity is not None for r in recipe.rules)
+      and config.train.get("sparsity") is None):
+    raise ValueError("the recipe has sparsity rules: set train.sparsity (begin, end, "
+                     "update_every, score)")
+  return recipe
+
+
+class _Run(NamedTuple):
+  """What `train` and `compile_step` build the same way before the first step."""
+
+  graphdef: nnx.GraphDef
+  rest: nnx.State
+  tx: optax.GradientTransformation
+  sparse_kernels: dict[str, Sparsity]
+  state: TrainState  # arrays, or ShapeDtypeStructs when abstract
+  state_sharding: Any
+  frozen: Any
+  frozen_sharding: Any
+
+
+def _assemble(config: ml_collections.ConfigDict, task: tasks.Task, recipe: Recipe | None,
+              mesh: jax.sharding.Mesh, total_steps: int, abstract: bool = False) -> _Run:
+  """The model (compressed by ``recipe``), optimizer, initial state and frozen pytree with
+  their shardings on ``mesh``; ``abstract``: shapes only (nothing read or allocated)."""
+  found = {}
+
+  def compress(model):
+    found["sparse"] = sparsity_specs(model, recipe)  # kernel paths survive quantize
+    if recipe is not None and any(r.quant is not None for r in recipe.rules):
+      model = quantize(model, recipe, strict=True)
+    return model
+
+  model = task.model(config, rngs=nnx.Rngs(config.seed), abstract=abstract)
+  # Abstract: traced, so that the rewrites read shapes from tracers.
+  model = nnx.eval_shape(compress, model) if abstract else compress(model)
+  sparse_kernels = found["sparse"]
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = make_optimizer(config.train, total_steps)
+  if sparse_kernels:
+    tx = make_sparsity(config.train.get("sparsity"), tx, sparse_kernels, total_steps)
+  opt_state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
+  rng = jax.random.key_data(jax.random.key(config.seed))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
+  if abstract:
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  state_sharding = sh.state_shardings(state, mesh, config.mesh.rules)
+  frozen = task.frozen(config, abstract=abstract)
+  frozen_sharding = (None if frozen is None else
+                     sh.param_shardings(frozen, mesh, config.mesh.rules))
+  return _Run(graphdef, rest, tx, sparse_kernels, state, state_sharding, frozen,
+              frozen_sharding)
+
+
+def _jit_step(task: tasks.Task, run: _Run, batch_sharding: jax.sharding.NamedSharding) -> Any:
+  """The jitted training step: the state donated, shardings fixed in and out."""
+  return jax.jit(make_step(task.loss, run.graphdef, run.rest, run.tx),
+                 in_shardings=(run.state_sharding, batch_sharding, run.frozen_sharding),
+                 out_shardings=(run.state_sharding, None), donate_argnums=0)
+
+
+def compile_step(config: ml_collections.ConfigDict, workdir: str, topology: str
+                 ) -> dict[str, Any]:
+  """Compiles ``config``'s training step for a TPU slice or GPU that is not here (a dry run
+  before a pod launch, as MaxText's ``train_compile.py``): the real model's shapes, the config's
+  recipe, optimizer, mesh and rules, on the compile-only devices of ``topology``
+  (`jaxcomp.aot.target`: ``"v5p:4x4x4"``, ``"v6e:16x16"``, ``"h100"``). No data, weights or
+  checkpoints are read. Writes ``workdir/compile_report.json``.
+
+  Returns:
+    The report: per-device HBM (arguments, outputs, aliased, temporaries, code, peak; compiler
+    estimates) against the chip's HBM, devices, mesh, compile time.
+
+  Raises:
+    ValueError: the mesh does not divide the topology's devices, a dimension does not divide
+      its mesh axis, an unknown topology, or a student stage that needs weights.
+
+  Example::
+
+    report = compile_step(get_config("w4_2of4"), "runs/dry", "v5p:4x4x4")
+    report["peak_gib"], report["fits"]
+  """
+  from jaxcomp import aot  # pylint: disable=import-outside-toplevel
+  task = tasks.get(config)
+  recipe = _recipe(config)
+  target = aot.target(topology)
+  t0 = time.perf_counter()
+  mesh = sh.make_mesh(config.mesh, devices=target.devices)
+  _check_batch(config, mesh)
+  total_steps = config.train.get("steps") or config.train.warmup_steps + 1  # shapes only
+  run = _assemble(config, task, recipe, mesh, total_steps, abstract=True)
+  batch_sharding = sh.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in task.batch_spec(config).items()}
+  with aot.tracing_for(target), sh.activation_rules(mesh, config.mesh.rules):
+    compiled = _jit_step(task, run, batch_sharding).lower(run.state, batch, run.frozen).compile()
+  report = aot.report_of(compiled, target, devices=mesh.size)
+  gib = lambda b: round(b / 2**30, 3)
+  out = {"topology": target.name, "devices": mesh.size,
+         "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+         "rules": config.mesh.rules or "data_parallel",
+         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.state.params))),
+         "argument_gib": gib(report.argument_bytes), "output_gib": gib(report.output_bytes),
+         "alias_gib": gib(report.alias_bytes), "temp_gib": gib(report.temp_bytes),
+         "code_gib": gib(report.code_bytes), "peak_gib": gib(report.peak_bytes),
+         "hbm_gib": gib(report.hbm_bytes), "fits": report.fits,
+         "compile_s": round(time.perf_counter() - t0, 1),
+         "note": "per device, compiler estimates (XLA memory analysis), not measurements"}
+  os.makedirs(workdir, exist_ok=True)
+  aot.write_report(os.path.join(workdir, "compile_report.json"), report)
+  return out
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config``'s model in ``workdir``, resuming from its last checkpoint.
 
@@ -172,33 +293,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   # ----------------------------------------------------------------------- set-up
   task = tasks.get(config)
-  recipe = Recipe.from_config(config.recipe) if config.get("recipe") else None
-  if (recipe is not None and any(r.sparsity is not None for r in recipe.rules)
-      and config.train.get("sparsity") is None):
-    raise ValueError("the recipe has sparsity rules: set train.sparsity (begin, end, "
-                     "update_every, score)")
+  recipe = _recipe(config)
   check_workdir_config(workdir, config)
   data = task.data(config)
   total_steps = config.train.get("steps") or config.train.epochs * data.steps_per_epoch
   mesh = sh.make_mesh(config.mesh)
-
-  model = task.model(config, rngs=nnx.Rngs(config.seed))
-  sparse_kernels = sparsity_specs(model, recipe)  # kernel paths survive quantize
-  if recipe is not None and any(r.quant is not None for r in recipe.rules):
-    model = quantize(model, recipe, strict=True)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = make_optimizer(config.train, total_steps)
-  if sparse_kernels:
-    tx = make_sparsity(config.train.get("sparsity"), tx, sparse_kernels, total_steps)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(config.seed)))
-  state_sharding = sh.state_shardings(state, mesh, config.mesh.rules)
-  state = jax.device_put(state, state_sharding)
-  frozen = task.frozen(config)
-  frozen_sharding = (None if frozen is None else
-                     sh.param_shardings(frozen, mesh, config.mesh.rules))
-  if frozen is not None:
-    frozen = jax.device_put(frozen, frozen_sharding)
+  _check_batch(config, mesh)
+  run = _assemble(config, task, recipe, mesh, total_steps)
+  graphdef, rest, sparse_kernels = run.graphdef, run.rest, run.sparse_kernels
+  state = jax.device_put(run.state, run.state_sharding)
+  frozen = None if run.frozen is None else jax.device_put(run.frozen, run.frozen_sharding)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
@@ -210,9 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sh.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------- step
-  train_step = jax.jit(make_step(task.loss, graphdef, rest, tx),
-                       in_shardings=(state_sharding, batch_sharding, frozen_sharding),
-                       out_shardings=(state_sharding, None), donate_argnums=0)
+  train_step = _jit_step(task, run, batch_sharding)
 
   # ----------------------------------------------------------------------- loop
   marks: list[tuple[int, float]] = []  # (step, time) at each host sync, for step times

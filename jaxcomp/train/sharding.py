@@ -22,11 +22,12 @@ and shape); activations are constrained inside the model by ``act_*`` names
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -52,11 +53,13 @@ RULE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def make_mesh(cfg: ml_collections.ConfigDict,
+              devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   """A mesh with axes (data, fsdp, tensor) sized by ``cfg.shape`` (-1: the remaining devices).
 
   Uses every device of every process (``jax.devices()``), so the same config runs on one
-  CPU, 8 simulated devices or a TPU pod slice.
+  CPU, 8 simulated devices or a TPU pod slice; ``devices`` replaces them (the compile-only
+  devices of `jaxcomp.aot.Target` for a dry run).
 
   Raises:
     ValueError: an unknown axis, more than one -1, or sizes that do not multiply to the
@@ -70,7 +73,7 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if unknown:
     raise ValueError(f"mesh.shape has no axis {unknown[0]!r} (axes: {', '.join(MESH_AXES)})")
   sizes = [shape.get(a, 1) for a in MESH_AXES]
-  n = jax.device_count()
+  n = jax.device_count() if devices is None else len(devices)
   if sizes.count(-1) > 1:
     raise ValueError("mesh.shape: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -80,8 +83,18 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
     raise ValueError(f"mesh.shape {shape} needs {int(np.prod(sizes))} devices, {n} are present")
-  return jax.make_mesh(tuple(sizes), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=types)
+  except (ValueError, NotImplementedError) as e:  # TPU: an axis size no set of torus axes makes
+    if "allow_split_physical_axes" not in str(e):
+      raise
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  logging.warning("mesh.shape %s does not map onto the TPU torus without splitting physical "
+                  "axes; splitting them (collectives may be slower)", shape)
+  grid = mesh_utils.create_device_mesh(tuple(sizes), devices or jax.devices(),
+                                       allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def rules(spec: Any = None) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Tasks: what the training loop trains (data, model, loss, evaluation), chosen by config.
 
-A task is a small object with five methods; ``frozen(config)`` is a pytree the step reads but
+A task is a small object with six methods; ``frozen(config)`` is a pytree the step reads but
 does not train (a distillation teacher's weights; None for plain training), passed to ``loss``
-and ``evaluate``. The loop calls nothing else, so a new task adds a class and no branch to the
-loop.
+and ``evaluate``. ``model`` and ``frozen`` with ``abstract=True`` give shapes only (nothing
+read, fetched or allocated) and ``batch_spec`` the global batch's shapes: what a compile-only
+dry run (`jaxcomp.train.loop.compile_step`) needs. The loop calls nothing else, so a new task
+adds a class and no branch to the loop.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ class Task(Protocol):
 
   def data(self, config: ml_collections.ConfigDict) -> Data: ...
 
-  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module: ...
+  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+            abstract: bool = False) -> nnx.Module: ...
+
+  def batch_spec(self, config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]: ...
 
   def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array,
            frozen: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
-  def frozen(self, config: ml_collections.ConfigDict) -> Any: ...
+  def frozen(self, config: ml_collections.ConfigDict, abstract: bool = False) -> Any: ...
 
   def evaluate(self, model: nnx.Module, data: Data, frozen: Any = None) -> dict[str, Any]: ...
 
@@ -76,7 +81,10 @@ class ImageClassification:
   def data(self, config: ml_collections.ConfigDict) -> Data:
     return _ImageData(config)
 
-  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+            abstract: bool = False) -> nnx.Module:
+    if abstract:
+      return nnx.eval_shape(lambda: self.model(config, rngs=nnx.Rngs(config.seed)))
     cfg = config.model
     if cfg.name == "cnn":
       base = CNNConfig.tiny() if cfg.size == "tiny" else CNNConfig()
@@ -88,14 +96,19 @@ class ImageClassification:
       return ViT(base, rngs=rngs)
     raise ValueError(f"model.name must be 'cnn' or 'vit', got {cfg.name!r}")
 
+  def batch_spec(self, config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    b = config.data.batch_size
+    return {"image": jax.ShapeDtypeStruct((b, 28, 28, 1), jnp.float32),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
   def loss(self, model, batch, rng, frozen=None):
     del rng, frozen  # no dropout in these models, nothing frozen
     logits = model(batch["image"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
-  def frozen(self, config):
-    del config
+  def frozen(self, config, abstract=False):
+    del config, abstract
     return None  # nothing but the model
 
   def evaluate(self, model, data, frozen=None) -> dict[str, float]:

@@ -69,3 +69,32 @@ def test_llama_jit_on_8_device_mesh_matches_unsharded(setup):
   sharded_model = nnx.merge(graphdef, state)
   got2 = nnx.jit(lambda m, t: m(t))(sharded_model, tokens)
   np.testing.assert_allclose(np.asarray(got2), want, atol=1e-5)
+
+
+def test_batch_chunked_attention_loops_within_each_batch_shard():
+  """``attn_batch_chunk`` under the training rules (`jaxcomp.train.sharding`): sequences are
+  taken ``chunk`` per batch shard per step, so the logits equal the unchunked model's and the
+  step's temporaries do not grow with the number of shards at a fixed per-shard batch (a loop
+  over the global batch runs every sequence's attention on every device)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from jaxcomp.train import sharding as sh  # pylint: disable=import-outside-toplevel
+  graphdefs = {c: nnx.split(Llama(LlamaConfig.tiny(attn_batch_chunk=c), rngs=nnx.Rngs(0)))
+               for c in (None, 1)}
+  temps = {}
+  for data in (2, 8):
+    mesh = sh.make_mesh(ml_collections.ConfigDict({"shape": {"data": data, "fsdp": 1,
+                                                             "tensor": 1}}),
+                        devices=jax.devices("cpu")[:data])
+    tokens = jax.random.randint(jax.random.key(1), (2 * data, 16), 0, 256)
+    tokens = jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp"))))
+    logits = {}
+    with sh.activation_rules(mesh, "data_parallel"):
+      for c, (graphdef, state) in graphdefs.items():
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        forward = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t))
+        logits[c] = np.asarray(forward(state, tokens))
+        if c == 1:
+          compiled = forward.lower(state, tokens).compile()
+          temps[data] = compiled.memory_analysis().temp_size_in_bytes
+    np.testing.assert_allclose(logits[1], logits[None], rtol=1e-5, atol=1e-5)
+  assert temps[8] < 1.5 * temps[2], temps
