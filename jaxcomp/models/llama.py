@@ -446,8 +446,8 @@ class Attention(nnx.Module):
     # within a shard, so every shard of a sharded batch works in each step (a loop over the
     # global batch would run each sequence's attention on every device).
     chunk, b, n = self.attn_batch_chunk, x.shape[0], shards("act_batch")
-    per = b // n if b % n == 0 else b
-    n = b // per
+    n = n if b % n == 0 else 1  # a batch the shards do not divide stays whole (unsharded)
+    per = b // n
     if chunk is None or chunk >= per or per % chunk:
       out = attend_all(q, k, v)
     else:
