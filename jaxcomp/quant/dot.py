@@ -234,6 +234,30 @@ def _swap_materialized(x: Array) -> Array:
   return flat.reshape(b, c, r)
 
 
+def _idot_tn(a: Array, b: Array, backend: str) -> Array:
+  """int8 ``a^T b`` per batch entry: (B, M, K) x (B, M, N) -> int32 (B, K, N), contracting M
+  (the weight gradient ``X^T G``), with one operand transposed first: the fast int8 GEMMs take
+  the contraction on the minor axis of the left operand.
+
+  On CPU (and for the Pallas kernels) the smaller operand is transposed, as a real copy on CPU
+  (`_swap_materialized`), and a transposed ``G`` gives ``(G^T X)^T``. Compiled by XLA for TPU
+  or GPU the result must come out in the kernel's own layout, or every optimizer update of that
+  kernel runs on a transposed copy of its parameters and moments (24 copies of a 4-block MLP
+  step on v5e): when ``G`` is the smaller operand it is transposed as a copy and the dot
+  contracts ``X`` on its leading axis, which XLA relayouts once.
+  """
+  on_cpu = pallas_kernels.target_platform() == "cpu"
+  if backend == "xla" and not on_cpu:
+    if b.shape[2] < a.shape[2]:
+      return jax.lax.dot_general(_int8(a), _swap_materialized(_int8(b)),
+                                 (((1,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
+    return _idot(_swap_materialized(a), b, backend)
+  swap = _swap_materialized if on_cpu else lambda x: jnp.swapaxes(x, 1, 2)
+  if b.shape[2] < a.shape[2]:
+    return jnp.swapaxes(_idot(swap(b), a, backend), 1, 2)
+  return _idot(swap(a), b, backend)
+
+
 def _quant_rows(x: Array, axis: int, bits: int) -> tuple[Array, Array]:
   """Dynamic symmetric quantization of ``x`` with one scale per slice along ``axis``."""
   s, _ = core.compute_scale(x, bits, axes=axis)
@@ -290,13 +314,7 @@ def _int_dot_bwd(g_bits, backend, res, g):
     qg, sg = _quant_rows(gw, 2, g_bits)  # per row: contracted over N
     dux = _idot(qg, qw, backend, b_transposed=True).astype(jnp.float32) * sg
     qg, sg = _quant_rows(gx, 1, g_bits)  # per column: contracted over M
-    # X^T G contracts the leading axis of both; one operand must be transposed for the fast
-    # GEMM, and we transpose the smaller one (an int8 copy, but XLA recomputes its producer).
-    if qg.shape[2] < qx.shape[2]:
-      duw = jnp.swapaxes(_idot(_swap_materialized(qg), qx, backend), 1, 2).astype(
-          jnp.float32) * sg
-    else:
-      duw = _idot(_swap_materialized(qx), qg, backend).astype(jnp.float32) * sg
+    duw = _idot_tn(qx, qg, backend).astype(jnp.float32) * sg
   # dux = dL/dx_hat without the s_x factor (likewise duw): x_hat = u_x s_x.
   ds_x = jnp.sum(qx.astype(jnp.float32) * dux, axis=2, keepdims=True)
   ds_w = jnp.sum(qw.astype(jnp.float32) * duw, axis=1, keepdims=True)
