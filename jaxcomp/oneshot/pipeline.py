@@ -406,24 +406,25 @@ def _layer_of(state: Any, i: int) -> Any:
 
 
 def _take(x: Array, i: int) -> Array:
-  """``x[i]``: on one CPU device the row of the host buffer itself (`_RowOf`; a copy where the
-  row is not aligned for the CPU client, or the stack uncommitted), nothing compiled (compiled
+  """``x[i]``: on one CPU device the row of the host buffer itself (`_RowOf`), as committed as
+  the stack (eager ops and jitted calls on committed and uncommitted arrays compile apart; a
+  copy only where the row is not aligned for the CPU client), nothing compiled (compiled
   executables stay resident in host memory); elsewhere one compiled slice per shape with the
   index traced (eager ``x[i]`` would compile one per layer)."""
   devices = x.devices()
   if len(devices) == 1 and next(iter(devices)).platform == "cpu":
-    if x.committed and x.dtype.kind in "iufc":
-      return jnp.from_dlpack(np.asarray(_RowOf(x, i)))
-    # As committed as the stack: eager ops on committed and uncommitted arrays compile apart.
-    return jax.device_put(np.asarray(x)[i], x.sharding) if x.committed else jnp.asarray(
-        np.asarray(x)[i])
+    if x.dtype.kind not in "iufc":  # bfloat16 and other ml_dtypes: DLPack does not take them
+      return jax.device_put(np.asarray(x)[i], x.sharding) if x.committed else jnp.asarray(
+          np.asarray(x)[i])
+    row = np.asarray(_RowOf(x, i))
+    return jnp.from_dlpack(row) if x.committed else jax.device_put(row)
   return _take_traced(x, i)
 
 
 class _RowOf:
-  """Row ``i`` of a CPU array's buffer, as an array interface DLPack can export (NumPy's own
-  view of a jax array is read-only, which DLPack cannot signal): the layer of a stack the walk
-  calibrates, without a copy. It holds the array, so the buffer outlives every view of it;
+  """Row ``i`` of a CPU array's buffer, as a writable array interface (NumPy's own view of a
+  jax array is read-only, which DLPack cannot signal; ``jax.device_put`` then copies): the
+  layer of a stack the walk calibrates, without a copy. It holds the array, so the buffer outlives every view of it;
   nothing writes through it (jax arrays are immutable and the walk donates nothing)."""
 
   def __init__(self, x: Array, i: int):
