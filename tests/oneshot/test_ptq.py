@@ -178,9 +178,10 @@ def test_asymmetric_and_full_grid_gptq_pack_and_serve_the_same_logits(spec):
 
 
 def test_stack_walk_host_memory_plumbing():
-  """The stack walk's host-memory measures: a layer of a committed CPU stack is its host row
-  (no copy, alive after the stack is dropped); the cache a stacked catch clears exists in this
-  jax (`calibrate._drop_eager_executables`)."""
+  """The stack walk's host-memory measures: a layer of a committed or uncommitted CPU stack
+  is its host row (no copy, alive after the stack is dropped, as committed as the stack); a
+  restack buffer is page-aligned and becomes its jax array without a copy; the cache a
+  stacked catch clears exists in this jax (`calibrate._drop_eager_executables`)."""
   import gc  # pylint: disable=import-outside-toplevel
   from jax._src import dispatch  # pylint: disable=import-outside-toplevel
   from jaxcomp.oneshot import pipeline  # pylint: disable=import-outside-toplevel
@@ -195,3 +196,15 @@ def test_stack_walk_host_memory_plumbing():
   np.testing.assert_array_equal(np.asarray(row), expected)
   odd = jax.device_put(jnp.ones((3, 5, 7), jnp.bfloat16), jax.devices()[0])  # copied
   np.testing.assert_array_equal(np.asarray(pipeline._take(odd, 1)), np.ones((5, 7)))
+  loose = jnp.asarray(np.arange(4 * 64 * 32, dtype=np.float32).reshape(4, 64, 32))
+  row = pipeline._take(loose, 1)
+  assert not loose.committed and not row.committed
+  assert row.unsafe_buffer_pointer() == loose.unsafe_buffer_pointer() + 64 * 32 * 4
+  buf = pipeline._host_buffer((3, 64, 32), np.float32)
+  assert buf.ctypes.data % 4096 == 0
+  buf[:] = 2.0
+  stacked = pipeline._to_device(buf, jax.devices()[0])
+  assert stacked.unsafe_buffer_pointer() == buf.ctypes.data
+  del buf
+  gc.collect()
+  assert float(stacked.sum()) == 2.0 * 3 * 64 * 32
