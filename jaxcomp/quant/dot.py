@@ -129,6 +129,13 @@ def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
   return core.grid_value(x3, s, z, spec.a_bits, spec.a_symmetric, clip=not spec.a_symmetric), s
 
 
+def _act_scale(x3: Array, spec: Quant) -> Array:
+  """The scale `_act_grid` gives a symmetric activation grid, without the grid: (B, M, 1) per
+  token, (1, 1, 1) per tensor (for kernels that quantize as they load)."""
+  axes = (2,) if spec.a_granularity == "token" else None
+  return jax.lax.stop_gradient(core.compute_scale(x3, spec.a_bits, axes=axes)[0])
+
+
 def fake_quant_weight(
     w: Array, contracting: Sequence[int], spec: Quant, step: Array | None = None,
     zero: Array | None = None
@@ -497,13 +504,18 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     return _float_dot(lhs, qa.dequantize(lhs.dtype), frame, dimension_numbers, precision,
                       preferred_element_type, out_sharding, out_dtype)
   if spec.int_dot and spec.granularity != "group":
+    if backend != "xla":
+      # The Pallas W8A8 kernel: the activations quantized per token inside it, as each tile
+      # is loaded (the int8 activations never reach HBM); int32 accumulator, scales fused.
+      x2 = frame.lhs(lhs)
+      s_x = jnp.broadcast_to(_act_scale(x2, spec), x2.shape[:2] + (1,))[0, :, 0]
+      y = pallas_kernels.int8_matmul(x2[0], qa.ints(), s_x, qa.scale[:, 0], w_layout="nk",
+                                     x_bits=spec.a_bits, out_dtype=jnp.float32,
+                                     backend=backend)
+      return frame.out(y[None]).astype(out_dtype)
     u_x, s_x = _act_grid(frame.lhs(lhs), spec)
     qx, qw = _int8(u_x[0]), qa.ints()  # (M, K), (N, K)
     m = qx.shape[0]
-    if backend != "xla":  # the Pallas W8A8 kernel: int32 accumulator, both scales fused
-      y = pallas_kernels.int8_matmul(qx, qw, s_x[0, :, 0], qa.scale[:, 0], w_layout="nk",
-                                     out_dtype=jnp.float32, backend=backend)
-      return frame.out(y[None]).astype(out_dtype)
     if pallas_kernels.target_platform() == "cpu" and m < _CPU_SKINNY_ROWS:
       qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
       acc = jax.lax.dot_general(qw, qx, (((1,), (1,)), ((), ())),

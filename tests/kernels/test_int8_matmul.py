@@ -72,6 +72,34 @@ def test_fused_epilogue(backend, activation):
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("m,k,n", [(5, 300, 130), (40, 384, 260)])
+@pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, 8), (jnp.float32, 8), (jnp.float32, 4)])
+def test_float_x_is_quantized_in_the_kernel(backend, m, k, n, dtype, bits):
+  """A float x with per-row scales: the kernel's in-tile quantization gives the same int32
+  accumulator as quantizing first (`quantize_rows`, round half to even, values at .5 included)
+  and the same scaled output; nothing else is needed from the caller."""
+  rng = np.random.default_rng(m + k + bits)
+  q = 2 ** (bits - 1) - 1
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  x[0, :8] = [0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 0.0, -1.5]  # ties, with scale 1 below
+  xs = np.abs(x).max(axis=1) / q
+  xs[0] = 1.0
+  x = jnp.asarray(x, dtype)
+  xs = jnp.asarray(xs, jnp.float32)
+  w = _ints(rng, (n, k))
+  xq = jnp.clip(jnp.round(x.astype(jnp.float32) / xs[:, None]), -q, q).astype(jnp.int8)
+  kw = dict(w_layout="nk", x_bits=bits, backend=backend, interpret=True, blocks=BLOCKS[backend])
+  acc = int8_matmul(x, w, xs, out_dtype=jnp.int32, **kw)
+  np.testing.assert_array_equal(np.asarray(acc), np.asarray(xq, np.int64) @ np.asarray(w, np.int64).T)
+  ws = jnp.asarray(rng.uniform(0.001, 0.01, n), jnp.float32)
+  y = int8_matmul(x, w, xs, ws, out_dtype=jnp.float32, **kw)
+  ref = int8_matmul_reference(xq, w, xs, ws, out_dtype=jnp.float32, w_layout="nk")
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(int8_matmul_reference(
+      x, w, xs, ws, out_dtype=jnp.float32, w_layout="nk", x_bits=bits)))
+
+
 def test_default_blocks_and_xla_path():
   rng = np.random.default_rng(2)
   x, w = _ints(rng, (3, 200)), _ints(rng, (200, 90))
@@ -83,7 +111,8 @@ def test_default_blocks_and_xla_path():
 
 @pytest.mark.parametrize("args,kwargs,match", [
     (((4, 64), (32, 16)), {}, r"K mismatch"),
-    (((4, 64), (64, 16)), {"x_dtype": jnp.float32}, r"x must be int8, got float32"),
+    (((4, 64), (64, 16)), {"x_dtype": jnp.float32},
+     r"x must be int8, or float with x_scale .*got float32 and no x_scale"),
     (((4, 64), (64, 16)), {"w_dtype": jnp.uint8}, r"w must be int8, got uint8"),
     (((4, 64), (64, 16)), {"w_scale": 8}, r"w_scale must hold 16 values"),
     (((4, 64), (64, 16)), {"layout": "kk"}, r"w_layout must be 'kn' or 'nk'"),
