@@ -21,6 +21,12 @@ Printed: one row per program, target and variant (summed cycles, fusions, cycles
 bf16, peak HBM), and for the int8 step the split between fusions that hold a dot and the
 memory-bound rest (quantization passes, relayout copies).
 
+The int8 step and the packed forwards also run on the **kernel path** (``backend="tpu"``:
+jaxcomp's Pallas int8 kernel; in the packed forwards the activations are quantized inside it). Pallas calls carry no cycle estimate, so those rows
+add to the XLA fusions' cycles each kernel call's **roofline model** (`pallas_kernels.tiling`:
+its tiles, HBM traffic with re-reads, int8 peak, per-step overhead) at the chip's clock
+(JAX's chip table: bf16 peak / (2 x MXUs x MXU width**2); 1.50 GHz v5e): a model, labelled so.
+
     python bench/tpu_estimates.py                       # v5e and v6e, ~6 minutes
     python bench/tpu_estimates.py --targets v5e --json /tmp/estimates.json
 """
@@ -64,20 +70,21 @@ class MLP(nnx.Module):
     return x
 
 
-def _quantized(make, quant: jc.Quant | None, packed: bool = False, layers: str = r".*"):
+def _quantized(make, quant: jc.Quant | None, packed: bool = False, layers: str = r".*",
+               backend: str = "xla"):
   """``make()`` as shapes only: float, QAT-rewritten with ``quant`` (the ``layers`` rule), or
-  converted (packed)."""
+  converted (packed), its quantized dots on ``backend``."""
   def build():
     model = make()
     if quant is None:
       return model
-    model = jc.quantize(model, jc.Recipe([jc.Rule(layers, quant=quant)]), backend="xla")
-    return jc.convert(model, backend="xla") if packed else model
+    model = jc.quantize(model, jc.Recipe([jc.Rule(layers, quant=quant)]), backend=backend)
+    return jc.convert(model, backend=backend) if packed else model
   return nnx.eval_shape(build)
 
 
-def mlp_step(quant: jc.Quant | None):
-  model = _quantized(lambda: MLP(nnx.Rngs(0)), quant)
+def mlp_step(quant: jc.Quant | None, backend: str = "xla"):
+  model = _quantized(lambda: MLP(nnx.Rngs(0)), quant, backend=backend)
   opt = nnx.eval_shape(lambda: nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
   graphdef, state = nnx.split((model, opt))
 
@@ -97,24 +104,65 @@ def _forward(model, inputs):
   return (lambda s, t: nnx.merge(graphdef, s)(t)), (state, inputs), ()
 
 
-def mlp_forward(quant: jc.Quant | None):
-  model = _quantized(lambda: MLP(nnx.Rngs(0)), quant, packed=True)
+def mlp_forward(quant: jc.Quant | None, backend: str = "xla"):
+  model = _quantized(lambda: MLP(nnx.Rngs(0)), quant, packed=True, backend=backend)
   return _forward(model, jax.ShapeDtypeStruct((TOKENS, D), jnp.bfloat16))
 
 
-def llama_forward(quant: jc.Quant | None):
+def llama_forward(quant: jc.Quant | None, backend: str = "xla"):
   cfg = LlamaConfig.smollm2_135m(max_seq_len=512, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   model = _quantized(lambda: Llama(cfg, rngs=nnx.Rngs(0)), quant, packed=True,
-                     layers=r".*_proj")
+                     layers=r".*_proj", backend=backend)
   return _forward(model, jax.ShapeDtypeStruct((8, 512), jnp.int32))
 
 
+# (label, quantization, backend of the quantized dots): "tpu" rows are the kernel path.
 PROGRAMS = {
-    "mlp step": (mlp_step, [("bf16", None), ("w8a8 (int8 forward)", W8A8),
-                            ("w8a8 g8 (3 int8 dots)", W8A8_G8)]),
-    "mlp forward": (mlp_forward, [("bf16", None), ("packed W8A8", W8A8)]),
-    "llama forward": (llama_forward, [("bf16", None), ("packed W8A8", W8A8)]),
+    "mlp step": (mlp_step, [("bf16", None, "xla"), ("w8a8 (int8 forward)", W8A8, "xla"),
+                            ("w8a8 g8 (3 int8 dots)", W8A8_G8, "xla"),
+                            ("w8a8 g8, kernel path (roofline)", W8A8_G8, "tpu")]),
+    "mlp forward": (mlp_forward, [("bf16", None, "xla"), ("packed W8A8", W8A8, "xla"),
+                                  ("packed W8A8, kernel path (roofline)", W8A8, "tpu")]),
+    "llama forward": (llama_forward, [("bf16", None, "xla"), ("packed W8A8", W8A8, "xla"),
+                                      ("packed W8A8, kernel path (roofline)", W8A8, "tpu")]),
 }
+
+_INT8_CALL = re.compile(
+    r"= (\w+)\[(\d+),(\d+)\]\S* custom-call\(.*custom_call_target=\"tpu_custom_call\", "
+    r"operand_layout_constraints=\{(\w+)\[(\d+),(\d+)\]")
+
+
+def clock_hz(generation: str) -> float:
+  """A TPU generation's clock from JAX's chip table: bf16 peak / (2 x MXUs x width**2)."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+  version = getattr(pltpu.ChipVersion, f"TPU_{generation.upper()}")
+  info = pltpu.get_tpu_info_for_chip(version, 1)
+  return info.bf16_ops_per_second / (2 * info.num_mxus * info.mxu_column_size ** 2)
+
+
+def kernel_cycles(hlo: str, generation: str) -> tuple[int, int]:
+  """``(calls, modelled cycles)`` of the int8 Pallas kernel calls in a compiled TPU program:
+  each call's `pallas_kernels.tiling.roofline` (the tiles `tpu_blocks` picks for its shape
+  and operand widths) at `clock_hz`."""
+  from pallas_kernels import int8_matmul as int8_mod  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import tiling  # pylint: disable=import-outside-toplevel
+  calls, seconds = 0, 0.0
+  for line in hlo.splitlines():
+    if "jaxcomp_int8_matmul" not in line:
+      continue
+    found = _INT8_CALL.search(line)
+    if found is None:
+      continue
+    out_type, m, n, x_type, _, k = found.groups()
+    m, n, k = int(m), int(n), int(k)
+    x_dtype = {"s8": jnp.int8, "bf16": jnp.bfloat16, "f32": jnp.float32}[x_type]
+    out_bytes = {"s32": 4, "f32": 4, "bf16": 2}[out_type]
+    shape_bytes = int8_mod.tpu_tile_bytes(generation, x_dtype)
+    blocks = tiling.tpu_blocks(generation, m=m, n=n, k=k, out_bytes=out_bytes, **shape_bytes)
+    seconds += tiling.roofline(generation, blocks, m=m, n=n, k=k, out_bytes=out_bytes,
+                               **shape_bytes).time_s
+    calls += 1
+  return calls, round(seconds * clock_hz(generation))
 
 _CYCLES = re.compile(r'"estimated_cycles":"?(\d+)')
 _CALLS = re.compile(r"calls=(%[\w.\-]+)")
@@ -164,28 +212,37 @@ def main() -> None:
     for program in args.programs.split(","):
       build, variants = PROGRAMS[program]
       base = None
-      for variant, quant in variants:
+      for variant, quant, backend in variants:
         t0 = time.perf_counter()
-        fn, avals, donate = build(quant)
+        on_kernels = backend == "tpu"
+        fn, avals, donate = build(quant, backend)
         compiled, report = aot.compile_for(fn, *avals, target=target, donate_argnums=donate)
-        dots, rest = split_cycles(compiled.as_text())
-        base = base or report.estimated_cycles
-        row = dict(program=program, target=target, variant=variant,
-                   cycles=report.estimated_cycles, fusions=report.fusions,
-                   ratio=report.estimated_cycles / base, dot_cycles=dots, other_cycles=rest,
+        hlo = compiled.as_text()
+        dots, rest = split_cycles(hlo)
+        calls, modelled = kernel_cycles(hlo, target) if on_kernels else (0, 0)
+        if calls != report.custom_calls:
+          raise SystemExit(f"{program} {variant}: counted {calls} of the "
+                           f"{report.custom_calls} kernel calls")
+        cycles = report.estimated_cycles + modelled
+        base = base or cycles
+        row = dict(program=program, target=target, variant=variant, cycles=cycles,
+                   fusions=report.fusions, kernel_calls=calls, kernel_cycles=modelled,
+                   ratio=cycles / base, dot_cycles=dots + modelled, other_cycles=rest,
                    peak_gib=report.peak_bytes / 2**30, compile_s=time.perf_counter() - t0)
         rows.append(row)
         print(f"{target} {program} {variant}: {row['cycles']:,} cycles ({row['ratio']:.3f}x), "
               f"{row['compile_s']:.0f} s", flush=True)
   print("\nCompiler estimates (XLA:TPU cost model, summed estimated_cycles of the fusions; "
         "not measurements)\n")
-  print("| program | target | variant | est. cycles (M) | vs bf16 | in dot fusions (M) | "
-        "other fusions (M) | fusions | peak HBM GiB |")
-  print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+  print("| program | target | variant | est. cycles (M) | vs bf16 | in dots (M) | "
+        "other fusions (M) | fusions | kernel calls | peak HBM GiB |")
+  print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['program']} | {r['target']} | {r['variant']} | {r['cycles'] / 1e6:.1f} | "
           f"{r['ratio']:.3f} | {r['dot_cycles'] / 1e6:.1f} | {r['other_cycles'] / 1e6:.1f} | "
-          f"{r['fusions']} | {r['peak_gib']:.2f} |")
+          f"{r['fusions']} | {r['kernel_calls']} | {r['peak_gib']:.2f} |")
+  print("\n'in dots': fusions holding a dot, plus on the kernel path the kernels' roofline "
+        "cycles (a model, not the compiler's)")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import pathlib
 import re
 from collections.abc import Callable, Sequence
@@ -235,6 +236,18 @@ class _Sink:
     self.where: jax.sharding.Sharding | None = None  # where a host callback's values go
 
 
+def _own_copy(v: np.ndarray) -> jax.Array:
+  """A recorded callback argument as a jax array on the default device: copied once into a
+  `host_buffer` that the array then owns (the callback's own arrays belong to the runtime),
+  so the recorded inputs leave no holes in the heap when the walk drops them."""
+  v = np.asarray(v)
+  if v.dtype.kind not in "biufc":  # bfloat16 and other ml_dtypes: a plain copy
+    return jnp.array(v)
+  buf = host_buffer(v.shape, v.dtype)
+  np.copyto(buf, v)
+  return jax.device_put(buf)
+
+
 class _Catcher(nnx.Module):
   """Stands in for the first block: records its arguments, then stops the forward pass.
 
@@ -267,7 +280,7 @@ class _Catcher(nnx.Module):
     def record(*values: np.ndarray) -> np.ndarray:
       got = list(leaves)
       for i, v in zip(arrays, values):
-        got[i] = jnp.asarray(v) if where is None else jax.device_put(v, where)
+        got[i] = _own_copy(v) if where is None else jax.device_put(v, where)
       self.sink.calls.append(jax.tree.unflatten(treedef, got))
       raise _Stop
 
@@ -366,6 +379,23 @@ def _drop_eager_executables() -> None:
   (later eager operations recompile in milliseconds); jitted functions keep theirs.
   `tests/oneshot/test_ptq.py` checks that this cache still exists in the installed jax."""
   dispatch.xla_primitive_callable.cache_clear()
+
+
+def host_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialised host array in its own anonymous memory map: page-aligned (so the CPU
+  client takes it over without a copy: `jax.device_put`), its pages committed only as they
+  are written, in base pages (NumPy's allocator asks for transparent huge pages on large
+  arrays, which commit 2 MB at a time), and returned to the system as soon as its array dies
+  (unmapped, not left in the heap to fragment it). For the walk's long-lived host arrays:
+  the restacked layers of a stack, the stacked catch's recorded inputs.
+
+  Example:
+    >>> host_buffer((2, 3), np.float32).shape
+    (2, 3)
+  """
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  return np.frombuffer(mmap.mmap(-1, max(size, 1)), np.uint8)[:size].view(dtype).reshape(shape)
 
 
 def release_host_memory() -> None:

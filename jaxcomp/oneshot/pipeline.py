@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import mmap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,8 @@ from tqdm.auto import tqdm
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_inputs, find_blocks,
-                                       low_precision_dot, natural_order, release_host_memory)
+                                       host_buffer, low_precision_dot, natural_order,
+                                       release_host_memory)
 from jaxcomp.quant import dot as qdot
 from jaxcomp.quant.qarray import canonical
 from jaxcomp.recipe import Recipe
@@ -291,7 +291,7 @@ def _walk_stack(model: nnx.Module, path: str, depth: int,
 
     def run_capture(block=block):
       for args, kwargs in inputs:
-        _run_block(block, args, kwargs)
+        jax.block_until_ready(_run_block(block, args, kwargs))  # one batch's work in flight
 
     _capture_and_solve(layer_todo, run_capture, solve, dtype, root=block,
                        label=lambda p, i=i: f"{path}[{i}]/{p}")
@@ -325,7 +325,7 @@ class _Restack:
       # Layer 0's variables, values as shape and placement only: the stack's metadata.
       self.first = [v.replace(jax.ShapeDtypeStruct(v[...].shape, v[...].dtype,
                                                    sharding=v[...].sharding)) for v in leaves]
-      self.buffers = [_host_buffer((self.depth,) + s, d) for s, d in shapes]
+      self.buffers = [host_buffer((self.depth,) + s, d) for s, d in shapes]
     elif (graphdef != self.graphdef or treedef != self.treedef
           or shapes != [(f.get_value().shape, f.get_value().dtype) for f in self.first]):
       raise ValueError(f"{self.path}: solved layer {i} of the stack differs from layer 0 in "
@@ -343,17 +343,6 @@ class _Restack:
       stacked.append(finish(v.replace(_to_device(buf, _stacked_sharding(v.get_value())))))
       del buf
     return self.graphdef, self.treedef, stacked
-
-
-def _host_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-  """An uninitialised host array in its own anonymous memory map: page-aligned (so the CPU
-  client takes it over without a copy), its pages committed only as layers are written into
-  it, in base pages (NumPy's allocator asks for transparent huge pages on large arrays, which
-  commit 2 MB at a time: ~25 MB more resident on SmolLM2's restack), and returned to the
-  system as soon as its array dies (unmapped, not left in the heap)."""
-  dtype = np.dtype(dtype)
-  size = int(np.prod(shape)) * dtype.itemsize
-  return np.frombuffer(mmap.mmap(-1, max(size, 1)), np.uint8)[:size].view(dtype).reshape(shape)
 
 
 def _to_device(buf: np.ndarray, where: jax.sharding.Sharding | jax.Device) -> Array:
@@ -489,7 +478,7 @@ def run_sequential(model: nnx.Module, todo: list[tuple[str, nnx.Module, Any]],
 
       def run_capture(block=block, inputs=inputs):
         for args, kwargs in inputs:
-          _run_block(block, args, kwargs)
+          jax.block_until_ready(_run_block(block, args, kwargs))  # one batch's work in flight
 
       _capture_and_solve([t for t in todo if _inside(t[0], b)], run_capture, solve, calib_dtype)
       if last:

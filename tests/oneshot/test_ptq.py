@@ -200,7 +200,7 @@ def test_stack_walk_host_memory_plumbing():
   row = pipeline._take(loose, 1)
   assert not loose.committed and not row.committed
   assert row.unsafe_buffer_pointer() == loose.unsafe_buffer_pointer() + 64 * 32 * 4
-  buf = pipeline._host_buffer((3, 64, 32), np.float32)
+  buf = pipeline.host_buffer((3, 64, 32), np.float32)
   assert buf.ctypes.data % 4096 == 0
   buf[:] = 2.0
   stacked = pipeline._to_device(buf, jax.devices()[0])
