@@ -53,7 +53,7 @@ ALLOWED: dict[str, set[str]] = {
     # models (llama_surgery.py uses sparse.masks)
     "jaxcomp.models": {"jaxcomp.sparse"},
     # applications
-    "jaxcomp.eval": {"jaxcomp.rewrite", "jaxcomp.layers", "jaxcomp.recipe"},
+    "jaxcomp.eval": {"jaxcomp.rewrite", "jaxcomp.layers", "jaxcomp.recipe", "jaxcomp.quant"},
     # data: text.py reads eval.perplexity.WIKITEXT2_DIR, austen.py models.io's cache dir
     "jaxcomp.data": {"jaxcomp.eval", "jaxcomp.models"},
     "jaxcomp.distill": {"jaxcomp.models", "jaxcomp.oneshot", "jaxcomp.data", "jaxcomp.eval",
@@ -63,7 +63,8 @@ ALLOWED: dict[str, set[str]] = {
                       "jaxcomp.rewrite", "jaxcomp.recipe", "jaxcomp.sparse", "jaxcomp.aot"},
     "jaxcomp.experiments": {"jaxcomp.oneshot", "jaxcomp.serve", "jaxcomp.models",
                             "jaxcomp.eval", "jaxcomp.recipe"},
-    "jaxcomp.cli": {"jaxcomp.experiments", "jaxcomp.train", "jaxcomp.recipe", "jaxcomp.quant"},
+    "jaxcomp.cli": {"jaxcomp.experiments", "jaxcomp.train", "jaxcomp.recipe", "jaxcomp.quant",
+                    "jaxcomp.eval"},
     "jaxcomp.__main__": {"jaxcomp.cli"},
     "jaxcomp.demo": {"jaxcomp", "jaxcomp.models", "jaxcomp.eval"},
     # ahead-of-time compiles for TPU / GPU targets: the kernels' compile-target context

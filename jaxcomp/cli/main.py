@@ -2,7 +2,8 @@
 
 Trains (or resumes) the experiment in DIR (or, for ``task = "ptq"`` configs, quantizes,
 packs and evaluates a model) and prints a short report, also written to
-``DIR/report.json`` and ``DIR/report.md``. Bad input (config, variant, workdir, checkpoint,
+``DIR/report.json`` and ``DIR/report.md``. ``python -m jaxcomp compare RUN_DIR...`` compares
+evaluated runs (`compare_main`). Bad input (config, variant, workdir, checkpoint,
 dataset) ends with one line on stderr and exit status 1; nothing already in DIR is overwritten.
 """
 
@@ -150,5 +151,39 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"jaxcomp: error: bad config override ({', '.join(named or overrides)}): {msg}")
 
 
+def compare_main(argv: list[str]) -> None:
+  """``python -m jaxcomp compare RUN_DIR... [--out DIR] [--baseline NAME] [--alpha A]
+  [--weights W1,W2,W3]``: one table and the Pareto plots over evaluated runs."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="python -m jaxcomp compare", description=(
+      "Compare evaluated runs: comparison.md / .json and quality-vs-size / -latency plots "
+      "with the Pareto frontier."))
+  parser.add_argument("runs", nargs="+", help="run directories (each with a harness report)")
+  parser.add_argument("--out", default="comparison", help="output directory")
+  parser.add_argument("--baseline", default=None,
+                      help="run directory name to compare against (default: the largest)")
+  parser.add_argument("--alpha", type=float, default=1.0, help="LAT's latency exponent")
+  parser.add_argument("--weights", default=None, help="Pareto weights w1,w2,w3 (quality, "
+                      "size saving, latency saving); default 0.5,0.25,0.25")
+  args = parser.parse_args(argv)
+  from jaxcomp.eval import compare, metrics  # pylint: disable=import-outside-toplevel
+  try:
+    weights = (metrics.PARETO_WEIGHTS if args.weights is None
+               else tuple(float(w) for w in args.weights.split(",")))
+    names = [os.path.basename(os.path.normpath(r)) for r in args.runs]
+    if len(set(names)) != len(names):
+      raise ValueError(f"run directory names must differ: {', '.join(names)}")
+    reports = {n: compare.find_report(r) for n, r in zip(names, args.runs)}
+    rows = compare.compare(reports, baseline=args.baseline, alpha=args.alpha, weights=weights,
+                           out_dir=args.out)
+  except ValueError as e:
+    sys.exit(f"jaxcomp: error: {e}")
+  print(open(os.path.join(args.out, "comparison.md")).read())
+  print(f"frontier: {', '.join(r['run'] for r in rows if r['frontier'])}; plots in {args.out}")
+
+
 def run() -> None:
+  if len(sys.argv) > 1 and sys.argv[1] == "compare":
+    compare_main(sys.argv[2:])
+    return
   app.run(main, flags_parser=_parse_flags)

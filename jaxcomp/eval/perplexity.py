@@ -101,21 +101,24 @@ def window_spans(n_tokens: int, seq_len: int,
 _HEAD_ROWS = 128
 
 
-def _nll_terms(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """``-log softmax(logits)[targets]`` in float32: ``[..., V], int[...] -> [...]``."""
+def _nll_terms(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``-log softmax(logits)[targets]`` in float32 and whether the arg-max is the target:
+  ``[..., V], int[...] -> ([...], bool[...])``."""
   logits = logits.astype(jnp.float32)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  return (jax.nn.logsumexp(logits, axis=-1) - target_logit,
+          jnp.argmax(logits, axis=-1) == targets)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
-                mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed NLL and count of the masked tokens of ``tokens: int32[B, L]``.
+def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, tokens: jax.Array,
+                mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Summed NLL, arg-max hits and count of the masked tokens of ``tokens: int32[B, L]``.
 
-  ``mask: bool[B, L]`` marks the scored tokens; position ``j`` is predicted by
-  the logits at ``j - 1`` (``mask[:, 0]`` is ignored). A model with a
-  ``head(hidden) -> logits`` method and ``return_hidden=True`` (e.g.
+  The model reads ``inputs: int32[B, L]`` (``tokens`` itself, or a perturbed copy whose
+  predictions are scored against the clean ``tokens``). ``mask: bool[B, L]`` marks the scored
+  tokens; position ``j`` is predicted by the logits at ``j - 1`` (``mask[:, 0]`` is ignored). A
+  model with a ``head(hidden) -> logits`` method and ``return_hidden=True`` (e.g.
   :class:`~jaxcomp.models.Llama`) is run to its last hidden state and the head
   is applied ``_HEAD_ROWS`` positions at a time; any other model's full logits
   are used.
@@ -126,21 +129,22 @@ def _window_nll(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
   targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
   m = jnp.concatenate([mask[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
   if not callable(getattr(model, "head", None)):
-    nll = _nll_terms(model(tokens), targets)
-    return jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m)
-  _, hiddens = model(tokens, return_hidden=True)
+    nll, hit = _nll_terms(model(inputs), targets)
+    return jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m & hit), jnp.sum(m)
+  _, hiddens = model(inputs, return_hidden=True)
   h = hiddens[-1].reshape(b * length, -1)
   pad = -(b * length) % _HEAD_ROWS
   chunks = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
       (-1, _HEAD_ROWS) + a.shape[1:])
-  nll = jax.lax.map(lambda a: _nll_terms(model.head(a[0]), a[1]),
-                    (chunks(h), chunks(targets.reshape(-1))))
+  nll, hit = jax.lax.map(lambda a: _nll_terms(model.head(a[0]), a[1]),
+                         (chunks(h), chunks(targets.reshape(-1))))
   m = chunks(m.reshape(-1))
-  return jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m)
+  return jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m & hit), jnp.sum(m)
 
 
 def perplexity(model: nnx.Module, token_ids: Any, *, seq_len: int,
-               stride: int | None = None, batch_size: int = 8) -> dict[str, float | int]:
+               stride: int | None = None, batch_size: int = 8,
+               input_ids: Any = None) -> dict[str, float | int]:
   """Perplexity of ``model`` on the token stream ``token_ids`` (see the module docstring).
 
   Args:
@@ -151,9 +155,12 @@ def perplexity(model: nnx.Module, token_ids: Any, *, seq_len: int,
     stride: ``None`` for non-overlapping windows, else the HF sliding-window
       stride ``1 <= stride <= seq_len``.
     batch_size: windows per forward pass; the last batch is padded.
+    input_ids: ``int[N]``, what the model reads in place of ``token_ids`` (a perturbed copy,
+      for robustness); predictions are scored against ``token_ids``. None: ``token_ids``.
 
   Returns:
-    ``{"ppl": exp(nll), "nll": mean NLL in nats, "tokens": |S|}``.
+    ``{"ppl": exp(nll), "nll": mean NLL in nats, "accuracy": next-token arg-max accuracy,
+    "tokens": |S|}``.
 
   Example::
 
@@ -163,6 +170,9 @@ def perplexity(model: nnx.Module, token_ids: Any, *, seq_len: int,
   ids = np.asarray(token_ids)
   if ids.ndim != 1:
     raise ValueError(f"token_ids must be 1-D, got shape {ids.shape}")
+  fed = ids if input_ids is None else np.asarray(input_ids)
+  if fed.shape != ids.shape:
+    raise ValueError(f"input_ids must have token_ids' shape {ids.shape}, got {fed.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
@@ -173,20 +183,24 @@ def perplexity(model: nnx.Module, token_ids: Any, *, seq_len: int,
     raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
   n_windows = -(-len(spans) // batch_size) * batch_size
   tokens = np.zeros((n_windows, seq_len), np.int32)
+  inputs = np.zeros((n_windows, seq_len), np.int32)
   mask = np.zeros((n_windows, seq_len), bool)
   for k, (begin, end, first) in enumerate(spans):
     tokens[k, :end - begin] = ids[begin:end]
+    inputs[k, :end - begin] = fed[begin:end]
     mask[k, first:end - begin] = True
 
   graphdef, state = nnx.split(model)
-  total, count = 0.0, 0
+  total, hits, count = 0.0, 0, 0
   for k in range(0, n_windows, batch_size):
-    nll, n = _window_nll(graphdef, state, jnp.asarray(tokens[k:k + batch_size]),
-                         jnp.asarray(mask[k:k + batch_size]))
+    rows = slice(k, k + batch_size)
+    nll, hit, n = _window_nll(graphdef, state, jnp.asarray(inputs[rows]),
+                              jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]))
     total += float(nll)
+    hits += int(hit)
     count += int(n)
   mean = total / count
-  return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+  return {"ppl": math.exp(mean), "nll": mean, "accuracy": hits / count, "tokens": count}
 
 
 def read_text(path: str | os.PathLike) -> str:
