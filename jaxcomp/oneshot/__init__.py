@@ -4,6 +4,7 @@ their solvers chosen by name from `jaxcomp.oneshot.registry`."""
 from jaxcomp.oneshot.api import factorize
 from jaxcomp.oneshot.api import prune
 from jaxcomp.oneshot.api import ptq
+from jaxcomp.oneshot.api import ptq_skeleton
 from jaxcomp.oneshot.calibrate import Capture
 from jaxcomp.oneshot.calibrate import LayerStats
 from jaxcomp.oneshot.calibrate import calib_tokens
@@ -12,4 +13,4 @@ from jaxcomp.oneshot.solver import QuantSolution
 from jaxcomp.oneshot.solver import Solver
 
 __all__ = ["Capture", "LayerResult", "LayerStats", "QuantSolution", "Solver", "calib_tokens",
-           "factorize", "prune", "ptq"]
+           "factorize", "prune", "ptq", "ptq_skeleton"]

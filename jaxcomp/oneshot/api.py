@@ -15,6 +15,7 @@ names (`jaxcomp.oneshot.registry`). Pure: the input model is left untouched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from flax import linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.layers.lowrank import LowRankLinear
@@ -219,6 +221,57 @@ def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, bat
                       name="ptq", batch_size=batch_size, blocks=blocks, call=call,
                       strict=strict, progress=progress, calib_dtype=calib_dtype)
   return (new, results) if return_report else new
+
+
+def ptq_skeleton(model: nnx.Module, recipe: Recipe) -> nnx.Module:
+  """The structure `ptq` gives for ``model`` and ``recipe`` (any method), with placeholder
+  values: what a saved PTQ result restores into. Nothing is calibrated or solved; which
+  variables a solver installs (a solved step, zero points, an input smoothing) is read off the
+  solver run once on a tiny random problem. Run it under `nnx.eval_shape` to allocate nothing.
+  Stacked layers are not supported (a one-line error).
+
+  Example::
+
+    like = nnx.eval_shape(lambda m: jc.oneshot.ptq_skeleton(m, recipe), model)
+    nnx.graphdef(like) == nnx.graphdef(jc.ptq(model, recipe, calib))      # True
+  """
+  supported = {t for s in registry.SOLVERS if s.kind == "quant" for t in s.layers}
+  new, _, layers = plan_transform("ptq_skeleton", model, recipe, None,
+                                  lambda m: type(m) in supported, lambda r: r.quant,
+                                  lambda spec: False, False)
+  for path, m, spec in layers:
+    solver = registry.get("quant", spec.method)
+    if solver.solve is None:
+      QUANT_HANDLERS[type(m)](m, spec)
+      continue
+    if engine.kernel_axes(m).stack:
+      raise ValueError(f"ptq_skeleton: {path} is a stacked layer; its solved structure is "
+                       "built by the stack walk, not here")
+    k, n = kernel_2d_shape(m)
+    probe = _probe_solution(solver.name, spec)
+    groups = 1 if probe.step is None or probe.step.shape[0] == 1 else -(-k // spec.group)
+    cols = n if probe.step is None or probe.step.shape[1] != 1 else 1
+    _install_quant(m, spec, None if probe.step is None else jnp.ones((groups, cols)),
+                   None if probe.in_scale is None else jnp.ones((k,)),
+                   None if probe.zero is None else jnp.zeros((groups, cols)))
+  return new
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_solution(method: str, spec: Quant) -> Any:
+  """The solver's solution on a tiny random (K, 4) problem: which fields it fills."""
+  k = 2 * (spec.group or 8)
+  rng = np.random.default_rng(0)
+  with jax.ensure_compile_time_eval():
+    return _probe(method, spec, k, rng)
+
+
+def _probe(method: str, spec: Quant, k: int, rng: np.random.Generator) -> Any:
+  x = rng.normal(size=(64, k)).astype(np.float32)
+  stats = LayerStats(h=jnp.asarray(2 * x.T @ x / len(x)), absmax=jnp.asarray(np.abs(x).max(0)),
+                     mean_abs=jnp.asarray(np.abs(x).mean(0)), count=len(x))
+  w = jnp.asarray(rng.normal(size=(k, 4)).astype(np.float32))
+  return registry.get("quant", method).solve(w, stats, spec)
 
 
 # --------------------------------------------------------------------------- prune

@@ -208,3 +208,22 @@ def test_stack_walk_host_memory_plumbing():
   del buf
   gc.collect()
   assert float(stacked.sum()) == 2.0 * 3 * 64 * 32
+
+
+@pytest.mark.parametrize("spec", [
+    jc.Quant(w_bits=4, group=32, method="gptq"),
+    jc.Quant(w_bits=4, method="gptq", w_symmetric=False),
+    jc.Quant(w_bits=4, group=32, method="awq"),
+    jc.Quant(w_bits=8, a_bits=8, method="smoothquant"),
+    jc.Quant(w_bits=4, group=32),
+], ids=["gptq_g32", "gptq_asym", "awq", "smoothquant", "rtn"])
+def test_ptq_skeleton_has_the_structure_ptq_gives(spec):
+  from jaxcomp.oneshot import ptq_skeleton  # pylint: disable=import-outside-toplevel
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  recipe = jc.Recipe([jc.Rule(r".*(q|k|v|o|gate|up|down)_proj", quant=spec)])
+  calib = np.random.default_rng(0).integers(0, 256, (4, 16)).astype(np.int32)
+  real = jc.ptq(model, recipe, calib, progress=False)
+  like = nnx.eval_shape(lambda m: ptq_skeleton(m, recipe), model)
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+  assert nnx.graphdef(like) == nnx.graphdef(real)
+  assert shapes(like) == shapes(real)
