@@ -1,6 +1,7 @@
 """``python -m jaxcomp --config configs/<experiment>.py[:variant] --workdir DIR``.
 
-Trains (or resumes) the experiment in DIR (or, for ``task = "ptq"`` configs, quantizes,
+Trains (or resumes) the experiment in DIR (``task = "pipeline"``: runs or resumes its stages,
+`jaxcomp.experiments.pipeline`; ``task = "ptq"``: quantizes,
 packs and evaluates a model) and prints a short report, also written to
 ``DIR/report.json`` and ``DIR/report.md``. ``python -m jaxcomp compare RUN_DIR...`` compares
 evaluated runs (`compare_main`). Bad input (config, variant, workdir, checkpoint,
@@ -78,14 +79,15 @@ def main(argv: list[str]) -> None:
   from jaxcomp.train.loop import Preempted, TrainingDiverged, train  # pylint: disable=import-outside-toplevel
 
   from jaxcomp.experiments.compress import run_ptq  # pylint: disable=import-outside-toplevel
+  from jaxcomp.experiments.pipeline import run_pipeline  # pylint: disable=import-outside-toplevel
 
   config, workdir = _CONFIG.value, _WORKDIR.value
-  job = run_ptq if config.get("task") == "ptq" else train  # training tasks: jaxcomp.train.tasks
+  job = {"ptq": run_ptq, "pipeline": run_pipeline}.get(config.get("task"), train)  # else: tasks
   if _COMPILE_ONLY.value or _TOPOLOGY.value:
     if not (_COMPILE_ONLY.value and _TOPOLOGY.value):
       sys.exit("jaxcomp: error: --compile_only and --topology go together")
-    if config.get("task") == "ptq":
-      sys.exit("jaxcomp: error: --compile_only compiles a training step; this config is a ptq "
+    if config.get("task") in ("ptq", "pipeline"):
+      sys.exit("jaxcomp: error: --compile_only compiles a training step; this config is a one-shot "
                "job")
     from jaxcomp.train.loop import compile_step  # pylint: disable=import-outside-toplevel
 

@@ -52,13 +52,14 @@ def job_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.C
   return config
 
 
-def _eval_text(config: ml_collections.ConfigDict) -> tuple[str, str]:
+def eval_text(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """``config.eval``'s text and its name: ``eval.text_path`` or WikiText-2 ``eval.split``."""
   if config.eval.text_path:
     return ppl_lib.read_text(config.eval.text_path), str(config.eval.text_path)
   return ppl_lib.wikitext2(config.eval.split), f"wikitext-2 {config.eval.split}"
 
 
-def _calib_path(config: ml_collections.ConfigDict) -> str | None:
+def calib_path(config: ml_collections.ConfigDict) -> str | None:
   """``config.calib.text`` as a file path (None: the Austen novels)."""
   text = config.calib.text
   if text == "austen":
@@ -88,8 +89,8 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if calib_dtype == "bad":
     raise ValueError(f"config.calib.dtype must be 'bfloat16' or 'float32', got "
                      f"{config.calib.dtype!r}")
-  text, text_name = _eval_text(config)  # fail on a missing file before the long part
-  calib_path = _calib_path(config) if recipe is not None else None
+  text, text_name = eval_text(config)  # fail on a missing file before the long part
+  calib_file = calib_path(config) if recipe is not None else None
   work.mkdir(parents=True, exist_ok=True)
   (work / "config.json").write_text(config.to_json(indent=2))
 
@@ -107,7 +108,7 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results: list[LayerResult] = []
   if recipe is not None:
     calib = calib_tokens(tokenizer, n_seq=config.calib.n_seq, seq_len=config.calib.seq_len,
-                         text_path=calib_path, seed=config.calib.seed)
+                         text_path=calib_file, seed=config.calib.seed)
     report["calib_tokens"] = int(calib.size)
     kwargs = dict(batch_size=config.calib.batch_size, calib_dtype=calib_dtype)
     if any(r.sparsity is not None for r in recipe.rules):

@@ -24,16 +24,20 @@ class Options:
     act_order: quantize input features by decreasing Hessian diagonal.
     damp: dampening, a fraction of ``mean(diag(H))`` added to the diagonal, in (0, 1].
     block_size: columns per lazy-update block.
+    keep_zeros: keep the kernel's exact zeros (a pruned kernel's mask: prune -> ptq
+      pipelines) and compensate their error on the kept weights.
   """
 
   act_order: bool = False
   damp: float = 0.01
   block_size: int = 128
+  keep_zeros: bool = False
 
   def __post_init__(self) -> None:
     check_option("gptq", "act_order", self.act_order, bool)
     check_option("gptq", "damp", self.damp, float, 0.0, 1.0, lo_open=True)
     check_option("gptq", "block_size", self.block_size, int, 1)
+    check_option("gptq", "keep_zeros", self.keep_zeros, bool)
 
 
 def check(spec: Quant) -> None:
@@ -50,7 +54,7 @@ def solve(w: jax.Array, stats: LayerStats, spec: Quant) -> QuantSolution:
   """
   o = options_of(spec)
   res = gptq_core.gptq(w, stats.h, spec, block_size=o.block_size, damp=o.damp,
-                       act_order=o.act_order)
+                       act_order=o.act_order, keep_zeros=o.keep_zeros)
   return QuantSolution(res.w_hat, res.step, None, res.w_hat, res.zero)
 
 

@@ -78,17 +78,18 @@ def quant_dequant(w: Array, s: Array, z: Array | None, spec: Quant) -> Array:
   return (jnp.clip(q + z, qmin, qmax) - z) * s
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order"))
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "keep_zeros"))
 def _gptq(w: Array, h: Array, damp: Array, spec: Quant, block_size: int,
-          act_order: bool) -> tuple[Array, Array]:
+          act_order: bool, keep_zeros: bool = False) -> tuple[Array, Array]:
   wt = w.T.astype(jnp.float32)  # (N, K): columns are input features
   n, k = wt.shape
   dead = jnp.diag(h) == 0
   h = jnp.where(dead[:, None] & dead[None, :] & jnp.eye(k, dtype=bool), 1.0, h)
   wt = jnp.where(dead[None, :], 0.0, wt)
   s, z = column_scales(wt, spec)
+  keep = (wt != 0) if keep_zeros else jnp.ones(wt.shape, bool)  # a pruned kernel's mask
   perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
-  wt, s = wt[:, perm], s[:, perm]
+  wt, s, keep = wt[:, perm], s[:, perm], keep[:, perm]
   z = None if z is None else z[:, perm]
   h = h[perm][:, perm]
   h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k)
@@ -97,13 +98,14 @@ def _gptq(w: Array, h: Array, damp: Array, spec: Quant, block_size: int,
   for i1 in range(0, k, block_size):
     i2 = min(i1 + block_size, k)
     w1, hinv1 = wt[:, i1:i2], hinv[i1:i2, i1:i2]
-    s1 = s[:, i1:i2]
+    s1, keep1 = s[:, i1:i2], keep[:, i1:i2]
     z1 = None if z is None else z[:, i1:i2]
 
-    def column(i, carry, hinv1=hinv1, s1=s1, z1=z1):
+    def column(i, carry, hinv1=hinv1, s1=s1, z1=z1, keep1=keep1):
       w1, q1, err1 = carry
       col = w1[:, i]
       q = quant_dequant(col, s1[:, i], None if z1 is None else z1[:, i], spec)
+      q = jnp.where(keep1[:, i], q, 0.0)  # a pruned weight stays 0; its error is compensated
       e = (col - q) / hinv1[i, i]
       mask = (jnp.arange(w1.shape[1]) > i).astype(w1.dtype)
       w1 = w1 - e[:, None] * (hinv1[i] * mask)[None, :]
@@ -152,7 +154,8 @@ def weight_step(w: Array, spec: Quant) -> Array:
 
 
 def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float = 0.01,
-         act_order: bool = False, max_damp_raises: int = 6) -> GPTQResult:
+         act_order: bool = False, max_damp_raises: int = 6,
+         keep_zeros: bool = False) -> GPTQResult:
   """Quantizes a (K, N) kernel with GPTQ given the (K, K) Hessian of its inputs.
 
   Args:
@@ -164,6 +167,8 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
     act_order: quantize input features in order of decreasing ``diag(H)``.
     max_damp_raises: when ``H`` is not positive definite (the Cholesky factor is not finite),
       retry with 10x the dampening, at most this many times.
+    keep_zeros: the exact zeros of ``w`` (a pruned kernel's mask) stay zero; their share of
+      the error is compensated by the kept weights, as SparseGPT does for its own mask.
 
   Returns:
     A `GPTQResult` ``(w_hat, step, damp)``: the fake-quantized kernel (K, N) on ``spec``'s
@@ -182,7 +187,8 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
   if h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"gptq: Hessian shape {h.shape} does not match kernel {w.shape}")
   for _ in range(max_damp_raises + 1):
-    w_hat, step, zero, ok = _gptq(w, h, jnp.float32(damp), spec, block_size, act_order)
+    w_hat, step, zero, ok = _gptq(w, h, jnp.float32(damp), spec, block_size, act_order,
+                                  keep_zeros)
     if bool(ok):
       return GPTQResult(w_hat, step, damp, zero)
     damp *= 10.0

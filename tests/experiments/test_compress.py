@@ -20,16 +20,6 @@ import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-  d = tmp_path_factory.mktemp("texts")
-  rng = np.random.default_rng(0)
-  words = "the of and a to in is was that for it with as his on be at by he".split()
-  for name, n in (("train.txt", 3000), ("eval.txt", 600)):
-    (d / name).write_text(" ".join(rng.choice(words, n)))
-  return d
-
-
 def _config(variant, texts, module=smollm2_ptq):
   config = module.get_config(variant + ",tiny")
   config.calib.text = str(texts / "train.txt")

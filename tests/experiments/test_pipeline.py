@@ -1,0 +1,143 @@
+"""Stage pipelines (`configs/smollm2_pipeline.py`, `jaxcomp.experiments.pipeline`) on the tiny
+model: orders, resume, invalidation and one-line errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from flax import nnx
+import numpy as np
+import pytest
+
+import jaxcomp as jc
+from jaxcomp.eval import compare
+from jaxcomp.experiments import pipeline
+from jaxcomp.models.zoo import load_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "configs"))
+import smollm2_pipeline  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _config(variant, texts, **overrides):
+  config = smollm2_pipeline.get_config(variant + ",tiny")
+  config.calib.text = str(texts / "train.txt")
+  config.eval.text_path = str(texts / "eval.txt")
+  config.eval.rates = (0.1,)
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def _restored(workdir, config, upto):
+  """The model saved by stage ``upto``, restored through the stages' structures."""
+  stages = pipeline.plan(config)
+  base, _ = load_model(config)
+  root = pathlib.Path(workdir) / "stages"
+  infos = [json.loads((root / s.dirname / "done.json").read_text())["info"]
+           for s in stages[:upto + 1]]
+
+  def chain(m):
+    for s, info in zip(stages[:upto + 1], infos):
+      m = pipeline.structure(s.kind, m, s, info)
+    return m
+  return pipeline._restore(root / stages[upto].dirname / "model",  # pylint: disable=protected-access
+                           nnx.eval_shape(chain, base))
+
+
+def _proj_kernels(model):
+  return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+          if "_proj" in "/".join(map(str, p)) and p[-1] == "kernel"}
+
+
+def test_two_orders_give_the_expected_models(texts, tmp_path):
+  pq = pipeline.run_pipeline(_config("p_q", texts), str(tmp_path / "p_q"))
+  q = pipeline.run_pipeline(_config("q_only", texts), str(tmp_path / "q_only"))
+  assert [s["name"] for s in pq["stages"]] == ["prune", "gptq", "convert", "eval"]
+  # 2:4 zeros survive GPTQ and packing: half the projection weights are exactly zero.
+  pruned = _restored(tmp_path / "p_q", _config("p_q", texts), 0)
+  for k in _proj_kernels(pruned).values():
+    assert (k == 0).mean() == pytest.approx(0.5)
+  solved = _restored(tmp_path / "p_q", _config("p_q", texts), 1)
+  for path, k in _proj_kernels(solved).items():
+    assert np.all(k[_proj_kernels(pruned)[path] == 0] == 0), path
+  packed = _restored(tmp_path / "p_q", _config("p_q", texts), 2)
+  tokens = np.arange(32, dtype=np.int32)[None] % 200
+  np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(jc.convert(solved)(tokens)))
+  assert pq["size"]["sparsity"] > q["size"]["sparsity"] + 0.2
+  assert pq["size"]["bytes"] == q["size"]["bytes"]  # same packed format
+  for r in (pq, q):
+    assert r["scores"]["quality_ratio"] == pytest.approx(r["baseline"]["ppl"] / r["quality"]["ppl"])
+  # The finished runs compare.
+  for name, r in (("p_q", pq), ("q_only", q)):
+    (tmp_path / name / "report.json").write_text(json.dumps(r))
+  rows = compare.compare({n: compare.find_report(tmp_path / n) for n in ("p_q", "q_only")})
+  assert {r["run"] for r in rows} == {"p_q", "q_only"}
+
+
+def test_an_interrupted_run_resumes_at_its_first_unfinished_stage(texts, tmp_path):
+  full = pipeline.run_pipeline(_config("p_q", texts), str(tmp_path / "once"))
+  # Interrupted after stage 1: the first two stages' outputs are on disk, nothing else.
+  part = pipeline.run_pipeline(_config("p_q", texts, stages="prune,gptq"), str(tmp_path / "two"))
+  assert [s["name"] for s in part["stages"]] == ["prune", "gptq"]
+  marker = tmp_path / "two" / "stages" / "0_prune" / "done.json"
+  before = marker.stat().st_mtime_ns
+  resumed = pipeline.run_pipeline(_config("p_q", texts), str(tmp_path / "two"))
+  assert marker.stat().st_mtime_ns == before  # stage 0 was not run again
+  assert resumed["quality"] == full["quality"]
+  assert resumed["size"] == full["size"]
+  # A changed stage is refused, naming it; redo runs it and every later stage.
+  changed = _config("p_q", texts)
+  changed.stage.gptq.recipe = jc.Recipe([jc.Rule(smollm2_pipeline.PROJ, quant=jc.Quant(
+      w_bits=3, group=32, method="gptq", options={"keep_zeros": True}))]).to_config()
+  with pytest.raises(ValueError, match=r"stage 1 \(gptq\) changed since it ran .* redo stages 1-3"):
+    pipeline.run_pipeline(changed, str(tmp_path / "two"))
+  changed.redo = True
+  redone = pipeline.run_pipeline(changed, str(tmp_path / "two"))
+  assert marker.stat().st_mtime_ns == before
+  assert redone["quality"]["ppl"] != full["quality"]["ppl"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(stages="prune,nope"), r"stage 1 'nope' has no section config.stage.nope"),
+    (dict(stages="convert,eval"), r"stage 0 'convert': convert needs a ptq or quantize stage"),
+    (dict(stages=""), r"config.stages is empty"),
+])
+def test_bad_stage_lists_are_refused_before_anything_runs(texts, tmp_path, change, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.run_pipeline(_config("p_q", texts, **change), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_kind_and_missing_calibration(texts, tmp_path):
+  config = _config("p_q", texts)
+  config.stage.prune.kind = "shrink"
+  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, factorize"):
+    pipeline.plan(config)
+  config = _config("p_q", texts)
+  config.calib.n_seq = 0
+  with pytest.raises(ValueError, match=r"stage 0 'prune' \(prune\) uses a calibrated method but "
+                     r"config.calib.n_seq is not set"):
+    pipeline.plan(config)
+  config = _config("p_q", texts)
+  config.stage.gptq.recipe = None
+  with pytest.raises(ValueError, match=r"needs config.stage.gptq.recipe"):
+    pipeline.plan(config)
+
+
+def test_cli_runs_a_pipeline_and_reports_one_line_errors(texts, tmp_path):
+  cmd = [sys.executable, "-m", "jaxcomp", "--config=configs/smollm2_pipeline.py:p_only,tiny",
+         f"--workdir={tmp_path / 'run'}", f"--config.calib.text={texts / 'train.txt'}",
+         f"--config.eval.text_path={texts / 'eval.txt'}", "--config.eval.rates=(0.1,)"]
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  report = json.loads((tmp_path / "run" / "report.json").read_text())
+  assert report["kind"] == "lm" and report["scores"]["band"] in ("low", "moderate", "high")
+  bad = subprocess.run(cmd[:4] + [f"--workdir={tmp_path / 'bad'}",
+                                  "--config.stages=prune,convert"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "jaxcomp: error: stage 1 'convert': convert needs a ptq or quantize stage before it")
