@@ -16,6 +16,9 @@ EXPECT = {
     "bring_your_own_model.ipynb": ("stacked: blocks/down x4", "left in float, not supported",
                                    "blocks[1]/up", "restored == packed: True", "layers[1]/up",
                                    "linen restored == packed: True"),
+    "pipeline_and_evaluation.ipynb": ("p_q stages: prune,gptq,convert,eval",
+                                      "resumed report equal: True", "refused: stage 3 (eval)",
+                                      "| p_q |", "quality_vs_size.png"),
 }
 
 
