@@ -184,8 +184,25 @@ def compare_main(argv: list[str]) -> None:
   print(f"frontier: {', '.join(r['run'] for r in rows if r['frontier'])}; plots in {args.out}")
 
 
+def eval_main(argv: list[str]) -> None:
+  """``python -m jaxcomp eval --workdir DIR``: the evaluation harness on a finished pipeline
+  run's final model (``DIR/eval/report.json``)."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="python -m jaxcomp eval", description=(
+      "Evaluate the final model of a finished pipeline run (config.eval of its config.json)."))
+  parser.add_argument("--workdir", required=True, help="the run directory")
+  args = parser.parse_args(argv)
+  from jaxcomp.experiments.pipeline import evaluate_workdir  # pylint: disable=import-outside-toplevel
+  from jaxcomp.eval.harness import report_markdown  # pylint: disable=import-outside-toplevel
+  try:
+    report = evaluate_workdir(args.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"jaxcomp: error: {e}")
+  print(report_markdown(report, f"{args.workdir}: final model"))
+
+
 def run() -> None:
-  if len(sys.argv) > 1 and sys.argv[1] == "compare":
-    compare_main(sys.argv[2:])
+  if len(sys.argv) > 1 and sys.argv[1] in ("compare", "eval"):
+    {"compare": compare_main, "eval": eval_main}[sys.argv[1]](sys.argv[2:])
     return
   app.run(main, flags_parser=_parse_flags)

@@ -260,6 +260,56 @@ def _evaluate(ctx: _Context, model: nnx.Module) -> dict[str, Any]:
   return report
 
 
+def restore_stage_output(base: nnx.Module, stages: list[Stage], root: pathlib.Path,
+                         upto: int) -> nnx.Module:
+  """The model after stage ``upto`` of a run whose stages are in ``root``: the last saved
+  output at or before it, restored into the structure the stages give ``base``.
+
+  Example::
+
+    packed = restore_stage_output(base, plan(config), pathlib.Path("runs/p_q/stages"), 2)
+  """
+  saved = [i for i in range(upto + 1) if stages[i].kind in _CHANGES_MODEL]
+  if not saved:
+    return base
+  last = saved[-1]
+  infos = []
+  for s in stages[:last + 1]:
+    done = root / s.dirname / "done.json"
+    if not done.is_file():
+      raise ValueError(f"stage {s.index} ({s.name}) has not finished in {root}")
+    infos.append(json.loads(done.read_text())["info"])
+
+  def chain(m):
+    for s, info in zip(stages[:last + 1], infos):
+      m = structure(s.kind, m, s, info)
+    return m
+  return _restore(root / stages[last].dirname / "model", nnx.eval_shape(chain, base))
+
+
+def evaluate_workdir(workdir: str) -> dict[str, Any]:
+  """``python -m jaxcomp eval --workdir DIR``: the harness on the final model of a finished
+  pipeline run (its own ``config.json``: ``config.eval``), written to ``DIR/eval/report.json``.
+
+  Example::
+
+    evaluate_workdir("runs/pipeline/p_q")["quality"]["ppl"]
+  """
+  work = pathlib.Path(workdir)
+  path = work / "config.json"
+  if not path.is_file():
+    raise ValueError(f"{work} holds no pipeline run (no config.json)")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if config.get("task") != "pipeline":
+    raise ValueError(f"{work} is not a pipeline run (task={config.get('task')!r})")
+  stages = plan(config)
+  base, tokenizer = load_model(config)
+  model = restore_stage_output(base, stages, work / "stages", len(stages) - 1)
+  report = _evaluate(_Context(config, work, base, tokenizer), model)
+  harness.write_report(report, work / "eval", title=f"{work.name}: final model")
+  return report
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) ``config``'s stages in ``workdir`` and returns the final report: the
   last ``eval`` stage's harness report (or the last stage's) with every stage's summary.
@@ -297,15 +347,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   ctx = _Context(config, work, base, tokenizer)
   model = base
   if start:
-    infos = [json.loads((root / s.dirname / "done.json").read_text()) for s in stages[:start]]
-    last = max((i for i in range(start) if stages[i].kind in _CHANGES_MODEL), default=None)
-    if last is not None:
-      def chain(m):
-        for s, info in zip(stages[:last + 1], infos):
-          m = structure(s.kind, m, s, info["info"])
-        return m
-      like = nnx.eval_shape(chain, base)
-      model = _restore(root / stages[last].dirname / "model", like)
+    model = restore_stage_output(base, stages, root, start - 1)
     logging.info("resuming at stage %d (%s)", start, stages[start].name if start < len(stages)
                  else "all done")
   for s, fp in zip(stages[start:], fps[start:]):

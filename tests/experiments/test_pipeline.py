@@ -32,18 +32,9 @@ def _config(variant, texts, **overrides):
 
 def _restored(workdir, config, upto):
   """The model saved by stage ``upto``, restored through the stages' structures."""
-  stages = pipeline.plan(config)
   base, _ = load_model(config)
-  root = pathlib.Path(workdir) / "stages"
-  infos = [json.loads((root / s.dirname / "done.json").read_text())["info"]
-           for s in stages[:upto + 1]]
-
-  def chain(m):
-    for s, info in zip(stages[:upto + 1], infos):
-      m = pipeline.structure(s.kind, m, s, info)
-    return m
-  return pipeline._restore(root / stages[upto].dirname / "model",  # pylint: disable=protected-access
-                           nnx.eval_shape(chain, base))
+  return pipeline.restore_stage_output(base, pipeline.plan(config),
+                                       pathlib.Path(workdir) / "stages", upto)
 
 
 def _proj_kernels(model):
@@ -74,6 +65,10 @@ def test_two_orders_give_the_expected_models(texts, tmp_path):
     (tmp_path / name / "report.json").write_text(json.dumps(r))
   rows = compare.compare({n: compare.find_report(tmp_path / n) for n in ("p_q", "q_only")})
   assert {r["run"] for r in rows} == {"p_q", "q_only"}
+  # `python -m jaxcomp eval --workdir` re-evaluates the final (packed) model of a run.
+  again = pipeline.evaluate_workdir(str(tmp_path / "p_q"))
+  assert again["quality"] == pq["quality"]
+  assert (tmp_path / "p_q" / "eval" / "report.json").is_file()
 
 
 def test_an_interrupted_run_resumes_at_its_first_unfinished_stage(texts, tmp_path):
@@ -141,3 +136,10 @@ def test_cli_runs_a_pipeline_and_reports_one_line_errors(texts, tmp_path):
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1] == (
       "jaxcomp: error: stage 1 'convert': convert needs a ptq or quantize stage before it")
+  ev = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={tmp_path / 'run'}"],
+                      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert ev.returncode == 0, ev.stderr[-2000:]
+  assert "| quality.ppl |" in ev.stdout
+  none = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={tmp_path}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert none.returncode == 1 and "holds no pipeline run (no config.json)" in none.stderr
