@@ -11,7 +11,12 @@ Variants (``config.stages``, each name a section of ``config.stage``):
 * ``p_only``: 2:4 Wanda -> eval;
 * ``p_q``: 2:4 Wanda -> GPTQ w4g128 -> convert -> eval (GPTQ's ``keep_zeros``: the pruned
   weights stay zero and their error is compensated by the kept ones);
-* ``lowrank``: SVD-LLM, 40% fewer projection parameters -> eval.
+* ``lowrank``: SVD-LLM, 40% fewer projection parameters -> eval;
+* ``p_kd_q``: 2:4 Wanda -> distillation from the original model (``kd``: KL at T=2, alpha 0.9,
+  ``train.steps`` x ``data.batch_size`` x ``data.seq_len`` tokens of the Austen novels; the
+  pruned weights stay zero) -> GPTQ w4g128 -> convert -> eval;
+* ``p_q_kd`` (PQK): 2:4 Wanda -> QAT rewrite w4g128 with LSQ steps -> distillation -> convert
+  -> eval.
 
 The 210 projections are compressed; the tied embedding / head, norms and attention stay
 float. Calibration: 128 windows of 512 tokens of WikiText-2 *valid*; evaluation: the first
@@ -22,6 +27,8 @@ against the uncompressed model). ``--config.stages=...`` reorders or cuts the li
 Modifiers: ",tiny" runs the same stages on a tiny random Llama with the byte tokenizer over
 ``calib.text`` / ``eval.text_path`` (tests).
 """
+
+import os
 
 import ml_collections
 
@@ -35,6 +42,8 @@ VARIANTS = {
     "p_only": "prune,eval",
     "p_q": "prune,gptq,convert,eval",
     "lowrank": "svd_llm,eval",
+    "p_kd_q": "prune,kd,gptq,convert,eval",
+    "p_q_kd": "prune,qat,kd,convert,eval",
 }
 
 
@@ -60,9 +69,23 @@ def get_config(arg: str = "p_q") -> ml_collections.ConfigDict:
           options={"act_order": True, "keep_zeros": True}))),
       svd_llm=dict(kind="factorize", recipe=rule(lowrank=jc.LowRank(reduction=0.4,
                                                                     method="svd_llm"))),
+      qat=dict(kind="quantize", recipe=rule(quant=jc.Quant(w_bits=4, group=group,
+                                                           learn_scale=True))),
+      kd=dict(kind="distill", teacher="original", teacher_dtype="float32",
+              distill=dict(alpha=0.9, temperature=2.0, top_k=0, hidden_weight=0.0,
+                           hidden_kind="mse", attention_weight=0.0),
+              train=dict(steps=12 if tiny else 150, epochs=0, lr=1e-3 if tiny else 1e-4,
+                         warmup_steps=2 if tiny else 20, weight_decay=0.0, grad_clip=1.0,
+                         log_every=2 if tiny else 10, checkpoint_every=4 if tiny else 50,
+                         keep_checkpoints=3, progress=not tiny)),
       convert=dict(kind="convert"),
       eval=dict(kind="eval"),
   )
+  data_dir = os.environ.get("TFDS_DATA_DIR",
+                            os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  config.data = dict(corpus="files" if tiny else "austen", files="", files_name="tiny",
+                     data_dir=data_dir, seq_len=32 if tiny else 128, batch_size=8)
+  config.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules="data_parallel")
   config.stages = VARIANTS[variant]
   config.redo = False
   return config

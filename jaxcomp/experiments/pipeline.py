@@ -36,10 +36,13 @@ from typing import Any
 from absl import logging
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcomp.distill import losses
+from jaxcomp.distill.task import Distiller, DistillTask
 from jaxcomp.eval import harness
 from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.experiments.compress import calib_path, eval_text
@@ -50,11 +53,13 @@ from jaxcomp.oneshot import calib_tokens, factorize, prune, ptq, ptq_skeleton, r
 from jaxcomp.recipe import Recipe, Rule
 from jaxcomp.rewrite import engine, quantize
 from jaxcomp.serve import convert
+from jaxcomp.train.loop import train
 
-KINDS = ("prune", "factorize", "ptq", "quantize", "convert", "eval")
+KINDS = ("prune", "factorize", "ptq", "quantize", "train", "distill", "convert", "eval")
+_TRAINS = ("train", "distill")
 _PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank"),
             "ptq": ("quant", "quant"), "quantize": ("quant", None)}
-_CHANGES_MODEL = {"prune", "factorize", "ptq", "quantize", "convert"}
+_CHANGES_MODEL = {"prune", "factorize", "ptq", "quantize", "convert", "train", "distill"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +94,7 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
     raise ValueError("config.stages is empty: give the stage names in order, e.g. "
                      "'prune,ptq,convert,eval'")
   sections = config.get("stage") or {}
-  stages, quantized = [], False
+  stages, quantized, converted = [], False, False
   for i, name in enumerate(names):
     if name not in sections:
       raise ValueError(f"stage {i} {name!r} has no section config.stage.{name} (sections: "
@@ -112,11 +117,38 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
         if not config.get("calib") or not config.calib.get("n_seq"):
           raise ValueError(f"stage {i} {name!r} ({kind}) uses a calibrated method but "
                            "config.calib.n_seq is not set (calibration sequences)")
+    if kind in _TRAINS:
+      _check_training_stage(config, stage, names[:i], converted)
     quantized = quantized or kind in ("ptq", "quantize")
     if kind == "convert" and not quantized:
       raise ValueError(f"stage {i} {name!r}: convert needs a ptq or quantize stage before it")
+    converted = converted or kind == "convert"
     stages.append(stage)
   return stages
+
+
+def _check_training_stage(config: ml_collections.ConfigDict, stage: Stage, before: list[str],
+                          converted: bool) -> None:
+  i, name, cfg = stage.index, stage.name, stage.config
+  if converted:
+    raise ValueError(f"stage {i} {name!r} ({stage.kind}): a packed model (after convert) "
+                     "cannot be trained")
+  if not cfg.get("train"):
+    raise ValueError(f"stage {i} {name!r} ({stage.kind}) needs config.stage.{name}.train "
+                     "(steps, lr, ...)")
+  if not config.get("data"):
+    raise ValueError(f"stage {i} {name!r} ({stage.kind}) needs config.data (the training text)")
+  if stage.kind == "distill":
+    if not cfg.get("distill"):
+      raise ValueError(f"stage {i} {name!r} (distill) needs config.stage.{name}.distill "
+                       "(alpha, temperature, ...)")
+    teacher = cfg.get("teacher")
+    if not teacher:
+      raise ValueError(f"stage {i} {name!r} (distill) has no teacher: set "
+                       f"config.stage.{name}.teacher to 'original' or an earlier stage's name")
+    if teacher != "original" and teacher not in before:
+      raise ValueError(f"stage {i} {name!r} (distill): teacher {teacher!r} is neither "
+                       f"'original' nor an earlier stage ({', '.join(before) or 'none'})")
 
 
 def _fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> list[str]:
@@ -129,6 +161,10 @@ def _fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> lis
     if s.kind in ("prune", "factorize", "ptq"):
       reads["calib"] = config.calib.to_dict()
     if s.kind == "eval":
+      reads["eval"] = config.eval.to_dict()
+    if s.kind in _TRAINS:
+      reads["data"] = config.data.to_dict()
+      reads["mesh"] = config.mesh.to_dict()
       reads["eval"] = config.eval.to_dict()
     prev = hashlib.sha256(json.dumps(reads, sort_keys=True, default=str).encode()).hexdigest()
     out.append(prev)
@@ -143,7 +179,7 @@ def structure(kind: str, model: nnx.Module, stage: Stage, info: dict[str, Any]) 
 
     like = nnx.eval_shape(lambda m: structure("ptq", m, stage, {}), model)
   """
-  if kind in ("prune", "eval"):
+  if kind in ("prune", "eval", "train", "distill"):
     return model
   if kind == "quantize":
     return quantize(model, stage.recipe)
@@ -200,8 +236,11 @@ def _layer_summary(results: list[Any]) -> dict[str, Any]:
           **({"mean_layer_rel_error": float(np.mean(errors))} if errors else {})}
 
 
-def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage) -> tuple[nnx.Module, dict]:
+def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stage]
+               ) -> tuple[nnx.Module, dict]:
   kind, recipe = stage.kind, stage.recipe
+  if kind in _TRAINS:
+    return _train_stage(ctx, model, stage, stages)
   if kind == "prune":
     model, res = prune(model, recipe, ctx.calib(), **ctx.kwargs())
     return model, {**_layer_summary(res), "size": harness.stored_size(model)}
@@ -219,6 +258,88 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage) -> tuple[nnx.Modu
     model = convert(model)
     return model, {"size": harness.stored_size(model)}
   return model, _evaluate(ctx, model)
+
+
+class _StageTask(DistillTask):
+  """The distillation task on a pipeline's current model (the student) and a given teacher;
+  ``ce_only``: plain fine-tuning (cross-entropy, no teacher). Weights that are exactly zero
+  when the stage starts stay zero (`update_mask`)."""
+
+  def __init__(self, student: nnx.Module, teacher: nnx.Module, tokenizer: Any, ce_only: bool):
+    super().__init__()
+    self._student, self._base, self._tokenizer, self._ce_only = (student, teacher, tokenizer,
+                                                                 ce_only)
+
+  def _load(self, config, abstract=False):
+    self._distill = config.distill
+    return self._base
+
+  def model(self, config, *, rngs, abstract=False):
+    n = self._student.config.n_layers if config.distill.hidden_weight else 0
+    student = nnx.clone(self._student)
+    # Own buffers: the step donates them, and the student shares untouched arrays with the
+    # earlier stages' models (the original one included).
+    nnx.update(student, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(student)))
+    return Distiller(student, teacher_dim=self._base.config.dim, n_projections=n, rngs=rngs)
+
+  def frozen(self, config, abstract=False):
+    self._distill = config.distill
+    return None if self._ce_only else super().frozen(config, abstract)
+
+  def loss(self, model, batch, rng, frozen):
+    if not self._ce_only:
+      return super().loss(model, batch, rng, frozen)
+    tokens = batch["tokens"]
+    ce = losses.cross_entropy(model.student(tokens[:, :-1]), tokens[:, 1:])
+    return ce, {"ce": ce}
+
+  def evaluate(self, model, data, frozen):
+    if not self._ce_only:
+      return super().evaluate(model, data, frozen)
+    seq = min(512, model.student.config.max_seq_len, len(data.eval_ids) - 1)
+    r = ppl_lib.perplexity(model.student, data.eval_ids, seq_len=seq, batch_size=4)
+    return {"eval_ppl": r["ppl"], "eval_tokens": r["tokens"], "eval_text": data.eval_name}
+
+  def update_mask(self, params: Any) -> Any:
+    return jax.tree.map(lambda p: (p != 0) if p.ndim >= 2 and bool(jnp.any(p == 0))
+                        else jnp.bool_(True), params)
+
+
+def _train_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stage]
+                 ) -> tuple[nnx.Module, dict[str, Any]]:
+  """A ``train`` / ``distill`` stage: the training loop in ``<stage dir>/train`` (resumable at
+  its last checkpoint), the student's weights as the stage's output."""
+  config, cfg = ctx.config, stage.config
+  ce_only = stage.kind == "train"
+  teacher = model
+  if not ce_only:
+    name = cfg.teacher
+    if name == "original":
+      teacher = ctx.base
+    else:
+      idx = max(s.index for s in stages[:stage.index] if s.name == name)
+      teacher = restore_stage_output(ctx.base, stages, ctx.work / "stages", idx)
+  c = ml_collections.ConfigDict()
+  c.task = "distill"
+  c.seed = config.seed
+  c.model = config.model.to_dict()
+  c.teacher = dict(dtype=cfg.get("teacher_dtype", "float32"))
+  c.distill = (dict(alpha=0.0, temperature=1.0, top_k=0, hidden_weight=0.0, hidden_kind="mse",
+                    attention_weight=0.0) if ce_only else cfg.distill.to_dict())
+  c.data = config.data.to_dict()
+  c.eval = dict(text_path=config.eval.text_path, max_tokens=config.eval.max_tokens)
+  c.train = cfg.train.to_dict()
+  c.mesh = config.mesh.to_dict()
+  c.recipe = None
+  task = _StageTask(model, teacher, ctx.tokenizer, ce_only)
+  report, trained = train(c, str(ctx.work / "stages" / stage.dirname / "train"), task=task,
+                          return_model=True)
+  student = trained.student
+  # Off the training mesh: the next stages run on the default device, without the loop's
+  # logical axis rules (single-process runs).
+  nnx.update(student, jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)),
+                                   nnx.state(student)))
+  return student, {k: v for k, v in report.items() if k != "model_bytes"}
 
 
 def _eval_ids(ctx: _Context) -> np.ndarray:
@@ -337,6 +458,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     start += 1
   if root.is_dir():  # what the rerun replaces: unfinished or changed stages, dropped ones
     keep = {s.dirname for s in stages[:start]}
+    if start < len(stages) and stages[start].kind in _TRAINS:  # resumes at its checkpoint
+      began = root / stages[start].dirname / "started.json"
+      if began.is_file() and json.loads(began.read_text()).get("fingerprint") == fps[start]:
+        keep.add(stages[start].dirname)
     for d in root.iterdir():
       if d.name not in keep:
         shutil.rmtree(d)
@@ -352,9 +477,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                  else "all done")
   for s, fp in zip(stages[start:], fps[start:]):
     d = root / s.dirname
-    d.mkdir()
+    d.mkdir(exist_ok=True)
+    (d / "started.json").write_text(json.dumps({"fingerprint": fp}))
     t0 = time.perf_counter()
-    model, info = _run_stage(ctx, model, s)
+    model, info = _run_stage(ctx, model, s, stages)
     seconds = round(time.perf_counter() - t0, 2)
     if s.kind in _CHANGES_MODEL:
       _save(model, d / "model")

@@ -132,6 +132,24 @@ def make_sparsity(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformati
                   update_every=cfg.update_every, score=cfg.score)
 
 
+def masked_updates(masks: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its mask (``masks`` mirrors the params; a scalar ``True`` leaves
+  a leaf free), so that masked weights never move: a pruned model stays pruned.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-2), masked_updates({"w": jnp.array([True, False])}))
+    >>> u, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+    >>> (u["w"] != 0).tolist()
+    [True, False]
+  """
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, masks), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
               tx: optax.GradientTransformation) -> Any:
   """The training step ``(state, batch) -> (state, metrics)``, to be jitted with shardings.
@@ -212,6 +230,9 @@ def _assemble(config: ml_collections.ConfigDict, task: tasks.Task, recipe: Recip
   tx = make_optimizer(config.train, total_steps)
   if sparse_kernels:
     tx = make_sparsity(config.train.get("sparsity"), tx, sparse_kernels, total_steps)
+  update_mask = getattr(task, "update_mask", None)
+  if update_mask is not None and not abstract:  # e.g. a pruned student keeps its zeros
+    tx = optax.chain(tx, masked_updates(update_mask(params)))
   opt_state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
   rng = jax.random.key_data(jax.random.key(config.seed))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
@@ -284,15 +305,23 @@ def compile_step(config: ml_collections.ConfigDict, workdir: str, topology: str
   return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task | None = None,
+          return_model: bool = False) -> Any:
   """Trains ``config``'s model in ``workdir``, resuming from its last checkpoint.
+
+  Args:
+    config: the run's config (``config.task`` names the task unless ``task`` is given).
+    workdir: checkpoints, metrics and ``config.json``.
+    task: a task instance to train instead of ``config.task``'s (a pipeline stage's, which
+      brings its own model and teacher).
+    return_model: also return the trained model.
 
   Returns:
     The final report: test accuracy and loss, median step time, model size in bytes (weights
-    at their stored bit width), steps run.
+    at their stored bit width), steps run; with ``return_model``, ``(report, model)``.
   """
   # ----------------------------------------------------------------------- set-up
-  task = tasks.get(config)
+  task = task if task is not None else tasks.get(config)
   recipe = _recipe(config)
   check_workdir_config(workdir, config)
   data = task.data(config)
@@ -373,4 +402,4 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(total_steps, {f"final/{k}": v for k, v in report.items()
                                if isinstance(v, (int, float))})
     writer.close()
-  return report
+  return (report, final) if return_model else report

@@ -143,3 +143,52 @@ def test_cli_runs_a_pipeline_and_reports_one_line_errors(texts, tmp_path):
   none = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={tmp_path}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert none.returncode == 1 and "holds no pipeline run (no config.json)" in none.stderr
+
+
+def _kd_config(variant, texts):
+  config = _config(variant, texts)
+  config.data.files = str(texts / "train.txt")
+  config.data.data_dir = str(texts / "tfds")
+  return config
+
+
+def test_distill_between_prune_and_quantize_in_both_orders(texts, tmp_path):
+  runs = {}
+  for variant in ("p_kd_q", "p_q_kd"):
+    runs[variant] = pipeline.run_pipeline(_kd_config(variant, texts), str(tmp_path / variant))
+    assert [s["name"] for s in runs[variant]["stages"]][-2:] == ["convert", "eval"]
+  # p_kd_q: the 2:4 zeros survive distillation and GPTQ.
+  cfg = _kd_config("p_kd_q", texts)
+  pruned = _restored(tmp_path / "p_kd_q", cfg, 0)
+  distilled = _restored(tmp_path / "p_kd_q", cfg, 1)
+  solved = _restored(tmp_path / "p_kd_q", cfg, 2)
+  for path, k in _proj_kernels(pruned).items():
+    zero = k == 0
+    assert zero.mean() == pytest.approx(0.5)
+    assert np.all(_proj_kernels(distilled)[path][zero] == 0), path
+    assert np.all(_proj_kernels(solved)[path][zero] == 0), path
+    assert not np.array_equal(_proj_kernels(distilled)[path], k)  # it trained
+  # p_q_kd: convert after distillation equals the distilled fake-quant model.
+  cfg = _kd_config("p_q_kd", texts)
+  qat = _restored(tmp_path / "p_q_kd", cfg, 2)
+  packed = _restored(tmp_path / "p_q_kd", cfg, 3)
+  tokens = np.arange(32, dtype=np.int32)[None] % 200
+  np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(jc.convert(qat)(tokens)))
+  report = json.loads((tmp_path / "p_q_kd" / "stages" / "2_kd" / "report.json").read_text())
+  assert np.isfinite(report["eval_ppl"]) and report["steps"] == cfg.stage.kd.train.steps
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(teacher=""), r"stage 1 'kd' \(distill\) has no teacher"),
+    (dict(teacher="gptq"), r"teacher 'gptq' is neither 'original' nor an earlier stage"),
+])
+def test_distill_without_a_teacher_is_refused(texts, change, message):
+  config = _kd_config("p_kd_q", texts)
+  for k, v in change.items():
+    setattr(config.stage.kd, k, v)
+  with pytest.raises(ValueError, match=message):
+    pipeline.plan(config)
+  config = _kd_config("p_kd_q", texts)
+  config.stages = "prune,gptq,convert,kd"
+  with pytest.raises(ValueError, match=r"a packed model \(after convert\) cannot be trained"):
+    pipeline.plan(config)
