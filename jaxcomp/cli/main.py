@@ -56,13 +56,6 @@ def _init_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _report_md(report: dict, config_name: str) -> str:
-  lines = [f"# {config_name}", "", "| metric | value |", "|---|---:|"]
-  for k, v in report.items():
-    lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
-  return "\n".join(lines) + "\n"
-
-
 def _write_atomic(path: str, text: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(text)
@@ -112,7 +105,8 @@ def main(argv: list[str]) -> None:
     return
   name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"],
                                                           "config_filename") else "run"
-  md = _report_md(report, str(name))
+  from jaxcomp.eval.harness import report_markdown  # pylint: disable=import-outside-toplevel
+  md = report_markdown(report, str(name))
   if _COMPILE_ONLY.value:  # nothing ran: the run's report.json stays for a real run
     print(md)
     if not report["fits"]:
