@@ -342,10 +342,11 @@ def _train_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[St
   return student, {k: v for k, v in report.items() if k != "model_bytes"}
 
 
-def _eval_ids(ctx: _Context) -> np.ndarray:
-  text, _ = eval_text(ctx.config)
+def _eval_ids(ctx: _Context) -> tuple[np.ndarray, str]:
+  """The evaluation token stream (``eval.max_tokens`` of it) and the text's name."""
+  text, name = eval_text(ctx.config)
   ids = np.asarray(ctx.tokenizer.encode(text).ids, np.int32)
-  return ids[:ctx.config.eval.max_tokens] if ctx.config.eval.max_tokens else ids
+  return (ids[:ctx.config.eval.max_tokens] if ctx.config.eval.max_tokens else ids), name
 
 
 def _cloze(ctx: _Context) -> list[dict[str, Any]]:
@@ -365,9 +366,9 @@ def _evaluate(ctx: _Context, model: nnx.Module) -> dict[str, Any]:
             rates=tuple(e.get("rates", harness.DEFAULT_TEXT_RATES)),
             latency_repeats=e.get("latency_repeats", 5), seed=ctx.config.seed,
             vocab_size=ctx.base.config.vocab_size)
-  ids = _eval_ids(ctx)
+  ids, text_name = _eval_ids(ctx)
   report = harness.evaluate_lm(model, ids, **kw)
-  report["eval_text"] = eval_text(ctx.config)[1]
+  report["eval_text"] = text_name
   base_path = ctx.work / "baseline" / "report.json"
   key = hashlib.sha256(json.dumps([ctx.config.model.to_dict(), e.to_dict(), ctx.config.seed],
                                   sort_keys=True, default=str).encode()).hexdigest()
@@ -468,13 +469,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   root.mkdir(parents=True, exist_ok=True)
   (work / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  base, tokenizer = load_model(config)
-  ctx = _Context(config, work, base, tokenizer)
-  model = base
-  if start:
+  if start < len(stages):  # a finished run only gathers its reports
+    base, tokenizer = load_model(config)
+    ctx = _Context(config, work, base, tokenizer)
+    model = base
+  if 0 < start < len(stages):
     model = restore_stage_output(base, stages, root, start - 1)
-    logging.info("resuming at stage %d (%s)", start, stages[start].name if start < len(stages)
-                 else "all done")
+    logging.info("resuming at stage %d (%s)", start, stages[start].name)
   for s, fp in zip(stages[start:], fps[start:]):
     d = root / s.dirname
     d.mkdir(exist_ok=True)
