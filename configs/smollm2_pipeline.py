@@ -13,8 +13,9 @@ Variants (``config.stages``, each name a section of ``config.stage``):
   weights stay zero and their error is compensated by the kept ones);
 * ``lowrank``: SVD-LLM, 40% fewer projection parameters -> eval;
 * ``p_kd_q``: 2:4 Wanda -> distillation from the original model (``kd``: KL at T=2, alpha 0.9,
-  ``train.steps`` x ``data.batch_size`` x ``data.seq_len`` tokens of the Austen novels; the
-  pruned weights stay zero) -> GPTQ w4g128 -> convert -> eval;
+  ``train.steps`` x ``data.batch_size`` x ``data.seq_len`` = 300 x 8 x 128 tokens of WikiText-2
+  *valid*, the tuning split, about 1.1 epochs; the pruned weights stay zero) -> GPTQ w4g128 ->
+  convert -> eval;
 * ``p_q_kd`` (PQK): 2:4 Wanda -> QAT rewrite w4g128 with LSQ steps -> distillation -> convert
   -> eval.
 
@@ -33,6 +34,7 @@ import os
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.eval.perplexity import WIKITEXT2_DIR
 from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
@@ -74,7 +76,7 @@ def get_config(arg: str = "p_q") -> ml_collections.ConfigDict:
       kd=dict(kind="distill", teacher="original", teacher_dtype="float32",
               distill=dict(alpha=0.9, temperature=2.0, top_k=0, hidden_weight=0.0,
                            hidden_kind="mse", attention_weight=0.0),
-              train=dict(steps=12 if tiny else 150, epochs=0, lr=1e-3 if tiny else 1e-4,
+              train=dict(steps=12 if tiny else 300, epochs=0, lr=1e-3 if tiny else 1e-4,
                          warmup_steps=2 if tiny else 20, weight_decay=0.0, grad_clip=1.0,
                          log_every=2 if tiny else 10, checkpoint_every=4 if tiny else 50,
                          keep_checkpoints=3, progress=not tiny)),
@@ -83,7 +85,11 @@ def get_config(arg: str = "p_q") -> ml_collections.ConfigDict:
   )
   data_dir = os.environ.get("TFDS_DATA_DIR",
                             os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
-  config.data = dict(corpus="files" if tiny else "austen", files="", files_name="tiny",
+  # Distillation text: WikiText-2 *valid* (the tuning split, as calibration; test is only
+  # reported), one document; tests give their own file.
+  wiki_valid = str(WIKITEXT2_DIR / "valid.txt")
+  config.data = dict(corpus="files", files="" if tiny else wiki_valid,
+                     files_name="tiny" if tiny else "wikitext2_valid",
                      data_dir=data_dir, seq_len=32 if tiny else 128, batch_size=8)
   config.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules="data_parallel")
   config.stages = VARIANTS[variant]

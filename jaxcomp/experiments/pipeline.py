@@ -151,9 +151,15 @@ def _check_training_stage(config: ml_collections.ConfigDict, stage: Stage, befor
                        f"'original' nor an earlier stage ({', '.join(before) or 'none'})")
 
 
-def _fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> list[str]:
+def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> list[str]:
   """Stage i's fingerprint: its kind and section, what it reads of the global config, and
-  stage i-1's fingerprint (so a change invalidates that stage and every later one)."""
+  stage i-1's fingerprint (so a change invalidates that stage and every later one). Two runs
+  whose stage i has the same fingerprint made the same model there (bench/pareto.py copies it).
+
+  Example::
+
+    fps = stage_fingerprints(config, plan(config))   # one sha256 hex string per stage
+  """
   out, prev = [], ""
   for s in stages:
     reads = {"model": config.model.to_dict(), "seed": config.seed, "kind": s.kind,
@@ -442,7 +448,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     report["quality"]["ppl"], [s["name"] for s in report["stages"]]
   """
   stages = plan(config)
-  fps = _fingerprints(config, stages)
+  fps = stage_fingerprints(config, stages)
   work = pathlib.Path(workdir)
   root = work / "stages"
   start = 0

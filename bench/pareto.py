@@ -1,0 +1,102 @@
+"""The SmolLM2-135M pipeline variants on one evaluation slice, compared: table + frontier plots.
+
+  python bench/pareto.py                                   # every variant, runs/pareto/
+  python bench/pareto.py --variants p_q,p_kd_q --root runs/pareto
+
+Each variant of ``configs/smollm2_pipeline.py`` runs (or resumes) in ``ROOT/<variant>`` with the
+same evaluation overrides (``--max_tokens`` tokens of WikiText-2 *test*, robustness at
+``--rates``, ``--cloze`` items, ``--latency_repeats``). A stage whose fingerprint equals a
+finished stage of an earlier variant (the same model, calibration and stage config at the same
+position, e.g. the 2:4 Wanda stage every ``p_*`` variant starts with) is copied instead of run
+again. Then `jaxcomp.eval.compare` over the runs and the uncompressed model (``float``) writes ``ROOT/compare/comparison.md``,
+``comparison.json`` and the quality-vs-size / quality-vs-latency PNGs with the frontier marked.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+import smollm2_pipeline  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.eval import compare  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.eval.perplexity import WIKITEXT2_DIR  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.experiments import pipeline  # noqa: E402  pylint: disable=wrong-import-position
+
+_VARIANTS = flags.DEFINE_list("variants", list(smollm2_pipeline.VARIANTS),
+                              "variants of configs/smollm2_pipeline.py, in run order")
+_ROOT = flags.DEFINE_string("root", "runs/pareto", "one workdir per variant under this")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32768, "WikiText-2 test tokens evaluated")
+_RATES = flags.DEFINE_list("rates", ["0.1"], "robustness perturbation rates")
+_CLOZE = flags.DEFINE_integer("cloze", 100, "cloze items (WikiText-2 valid sentences)")
+_LATENCY = flags.DEFINE_integer("latency_repeats", 3, "timed forwards per model")
+_KD_STEPS = flags.DEFINE_integer("kd_steps", 0, "distillation steps (0: the config's)")
+_TINY = flags.DEFINE_bool("tiny", False, "the tiny random model (smoke test)")
+
+
+def variant_config(variant: str):
+  """The variant's config with this bench's evaluation overrides."""
+  config = smollm2_pipeline.get_config(variant + (",tiny" if _TINY.value else ""))
+  config.eval.max_tokens = _MAX_TOKENS.value
+  config.eval.rates = tuple(float(r) for r in _RATES.value)
+  config.eval.cloze_items = _CLOZE.value
+  config.eval.latency_repeats = _LATENCY.value
+  if _TINY.value:
+    config.data.files = str(WIKITEXT2_DIR / "valid.txt")
+  if _KD_STEPS.value:
+    config.stage.kd.train.steps = _KD_STEPS.value
+  return config
+
+
+def reuse_finished_stages(config, work: pathlib.Path, done_dirs: list[pathlib.Path]) -> int:
+  """Copies the longest prefix of stages already finished, with equal fingerprints, by an
+  earlier variant into ``work``; returns how many."""
+  stages = pipeline.plan(config)
+  fps = pipeline.stage_fingerprints(config, stages)
+  best: tuple[int, pathlib.Path | None] = (0, None)
+  for other in done_dirs:
+    n = 0
+    for s, fp in zip(stages, fps):
+      done = other / "stages" / s.dirname / "done.json"
+      if not done.is_file() or json.loads(done.read_text()).get("fingerprint") != fp:
+        break
+      n += 1
+    best = max(best, (n, other), key=lambda t: t[0])
+  n, other = best
+  for s in stages[:n]:
+    dst = work / "stages" / s.dirname
+    if not (dst / "done.json").is_file():
+      shutil.rmtree(dst, ignore_errors=True)
+      shutil.copytree(other / "stages" / s.dirname, dst)
+  return n
+
+
+def main(argv):
+  del argv
+  root = pathlib.Path(_ROOT.value)
+  runs: list[pathlib.Path] = []
+  for variant in _VARIANTS.value:
+    config = variant_config(variant)
+    work = root / variant
+    copied = reuse_finished_stages(config, work, runs)
+    t0 = time.perf_counter()
+    report = pipeline.run_pipeline(config, str(work))
+    logging.info("%s: %d stage(s) reused, %.0f s, ppl %.3f", variant, copied,
+                 time.perf_counter() - t0, report.get("quality", {}).get("ppl", float("nan")))
+    runs.append(work)
+  out = root / "compare"
+  reports = {"float": json.loads((runs[0] / "baseline" / "report.json").read_text())}
+  reports.update({w.name: compare.find_report(w) for w in runs})
+  compare.compare(reports, baseline="float", out_dir=out)
+  print((out / "comparison.md").read_text())
+
+
+if __name__ == "__main__":
+  app.run(main)
