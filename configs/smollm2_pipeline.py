@@ -17,7 +17,10 @@ Variants (``config.stages``, each name a section of ``config.stage``):
   *valid*, the tuning split, about 1.1 epochs; the pruned weights stay zero) -> GPTQ w4g128 ->
   convert -> eval;
 * ``p_q_kd`` (PQK): 2:4 Wanda -> QAT rewrite w4g128 with LSQ steps -> distillation -> convert
-  -> eval.
+  -> eval;
+* ``s_kd_q``: structured pruning (the lowest-magnitude quarter of every block's FFN channels and
+  a third of its query heads removed: ffn_dim 1536 -> 1152, 9 -> 6 heads; ``keep_layers`` drops
+  whole blocks) -> distillation -> GPTQ w4g128 -> convert -> eval.
 
 The 210 projections are compressed; the tied embedding / head, norms and attention stay
 float. Calibration: 128 windows of 512 tokens of WikiText-2 *valid*; evaluation: the first
@@ -46,6 +49,7 @@ VARIANTS = {
     "lowrank": "svd_llm,eval",
     "p_kd_q": "prune,kd,gptq,convert,eval",
     "p_q_kd": "prune,qat,kd,convert,eval",
+    "s_kd_q": "structured,kd,gptq,convert,eval",
 }
 
 
@@ -66,6 +70,8 @@ def get_config(arg: str = "p_q") -> ml_collections.ConfigDict:
   rule = lambda **kw: jc.Recipe([jc.Rule(PROJ, name="proj", **kw)]).to_config()
   config.stage = dict(
       prune=dict(kind="prune", recipe=rule(sparsity=jc.Sparsity("2:4", method="wanda"))),
+      structured=dict(kind="structured", keep_layers=0, ffn_sparsity=0.25,
+                      head_sparsity=1 / 3 if not tiny else 0.5),
       gptq=dict(kind="ptq", recipe=rule(quant=jc.Quant(
           w_bits=4, group=group, method="gptq",
           options={"act_order": True, "keep_zeros": True}))),

@@ -7,6 +7,9 @@ a section ``config.stage.<name>`` whose ``kind`` says what it does:
 * ``prune`` / ``factorize`` / ``ptq``: the one-shot transforms (`jaxcomp.prune`,
   `jaxcomp.factorize`, `jaxcomp.ptq`) with the section's ``recipe``, calibrated on
   ``config.calib``;
+* ``structured``: a smaller Llama: ``keep_layers`` blocks (evenly spaced), then the
+  lowest-magnitude ``ffn_sparsity`` of every block's FFN channels and ``head_sparsity`` of the
+  query heads of each key/value group removed (`jaxcomp.models.llama_surgery`);
 * ``quantize``: the QAT rewrite (`jaxcomp.quantize`) with the section's ``recipe``;
 * ``convert``: packed serving weights (`jaxcomp.convert`);
 * ``eval``: the evaluation harness (`jaxcomp.eval.harness.evaluate_lm`) on ``config.eval``,
@@ -48,6 +51,10 @@ from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.experiments.compress import calib_path, eval_text
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank.spec import LowRank
+from jaxcomp.distill.task import layer_map
+from jaxcomp.models.llama import Llama
+from jaxcomp.models.llama_surgery import (StructuredKeep, drop_blocks, llama_structured_keep,
+                                          shrink_llama)
 from jaxcomp.models.zoo import load_model
 from jaxcomp.oneshot import calib_tokens, factorize, prune, ptq, ptq_skeleton, registry
 from jaxcomp.recipe import Recipe, Rule
@@ -55,11 +62,14 @@ from jaxcomp.rewrite import engine, quantize
 from jaxcomp.serve import convert
 from jaxcomp.train.loop import train
 
-KINDS = ("prune", "factorize", "ptq", "quantize", "train", "distill", "convert", "eval")
+KINDS = ("prune", "structured", "factorize", "ptq", "quantize", "train", "distill", "convert",
+         "eval")
 _TRAINS = ("train", "distill")
 _PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank"),
             "ptq": ("quant", "quant"), "quantize": ("quant", None)}
-_CHANGES_MODEL = {"prune", "factorize", "ptq", "quantize", "convert", "train", "distill"}
+_CHANGES_MODEL = {"prune", "structured", "factorize", "ptq", "quantize", "convert", "train",
+                  "distill"}
+_STRUCTURED = ("keep_layers", "ffn_sparsity", "head_sparsity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +104,7 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
     raise ValueError("config.stages is empty: give the stage names in order, e.g. "
                      "'prune,ptq,convert,eval'")
   sections = config.get("stage") or {}
-  stages, quantized, converted = [], False, False
+  stages, quantized, converted, rewritten = [], False, False, ""
   for i, name in enumerate(names):
     if name not in sections:
       raise ValueError(f"stage {i} {name!r} has no section config.stage.{name} (sections: "
@@ -117,14 +127,40 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
         if not config.get("calib") or not config.calib.get("n_seq"):
           raise ValueError(f"stage {i} {name!r} ({kind}) uses a calibrated method but "
                            "config.calib.n_seq is not set (calibration sequences)")
+    if kind == "structured":
+      _check_structured_stage(stage, rewritten)
     if kind in _TRAINS:
       _check_training_stage(config, stage, names[:i], converted)
+    if kind in ("factorize", "ptq", "quantize", "convert"):
+      rewritten = rewritten or name
     quantized = quantized or kind in ("ptq", "quantize")
     if kind == "convert" and not quantized:
       raise ValueError(f"stage {i} {name!r}: convert needs a ptq or quantize stage before it")
     converted = converted or kind == "convert"
     stages.append(stage)
   return stages
+
+
+def _check_structured_stage(stage: Stage, rewritten: str) -> None:
+  i, name, cfg = stage.index, stage.name, stage.config
+  unknown = sorted(set(cfg) - {"kind", *_STRUCTURED})
+  if unknown:
+    raise ValueError(f"stage {i} {name!r} (structured): unknown field {unknown[0]!r} (fields: "
+                     f"{', '.join(_STRUCTURED)})")
+  if not any(cfg.get(k) for k in _STRUCTURED):
+    raise ValueError(f"stage {i} {name!r} (structured) removes nothing: set keep_layers, "
+                     "ffn_sparsity or head_sparsity")
+  for k in ("ffn_sparsity", "head_sparsity"):
+    v = cfg.get(k, 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+      raise ValueError(f"stage {i} {name!r} (structured): {k} must be in [0, 1), got {v!r}")
+  k = cfg.get("keep_layers", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ValueError(f"stage {i} {name!r} (structured): keep_layers must be an int >= 0 "
+                     f"(0: keep every block), got {k!r}")
+  if rewritten:
+    raise ValueError(f"stage {i} {name!r} (structured) must come before stage {rewritten!r}: "
+                     "it removes whole channels, heads and blocks of the float Llama")
 
 
 def _check_training_stage(config: ml_collections.ConfigDict, stage: Stage, before: list[str],
@@ -193,10 +229,45 @@ def structure(kind: str, model: nnx.Module, stage: Stage, info: dict[str, Any]) 
     return ptq_skeleton(model, stage.recipe)
   if kind == "convert":
     return convert(model)
+  if kind == "structured":  # the blocks, channels and heads kept, recorded when it ran
+    return _shrink(model, info["structure"])
   if kind == "factorize":  # the ranks the weights gave, recorded when the stage ran
     rules = [Rule(re.escape(p), lowrank=LowRank(rank=r)) for p, r in info["ranks"].items()]
     return factorize(model, Recipe(rules), progress=False)
   raise ValueError(f"no structure for stage kind {kind!r}")
+
+
+def _shrink(model: Llama, keep: dict[str, Any]) -> Llama:
+  """``model`` without the blocks, FFN channels and query heads ``keep`` does not name."""
+  n = model.config.n_layers
+  if len(keep["layers"]) < n:
+    model = drop_blocks(model, [i for i in range(n) if i not in set(keep["layers"])])
+  cfg = model.config
+  ffn, heads = np.asarray(keep["ffn"], np.int64), np.asarray(keep["heads"], np.int64)
+  if ffn.shape[1] < cfg.ffn_dim or heads.shape[1] < cfg.n_heads:
+    model = shrink_llama(model, StructuredKeep(ffn, heads))
+  return model
+
+
+def _structured(model: nnx.Module, stage: Stage) -> tuple[Llama, dict[str, Any]]:
+  """Depth pruning (``keep_layers`` blocks, evenly spaced, the last kept), then the
+  lowest-magnitude FFN channels and query heads of every block (`llama_structured_keep`)."""
+  if not isinstance(model, Llama):
+    raise ValueError(f"stage {stage.index} {stage.name!r} (structured) needs a jaxcomp Llama, "
+                     f"got {type(model).__name__}")
+  cfg = stage.config
+  n = model.config.n_layers
+  k = cfg.get("keep_layers", 0) or n
+  if k > n:
+    raise ValueError(f"stage {stage.index} {stage.name!r} (structured): keep_layers={k} but "
+                     f"the model has {n} blocks")
+  layers = sorted(set(layer_map(k, n)))
+  if k < n:
+    model = drop_blocks(model, [i for i in range(n) if i not in set(layers)])
+  keep = llama_structured_keep(model, ffn_sparsity=float(cfg.get("ffn_sparsity", 0.0)),
+                               head_sparsity=float(cfg.get("head_sparsity", 0.0)))
+  info = {"layers": layers, "ffn": keep.ffn.tolist(), "heads": keep.heads.tolist()}
+  return _shrink(model, {**info, "layers": list(range(k))}), info
 
 
 def _save(model: nnx.Module, path: pathlib.Path) -> None:
@@ -250,6 +321,13 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
   if kind == "prune":
     model, res = prune(model, recipe, ctx.calib(), **ctx.kwargs())
     return model, {**_layer_summary(res), "size": harness.stored_size(model)}
+  if kind == "structured":
+    before = harness.stored_size(model)
+    model, keep = _structured(model, stage)
+    c = model.config
+    return model, {"structure": keep, "n_layers": c.n_layers, "ffn_dim": c.ffn_dim,
+                   "n_heads": c.n_heads, "params_before": before["params"],
+                   "size": harness.stored_size(model)}
   if kind == "factorize":
     model, res = factorize(model, recipe, ctx.calib(), **ctx.kwargs())
     ranks = {p: int(m.a[...].shape[-1]) for p, m in engine.iter_layers(model)
@@ -491,9 +569,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     seconds = round(time.perf_counter() - t0, 2)
     if s.kind in _CHANGES_MODEL:
       _save(model, d / "model")
+    # What `structure` needs to rebuild the stage's output shapes goes to done.json only.
+    keep = {k: info.pop(k) for k in ("structure",) if k in info}
+    keep.update({"ranks": info["ranks"]} if "ranks" in info else {})
     harness.write_report({"stage": s.name, "stage_kind": s.kind, "seconds": seconds, **info}, d,
                          title=f"stage {s.index}: {s.name}")
-    keep = {"ranks": info["ranks"]} if "ranks" in info else {}
     tmp = d / "done.json.tmp"
     tmp.write_text(json.dumps({"fingerprint": fp, "seconds": seconds, "info": keep}))
     tmp.replace(d / "done.json")

@@ -192,3 +192,46 @@ def test_distill_without_a_teacher_is_refused(texts, change, message):
   config.stages = "prune,gptq,convert,kd"
   with pytest.raises(ValueError, match=r"a packed model \(after convert\) cannot be trained"):
     pipeline.plan(config)
+
+
+def test_structured_stage_shrinks_then_distills_and_resumes_into_the_smaller_shapes(texts,
+                                                                                   tmp_path):
+  config = _kd_config("s_kd_q", texts)
+  config.stage.structured.keep_layers = 1
+  report = pipeline.run_pipeline(config, str(tmp_path / "s"))
+  assert [s["name"] for s in report["stages"]] == ["structured", "kd", "gptq", "convert", "eval"]
+  small = _restored(tmp_path / "s", config, 0)
+  assert (small.config.n_layers, small.config.ffn_dim, small.config.n_heads) == (1, 96, 2)
+  base, _ = load_model(config)
+  # The kept block is the last one, its kept channels / heads hold the original weights.
+  done = json.loads((tmp_path / "s" / "stages" / "0_structured" / "done.json").read_text())
+  keep = done["info"]["structure"]
+  assert keep["layers"] == [1]
+  np.testing.assert_array_equal(
+      np.asarray(small.layers[0].mlp.up_proj.kernel[...]),
+      np.asarray(base.layers[1].mlp.up_proj.kernel[...])[:, keep["ffn"][0]])
+  stage = json.loads((tmp_path / "s" / "stages" / "0_structured" / "report.json").read_text())
+  assert stage["size"]["params"] < stage["params_before"] and "structure" not in stage
+  # The later stages restore into the smaller shapes (packed, after distillation).
+  packed = _restored(tmp_path / "s", config, 3)
+  assert np.isfinite(np.asarray(packed(np.arange(16, dtype=np.int32)[None]))).all()
+  assert report["size"]["params"] < json.loads(
+      (tmp_path / "s" / "baseline" / "report.json").read_text())["size"]["params"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(ffn_sparsity=1.5), r"stage 0 'structured' \(structured\): ffn_sparsity must be in"),
+    (dict(ffn_sparsity=0.0, head_sparsity=0.0), r"removes nothing"),
+    (dict(width=3), r"unknown field 'width'"),
+])
+def test_bad_structured_stages_are_refused(texts, change, message):
+  config = _kd_config("s_kd_q", texts)
+  for k, v in change.items():
+    setattr(config.stage.structured, k, v)
+  with pytest.raises(ValueError, match=message):
+    pipeline.plan(config)
+  config = _kd_config("s_kd_q", texts)
+  config.stages = "gptq,structured,convert"
+  with pytest.raises(ValueError, match=r"stage 1 'structured' \(structured\) must come before "
+                     r"stage 'gptq'"):
+    pipeline.plan(config)
