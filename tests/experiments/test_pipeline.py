@@ -2,11 +2,15 @@
 model: orders, resume, invalidation and one-line errors."""
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 from flax import nnx
+import jax
 import numpy as np
 import pytest
 
@@ -121,30 +125,6 @@ def test_unknown_kind_and_missing_calibration(texts, tmp_path):
     pipeline.plan(config)
 
 
-def test_cli_runs_a_pipeline_and_reports_one_line_errors(texts, tmp_path):
-  cmd = [sys.executable, "-m", "jaxcomp", "--config=configs/smollm2_pipeline.py:p_only,tiny",
-         f"--workdir={tmp_path / 'run'}", f"--config.calib.text={texts / 'train.txt'}",
-         f"--config.eval.text_path={texts / 'eval.txt'}", "--config.eval.rates=(0.1,)"]
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-  ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert ok.returncode == 0, ok.stderr[-2000:]
-  report = json.loads((tmp_path / "run" / "report.json").read_text())
-  assert report["kind"] == "lm" and report["scores"]["band"] in ("low", "moderate", "high")
-  bad = subprocess.run(cmd[:4] + [f"--workdir={tmp_path / 'bad'}",
-                                  "--config.stages=prune,convert"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1] == (
-      "jaxcomp: error: stage 1 'convert': convert needs a ptq or quantize stage before it")
-  ev = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={tmp_path / 'run'}"],
-                      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert ev.returncode == 0, ev.stderr[-2000:]
-  assert "| quality.ppl |" in ev.stdout
-  none = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={tmp_path}"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert none.returncode == 1 and "holds no pipeline run (no config.json)" in none.stderr
-
-
 def _kd_config(variant, texts):
   config = _config(variant, texts)
   config.data.files = str(texts / "train.txt")
@@ -152,16 +132,24 @@ def _kd_config(variant, texts):
   return config
 
 
-def test_distill_between_prune_and_quantize_in_both_orders(texts, tmp_path):
-  runs = {}
+@pytest.fixture(scope="module")
+def kd_runs(texts, tmp_path_factory):
+  """Uninterrupted in-process runs of p_kd_q and p_q_kd on the tiny model."""
+  root = tmp_path_factory.mktemp("kd_runs")
+  reports = {v: pipeline.run_pipeline(_kd_config(v, texts), str(root / v))
+             for v in ("p_kd_q", "p_q_kd")}
+  return root, reports
+
+
+def test_distill_between_prune_and_quantize_in_both_orders(texts, kd_runs):
+  root, runs = kd_runs
   for variant in ("p_kd_q", "p_q_kd"):
-    runs[variant] = pipeline.run_pipeline(_kd_config(variant, texts), str(tmp_path / variant))
     assert [s["name"] for s in runs[variant]["stages"]][-2:] == ["convert", "eval"]
   # p_kd_q: the 2:4 zeros survive distillation and GPTQ.
   cfg = _kd_config("p_kd_q", texts)
-  pruned = _restored(tmp_path / "p_kd_q", cfg, 0)
-  distilled = _restored(tmp_path / "p_kd_q", cfg, 1)
-  solved = _restored(tmp_path / "p_kd_q", cfg, 2)
+  pruned = _restored(root / "p_kd_q", cfg, 0)
+  distilled = _restored(root / "p_kd_q", cfg, 1)
+  solved = _restored(root / "p_kd_q", cfg, 2)
   for path, k in _proj_kernels(pruned).items():
     zero = k == 0
     assert zero.mean() == pytest.approx(0.5)
@@ -170,12 +158,72 @@ def test_distill_between_prune_and_quantize_in_both_orders(texts, tmp_path):
     assert not np.array_equal(_proj_kernels(distilled)[path], k)  # it trained
   # p_q_kd: convert after distillation equals the distilled fake-quant model.
   cfg = _kd_config("p_q_kd", texts)
-  qat = _restored(tmp_path / "p_q_kd", cfg, 2)
-  packed = _restored(tmp_path / "p_q_kd", cfg, 3)
+  qat = _restored(root / "p_q_kd", cfg, 2)
+  packed = _restored(root / "p_q_kd", cfg, 3)
   tokens = np.arange(32, dtype=np.int32)[None] % 200
   np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(jc.convert(qat)(tokens)))
-  report = json.loads((tmp_path / "p_q_kd" / "stages" / "2_kd" / "report.json").read_text())
+  report = json.loads((root / "p_q_kd" / "stages" / "2_kd" / "report.json").read_text())
   assert np.isfinite(report["eval_ppl"]) and report["steps"] == cfg.stage.kd.train.steps
+
+
+def _cli(workdir, texts, *extra, config="configs/smollm2_pipeline.py:p_q_kd,tiny"):
+  return [sys.executable, "-m", "jaxcomp", f"--config={config}", f"--workdir={workdir}",
+          f"--config.calib.text={texts / 'train.txt'}",
+          f"--config.eval.text_path={texts / 'eval.txt'}", "--config.eval.rates=(0.1,)",
+          f"--config.data.files={texts / 'train.txt'}",
+          f"--config.data.data_dir={texts / 'tfds'}", *extra]
+
+
+def test_sigkill_during_the_third_stage_then_rerun_is_bitwise_the_uninterrupted_run(
+    texts, kd_runs, tmp_path):
+  """CLI run of prune -> qat -> kd -> convert -> eval killed inside stage 2 (kd, the third)
+  after its first checkpoint; the rerun resumes there and ends equal to the in-process run."""
+  root, runs = kd_runs
+  work = tmp_path / "killed"
+  env = dict(os.environ)  # the same devices and compilation cache as the in-process run
+  proc = subprocess.Popen(_cli(work, texts), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = work / "stages" / "2_kd" / "train" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (
+      ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir())):
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed in stage 2"
+  assert not (work / "stages" / "2_kd" / "done.json").exists()
+  finished = {d: (work / "stages" / d / "done.json").stat().st_mtime_ns
+              for d in ("0_prune", "1_qat")}
+  resumed = subprocess.run(_cli(work, texts), cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=False)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming at stage 2 (kd)" in resumed.stderr and "resumed from" in resumed.stderr
+  assert finished == {d: (work / "stages" / d / "done.json").stat().st_mtime_ns
+                      for d in finished}  # stages 0 and 1 did not run again
+  report = json.loads((work / "report.json").read_text())
+  assert report["quality"] == runs["p_q_kd"]["quality"]
+  cfg = _kd_config("p_q_kd", texts)
+  a, b = (nnx.to_pure_dict(nnx.state(_restored(w, cfg, 3))) for w in (root / "p_q_kd", work))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # `python -m jaxcomp eval --workdir` re-evaluates the run's final (packed) model.
+  ev = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={work}"],
+                      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert ev.returncode == 0, ev.stderr[-2000:]
+  assert "| quality.ppl |" in ev.stdout
+  assert json.loads((work / "eval" / "report.json").read_text())["quality"] == report["quality"]
+
+
+def test_cli_errors_are_one_line(texts, tmp_path):
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  bad = subprocess.run(_cli(tmp_path / "bad", texts, "--config.stages=prune,convert"),
+                       cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "jaxcomp: error: stage 1 'convert': convert needs a ptq or quantize stage before it")
+  assert not (tmp_path / "bad").exists()
+  none = subprocess.run([sys.executable, "-m", "jaxcomp", "eval", f"--workdir={tmp_path}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert none.returncode == 1 and "holds no pipeline run (no config.json)" in none.stderr
 
 
 @pytest.mark.parametrize("change, message", [
