@@ -28,20 +28,17 @@ sys.path.insert(0, str(ROOT / "configs"))
 import smollm2_lowrank  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
 
-from jaxcomp.experiments.compress import job_config, run_ptq  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.experiments.compress import oneshot_config  # noqa: E402  pylint: disable=wrong-import-position
+from ptq_table import run_variant  # noqa: E402  pylint: disable=wrong-import-position
 
 SUITES = {"sparse": smollm2_sparse, "lowrank": smollm2_lowrank}
 
 
 def _run(config, work: pathlib.Path, args: argparse.Namespace) -> dict:
-  if (work / "report.json").exists():
-    return json.loads((work / "report.json").read_text())
   config.eval.max_tokens = args.max_tokens
   config.eval.split = args.split
   config.calib.text = args.calib
-  report = run_ptq(config, str(work))
-  (work / "report.json").write_text(json.dumps(report, indent=2))
-  return report
+  return run_variant(config, work, pathlib.Path(args.root))
 
 
 def main() -> None:
@@ -59,7 +56,7 @@ def main() -> None:
   variants = args.variants.split(",") if args.variants else list(suite.VARIANTS)
   tag = f"{args.split}-{args.max_tokens or 'all'}"
 
-  reports = {"float": _run(job_config(None), pathlib.Path(args.root) / f"float-{tag}", args)}
+  reports = {"float": _run(oneshot_config(None), pathlib.Path(args.root) / f"float-{tag}", args)}
   print(f"float: ppl {reports['float']['ppl']:.3f}", flush=True)
   for variant in variants:
     work = pathlib.Path(args.root) / f"{variant}-{tag}-calib_{pathlib.Path(args.calib).stem}"
@@ -69,15 +66,14 @@ def main() -> None:
   base = reports["float"]["ppl"]
   first = reports["float"]
   print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), {first['eval_text']}: "
-        f"{first['eval_tokens']} scored tokens of {first['eval_split_tokens']}, "
-        f"non-overlapping 512-token windows; calibration 128 x 512 tokens of {args.calib}\n")
+        f"{first['eval_tokens']} scored tokens, non-overlapping 512-token windows; calibration 128 x 512 tokens of {args.calib}\n")
   if args.suite == "sparse":
-    print("| variant | ppl | increase | sparsity | prune s | eval s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | ppl | increase | sparsity | prune s |")
+    print("|---|---:|---:|---:|---:|")
     for v, r in reports.items():
       inc = "" if v == "float" else f"{r['ppl'] - base:+.3f}"
-      sp = f"{r['sparsity']:.4f}" if "sparsity" in r else "0"
-      print(f"| {v} | {r['ppl']:.3f} | {inc} | {sp} | {r.get('prune_s', '')} | {r['eval_s']} |")
+      sp = f"{r['layer_sparsity']:.4f}" if "layer_sparsity" in r else "0"
+      print(f"| {v} | {r['ppl']:.3f} | {inc} | {sp} | {r.get('prune_s', '')} |")
     print()
     for pattern in ("50", "2of4"):
       mag = reports.get(f"magnitude_{pattern}")
@@ -91,14 +87,14 @@ def main() -> None:
                 "(target <= 0.5)")
   else:
     print("| variant | ppl | increase | params (projections + rest) | vs float params | "
-          "factorize s | eval s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "factorize s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for v, r in reports.items():
       inc = "" if v == "float" else f"{r['ppl'] - base:+.3f}"
       params = r.get("params")
       frac = f"{params / r['params_before']:.4f}" if params else "1"
       print(f"| {v} | {r['ppl']:.3f} | {inc} | {params or ''} | {frac} | "
-            f"{r.get('factorize_s', '')} | {r['eval_s']} |")
+            f"{r.get('factorize_s', '')} |")
     print()
     for pct in (20, 40):
       svd, llm = reports.get(f"svd_{pct}"), reports.get(f"svd_llm_{pct}")

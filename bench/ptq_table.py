@@ -1,7 +1,8 @@
 """The SmolLM2-135M PTQ table: every variant of configs/smollm2_ptq.py, one after another.
 
-Each variant runs as ``python -m jaxcomp --config configs/smollm2_ptq.py:VARIANT`` would (same
-job, same report) into ``--root/VARIANT`` (a finished variant's report is reused), then one
+Each variant runs as ``python -m jaxcomp --config configs/smollm2_ptq.py:VARIANT`` would (the
+same stage pipeline: ptq -> convert -> eval) into ``--root/VARIANT`` (a finished run is reused;
+the float model's evaluation is shared through ``baseline/``), then one
 markdown table is printed: perplexity, increase over the float baseline, bits per parameter of
 the quantized matrices (the saved arrays' bytes, and the bytes on disk after Orbax's
 compression), size on disk, PTQ and eval wall time, and the acceptance
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +26,19 @@ sys.path.insert(0, str(ROOT / "configs"))
 
 import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
 
-from jaxcomp.experiments.compress import run_ptq  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.experiments.compress import summary  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcomp.experiments.pipeline import run_pipeline  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def run_variant(config, work: pathlib.Path, root: pathlib.Path) -> dict:
+  """Runs (or resumes) one one-shot pipeline; the float model's evaluation is copied from any
+  earlier run under ``root`` with the same evaluation config (its fingerprint decides)."""
+  if not (work / "baseline").exists():
+    for other in sorted(root.glob("*/baseline")):
+      shutil.copytree(other, work / "baseline")
+      break
+  run_pipeline(config, str(work))
+  return summary(work)
 
 
 def _raw_bits(packed_dir: pathlib.Path, n_params: int) -> float | None:
@@ -60,37 +74,33 @@ def main() -> None:
   reports = {}
   for variant in args.variants.split(","):
     work = _workdir(args, variant)
-    if (work / "report.json").exists():
-      reports[variant] = json.loads((work / "report.json").read_text())
-      continue
     config = smollm2_ptq.get_config(variant)
     config.eval.max_tokens = args.max_tokens
     config.eval.split = args.split
     config.calib.text = args.calib
-    report = run_ptq(config, str(work))
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    report = run_variant(config, work, pathlib.Path(args.root))
     reports[variant] = report
     print(f"{variant}: ppl {report['ppl']:.3f}", flush=True)
-  for variant, r in reports.items():
-    work = _workdir(args, variant)
-    if "packed_params" in r:
-      r["raw_bits_per_param"] = _raw_bits(work / "packed" / "packed", r["packed_params"])
+  for r in reports.values():
+    if "saved" in r:
+      r["raw_bits_per_param"] = _raw_bits(pathlib.Path(r["packed_dir"]) / "packed",
+                                          r["saved"]["packed_params"])
 
   base = reports.get("float", {}).get("ppl")
   first = next(iter(reports.values()))
   print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), {first['eval_text']}: "
-        f"{first['eval_tokens']} scored tokens of {first['eval_split_tokens']}, "
-        f"non-overlapping 512-token windows\n")
+        f"{first['eval_tokens']} scored tokens, non-overlapping 512-token windows\n")
   print("| variant | ppl | increase | bits/param: arrays | bits/param: on disk | "
-        "size MB on disk | PTQ s | eval s |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        "size MB on disk | PTQ s |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
   for variant, r in reports.items():
     inc = "" if base is None or variant == "float" else f"{r['ppl'] - base:+.3f}"
-    bits = f"{r['packed_bits_per_param']:.2f}" if "packed_bits_per_param" in r else "32"
+    saved = r.get("saved", {})
+    bits = f"{saved['packed_bits_per_param']:.2f}" if saved else "32"
     raw = f"{r['raw_bits_per_param']:.2f}" if r.get("raw_bits_per_param") else "32"
-    size = f"{r['size_mb']:.1f}" if "size_mb" in r else ""
+    size = f"{saved['size_mb']:.1f}" if saved else ""
     print(f"| {variant} | {r['ppl']:.3f} | {inc} | {raw} | {bits} | {size} | "
-          f"{r.get('ptq_s', '')} | {r['eval_s']} |")
+          f"{r.get('ptq_s', '')} |")
   if base is not None:
     inc = lambda v: reports[v]["ppl"] - base if v in reports else None
     if inc("gptq_w4") is not None and inc("rtn_w4"):

@@ -20,14 +20,16 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxcomp.experiments.compress import summary  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _run(args: argparse.Namespace, scan: bool) -> dict:
   work = pathlib.Path(args.root) / f"{args.variant}-{'scan' if scan else 'unrolled'}"
-  if (work / "report.json").exists():
-    report = json.loads((work / "report.json").read_text())
-    if "process_peak_rss_mb" in report:
-      return report
+  rss_file = work / "process_peak_rss_mb.json"
+  if rss_file.exists():
+    return {**summary(work), **json.loads(rss_file.read_text())}
   cmd = [sys.executable, "-m", "jaxcomp", f"--config={ROOT}/configs/smollm2_ptq.py:{args.variant}",
          f"--workdir={work}", f"--config.model.scan_layers={scan}",
          f"--config.eval.max_tokens={args.max_tokens}"]
@@ -35,10 +37,9 @@ def _run(args: argparse.Namespace, scan: bool) -> dict:
   _, status, usage = os.wait4(proc.pid, 0)
   if os.waitstatus_to_exitcode(status) != 0:
     raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
-  report = json.loads((work / "report.json").read_text())
-  report["process_peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports kilobytes
-  (work / "report.json").write_text(json.dumps(report, indent=2))
-  return report
+  rss = {"process_peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports kilobytes
+  rss_file.write_text(json.dumps(rss))
+  return {**summary(work), **rss}
 
 
 def main() -> None:
@@ -50,13 +51,13 @@ def main() -> None:
   unrolled, scanned = _run(args, scan=False), _run(args, scan=True)
   print(f"\nSmolLM2-135M {args.variant}, {scanned['eval_text']}: {scanned['eval_tokens']} "
         "scored tokens\n")
-  print("| form | ppl | PTQ s | wall s | peak RSS MB: load | after PTQ | after convert+save | "
+  print("| form | ppl | PTQ s | peak RSS MB: after PTQ | after convert+save | "
         "after eval (= process) |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  print("|---|---:|---:|---:|---:|---:|")
   for name, r in (("unrolled", unrolled), ("scan_layers", scanned)):
     rss = r["peak_rss_mb"]
-    print(f"| {name} | {r['ppl']:.4f} | {r['ptq_s']} | {r['wall_s']} | {rss['load']:.0f} | "
-          f"{rss['ptq']:.0f} | {rss['convert_save']:.0f} | {r['process_peak_rss_mb']:.0f} |")
+    print(f"| {name} | {r['ppl']:.4f} | {r['ptq_s']} | {rss['ptq']:.0f} | "
+          f"{rss['convert']:.0f} | {r['process_peak_rss_mb']:.0f} |")
   diff = 100 * (scanned["ppl"] - unrolled["ppl"]) / unrolled["ppl"]
   print(f"\nscanned - unrolled perplexity: {diff:+.4f}% (target within 0.5%); peak RSS "
         f"scanned / unrolled: {scanned['process_peak_rss_mb'] / unrolled['process_peak_rss_mb']:.3f}"

@@ -16,7 +16,7 @@ same job on a tiny random Llama (tests).
 import ml_collections
 
 import jaxcomp as jc
-from jaxcomp.experiments.compress import job_config
+from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
@@ -28,5 +28,5 @@ VARIANTS = {f"{method}_{pct}": jc.LowRank(reduction=pct / 100, method=method)
 def get_config(arg: str = "svd_llm_40") -> ml_collections.ConfigDict:
   """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
   variant, tiny = parse_variant(arg, VARIANTS, "smollm2_lowrank.py")
-  return job_config(jc.Recipe([jc.Rule(PROJ, lowrank=VARIANTS[variant], name="proj")]),
+  return oneshot_config(jc.Recipe([jc.Rule(PROJ, lowrank=VARIANTS[variant], name="proj")]),
                     tiny=tiny)

@@ -26,7 +26,7 @@ import dataclasses
 import ml_collections
 
 import jaxcomp as jc
-from jaxcomp.experiments.compress import job_config
+from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
@@ -55,4 +55,4 @@ def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
   if tiny and quant is not None and quant.group:
     quant = dataclasses.replace(quant, group=32)  # the tiny model is 64 wide
   recipe = None if quant is None else jc.Recipe([jc.Rule(PROJ, quant=quant, name="proj")])
-  return job_config(recipe, tiny=tiny)
+  return oneshot_config(recipe, tiny=tiny)

@@ -17,7 +17,7 @@ sparsity. ",tiny" runs the same job on a tiny random Llama (tests).
 import ml_collections
 
 import jaxcomp as jc
-from jaxcomp.experiments.compress import job_config
+from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
@@ -38,4 +38,4 @@ def get_config(arg: str = "wanda_50") -> ml_collections.ConfigDict:
   spec = VARIANTS[variant]
   if tiny and spec.pattern == "block":
     spec = jc.Sparsity("block", sparsity=spec.sparsity, block=(8, 8), method=spec.method)
-  return job_config(jc.Recipe([jc.Rule(PROJ, sparsity=spec, name="proj")]), tiny=tiny)
+  return oneshot_config(jc.Recipe([jc.Rule(PROJ, sparsity=spec, name="proj")]), tiny=tiny)

@@ -1,8 +1,8 @@
 """``python -m jaxcomp --config configs/<experiment>.py[:variant] --workdir DIR``.
 
 Trains (or resumes) the experiment in DIR (``task = "pipeline"``: runs or resumes its stages,
-`jaxcomp.experiments.pipeline`; ``task = "ptq"``: quantizes,
-packs and evaluates a model) and prints a short report, also written to
+`jaxcomp.experiments.pipeline`, the one-shot compression configs included) and prints a short
+report, also written to
 ``DIR/report.json`` and ``DIR/report.md``. ``python -m jaxcomp compare RUN_DIR...`` compares
 evaluated runs (`compare_main`). Bad input (config, variant, workdir, checkpoint,
 dataset) ends with one line on stderr and exit status 1; nothing already in DIR is overwritten.
@@ -71,17 +71,16 @@ def main(argv: list[str]) -> None:
   from jaxcomp.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jaxcomp.train.loop import Preempted, TrainingDiverged, train  # pylint: disable=import-outside-toplevel
 
-  from jaxcomp.experiments.compress import run_ptq  # pylint: disable=import-outside-toplevel
   from jaxcomp.experiments.pipeline import run_pipeline  # pylint: disable=import-outside-toplevel
 
   config, workdir = _CONFIG.value, _WORKDIR.value
-  job = {"ptq": run_ptq, "pipeline": run_pipeline}.get(config.get("task"), train)  # else: tasks
+  job = run_pipeline if config.get("task") == "pipeline" else train  # else: training tasks
   if _COMPILE_ONLY.value or _TOPOLOGY.value:
     if not (_COMPILE_ONLY.value and _TOPOLOGY.value):
       sys.exit("jaxcomp: error: --compile_only and --topology go together")
-    if config.get("task") in ("ptq", "pipeline"):
-      sys.exit("jaxcomp: error: --compile_only compiles a training step; this config is a one-shot "
-               "job")
+    if config.get("task") == "pipeline":
+      sys.exit("jaxcomp: error: --compile_only compiles a training step; this config is a stage "
+               "pipeline")
     from jaxcomp.train.loop import compile_step  # pylint: disable=import-outside-toplevel
 
     def job(c, w):

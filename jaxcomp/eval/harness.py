@@ -81,6 +81,20 @@ def _leaves(model: nnx.Module) -> list[tuple[str, Any, bool]]:
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
+def dequantize_stacked(q: QArray) -> jax.Array:
+  """``q.dequantize()``, also for a kernel of stacked layers (`nnx.vmap` / scanned blocks:
+  the QArray's leaves carry the stack axes in front, its ``shape`` is one layer's):
+  ``[*stack, *q.shape]``.
+
+  Example::
+
+    w = dequantize_stacked(packed_model.layers.attn.q_proj.kernel[...])   # [L, K, N]
+  """
+  if q.values.ndim <= 2:
+    return q.dequantize()
+  return jax.vmap(dequantize_stacked)(q)
+
+
 def stored_size(model: Any) -> dict[str, float | int]:
   """Parameters, non-zero parameters, bytes as stored and bits per parameter.
 
@@ -96,10 +110,11 @@ def stored_size(model: Any) -> dict[str, float | int]:
   params = nonzero = nbytes = 0
   for _, leaf, _ in _leaves(as_nnx(model)):
     if isinstance(leaf, QArray):
-      params += leaf.size
+      dense = np.asarray(dequantize_stacked(leaf))
+      params += int(dense.size)
       nbytes += sum(int(np.asarray(x).nbytes) for x in (leaf.values, leaf.scale, leaf.zero_point)
                     if x is not None)
-      nonzero += int(np.count_nonzero(np.asarray(leaf.dequantize())))
+      nonzero += int(np.count_nonzero(dense))
     elif hasattr(leaf, "dtype") and hasattr(leaf, "size"):
       params += int(leaf.size)
       nbytes += int(leaf.size) * np.dtype(leaf.dtype).itemsize
@@ -133,7 +148,7 @@ def flops_per_token(model: Any, *, context: int = 0) -> float:
   for name, leaf, weight in _leaves(model):
     if not weight or _NOT_MATMUL.search(name) or len(getattr(leaf, "shape", ())) < 2:
       continue
-    total += metrics.linear_flops(leaf.dequantize() if isinstance(leaf, QArray) else leaf)
+    total += metrics.linear_flops(dequantize_stacked(leaf) if isinstance(leaf, QArray) else leaf)
   config = getattr(model, "config", None)
   if config is not None and getattr(config, "tie_embeddings", False):
     total += 2.0 * config.vocab_size * config.dim

@@ -1,55 +1,102 @@
-"""The post-training compression experiment behind ``python -m jaxcomp --config
-configs/smollm2_{ptq,sparse,lowrank}.py:VARIANT`` (``task = "ptq"``).
+"""One-shot compression jobs as stage lists: ``configs/smollm2_{ptq,sparse,lowrank}.py``.
 
-``run_ptq(config, workdir)``: load the model and tokenizer, cut calibration windows from a
-training text, then apply the config's recipe in stages -- `jaxcomp.prune` (rules with
-``sparsity``), `jaxcomp.factorize` (``lowrank``), `jaxcomp.ptq` (``quant``) followed by
-`jaxcomp.convert` to packed weights saved with Orbax (``workdir/packed``) -- and evaluate
-perplexity on WikiText-2 (or any text). Returns the report (the CLI writes it as
-``report.json`` / ``report.md``).
+`oneshot_config(recipe)` is the pipeline config (``task = "pipeline"``,
+`jaxcomp.experiments.pipeline`) that compresses SmolLM2-135M (or, ``tiny``, a tiny random Llama
+with a byte tokenizer) by ``recipe`` one-shot and evaluates it: ``prune`` (rules with
+``sparsity``) -> ``factorize`` (``lowrank``) -> ``ptq`` -> ``convert`` (``quant``; packed
+weights saved for serving) -> ``eval`` (perplexity, next-token accuracy, size, latency; no
+robustness or cloze unless configured), each stage only when the recipe has its payload; the
+float baseline is ``eval`` alone. `summary(workdir)` flattens a finished run's reports into the
+numbers the benchmark tables print. The calibration and evaluation texts are read by
+`calib_path` / `eval_text` (shared with every pipeline).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import resource
-import time
 from typing import Any
 
-from absl import logging
-from flax import nnx
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxcomp.eval import perplexity as ppl_lib
-from jaxcomp.eval.size import kernel_sparsity, param_count
-from jaxcomp.models.zoo import load_model
-from jaxcomp.oneshot import LayerResult, calib_tokens, factorize, prune, ptq
 from jaxcomp.recipe import Recipe
-from jaxcomp.serve import convert, save_packed
 
 
-def job_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.ConfigDict:
-  """The config of a `run_ptq` job on SmolLM2-135M (or, ``tiny``, a tiny random Llama with a
-  byte tokenizer, for tests), compressing by ``recipe`` (None: the float baseline).
+def oneshot_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.ConfigDict:
+  """The pipeline config that compresses by ``recipe`` one-shot (None: the float baseline).
 
   Example::
 
-    config = job_config(jc.Recipe([jc.Rule(PROJ, sparsity=jc.Sparsity("2:4"))]))
+    config = oneshot_config(jc.Recipe([jc.Rule(PROJ, sparsity=jc.Sparsity("2:4"))]))
+    config.stages                                  # 'prune,eval'
   """
   config = ml_collections.ConfigDict()
-  config.task = "ptq"
+  config.task = "pipeline"
   config.seed = 0
   config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="", scan_layers=False)
   config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128,
                       seq_len=64 if tiny else 512, batch_size=8, seed=0, dtype="bfloat16")
   config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
-                     max_tokens=2048 if tiny else 32768, batch_size=4)
-  config.save_packed = True
-  config.recipe = None if recipe is None else recipe.to_config()
+                     max_tokens=2048 if tiny else 32768, batch_size=4, cloze_items=0, rates=(),
+                     latency_repeats=2)
+  stages: dict[str, Any] = {}
+  rules = recipe.rules if recipe is not None else ()
+  for name, field in (("prune", "sparsity"), ("factorize", "lowrank"), ("ptq", "quant")):
+    if any(getattr(r, field) is not None for r in rules):
+      stages[name] = dict(kind=name, recipe=recipe.to_config())
+  if "ptq" in stages:
+    stages["convert"] = dict(kind="convert", save_packed=True)
+  stages["eval"] = dict(kind="eval")
+  config.stage = stages
+  config.stages = ",".join(stages)
+  config.redo = False
   return config
+
+
+def summary(workdir: str | pathlib.Path) -> dict[str, Any]:
+  """A finished one-shot run's numbers, flat: ``ppl``, ``nll``, ``eval_tokens``, ``eval_text``,
+  ``params``, ``sparsity`` (of the whole model), ``layer_sparsity`` (of the pruned kernels),
+  ``bytes``, ``bits_per_param`` (as stored), ``saved`` (the packed
+  checkpoint's sizes on disk, `jaxcomp.save_packed`) and ``packed_dir``, ``<stage>_s`` wall times, ``<stage>_rel_error`` (mean
+  relative output error of the solved layers), ``params_before`` (before factorize) and
+  ``peak_rss_mb`` per stage.
+
+  Example::
+
+    summary("runs/ptq/gptq_w4g128")["ppl"]
+  """
+  work = pathlib.Path(workdir)
+  stages = sorted((work / "stages").glob("*_*/report.json"),
+                  key=lambda p: int(p.parent.name.split("_", 1)[0]))
+  if not stages:
+    raise ValueError(f"{work} holds no finished stages (stages/<i>_<name>/report.json)")
+  out: dict[str, Any] = {"peak_rss_mb": {}}
+  for path in stages:
+    r = json.loads(path.read_text())
+    kind = r["stage_kind"]
+    out[f"{kind}_s"] = r["seconds"]
+    out["peak_rss_mb"][kind] = r.get("peak_rss_mb")
+    if "layers" in r:
+      out[f"{kind}_layers"] = r["layers"]
+    if "mean_layer_rel_error" in r:
+      out[f"{kind}_rel_error"] = r["mean_layer_rel_error"]
+    if "layer_sparsity" in r:
+      out["layer_sparsity"] = r["layer_sparsity"]
+    if kind == "factorize":
+      out["params_before"] = json.loads((work / "baseline" / "report.json").read_text()
+                                        )["size"]["params"]
+    if "saved" in r:
+      out["saved"] = r["saved"]
+      out["packed_dir"] = str(path.parent / "packed")
+    if kind == "eval":
+      q = r["quality"]
+      out.update(ppl=q["ppl"], nll=q["nll"], accuracy=q["accuracy"], eval_tokens=q["tokens"],
+                 eval_text=r["eval_text"], **{k: r["size"][k] for k in (
+                     "params", "nonzero_params", "sparsity", "bytes", "bits_per_param")})
+  if "ppl" not in out:
+    raise ValueError(f"{work} has no finished eval stage")
+  return out
 
 
 def eval_text(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -69,107 +116,3 @@ def calib_path(config: ml_collections.ConfigDict) -> str | None:
     raise ValueError(f"config.calib.text={text!r}: no calibration text at {path} (use "
                      "'wikitext2_valid', 'austen' or a text file path)")
   return str(path)
-
-
-def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs one PTQ variant into ``workdir`` and returns its report.
-
-  Example::
-
-    report = run_ptq(get_config("gptq_w4g128"), "runs/ptq/gptq_w4g128")
-    report["ppl"], report["packed_bits_per_param"]
-  """
-  work = pathlib.Path(workdir)
-  recipe = Recipe.from_config(config.recipe) if config.recipe is not None else None
-  if (work / "report.json").exists():
-    raise ValueError(f"{work} already holds a finished run (report.json); use a new --workdir")
-  if (work / "packed").exists():
-    raise ValueError(f"{work / 'packed'} exists from an earlier run; use a new --workdir")
-  calib_dtype = {"bfloat16": jnp.bfloat16, "float32": None}.get(config.calib.dtype, "bad")
-  if calib_dtype == "bad":
-    raise ValueError(f"config.calib.dtype must be 'bfloat16' or 'float32', got "
-                     f"{config.calib.dtype!r}")
-  text, text_name = eval_text(config)  # fail on a missing file before the long part
-  calib_file = calib_path(config) if recipe is not None else None
-  work.mkdir(parents=True, exist_ok=True)
-  (work / "config.json").write_text(config.to_json(indent=2))
-
-  t_start = t0 = time.perf_counter()
-  model, tokenizer = load_model(config)
-  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
-  n_split = len(ids)
-  if config.eval.max_tokens:
-    ids = ids[:config.eval.max_tokens]
-  t_load = time.perf_counter() - t0
-
-  report: dict[str, Any] = {"model": config.model.name, "eval_text": text_name,
-                            "eval_split_tokens": n_split, "load_s": round(t_load, 1),
-                            "peak_rss_mb": {"load": _peak_rss_mb()}}
-  results: list[LayerResult] = []
-  if recipe is not None:
-    calib = calib_tokens(tokenizer, n_seq=config.calib.n_seq, seq_len=config.calib.seq_len,
-                         text_path=calib_file, seed=config.calib.seed)
-    report["calib_tokens"] = int(calib.size)
-    kwargs = dict(batch_size=config.calib.batch_size, calib_dtype=calib_dtype)
-    if any(r.sparsity is not None for r in recipe.rules):
-      model, pruned = _stage("prune", report, results, lambda: prune(
-          model, recipe, calib, return_report=True, **kwargs))
-      report["sparsity"] = kernel_sparsity(model, [r.path for r in pruned])
-    if any(r.lowrank is not None for r in recipe.rules):
-      report["params_before"] = param_count(model)
-      model, _ = _stage("factorize", report, results, lambda: factorize(
-          model, recipe, calib, return_report=True, **kwargs))
-      report["params"] = param_count(model)
-    if any(r.quant is not None for r in recipe.rules):
-      model = _quantize_and_pack(model, recipe, calib, kwargs, config, work, report, results)
-  t0 = time.perf_counter()
-  r = ppl_lib.perplexity(model, ids, seq_len=config.eval.seq_len,
-                         batch_size=config.eval.batch_size)
-  report.update({"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"],
-                 "eval_s": round(time.perf_counter() - t0, 1),
-                 "wall_s": round(time.perf_counter() - t_start, 1)})
-  report["peak_rss_mb"]["eval"] = _peak_rss_mb()
-  (work / "layers.json").write_text(json.dumps([vars(x) for x in results], indent=1))
-  logging.info("ptq report: %s", report)
-  return report
-
-
-def _peak_rss_mb() -> float:
-  """This process' peak resident memory so far (MB): the report records it after each phase."""
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _stage(name: str, report: dict[str, Any], results: list[LayerResult],
-           run: Any) -> tuple[nnx.Module, list[LayerResult]]:
-  """Runs one transform, timing it and recording its layers' mean relative output error."""
-  t0 = time.perf_counter()
-  model, mine = run()
-  report[f"{name}_s"] = round(time.perf_counter() - t0, 1)
-  report["peak_rss_mb"][name] = _peak_rss_mb()
-  report[f"{name}_layers"] = len(mine)
-  errors = [r.error for r in mine if np.isfinite(r.error)]
-  if errors:
-    report[f"{name}_mean_layer_rel_error"] = float(np.mean(errors))
-  results.extend(mine)
-  return model, mine
-
-
-def _quantize_and_pack(model: nnx.Module, recipe: Recipe, calib: np.ndarray,
-                       kwargs: dict[str, Any], config: ml_collections.ConfigDict,
-                       work: pathlib.Path, report: dict[str, Any],
-                       results: list[LayerResult]) -> nnx.Module:
-  """`ptq`, then `convert` (and `save_packed` into ``work/packed``)."""
-  model, _ = _stage("ptq", report, results, lambda: ptq(model, recipe, calib,
-                                                         return_report=True, **kwargs))
-  report["quantized_layers"] = report.pop("ptq_layers")
-  if "ptq_mean_layer_rel_error" in report:
-    report["mean_layer_rel_error"] = report.pop("ptq_mean_layer_rel_error")
-  t0 = time.perf_counter()
-  model = convert(model)
-  if config.save_packed:
-    size = save_packed(model, work / "packed")
-    report.update({k: (round(v, 4) if isinstance(v, float) else v)
-                   for k, v in size.to_dict().items()})
-  report["convert_save_s"] = round(time.perf_counter() - t0, 1)
-  report["peak_rss_mb"]["convert_save"] = _peak_rss_mb()
-  return model

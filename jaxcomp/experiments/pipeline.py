@@ -32,6 +32,7 @@ import hashlib
 import json
 import pathlib
 import re
+import resource
 import shutil
 import time
 from typing import Any
@@ -45,21 +46,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcomp.distill import losses
-from jaxcomp.distill.task import Distiller, DistillTask
+from jaxcomp.distill.task import Distiller, DistillTask, layer_map
 from jaxcomp.eval import harness
+from jaxcomp.eval import metrics
 from jaxcomp.eval import perplexity as ppl_lib
+from jaxcomp.eval.size import kernel_sparsity
 from jaxcomp.experiments.compress import calib_path, eval_text
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank.spec import LowRank
-from jaxcomp.distill.task import layer_map
 from jaxcomp.models.llama import Llama
 from jaxcomp.models.llama_surgery import (StructuredKeep, drop_blocks, llama_structured_keep,
                                           shrink_llama)
 from jaxcomp.models.zoo import load_model
 from jaxcomp.oneshot import calib_tokens, factorize, prune, ptq, ptq_skeleton, registry
+from jaxcomp.quant.qarray import QArray
 from jaxcomp.recipe import Recipe, Rule
 from jaxcomp.rewrite import engine, quantize
-from jaxcomp.serve import convert
+from jaxcomp.serve import convert, save_packed
 from jaxcomp.train.loop import train
 
 KINDS = ("prune", "structured", "factorize", "ptq", "quantize", "train", "distill", "convert",
@@ -70,6 +73,8 @@ _PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank
 _CHANGES_MODEL = {"prune", "structured", "factorize", "ptq", "quantize", "convert", "train",
                   "distill"}
 _STRUCTURED = ("keep_layers", "ffn_sparsity", "head_sparsity")
+# ``calib.dtype``: the weight-only matmuls' dtype while calibration data flows (`jaxcomp.ptq`).
+_CALIB_DTYPES = {"bfloat16": jnp.bfloat16, "float32": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,9 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
     raise ValueError("config.stages is empty: give the stage names in order, e.g. "
                      "'prune,ptq,convert,eval'")
   sections = config.get("stage") or {}
+  if config.get("calib") and config.calib.get("dtype", "bfloat16") not in _CALIB_DTYPES:
+    raise ValueError(f"config.calib.dtype must be 'bfloat16' or 'float32', got "
+                     f"{config.calib.dtype!r}")
   stages, quantized, converted, rewritten = [], False, False, ""
   for i, name in enumerate(names):
     if name not in sections:
@@ -138,7 +146,22 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
       raise ValueError(f"stage {i} {name!r}: convert needs a ptq or quantize stage before it")
     converted = converted or kind == "convert"
     stages.append(stage)
+  _check_inputs(config, stages)
   return stages
+
+
+def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> None:
+  """The files the stages will read exist (a one-line error before anything runs)."""
+  kinds = {s.kind for s in stages}
+  if kinds & {"prune", "factorize", "ptq"} and config.get("calib") and config.calib.get("n_seq"):
+    calib_path(config)
+  if kinds & {"eval", *_TRAINS}:
+    path = config.eval.get("text_path", "")
+    if path and not pathlib.Path(path).is_file():
+      raise ValueError(f"config.eval.text_path={path!r}: no such file")
+    if not path and config.eval.get("split", "test") not in ("valid", "test"):
+      raise ValueError(f"config.eval.split must be 'valid' or 'test', got "
+                       f"{config.eval.get('split')!r}")
 
 
 def _check_structured_stage(stage: Stage, rewritten: str) -> None:
@@ -270,6 +293,11 @@ def _structured(model: nnx.Module, stage: Stage) -> tuple[Llama, dict[str, Any]]
   return _shrink(model, {**info, "layers": list(range(k))}), info
 
 
+def _peak_rss_mb() -> float:
+  """This process' peak resident memory so far (MB), recorded after each stage."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _save(model: nnx.Module, path: pathlib.Path) -> None:
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path.absolute(), nnx.to_pure_dict(nnx.state(model)))
@@ -304,7 +332,49 @@ class _Context:
     return self._calib
 
   def kwargs(self) -> dict[str, Any]:
-    return dict(batch_size=self.config.calib.batch_size, progress=False, return_report=True)
+    dtype = _CALIB_DTYPES[self.config.calib.get("dtype", "bfloat16")]
+    return dict(batch_size=self.config.calib.batch_size, progress=False, return_report=True,
+                calib_dtype=dtype)
+
+
+def _weight_errors(base: nnx.Module, packed: nnx.Module) -> list[dict[str, Any]]:
+  """Eq. 2 per packed kernel: ``||W - W_q||_2`` (and the relative Frobenius error) between
+  the original model's float kernel ``W`` at the same path and the effective dequantized
+  ``W_q`` (an AWQ / SmoothQuant layer's ``in_scale`` divided back out of its input rows), so it
+  also counts what earlier stages changed (pruned or distilled weights). A stacked kernel
+  (scanned layers) gives one row per layer (``index``)."""
+  originals = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(base))}
+  flat = list(nnx.to_flat_state(nnx.state(packed)))
+  scales = {p[:-1]: v.get_value() for p, v in flat if p and p[-1] == "in_scale"}
+  out = []
+  for path, var in flat:
+    q = var.get_value()
+    w = originals.get(path)
+    if not isinstance(q, QArray) or w is None:
+      continue
+    smooth = [v for p, v in scales.items() if p[:len(path) - 1] == path[:-1]]
+    name = "/".join(map(str, path))
+    if tuple(w.shape) == tuple(q.shape):
+      out.append({"path": name, **_layer_error(w, q.dequantize(), q.contracting, smooth)})
+    elif tuple(w.shape[1:]) == tuple(q.shape):  # a stack: the QArray leaves carry axis 0
+      wq = harness.dequantize_stacked(q)
+      for i in range(w.shape[0]):
+        s_i = [np.asarray(smooth[0])[i]] if smooth else []
+        out.append({"path": name, "index": i,
+                    **_layer_error(w[i], wq[i], q.contracting, s_i)})
+  return out
+
+
+def _layer_error(w: Any, wq: Any, contracting: tuple[int, ...], smooth: list[Any]
+                 ) -> dict[str, float]:
+  wq = np.asarray(wq, np.float32)
+  if smooth:  # W_q holds diag(s) W: the layer divides its inputs by s
+    c = list(contracting)
+    moved = np.moveaxis(wq, c, list(range(len(c))))
+    lead = moved.shape[:len(c)]
+    moved = moved / np.asarray(smooth[0], np.float32).reshape(lead + (1,) * (wq.ndim - len(c)))
+    wq = np.moveaxis(moved, list(range(len(c))), c)
+  return metrics.weight_error(np.asarray(w, np.float32), wq)
 
 
 def _layer_summary(results: list[Any]) -> dict[str, Any]:
@@ -320,7 +390,8 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
     return _train_stage(ctx, model, stage, stages)
   if kind == "prune":
     model, res = prune(model, recipe, ctx.calib(), **ctx.kwargs())
-    return model, {**_layer_summary(res), "size": harness.stored_size(model)}
+    return model, {**_layer_summary(res), "layer_sparsity": kernel_sparsity(
+        model, [r.path for r in res]), "size": harness.stored_size(model)}
   if kind == "structured":
     before = harness.stored_size(model)
     model, keep = _structured(model, stage)
@@ -340,7 +411,19 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
     return quantize(model, recipe), {}
   if kind == "convert":
     model = convert(model)
-    return model, {"size": harness.stored_size(model)}
+    per_layer = _weight_errors(ctx.base, model)
+    info = {"size": harness.stored_size(model), "per_layer": per_layer}
+    if per_layer:
+      info["weight_error"] = {
+          "layers": len(per_layer),
+          "mean_spectral": float(np.mean([r["spectral"] for r in per_layer])),
+          "mean_rel_frobenius": float(np.mean([r["rel_frobenius"] for r in per_layer]))}
+    if stage.config.get("save_packed", True):  # the serving artifact (`jaxcomp.restore_packed`)
+      packed = ctx.work / "stages" / stage.dirname / "packed"
+      shutil.rmtree(packed, ignore_errors=True)
+      info["saved"] = {k: (round(v, 4) if isinstance(v, float) else v)
+                       for k, v in save_packed(model, packed).to_dict().items()}
+    return model, info
   return model, _evaluate(ctx, model)
 
 
@@ -430,6 +513,7 @@ def _eval_ids(ctx: _Context) -> tuple[np.ndarray, str]:
   """The evaluation token stream (``eval.max_tokens`` of it) and the text's name."""
   text, name = eval_text(ctx.config)
   ids = np.asarray(ctx.tokenizer.encode(text).ids, np.int32)
+  name = f"{name} ({len(ids)} tokens)"
   return (ids[:ctx.config.eval.max_tokens] if ctx.config.eval.max_tokens else ids), name
 
 
@@ -458,7 +542,8 @@ def _evaluate(ctx: _Context, model: nnx.Module) -> dict[str, Any]:
                                   sort_keys=True, default=str).encode()).hexdigest()
   base = json.loads(base_path.read_text()) if base_path.is_file() else None
   if base is None or base.get("fingerprint") != key:
-    base = {**harness.evaluate_lm(ctx.base, ids, **kw), "fingerprint": key}
+    again = model is not ctx.base  # an eval before any change scores the original model
+    base = {**(harness.evaluate_lm(ctx.base, ids, **kw) if again else report), "fingerprint": key}
     harness.write_report(base, base_path.parent, title="baseline (uncompressed)")
   report["scores"] = harness.derived_scores(report, base)
   report["baseline"] = {"ppl": base["quality"]["ppl"], "bytes": base["size"]["bytes"],
@@ -567,10 +652,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     t0 = time.perf_counter()
     model, info = _run_stage(ctx, model, s, stages)
     seconds = round(time.perf_counter() - t0, 2)
+    info["peak_rss_mb"] = _peak_rss_mb()
     if s.kind in _CHANGES_MODEL:
       _save(model, d / "model")
     # What `structure` needs to rebuild the stage's output shapes goes to done.json only.
     keep = {k: info.pop(k) for k in ("structure",) if k in info}
+    if "per_layer" in info:  # one row per layer: beside the report, not in it
+      (d / "layers.json").write_text(json.dumps(info.pop("per_layer"), indent=1))
     keep.update({"ranks": info["ranks"]} if "ranks" in info else {})
     harness.write_report({"stage": s.name, "stage_kind": s.kind, "seconds": seconds, **info}, d,
                          title=f"stage {s.index}: {s.name}")
@@ -582,7 +670,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   final: dict[str, Any] = {}
   for s in stages:
     r = json.loads((root / s.dirname / "report.json").read_text())
-    summaries.append({"name": s.name, "kind": s.kind, "seconds": r["seconds"]})
+    summaries.append({"name": s.name, "kind": s.kind, "seconds": r["seconds"],
+                      "peak_rss_mb": r.get("peak_rss_mb")})
     if s.kind == "eval":
       final = {k: v for k, v in r.items() if k not in ("stage", "stage_kind", "seconds")}
   return {**final, "stages": summaries}

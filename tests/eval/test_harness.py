@@ -162,3 +162,18 @@ def test_classifier_report_and_comparison_plots(tmp_path):
     compare.find_report(tmp_path / "missing")
   with pytest.raises(ValueError, match="baseline 'x' is not one of the runs"):
     compare.compare(reports, baseline="x")
+
+
+def test_packed_stacked_layers_count_like_the_unrolled_model():
+  """Scanned blocks: the packed kernels' leaves carry the stack axis (`dequantize_stacked`)."""
+  from jaxcomp.models.llama import scan_layers  # pylint: disable=import-outside-toplevel
+  recipe = jc.Recipe([jc.Rule(r"layers/(\d+/)?(attn|mlp)/\w+_proj",
+                              quant=jc.Quant(w_bits=4, group=32))])
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  flat = jc.convert(jc.quantize(model, recipe))
+  stacked = jc.convert(jc.quantize(scan_layers(model), recipe))
+  assert harness.stored_size(stacked) == harness.stored_size(flat)
+  assert harness.flops_per_token(stacked) == pytest.approx(harness.flops_per_token(flat))
+  w = harness.dequantize_stacked(stacked.layers.attn.q_proj.kernel[...])
+  np.testing.assert_array_equal(np.asarray(w[1]),
+                                np.asarray(flat.layers[1].attn.q_proj.kernel[...].dequantize()))

@@ -1,17 +1,19 @@
-"""The PTQ job (`configs/smollm2_ptq.py`) end to end on the tiny model, and its errors."""
+"""The one-shot compression configs (`configs/smollm2_{ptq,sparse,lowrank}.py`) as stage
+pipelines on the tiny model: the stages they run, the packed model they save, their errors."""
 
 import json
 import pathlib
 import subprocess
 import sys
 
+from flax import nnx
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxcomp as jc
 from jaxcomp.eval.perplexity import perplexity
-from jaxcomp.experiments.compress import run_ptq
+from jaxcomp.experiments import pipeline
+from jaxcomp.experiments.compress import summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -27,46 +29,67 @@ def _config(variant, texts, module=smollm2_ptq):
   return config
 
 
-def test_variants_build_valid_recipes():
-  for variant in smollm2_ptq.VARIANTS:
+def test_every_variant_is_a_stage_list_with_its_recipe():
+  for variant, quant in smollm2_ptq.VARIANTS.items():
     config = smollm2_ptq.get_config(variant)
-    if config.recipe is not None:
-      recipe = jc.Recipe.from_config(config.recipe)
-      assert recipe.rules[0].quant == smollm2_ptq.VARIANTS[variant]
+    assert config.task == "pipeline"
+    if quant is None:
+      assert config.stages == "eval"
+    else:
+      assert config.stages == "ptq,convert,eval"
+      assert jc.Recipe.from_config(config.stage.ptq.recipe).rules[0].quant == quant
+  for module, kind in ((smollm2_sparse, "prune"), (smollm2_lowrank, "factorize")):
+    for variant in module.VARIANTS:
+      config = module.get_config(variant)
+      assert [s.kind for s in pipeline.plan(config)] == [kind, "eval"]
+  with pytest.raises(ValueError, match="unknown variant 'svd_10' of smollm2_lowrank.py"):
+    smollm2_lowrank.get_config("svd_10")
 
 
 @pytest.mark.parametrize("variant", ["gptq_w4g128", "smoothquant_w8a8", "float"])
-def test_run_ptq_writes_a_restorable_packed_model(variant, texts, tmp_path):
+def test_ptq_run_saves_a_restorable_packed_model(variant, texts, tmp_path):
   config = _config(variant, texts)
-  report = run_ptq(config, str(tmp_path / "run"))
-  assert np.isfinite(report["ppl"]) and report["eval_tokens"] > 1000
+  pipeline.run_pipeline(config, str(tmp_path / "run"))
+  s = summary(tmp_path / "run")
+  assert np.isfinite(s["ppl"]) and s["eval_tokens"] > 1000
   if variant == "float":
-    assert "packed_bytes" not in report
+    assert "saved" not in s and s["bits_per_param"] == 32
     return
-  assert report["quantized_layers"] == 14
-  assert report["packed_bits_per_param"] > 0 and report["packed_bytes"] > 0
-  layers = json.loads((tmp_path / "run" / "layers.json").read_text())
-  assert len(layers) == 14 and all(l["error"] < 0.1 for l in layers)
+  assert s["ptq_layers"] == 14 and s["ptq_rel_error"] < 0.1
+  assert s["saved"]["packed_bits_per_param"] > 0 and s["saved"]["packed_bytes"] > 0
+  # Eq. 2 per layer beside the convert stage's report.
+  layers = json.loads((tmp_path / "run" / "stages" / "1_convert" / "layers.json").read_text())
+  assert len(layers) == 14 and all(0 < l["rel_frobenius"] < 0.2 for l in layers)
+  # The serving artifact restores with the public API and gives the same perplexity.
   from jaxcomp.models.llama import Llama, LlamaConfig  # pylint: disable=import-outside-toplevel
-  recipe = jc.Recipe.from_config(config.recipe)
+  recipe = jc.Recipe.from_config(config.stage.ptq.recipe)
   like = nnx.eval_shape(lambda: jc.packed_skeleton(Llama(LlamaConfig.tiny(),
                                                          rngs=nnx.Rngs(0)), recipe))
-  restored = jc.restore_packed(tmp_path / "run" / "packed", like)
+  restored = jc.restore_packed(s["packed_dir"], like)
   ids = np.frombuffer((texts / "eval.txt").read_bytes(), np.uint8).astype(np.int32)
   r = perplexity(restored, ids[:config.eval.max_tokens], seq_len=64, batch_size=4)
-  assert r["ppl"] == pytest.approx(report["ppl"], rel=1e-6)
+  assert r["ppl"] == pytest.approx(s["ppl"], rel=1e-6)
 
 
-def test_bad_input_is_one_line(texts, tmp_path):
-  config = _config("rtn_w4", texts)
-  config.eval.text_path = str(texts / "missing.txt")
-  with pytest.raises(FileNotFoundError):
-    run_ptq(config, str(tmp_path / "a"))
-  assert not (tmp_path / "a").exists()  # nothing written before the inputs are checked
-  config = _config("rtn_w4", texts)
-  config.calib.dtype = "float16"
-  with pytest.raises(ValueError, match="config.calib.dtype must be"):
-    run_ptq(config, str(tmp_path / "b"))
+@pytest.mark.parametrize("change, message", [
+    (dict(text_path="missing.txt"), r"config.eval.text_path=.*missing.txt': no such file"),
+    (dict(calib_text="no_such.txt"), r"config.calib.text=.*no calibration text at"),
+    (dict(calib_dtype="float16"), r"config.calib.dtype must be 'bfloat16' or 'float32'"),
+])
+def test_bad_inputs_are_refused_before_anything_runs(texts, tmp_path, change, message):
+  config = _config("gptq_w4", texts)
+  if "text_path" in change:
+    config.eval.text_path = str(texts / change["text_path"])
+  if "calib_text" in change:
+    config.calib.text = str(texts / change["calib_text"])
+  if "calib_dtype" in change:
+    config.calib.dtype = change["calib_dtype"]
+  with pytest.raises(ValueError, match=message):
+    pipeline.run_pipeline(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_variant_is_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "jaxcomp", "--config", "configs/smollm2_ptq.py:gptq_w5",
        "--workdir", str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True, check=False)
@@ -75,48 +98,36 @@ def test_bad_input_is_one_line(texts, tmp_path):
   assert "unknown variant 'gptq_w5'" in proc.stderr
 
 
-def test_missing_calibration_text_is_one_line_error(texts, tmp_path):
-  config = _config("gptq_w4", texts)
-  config.calib.text = str(texts / "no_such.txt")
-  with pytest.raises(ValueError, match=r"config.calib.text=.*no calibration text at"):
-    run_ptq(config, str(tmp_path / "run"))
-  assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("variant", ["sparsegpt_2of4", "wanda_block16_50", "magnitude_50"])
-def test_sparse_job_reports_measured_sparsity(variant, texts, tmp_path):
-  report = run_ptq(_config(variant, texts, smollm2_sparse), str(tmp_path / "run"))
-  assert report["prune_layers"] == 14 and np.isfinite(report["ppl"])
-  assert report["sparsity"] == pytest.approx(0.5, abs=1e-9)
-  assert "packed_bytes" not in report
+def test_sparse_run_reports_measured_sparsity(variant, texts, tmp_path):
+  pipeline.run_pipeline(_config(variant, texts, smollm2_sparse), str(tmp_path / "run"))
+  s = summary(tmp_path / "run")
+  assert s["prune_layers"] == 14 and np.isfinite(s["ppl"])
+  assert s["layer_sparsity"] == pytest.approx(0.5, abs=1e-9)
+  assert 0.2 < s["sparsity"] < 0.5  # embeddings and norms stay dense
+  assert "saved" not in s
 
 
-def test_lowrank_job_removes_the_budgeted_parameters(texts, tmp_path):
-  report = run_ptq(_config("svd_llm_40", texts, smollm2_lowrank), str(tmp_path / "run"))
+def test_lowrank_run_removes_the_budgeted_parameters(texts, tmp_path):
+  pipeline.run_pipeline(_config("svd_llm_40", texts, smollm2_lowrank), str(tmp_path / "run"))
+  s = summary(tmp_path / "run")
   matched = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)
   one_rank = 2 * (2 * 128 + 2 * 96 + 3 * 192)  # sum of (in + out): rank r costs r (in + out)
-  removed = report["params_before"] - report["params"]
+  removed = s["params_before"] - s["params"]
   assert 0.4 * matched <= removed <= 0.4 * matched + one_rank
-  assert report["factorize_layers"] == 14 and np.isfinite(report["ppl"])
-  assert 0 < report["factorize_mean_layer_rel_error"] < 1
-
-
-def test_every_variant_config_builds():
-  for module in (smollm2_sparse, smollm2_lowrank):
-    for variant in module.VARIANTS:
-      jc.Recipe.from_config(module.get_config(variant).recipe)
-  with pytest.raises(ValueError, match="unknown variant 'svd_10' of smollm2_lowrank.py"):
-    smollm2_lowrank.get_config("svd_10")
+  assert s["factorize_layers"] == 14 and np.isfinite(s["ppl"])
+  assert 0 < s["factorize_rel_error"] < 1
 
 
 def test_scanned_model_gives_the_unrolled_perplexity(texts, tmp_path):
-  """`config.model.scan_layers`: the same job on the stacked-blocks Llama (the recipe's
+  """`config.model.scan_layers`: the same stages on the stacked-blocks Llama (the recipe's
   ``layers/(\\d+/)?...`` pattern takes both), GPTQ walking the stack layer by layer."""
-  reports = {}
+  ppl = {}
   for scan in (False, True):
     config = _config("gptq_w4g128", texts)
     config.model.scan_layers = scan
-    reports[scan] = run_ptq(config, str(tmp_path / f"run{scan}"))
-  assert reports[True]["ppl"] == pytest.approx(reports[False]["ppl"], rel=1e-4)
-  layers = json.loads((tmp_path / "runTrue" / "layers.json").read_text())
-  assert len(layers) == 14 and layers[0]["path"].startswith("layers[0]/")
+    pipeline.run_pipeline(config, str(tmp_path / f"run{scan}"))
+    ppl[scan] = summary(tmp_path / f"run{scan}")["ppl"]
+  assert ppl[True] == pytest.approx(ppl[False], rel=1e-4)
+  layers = json.loads((tmp_path / "runTrue" / "stages" / "1_convert" / "layers.json").read_text())
+  assert len(layers) == 14 and layers[0]["path"].startswith("layers/")
