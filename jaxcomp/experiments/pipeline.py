@@ -51,6 +51,7 @@ from jaxcomp.eval import harness
 from jaxcomp.eval import metrics
 from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.eval.size import kernel_sparsity
+from jaxcomp.experiments import image
 from jaxcomp.experiments.compress import calib_path, eval_text
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank.spec import LowRank
@@ -63,7 +64,8 @@ from jaxcomp.quant.qarray import QArray
 from jaxcomp.recipe import Recipe, Rule
 from jaxcomp.rewrite import engine, quantize
 from jaxcomp.serve import convert, save_packed
-from jaxcomp.train.loop import train
+from jaxcomp.train.loop import train, zero_masks
+from jaxcomp.train.tasks import ImageClassification
 
 KINDS = ("prune", "structured", "factorize", "ptq", "quantize", "train", "distill", "convert",
          "eval")
@@ -153,6 +155,19 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
 def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> None:
   """The files the stages will read exist (a one-line error before anything runs)."""
   kinds = {s.kind for s in stages}
+  baseline = config.get("eval", {}).get("baseline", "original")
+  for s in stages:
+    if s.kind == "eval" and baseline != "original" and baseline not in [
+        t.name for t in stages[:s.index]]:
+      raise ValueError(f"config.eval.baseline={baseline!r} is neither 'original' nor a stage "
+                       f"before stage {s.index} ({s.name})")
+  if image.is_image(config):
+    if "structured" in kinds:
+      raise ValueError("the structured stage shrinks a jaxcomp Llama; this pipeline's model is "
+                       f"{config.model.name!r}")
+    from jaxcomp.data import fashion_mnist  # pylint: disable=import-outside-toplevel
+    fashion_mnist.load(config.data.data_dir, "test")  # not prepared: says how
+    return
   if kinds & {"prune", "factorize", "ptq"} and config.get("calib") and config.calib.get("n_seq"):
     calib_path(config)
   if kinds & {"eval", *_TRAINS}:
@@ -225,6 +240,8 @@ def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -
              "stage": s.config.to_dict(), "prev": prev}
     if s.kind in ("prune", "factorize", "ptq"):
       reads["calib"] = config.calib.to_dict()
+      if image.is_image(config):  # the calibration images come from the training data
+        reads["data"] = config.data.to_dict()
     if s.kind == "eval":
       reads["eval"] = config.eval.to_dict()
     if s.kind in _TRAINS:
@@ -317,14 +334,26 @@ def _restore(path: pathlib.Path, like: nnx.Module) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
+def _load(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any]:
+  """The model the pipeline starts from and its tokenizer (None for an image model, which
+  starts freshly initialised from ``config.seed``)."""
+  if image.is_image(config):
+    return ImageClassification().model(config, rngs=nnx.Rngs(config.seed)), None
+  return load_model(config)
+
+
 class _Context:
   """What stages share: the config, the original model, tokenizer, calibration, workdir."""
 
   def __init__(self, config, work, base, tokenizer):
     self.config, self.work, self.base, self.tokenizer = config, work, base, tokenizer
+    self.image = image.is_image(config)
     self._calib = None
 
-  def calib(self) -> np.ndarray:
+  def calib(self) -> np.ndarray | None:
+    if self._calib is None and self.image:  # the first n_seq training images (0: none)
+      n = self.config.calib.get("n_seq", 0)
+      return image.images(self.config, "train", n)[0] if n else None
     if self._calib is None:
       c = self.config.calib
       self._calib = calib_tokens(self.tokenizer, n_seq=c.n_seq, seq_len=c.seq_len,
@@ -424,7 +453,7 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
       info["saved"] = {k: (round(v, 4) if isinstance(v, float) else v)
                        for k, v in save_packed(model, packed).to_dict().items()}
     return model, info
-  return model, _evaluate(ctx, model)
+  return model, _evaluate(ctx, model, stages, stage.index)
 
 
 class _StageTask(DistillTask):
@@ -468,8 +497,7 @@ class _StageTask(DistillTask):
     return {"eval_ppl": r["ppl"], "eval_tokens": r["tokens"], "eval_text": data.eval_name}
 
   def update_mask(self, params: Any) -> Any:
-    return jax.tree.map(lambda p: (p != 0) if p.ndim >= 2 and bool(jnp.any(p == 0))
-                        else jnp.bool_(True), params)
+    return zero_masks(params)
 
 
 def _train_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stage]
@@ -478,14 +506,14 @@ def _train_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[St
   its last checkpoint), the student's weights as the stage's output."""
   config, cfg = ctx.config, stage.config
   ce_only = stage.kind == "train"
-  teacher = model
-  if not ce_only:
-    name = cfg.teacher
-    if name == "original":
-      teacher = ctx.base
-    else:
-      idx = max(s.index for s in stages[:stage.index] if s.name == name)
-      teacher = restore_stage_output(ctx.base, stages, ctx.work / "stages", idx)
+  teacher = model if ce_only else _named_model(ctx, stages, cfg.teacher, stage.index)
+  workdir = str(ctx.work / "stages" / stage.dirname / "train")
+  if ctx.image:
+    task = image.ImageStageTask(model, None if ce_only else teacher,
+                                None if ce_only else cfg.distill)
+    report, trained = train(image.train_config(config, cfg), workdir, task=task,
+                            return_model=True)
+    return _off_mesh(trained), {k: v for k, v in report.items() if k != "model_bytes"}
   c = ml_collections.ConfigDict()
   c.task = "distill"
   c.seed = config.seed
@@ -499,14 +527,24 @@ def _train_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[St
   c.mesh = config.mesh.to_dict()
   c.recipe = None
   task = _StageTask(model, teacher, ctx.tokenizer, ce_only)
-  report, trained = train(c, str(ctx.work / "stages" / stage.dirname / "train"), task=task,
-                          return_model=True)
-  student = trained.student
-  # Off the training mesh: the next stages run on the default device, without the loop's
-  # logical axis rules (single-process runs).
-  nnx.update(student, jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)),
-                                   nnx.state(student)))
-  return student, {k: v for k, v in report.items() if k != "model_bytes"}
+  report, trained = train(c, workdir, task=task, return_model=True)
+  return _off_mesh(trained.student), {k: v for k, v in report.items() if k != "model_bytes"}
+
+
+def _off_mesh(model: nnx.Module) -> nnx.Module:
+  """The trained model off the training mesh: the next stages run on the default device,
+  without the loop's logical axis rules (single-process runs)."""
+  nnx.update(model, jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)), nnx.state(model)))
+  return model
+
+
+def _named_model(ctx: _Context, stages: list[Stage], name: str, before: int) -> nnx.Module:
+  """``"original"`` (the model the pipeline started from) or the output of the last stage
+  called ``name`` before stage ``before``, restored."""
+  if name == "original":
+    return ctx.base
+  idx = max(s.index for s in stages[:before] if s.name == name)
+  return restore_stage_output(ctx.base, stages, ctx.work / "stages", idx)
 
 
 def _eval_ids(ctx: _Context) -> tuple[np.ndarray, str]:
@@ -528,26 +566,49 @@ def _cloze(ctx: _Context) -> list[dict[str, Any]]:
   return harness.cloze_items(ids, n_items=n, seed=ctx.config.seed)
 
 
-def _evaluate(ctx: _Context, model: nnx.Module) -> dict[str, Any]:
-  e = ctx.config.eval
+def _evaluator(ctx: _Context) -> tuple[Any, str]:
+  """``evaluate(model) -> harness report`` on ``config.eval``'s data, and the data's name."""
+  e, seed = ctx.config.eval, ctx.config.seed
+  if ctx.image:
+    x, y = image.images(ctx.config, e.get("split", "test"), e.get("max_images", 0))
+    kw = dict(batch_size=e.batch_size, noise=tuple(e.get("noise", harness.DEFAULT_IMAGE_NOISE)),
+              shifts=tuple(e.get("shifts", (1, 2))), latency_repeats=e.get("latency_repeats", 5),
+              seed=seed)
+    return (lambda m: harness.evaluate_classifier(m, x, y, **kw)), (
+        f"fashion_mnist {e.get('split', 'test')} ({len(y)} images)")
   kw = dict(seq_len=e.seq_len, batch_size=e.batch_size, cloze=_cloze(ctx),
             rates=tuple(e.get("rates", harness.DEFAULT_TEXT_RATES)),
-            latency_repeats=e.get("latency_repeats", 5), seed=ctx.config.seed,
+            latency_repeats=e.get("latency_repeats", 5), seed=seed,
             vocab_size=ctx.base.config.vocab_size)
   ids, text_name = _eval_ids(ctx)
-  report = harness.evaluate_lm(model, ids, **kw)
-  report["eval_text"] = text_name
+  return (lambda m: harness.evaluate_lm(m, ids, **kw)), text_name
+
+
+def _evaluate(ctx: _Context, model: nnx.Module, stages: list[Stage], index: int
+              ) -> dict[str, Any]:
+  """The harness on ``model`` and on the baseline (``config.eval.baseline``: ``"original"`` or
+  an earlier stage's name; evaluated once per workdir, ``baseline/``), with the derived scores."""
+  evaluate, data_name = _evaluator(ctx)
+  report = evaluate(model)
+  report["eval_text" if not ctx.image else "eval_data"] = data_name
+  name = ctx.config.eval.get("baseline", "original")
+  fps = stage_fingerprints(ctx.config, stages)
+  source = "original" if name == "original" else fps[max(
+      s.index for s in stages[:index] if s.name == name)]
   base_path = ctx.work / "baseline" / "report.json"
-  key = hashlib.sha256(json.dumps([ctx.config.model.to_dict(), e.to_dict(), ctx.config.seed],
+  key = hashlib.sha256(json.dumps([ctx.config.model.to_dict(), ctx.config.eval.to_dict(),
+                                   ctx.config.seed, source],
                                   sort_keys=True, default=str).encode()).hexdigest()
   base = json.loads(base_path.read_text()) if base_path.is_file() else None
   if base is None or base.get("fingerprint") != key:
-    again = model is not ctx.base  # an eval before any change scores the original model
-    base = {**(harness.evaluate_lm(ctx.base, ids, **kw) if again else report), "fingerprint": key}
-    harness.write_report(base, base_path.parent, title="baseline (uncompressed)")
+    reference = _named_model(ctx, stages, name, index)
+    # An eval before any change scores the baseline itself.
+    base = {**(evaluate(reference) if model is not reference else report), "fingerprint": key}
+    harness.write_report(base, base_path.parent, title=f"baseline ({name})")
   report["scores"] = harness.derived_scores(report, base)
-  report["baseline"] = {"ppl": base["quality"]["ppl"], "bytes": base["size"]["bytes"],
-                        "p50_ms": base["speed"]["p50_ms"]}
+  report["baseline"] = {"name": name, **{k: v for k, v in base["quality"].items()
+                                          if k in ("ppl", "accuracy")},
+                        "bytes": base["size"]["bytes"], "p50_ms": base["speed"]["p50_ms"]}
   return report
 
 
@@ -594,9 +655,9 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
   if config.get("task") != "pipeline":
     raise ValueError(f"{work} is not a pipeline run (task={config.get('task')!r})")
   stages = plan(config)
-  base, tokenizer = load_model(config)
+  base, tokenizer = _load(config)
   model = restore_stage_output(base, stages, work / "stages", len(stages) - 1)
-  report = _evaluate(_Context(config, work, base, tokenizer), model)
+  report = _evaluate(_Context(config, work, base, tokenizer), model, stages, len(stages))
   harness.write_report(report, work / "eval", title=f"{work.name}: final model")
   return report
 
@@ -639,7 +700,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   (work / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   if start < len(stages):  # a finished run only gathers its reports
-    base, tokenizer = load_model(config)
+    base, tokenizer = _load(config)
     ctx = _Context(config, work, base, tokenizer)
     model = base
   if 0 < start < len(stages):

@@ -150,6 +150,18 @@ def masked_updates(masks: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def zero_masks(params: Any) -> Any:
+  """`masked_updates` masks that keep every exact zero of a kernel (rank >= 2) at zero: the
+  mask of a model pruned before training starts.
+
+  Example:
+    >>> zero_masks({"w": jnp.array([[0., 1.]]), "b": jnp.zeros(2)})["w"].tolist()
+    [[False, True]]
+  """
+  return jax.tree.map(lambda p: (p != 0) if p.ndim >= 2 and bool(jnp.any(p == 0))
+                      else jnp.bool_(True), params)
+
+
 def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
               tx: optax.GradientTransformation) -> Any:
   """The training step ``(state, batch) -> (state, metrics)``, to be jitted with shardings.

@@ -283,3 +283,39 @@ def test_bad_structured_stages_are_refused(texts, change, message):
   with pytest.raises(ValueError, match=r"stage 1 'structured' \(structured\) must come before "
                      r"stage 'gptq'"):
     pipeline.plan(config)
+
+
+def test_image_pipeline_trains_prunes_distills_quantizes_and_packs(data_dir, tmp_path):
+  """configs/fmnist_pipeline.py on the tiny CNN: dense -> block prune -> KD -> QAT w4a8 ->
+  KD -> convert -> eval, scored against the dense stage."""
+  sys.path.insert(0, str(ROOT / "configs"))
+  import fmnist_pipeline  # pylint: disable=import-outside-toplevel
+  config = fmnist_pipeline.get_config("p_kd_q,tiny")
+  config.data.data_dir = data_dir
+  report = pipeline.run_pipeline(config, str(tmp_path / "run"))
+  names = [s["name"] for s in report["stages"]]
+  assert names == ["dense", "prune", "kd", "qat", "kd_q", "convert", "eval"]
+  assert report["kind"] == "classifier" and report["baseline"]["name"] == "dense"
+  stages = pipeline.plan(config)
+  base, _ = pipeline._load(config)  # pylint: disable=protected-access
+  out = lambda i: pipeline.restore_stage_output(base, stages, tmp_path / "run" / "stages", i)
+  pruned, distilled, qat_kd, packed = out(1), out(2), out(4), out(5)
+  # The dense model learned the task; the baseline is it, not the random initialisation.
+  base_report = json.loads((tmp_path / "run" / "baseline" / "report.json").read_text())
+  assert base_report["quality"]["accuracy"] > 0.5
+  # 90% of fc1's tiles pruned, and they stay zero through both distillations.
+  zero = np.asarray(pruned.fc1.kernel[...]) == 0
+  assert zero.mean() == pytest.approx(0.9, abs=0.02)
+  assert np.all(np.asarray(distilled.fc1.kernel[...])[zero] == 0)
+  assert not np.array_equal(np.asarray(distilled.fc1.kernel[...]), np.asarray(
+      pruned.fc1.kernel[...]))
+  # The packed model is the distilled fake-quant model exactly, with the pruned tiles.
+  x = pipeline.image.images(config, "test", 16)[0]
+  np.testing.assert_array_equal(np.asarray(packed(x)), np.asarray(jc.convert(qat_kd)(x)))
+  assert np.all(np.asarray(packed.fc1.kernel[...].dequantize())[zero] == 0)
+  assert report["size"]["bytes"] < base_report["size"]["bytes"] / 4
+  assert 0 < report["robustness"]["score"] <= 1.0 + 1e-9
+  # A baseline that is no earlier stage is refused before anything runs.
+  config.eval.baseline = "kd_q2"
+  with pytest.raises(ValueError, match=r"config.eval.baseline='kd_q2' is neither 'original' nor"):
+    pipeline.plan(config)
