@@ -112,7 +112,7 @@ def test_bad_stage_lists_are_refused_before_anything_runs(texts, tmp_path, chang
 def test_unknown_kind_and_missing_calibration(texts, tmp_path):
   config = _config("p_q", texts)
   config.stage.prune.kind = "shrink"
-  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, factorize"):
+  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, structured, factorize"):
     pipeline.plan(config)
   config = _config("p_q", texts)
   config.calib.n_seq = 0
@@ -246,6 +246,7 @@ def test_structured_stage_shrinks_then_distills_and_resumes_into_the_smaller_sha
                                                                                    tmp_path):
   config = _kd_config("s_kd_q", texts)
   config.stage.structured.keep_layers = 1
+  config.stage.kd.train.update(steps=4, checkpoint_every=4, log_every=2)
   report = pipeline.run_pipeline(config, str(tmp_path / "s"))
   assert [s["name"] for s in report["stages"]] == ["structured", "kd", "gptq", "convert", "eval"]
   small = _restored(tmp_path / "s", config, 0)
