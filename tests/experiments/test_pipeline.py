@@ -226,16 +226,20 @@ def test_cli_errors_are_one_line(texts, tmp_path):
   assert none.returncode == 1 and "holds no pipeline run (no config.json)" in none.stderr
 
 
+def _refused(config, section, change, message):
+  """``plan`` refuses ``config`` with ``change`` applied to ``config.stage.<section>``."""
+  for k, v in change.items():
+    setattr(config.stage[section], k, v)
+  with pytest.raises(ValueError, match=message):
+    pipeline.plan(config)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(teacher=""), r"stage 1 'kd' \(distill\) has no teacher"),
     (dict(teacher="gptq"), r"teacher 'gptq' is neither 'original' nor an earlier stage"),
 ])
 def test_distill_without_a_teacher_is_refused(texts, change, message):
-  config = _kd_config("p_kd_q", texts)
-  for k, v in change.items():
-    setattr(config.stage.kd, k, v)
-  with pytest.raises(ValueError, match=message):
-    pipeline.plan(config)
+  _refused(_kd_config("p_kd_q", texts), "kd", change, message)
   config = _kd_config("p_kd_q", texts)
   config.stages = "prune,gptq,convert,kd"
   with pytest.raises(ValueError, match=r"a packed model \(after convert\) cannot be trained"):
@@ -274,11 +278,7 @@ def test_structured_stage_shrinks_then_distills_and_resumes_into_the_smaller_sha
     (dict(width=3), r"unknown field 'width'"),
 ])
 def test_bad_structured_stages_are_refused(texts, change, message):
-  config = _kd_config("s_kd_q", texts)
-  for k, v in change.items():
-    setattr(config.stage.structured, k, v)
-  with pytest.raises(ValueError, match=message):
-    pipeline.plan(config)
+  _refused(_kd_config("s_kd_q", texts), "structured", change, message)
   config = _kd_config("s_kd_q", texts)
   config.stages = "gptq,structured,convert"
   with pytest.raises(ValueError, match=r"stage 1 'structured' \(structured\) must come before "
