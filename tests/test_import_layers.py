@@ -64,7 +64,7 @@ ALLOWED: dict[str, set[str]] = {
     "jaxcomp.experiments": {"jaxcomp.oneshot", "jaxcomp.serve", "jaxcomp.models",
                             "jaxcomp.eval", "jaxcomp.recipe", "jaxcomp.rewrite",
                             "jaxcomp.layers", "jaxcomp.lowrank", "jaxcomp.train",
-                            "jaxcomp.distill", "jaxcomp.quant"},
+                            "jaxcomp.distill", "jaxcomp.quant", "jaxcomp.data"},
     "jaxcomp.cli": {"jaxcomp.experiments", "jaxcomp.train", "jaxcomp.recipe", "jaxcomp.quant",
                     "jaxcomp.eval"},
     "jaxcomp.__main__": {"jaxcomp.cli"},
