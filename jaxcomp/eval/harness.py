@@ -264,7 +264,8 @@ def cloze_accuracy(model: Any, items: Sequence[Mapping[str, Any]], *, seq_len: i
                    batch_size: int = 16, progress: bool = False) -> float:
   """Fraction of `cloze_items` whose true choice has the highest mean log-likelihood.
 
-  Context and choice are truncated from the left / right to fit ``seq_len`` tokens.
+  Context and choice are truncated from the left / right to fit ``seq_len`` tokens; rows are
+  scored at the longest row's length (a power of two, at most ``seq_len``), not ``seq_len``.
 
   Example::
 
@@ -279,8 +280,12 @@ def cloze_accuracy(model: Any, items: Sequence[Mapping[str, Any]], *, seq_len: i
       rows.append((ctx, c))
       owners.append(i)
   n = -(-len(rows) // batch_size) * batch_size
-  tokens = np.zeros((n, seq_len), np.int32)
-  mask = np.zeros((n, seq_len), bool)
+  # Rows are right-padded to the longest one (rounded up to a power of two, at most seq_len):
+  # a causal model's log-likelihoods of the real tokens do not depend on the padding after them.
+  longest = max((len(ctx) + len(c) for ctx, c in rows), default=1)
+  width = min(seq_len, 1 << max(longest - 1, 1).bit_length())
+  tokens = np.zeros((n, width), np.int32)
+  mask = np.zeros((n, width), bool)
   for r, (ctx, c) in enumerate(rows):
     tokens[r, :len(ctx) + len(c)] = ctx + c
     mask[r, len(ctx):len(ctx) + len(c)] = True

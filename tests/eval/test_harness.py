@@ -51,6 +51,23 @@ def test_lm_report_has_every_section_and_consistent_numbers(lm, ids):
   assert d["pareto_score"] == pytest.approx(0.5)
 
 
+def test_cloze_scores_each_choice_by_its_own_mean_log_likelihood(lm, ids):
+  sentences = [list(ids[i:i + 3 + i % 5]) for i in range(0, 400, 8)]
+  items = harness.cloze_items(sentences, n_items=12, n_choices=3, seed=2)
+
+  def mean_loglik(context, choice):  # one unpadded row at its own length
+    row = jnp.asarray([context + choice], jnp.int32)
+    logp = jax.nn.log_softmax(lm(row).astype(jnp.float32)[0, :-1], axis=-1)
+    picked = np.asarray(jnp.take_along_axis(logp, row[0, 1:, None], axis=-1)[:, 0])
+    return picked[len(context) - 1:].mean()
+
+  expected = np.mean([np.argmax([mean_loglik(it["context"], c) for c in it["choices"]])
+                      == it["answer"] for it in items])
+  # rows (at most 14 tokens) are scored at width 16, not seq_len, and agree with the reference
+  assert harness.cloze_accuracy(lm, items, seq_len=256, batch_size=8) == expected
+  assert harness.cloze_accuracy(lm, items, seq_len=16, batch_size=5) == expected
+
+
 def test_next_token_accuracy_of_a_model_that_knows_the_text():
   class Oracle(nnx.Module):  # predicts token + 1 (mod V): right on an arithmetic stream
     def __call__(self, tokens):
