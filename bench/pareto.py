@@ -2,8 +2,10 @@
 
   python bench/pareto.py                                   # every variant, runs/pareto/
   python bench/pareto.py --variants p_q,p_kd_q --root runs/pareto
+  python bench/pareto.py --variants p_q,ptq:awq_w4g128,sparse:sparsegpt_2of4,lowrank:svd_llm_20
 
-Each variant of ``configs/smollm2_pipeline.py`` runs (or resumes) in ``ROOT/<variant>`` with the
+Each variant of ``configs/smollm2_pipeline.py`` (or ``FAMILY:NAME``, variant NAME of the
+one-shot config ``configs/smollm2_FAMILY.py``, FAMILY one of ptq / sparse / lowrank) runs (or resumes) in ``ROOT/<variant>`` with the
 same evaluation overrides (``--max_tokens`` tokens of WikiText-2 *test*, robustness at
 ``--rates``, ``--cloze`` items, ``--latency_repeats``). A stage whose fingerprint equals a
 finished stage of an earlier variant (the same model, calibration and stage config at the same
@@ -14,6 +16,7 @@ again. Then `jaxcomp.eval.compare` over the runs and the uncompressed model (``f
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import shutil
@@ -31,7 +34,8 @@ from jaxcomp.eval.perplexity import WIKITEXT2_DIR  # noqa: E402  pylint: disable
 from jaxcomp.experiments import pipeline  # noqa: E402  pylint: disable=wrong-import-position
 
 _VARIANTS = flags.DEFINE_list("variants", list(smollm2_pipeline.VARIANTS),
-                              "variants of configs/smollm2_pipeline.py, in run order")
+                              "variants of configs/smollm2_pipeline.py, or FAMILY:NAME of "
+                              "configs/smollm2_FAMILY.py (ptq, sparse, lowrank), in run order")
 _ROOT = flags.DEFINE_string("root", "runs/pareto", "one workdir per variant under this")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32768, "WikiText-2 test tokens evaluated")
 _RATES = flags.DEFINE_list("rates", ["0.1"], "robustness perturbation rates")
@@ -41,16 +45,26 @@ _KD_STEPS = flags.DEFINE_integer("kd_steps", 0, "distillation steps (0: the conf
 _TINY = flags.DEFINE_bool("tiny", False, "the tiny random model (smoke test)")
 
 
+ONESHOT_FAMILIES = ("ptq", "sparse", "lowrank")
+
+
 def variant_config(variant: str):
   """The variant's config with this bench's evaluation overrides."""
-  config = smollm2_pipeline.get_config(variant + (",tiny" if _TINY.value else ""))
+  tiny = ",tiny" if _TINY.value else ""
+  if ":" in variant:
+    family, name = variant.split(":", 1)
+    if family not in ONESHOT_FAMILIES:
+      raise app.UsageError(f"--variants: {variant!r}: family must be one of {ONESHOT_FAMILIES}")
+    config = importlib.import_module(f"smollm2_{family}").get_config(name + tiny)
+  else:
+    config = smollm2_pipeline.get_config(variant + tiny)
   config.eval.max_tokens = _MAX_TOKENS.value
   config.eval.rates = tuple(float(r) for r in _RATES.value)
   config.eval.cloze_items = _CLOZE.value
   config.eval.latency_repeats = _LATENCY.value
-  if _TINY.value:
+  if _TINY.value and "data" in config:
     config.data.files = str(WIKITEXT2_DIR / "valid.txt")
-  if _KD_STEPS.value:
+  if _KD_STEPS.value and "kd" in config.stage:
     config.stage.kd.train.steps = _KD_STEPS.value
   return config
 
@@ -84,7 +98,7 @@ def main(argv):
   runs: list[pathlib.Path] = []
   for variant in _VARIANTS.value:
     config = variant_config(variant)
-    work = root / variant
+    work = root / variant.replace(":", "_")
     copied = reuse_finished_stages(config, work, runs)
     t0 = time.perf_counter()
     report = pipeline.run_pipeline(config, str(work))
