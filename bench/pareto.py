@@ -4,13 +4,16 @@
   python bench/pareto.py --variants p_q,p_kd_q --root runs/pareto
   python bench/pareto.py --variants p_q,ptq:awq_w4g128,sparse:sparsegpt_2of4,lowrank:svd_llm_20
 
-Each variant of ``configs/smollm2_pipeline.py`` (or ``FAMILY:NAME``, variant NAME of the
-one-shot config ``configs/smollm2_FAMILY.py``, FAMILY one of ptq / sparse / lowrank) runs (or resumes) in ``ROOT/<variant>`` with the
-same evaluation overrides (``--max_tokens`` tokens of WikiText-2 *test*, robustness at
-``--rates``, ``--cloze`` items, ``--latency_repeats``). A stage whose fingerprint equals a
-finished stage of an earlier variant (the same model, calibration and stage config at the same
-position, e.g. the 2:4 Wanda stage every ``p_*`` variant starts with) is copied instead of run
-again. Then `jaxcomp.eval.compare` over the runs and the uncompressed model (``float``) writes ``ROOT/compare/comparison.md``,
+Each variant of ``configs/smollm2_pipeline.py`` (or ``FAMILY:NAME``: variant NAME of the
+one-shot config ``configs/smollm2_FAMILY.py``, FAMILY one of ptq / sparse / lowrank) runs (or
+resumes) in ``ROOT/<variant>`` with the same evaluation overrides (``--max_tokens`` tokens of
+WikiText-2 *test*, robustness at ``--rates``, ``--cloze`` items, ``--latency_repeats``). A stage
+whose fingerprint equals a finished stage of an earlier variant (the same model, calibration
+and stage config at the same position, e.g. the 2:4 Wanda stage every ``p_*`` variant starts
+with) is copied instead of run again. The final models and the float one are then timed again
+side by side, interleaved (``--side_by_side`` rounds: each eval stage timed its model whenever
+it ran, next to whatever else the machine was doing). Then `jaxcomp.eval.compare` over the
+runs and the uncompressed model (``float``) writes ``ROOT/compare/comparison.md``,
 ``comparison.json`` and the quality-vs-size / quality-vs-latency PNGs with the frontier marked.
 """
 
@@ -43,6 +46,10 @@ _CLOZE = flags.DEFINE_integer("cloze", 100, "cloze items (WikiText-2 valid sente
 _LATENCY = flags.DEFINE_integer("latency_repeats", 3, "timed forwards per model")
 _KD_STEPS = flags.DEFINE_integer("kd_steps", 0, "distillation steps (0: the config's)")
 _TINY = flags.DEFINE_bool("tiny", False, "the tiny random model (smoke test)")
+_SIDE_BY_SIDE = flags.DEFINE_integer(
+    "side_by_side", 5, "after the runs, time every final model (and the float one) again in "
+    "this many interleaved rounds, in one process, and compare on those latencies (0: use "
+    "each eval stage's own, measured whenever it ran)")
 
 
 ONESHOT_FAMILIES = ("ptq", "sparse", "lowrank")
@@ -92,6 +99,28 @@ def reuse_finished_stages(config, work: pathlib.Path, done_dirs: list[pathlib.Pa
   return n
 
 
+def side_by_side_latency(runs: list[pathlib.Path], rounds: int) -> dict[str, dict]:
+  """p50 / p95 of one ``[eval.batch_size, eval.seq_len]`` forward of the float model and
+  of each run's final model, timed in ``rounds`` interleaved rounds
+  (`harness.measure_latency_side_by_side`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jaxcomp.eval import harness  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(json.loads((runs[0] / "config.json").read_text()))
+  base, tokenizer = pipeline.load_base(config)
+  e = config.eval
+  ids = np.asarray(tokenizer.encode(" the" * (e.batch_size * e.seq_len)).ids, np.int32)
+  tokens = jax.numpy.asarray(np.resize(ids, (e.batch_size, e.seq_len)))
+  models = {"float": base, **{w.name: pipeline.final_model(w, base)[0] for w in runs}}
+  calls = {}
+  for name, model in models.items():
+    graphdef, state = nnx.split(model)
+    calls[name] = (jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t)), (state, tokens))
+  return harness.measure_latency_side_by_side(calls, items_per_call=tokens.size, repeats=rounds)
+
+
 def main(argv):
   del argv
   root = pathlib.Path(_ROOT.value)
@@ -108,7 +137,18 @@ def main(argv):
   out = root / "compare"
   reports = {"float": json.loads((runs[0] / "baseline" / "report.json").read_text())}
   reports.update({w.name: compare.find_report(w) for w in runs})
+  if _SIDE_BY_SIDE.value:
+    speeds = side_by_side_latency(runs, _SIDE_BY_SIDE.value)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency_side_by_side.json").write_text(json.dumps(speeds, indent=2))
+    reports = {n: {**r, "speed": speeds[n]} for n, r in reports.items()}
   compare.compare(reports, baseline="float", out_dir=out)
+  if _SIDE_BY_SIDE.value:
+    md = out / "comparison.md"
+    md.write_text(md.read_text() + f"\nLatency: one forward of each final model, timed in "
+                  f"{_SIDE_BY_SIDE.value} interleaved rounds in one process "
+                  f"(latency_side_by_side.json); the eval stages' own timings are in their "
+                  f"reports.\n")
   print((out / "comparison.md").read_text())
 
 

@@ -200,6 +200,36 @@ def measure_latency(fn: Callable[..., Any], *args: Any, items_per_call: int, war
   return out
 
 
+def measure_latency_side_by_side(calls: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]],
+                                 *, items_per_call: int, warmup: int = 2, repeats: int = 10
+                                 ) -> dict[str, dict[str, Any]]:
+  """`measure_latency` of several ``name: (fn, args)`` calls, interleaved: every round times
+  each call once, in turn, so that a machine slowing down or speeding up during the
+  measurement shifts every call alike and their ratios hold.
+
+  Example::
+
+    speeds = measure_latency_side_by_side({"float": (f, (x,)), "int4": (q, (x,))},
+                                          items_per_call=x.size)
+    speeds["int4"]["p50_ms"] / speeds["float"]["p50_ms"]
+  """
+  if warmup < 1 or repeats < 1:
+    raise ValueError(f"warmup and repeats must be >= 1, got {warmup} and {repeats}")
+  for fn, args in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  env = environment()
+  return {name: {**metrics.latency_summary(t, items_per_call), "items_per_call": items_per_call,
+                 "env": env, "interleaved_with": sorted(set(calls) - {name})}
+          for name, t in times.items()}
+
+
 def perturb_tokens(ids: np.ndarray, rate: float, *, kind: str, vocab_size: int,
                    seed: int = 0) -> np.ndarray:
   """Token noise: ``"substitute"`` replaces each token with probability ``rate`` by a uniform

@@ -334,9 +334,14 @@ def _restore(path: pathlib.Path, like: nnx.Module) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def _load(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any]:
-  """The model the pipeline starts from and its tokenizer (None for an image model, which
-  starts freshly initialised from ``config.seed``)."""
+def load_base(config: ml_collections.ConfigDict) -> tuple[nnx.Module, Any]:
+  """The model a pipeline with ``config`` starts from and its tokenizer (None for an image
+  model, which starts freshly initialised from ``config.seed``).
+
+  Example::
+
+    model, tokenizer = load_base(get_config("p_q,tiny"))
+  """
   if image.is_image(config):
     return ImageClassification().model(config, rngs=nnx.Rngs(config.seed)), None
   return load_model(config)
@@ -639,6 +644,34 @@ def restore_stage_output(base: nnx.Module, stages: list[Stage], root: pathlib.Pa
   return _restore(root / stages[last].dirname / "model", nnx.eval_shape(chain, base))
 
 
+def _run_config(work: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config of the pipeline run in ``work`` (its ``config.json``), checked."""
+  path = work / "config.json"
+  if not path.is_file():
+    raise ValueError(f"{work} holds no pipeline run (no config.json)")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if config.get("task") != "pipeline":
+    raise ValueError(f"{work} is not a pipeline run (task={config.get('task')!r})")
+  return config
+
+
+def final_model(workdir: str | pathlib.Path, base: nnx.Module | None = None
+                ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+  """The final model of a finished pipeline run and the run's config (``DIR/config.json``);
+  ``base``: the model the run started from, when the caller has it loaded already.
+
+  Example::
+
+    model, config = final_model("runs/pipeline/p_q")
+  """
+  work = pathlib.Path(workdir)
+  config = _run_config(work)
+  if base is None:
+    base = load_base(config)[0]
+  stages = plan(config)
+  return restore_stage_output(base, stages, work / "stages", len(stages) - 1), config
+
+
 def evaluate_workdir(workdir: str) -> dict[str, Any]:
   """``python -m jaxcomp eval --workdir DIR``: the harness on the final model of a finished
   pipeline run (its own ``config.json``: ``config.eval``), written to ``DIR/eval/report.json``.
@@ -648,15 +681,10 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     evaluate_workdir("runs/pipeline/p_q")["quality"]["ppl"]
   """
   work = pathlib.Path(workdir)
-  path = work / "config.json"
-  if not path.is_file():
-    raise ValueError(f"{work} holds no pipeline run (no config.json)")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if config.get("task") != "pipeline":
-    raise ValueError(f"{work} is not a pipeline run (task={config.get('task')!r})")
+  config = _run_config(work)
   stages = plan(config)
-  base, tokenizer = _load(config)
-  model = restore_stage_output(base, stages, work / "stages", len(stages) - 1)
+  base, tokenizer = load_base(config)
+  model = final_model(work, base)[0]
   report = _evaluate(_Context(config, work, base, tokenizer), model, stages, len(stages))
   harness.write_report(report, work / "eval", title=f"{work.name}: final model")
   return report
@@ -700,7 +728,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   (work / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   if start < len(stages):  # a finished run only gathers its reports
-    base, tokenizer = _load(config)
+    base, tokenizer = load_base(config)
     ctx = _Context(config, work, base, tokenizer)
     model = base
   if 0 < start < len(stages):

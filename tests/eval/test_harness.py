@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 from flax import nnx
 import flax.linen as nn
@@ -66,6 +67,24 @@ def test_cloze_scores_each_choice_by_its_own_mean_log_likelihood(lm, ids):
   # rows (at most 14 tokens) are scored at width 16, not seq_len, and agree with the reference
   assert harness.cloze_accuracy(lm, items, seq_len=256, batch_size=8) == expected
   assert harness.cloze_accuracy(lm, items, seq_len=16, batch_size=5) == expected
+
+
+def test_side_by_side_latency_interleaves_the_calls():
+  log = []
+
+  def call(name, seconds):
+    def fn(x):
+      log.append(name)
+      time.sleep(seconds)
+      return x
+    return fn, (jnp.zeros(2),)
+  speeds = harness.measure_latency_side_by_side(
+      {"a": call("a", 0.0), "b": call("b", 0.02)}, items_per_call=4, warmup=1, repeats=3)
+  assert log == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one of each per round
+  assert speeds["b"]["calls"] == 3 and speeds["b"]["p50_ms"] >= 20.0  # sleep is a lower bound
+  assert speeds["a"]["interleaved_with"] == ["b"] and speeds["a"]["env"]["backend"] == "cpu"
+  with pytest.raises(ValueError, match="repeats must be >= 1"):
+    harness.measure_latency_side_by_side({"a": call("a", 0.0)}, items_per_call=1, repeats=0)
 
 
 def test_next_token_accuracy_of_a_model_that_knows_the_text():
