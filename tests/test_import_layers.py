@@ -24,7 +24,7 @@ LIBRARY_DIRS = ("jaxcomp", "pallas_kernels")
 SCRIPT_DIRS = ("bench", "configs")
 INTERNAL = ("jaxcomp", "pallas_kernels")
 
-NUMERICS = {"jaxcomp.quant", "jaxcomp.sparse", "jaxcomp.lowrank"}
+NUMERICS = {"jaxcomp.quant", "jaxcomp.sparse", "jaxcomp.lowrank", "jaxcomp.search"}
 SOLVER_PACKAGES = {"jaxcomp.quantizers", "jaxcomp.pruners", "jaxcomp.factorizers"}
 
 # unit -> the units it may import (itself excluded). Keep equal to docs/architecture.md.
@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "jaxcomp.quant": {"pallas_kernels"},
     "jaxcomp.sparse": {"jaxcomp.quant", "pallas_kernels"},
     "jaxcomp.lowrank": {"jaxcomp.quant"},
+    "jaxcomp.search": set(),
     "jaxcomp.recipe": {"jaxcomp.quant", "jaxcomp.sparse", "jaxcomp.lowrank"},
     # modules and model surgery
     "jaxcomp.layers": {"jaxcomp.quant"},
