@@ -298,7 +298,7 @@ def test_image_pipeline_trains_prunes_distills_quantizes_and_packs(data_dir, tmp
   assert names == ["dense", "prune", "kd", "qat", "kd_q", "convert", "eval"]
   assert report["kind"] == "classifier" and report["baseline"]["name"] == "dense"
   stages = pipeline.plan(config)
-  base, _ = pipeline._load(config)  # pylint: disable=protected-access
+  base, _ = pipeline.load_base(config)
   out = lambda i: pipeline.restore_stage_output(base, stages, tmp_path / "run" / "stages", i)
   pruned, distilled, qat_kd, packed = out(1), out(2), out(4), out(5)
   # The dense model learned the task; the baseline is it, not the random initialisation.
