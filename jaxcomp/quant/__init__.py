@@ -17,8 +17,10 @@ from jaxcomp.quant.dot import quant_conv_general_dilated
 from jaxcomp.quant.dot import quant_dot_general
 from jaxcomp.quant.dot import weight_scale_shape
 from jaxcomp.quant.qarray import QArray
+from jaxcomp.quant.qarray import pack_bits
 from jaxcomp.quant.qarray import pack_int4
 from jaxcomp.quant.qarray import quantize_weight
+from jaxcomp.quant.qarray import unpack_bits
 from jaxcomp.quant.qarray import unpack_int4
 from jaxcomp.quant.spec import Quant
 from jaxcomp.quant.spec import SpecError
@@ -36,6 +38,7 @@ __all__ = [
     "int_dot",
     "lsq_fake_quant",
     "lsq_init",
+    "pack_bits",
     "pack_int4",
     "qrange",
     "quant_conv_general_dilated",
@@ -44,6 +47,7 @@ __all__ = [
     "quantize_per_token",
     "quantize_weight",
     "round_ste",
+    "unpack_bits",
     "unpack_int4",
     "weight_scale_shape",
 ]

@@ -543,8 +543,9 @@ def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Arra
   """``x (M, K) @ W`` for a packed int4 `QArray` through `pallas_kernels.int4_matmul`.
 
   The kernel reads the QArray's bytes transposed to ``(K // 2, N)`` (and its scales and, for
-  an asymmetric grid, zero points to ``(G, N)``): the same bytes, so nothing is unpacked
-  outside the kernel.
+  an asymmetric grid, zero points to ``(G, N)``): for 4 bits the stored bytes, so nothing is
+  unpacked outside the kernel; 2- and 3-bit values (packed densely) are repacked as nibbles
+  first (`QArray.nibbles`).
   """
   k = x.shape[1]
   if qa.group is not None and (qa.group not in pallas_kernels.int4_matmul_groups
@@ -555,7 +556,7 @@ def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Arra
         f"(convert with backend='xla' for this model, or quantize with such a group)")
   act = x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
   zeros = None if qa.zero_point is None else qa.zero_point.T
-  return pallas_kernels.int4_matmul(act, qa.values.T, qa.scale.T, group=qa.group, zeros=zeros,
+  return pallas_kernels.int4_matmul(act, qa.nibbles().T, qa.scale.T, group=qa.group, zeros=zeros,
                                     out_dtype=out_dtype, backend=backend)
 
 

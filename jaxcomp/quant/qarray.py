@@ -9,6 +9,7 @@ same kernel and spec exactly, so a QAT model and its packed serving form compute
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,76 @@ def unpack_int4(p: Array, axis: int = 0) -> Array:
   return both.reshape(shape)
 
 
+def values_per_unit(bits: int) -> int:
+  """How many ``bits``-wide values fill a whole number of bytes (2 for 4 bits, 4 for 2, 8 for
+  3): `pack_bits` packs along an axis whose length is a multiple of it.
+
+  Example:
+    >>> values_per_unit(3), values_per_unit(4)
+    (8, 2)
+  """
+  if not 1 <= bits <= 4:
+    raise ValueError(f"bit packing takes 1 to 4 bits a value, got {bits}")
+  return 8 // math.gcd(8, bits)
+
+
+def pack_bits(q: Array, bits: int, axis: int = 0) -> Array:
+  """Packs signed ``bits``-wide integers (int8 holding ``[-2^(bits-1), 2^(bits-1))``) densely
+  along ``axis``: value ``i`` takes bits ``bits*i .. bits*i + bits - 1`` of the little-endian bit
+  stream, so ``values_per_unit(bits)`` values fill ``bits * values_per_unit(bits) / 8`` bytes
+  (3 bits: 8 values in 3 bytes). For 4 bits this is `pack_int4`'s layout exactly.
+
+  Args:
+    q: int8 array; ``q.shape[axis]`` a multiple of `values_per_unit`.
+    bits: 1 to 4.
+    axis: the axis to pack.
+
+  Returns:
+    uint8 array with ``shape[axis] * bits // 8``.
+
+  Example:
+    >>> pack_bits(jnp.array([1, -1, 0, -2], jnp.int8), 2)
+    Array([141], dtype=uint8)
+  """
+  axis = axis % q.ndim
+  per = values_per_unit(bits)
+  if q.shape[axis] % per:
+    raise ValueError(f"pack_bits: axis {axis} has length {q.shape[axis]}, not a multiple of "
+                     f"{per} ({bits}-bit values)")
+  u = jnp.moveaxis(q, axis, -1).astype(jnp.uint32) & ((1 << bits) - 1)
+  u = u.reshape(u.shape[:-1] + (-1, per))
+  word = jnp.zeros(u.shape[:-1], jnp.uint32)
+  for i in range(per):  # at most 24 bits a word (8 values of 3 bits)
+    word = word | (u[..., i] << (bits * i))
+  nbytes = bits * per // 8
+  out = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(nbytes)], axis=-1)
+  out = out.reshape(out.shape[:-2] + (-1,)).astype(jnp.uint8)
+  return jnp.moveaxis(out, -1, axis)
+
+
+def unpack_bits(p: Array, bits: int, axis: int = 0) -> Array:
+  """Inverse of `pack_bits`: uint8 bytes -> int8 values, ``shape[axis] * 8 // bits``.
+
+  Example:
+    >>> unpack_bits(jnp.array([141], jnp.uint8), 2)
+    Array([ 1, -1,  0, -2], dtype=int8)
+  """
+  if bits == 4:
+    return unpack_int4(p, axis)
+  axis = axis % p.ndim
+  per = values_per_unit(bits)
+  nbytes = bits * per // 8
+  b = jnp.moveaxis(p, axis, -1).astype(jnp.uint32)
+  b = b.reshape(b.shape[:-1] + (-1, nbytes))
+  word = jnp.zeros(b.shape[:-1], jnp.uint32)
+  for j in range(nbytes):
+    word = word | (b[..., j] << (8 * j))
+  u = jnp.stack([(word >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], axis=-1)
+  u = u.reshape(u.shape[:-2] + (-1,)).astype(jnp.int32)
+  signed = jnp.where(u >= 1 << (bits - 1), u - (1 << bits), u).astype(jnp.int8)
+  return jnp.moveaxis(signed, -1, axis)
+
+
 def canonical(w: Array, contracting: Sequence[int]) -> Array:
   """A kernel as an (N, K) matrix: free axes flattened to rows, contracting axes to columns.
 
@@ -108,13 +179,15 @@ class QArray:
   packed along K. ``dequantize()`` returns the kernel in its own (logical) layout.
 
   Attributes:
-    values: int8 (N, K) for 5-8 bits, or uint8 (N, K // 2) with two values a byte (2-4 bits).
+    values: int8 (N, K) for 5-8 bits, or uint8 (N, K * bits // 8) with the values packed
+      densely (`pack_bits`: two 4-bit values a byte, eight 3-bit values in three bytes, four
+      2-bit values a byte) when K is a multiple of `values_per_unit` (else int8 (N, K)).
     scale: float32 (N, ceil(K / group)) per group, (N, 1) per channel, (1, 1) per tensor.
     zero_point: float32 like ``scale`` (asymmetric grids), or None.
     bits: grid width (static).
     shape: the kernel's logical shape (static).
     contracting: the kernel axes the layer contracts over (static), e.g. ``(0,)`` for (K, N).
-    packed: whether ``values`` holds two 4-bit values a byte (static).
+    packed: whether ``values`` holds ``bits``-wide values packed densely (static).
     group: elements of K per scale when grouped (the last group may be shorter), else None
       (static).
   """
@@ -155,7 +228,19 @@ class QArray:
 
   def ints(self) -> Array:
     """The integer grid values as int8, canonical (N, K)."""
-    return unpack_int4(self.values, 1) if self.packed else self.values
+    return unpack_bits(self.values, self.bits, 1) if self.packed else self.values
+
+  def nibbles(self) -> Array:
+    """The values as uint8 (N, K // 2), two 4-bit values a byte (`pack_int4`'s layout: the
+    int4 kernels' input); the stored bytes themselves when ``bits == 4``.
+
+    Example:
+      >>> quantize_weight(jnp.ones((16, 4)), (0,), jc.Quant(w_bits=3)).nibbles().shape
+      (4, 8)
+    """
+    if not self.packed:
+      raise ValueError(f"nibbles: the {self.bits}-bit values of this QArray are not packed")
+    return self.values if self.bits == 4 else pack_int4(self.ints(), 1)
 
   def dequantize_canonical(self, dtype: jnp.dtype = jnp.float32) -> Array:
     """``(q - z) * s`` as the canonical (N, K) matrix."""
@@ -175,8 +260,8 @@ def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[i
                contracting: Sequence[int], group: int | None) -> QArray:
   """Builds a QArray from canonical int grid values (N, K) and (N, G) scales."""
   q = q.astype(jnp.int8)
-  packed = bits <= 4 and q.shape[1] % 2 == 0
-  values = pack_int4(q, 1) if packed else q
+  packed = bits <= 4 and q.shape[1] % values_per_unit(bits) == 0
+  values = pack_bits(q, bits, 1) if packed else q
   return QArray(values=values, scale=s.astype(jnp.float32),
                 zero_point=None if z is None else z.astype(jnp.float32), bits=bits,
                 shape=tuple(int(d) for d in shape),

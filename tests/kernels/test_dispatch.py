@@ -35,7 +35,9 @@ def _logits_and_jaxpr(model, tokens):
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 @pytest.mark.parametrize("spec", [jc.Quant(w_bits=8, a_bits=8), jc.Quant(w_bits=4, group=32),
                                   jc.Quant(w_bits=4),
-                                  jc.Quant(w_bits=4, group=32, w_symmetric=False)], ids=str)
+                                  jc.Quant(w_bits=4, group=32, w_symmetric=False),
+                                  jc.Quant(w_bits=3, group=32), jc.Quant(w_bits=2, group=32)],
+                         ids=str)
 def test_packed_llama_through_the_kernels_matches_xla(backend, spec):
   ref, jaxpr = _logits_and_jaxpr(_packed(spec, "xla"), TOKENS)
   assert "pallas_call" not in jaxpr

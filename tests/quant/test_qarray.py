@@ -1,4 +1,4 @@
-"""Packed weights: int4 packing round trips; QArray equals fake quantization; bits per param."""
+"""Packed weights: int4 and dense 1-4 bit packing round trips; QArray equals fake quantization; bits per param."""
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -10,8 +10,9 @@ import pytest
 
 import jaxcomp as jc
 from jaxcomp.quant.dot import fake_quant_weight
-from jaxcomp.quant.qarray import (QArray, canonical, from_canonical, pack_int4, quantize_weight,
-                                  quantize_with_step, unpack_int4)
+from jaxcomp.quant.qarray import (QArray, canonical, from_canonical, pack_bits, pack_int4,
+                                  quantize_weight, quantize_with_step, unpack_bits, unpack_int4,
+                                  values_per_unit)
 
 int4_arrays = hnp.arrays(
     np.int8, st.tuples(st.integers(1, 8).map(lambda n: 2 * n), st.integers(1, 5)),
@@ -24,6 +25,48 @@ def test_pack_unpack_roundtrip(q, axis):
   packed = pack_int4(jnp.asarray(q), axis)
   assert packed.dtype == jnp.uint8 and packed.shape[0] == q.shape[0] // 2
   np.testing.assert_array_equal(np.asarray(unpack_int4(packed, axis)), q)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(data=st.data(), bits=st.integers(1, 4), axis=st.sampled_from([0, 1, -1]))
+def test_pack_bits_roundtrip_and_size(data, bits, axis):
+  per = values_per_unit(bits)
+  shape = [data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))]
+  shape[axis] *= per
+  lo = -(1 << (bits - 1))
+  q = data.draw(hnp.arrays(np.int8, tuple(shape), elements=st.integers(lo, -lo - 1)))
+  packed = pack_bits(jnp.asarray(q), bits, axis)
+  assert packed.dtype == jnp.uint8 and packed.shape[axis] == shape[axis] * bits // 8
+  np.testing.assert_array_equal(np.asarray(unpack_bits(packed, bits, axis)), q)
+  if bits == 4:  # the same bytes as the nibble layout the int4 kernels read
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(pack_int4(jnp.asarray(q), axis)))
+
+
+def test_pack_bits_layout_and_errors():
+  # 3 bits: eight values in three bytes, value i at bits 3i..3i+2 of the little-endian stream.
+  q = jnp.array([1, 2, 3, -4, -3, -2, -1, 0], jnp.int8)
+  word = sum((int(v) & 7) << (3 * i) for i, v in enumerate(q))
+  assert pack_bits(q, 3).tolist() == [word & 255, (word >> 8) & 255, word >> 16]
+  with pytest.raises(ValueError, match="length 6, not a multiple of 8"):
+    pack_bits(jnp.zeros((6,), jnp.int8), 3)
+  with pytest.raises(ValueError, match="1 to 4 bits"):
+    pack_bits(jnp.zeros((8,), jnp.int8), 5)
+
+
+@pytest.mark.parametrize("bits,group,k,packed_bytes", [
+    (2, 64, 256, 256 * 2 // 8), (3, 128, 256, 256 * 3 // 8), (4, 128, 256, 256 // 2),
+    (3, 4, 36, 36),  # K not a multiple of 8: 3-bit values stay one a byte
+])
+def test_low_bit_qarrays_store_their_bits(bits, group, k, packed_bytes):
+  w = jax.random.normal(jax.random.key(1), (k, 16))
+  spec = jc.Quant(w_bits=bits, group=group)
+  qa = quantize_weight(w, (0,), spec)
+  assert qa.values.shape == (16, packed_bytes)
+  assert qa.nbytes == 16 * packed_bytes + 4 * qa.scale.size
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()),
+                                np.asarray(fake_quant_weight(w, (0,), spec)))
+  if qa.packed:
+    np.testing.assert_array_equal(np.asarray(unpack_int4(qa.nibbles(), 1)), np.asarray(qa.ints()))
 
 
 def test_pack_rejects_odd_axis():
