@@ -10,6 +10,7 @@ from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.oneshot import factorize
 from jaxcomp.oneshot import prune
 from jaxcomp.oneshot import ptq
+from jaxcomp.oneshot import sensitivity
 from jaxcomp.quant.core import compute_scale
 from jaxcomp.quant.core import dequantize
 from jaxcomp.quant.core import fake_quant
@@ -63,4 +64,5 @@ __all__ = [
     "report",
     "restore_packed",
     "save_packed",
+    "sensitivity",
 ]

@@ -9,8 +9,10 @@ from jaxcomp.oneshot.calibrate import Capture
 from jaxcomp.oneshot.calibrate import LayerStats
 from jaxcomp.oneshot.calibrate import calib_tokens
 from jaxcomp.oneshot.pipeline import LayerResult
+from jaxcomp.oneshot.scoring import Sensitivity
+from jaxcomp.oneshot.scoring import sensitivity
 from jaxcomp.oneshot.solver import QuantSolution
 from jaxcomp.oneshot.solver import Solver
 
-__all__ = ["Capture", "LayerResult", "LayerStats", "QuantSolution", "Solver", "calib_tokens",
-           "factorize", "prune", "ptq", "ptq_skeleton"]
+__all__ = ["Capture", "LayerResult", "LayerStats", "QuantSolution", "Sensitivity", "Solver",
+           "calib_tokens", "factorize", "prune", "ptq", "ptq_skeleton", "sensitivity"]

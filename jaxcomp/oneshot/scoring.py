@@ -1,0 +1,216 @@
+"""Per-layer sensitivity of an NNX model to each candidate quantization, and the mixed-precision
+recipe a budget allows (`jaxcomp.search.allocate` on the scores).
+
+`sensitivity` runs the sequential calibration pipeline once over the *uncompressed* model (every
+layer is left as it is, so each layer sees the float model's inputs) and, for every matched
+layer and every candidate `Quant`, solves the layer with the candidate's solver (GPTQ, AWQ,
+RTN, ...) and scores it by the Hessian-weighted output error
+
+    score = tr(dW^T H dW),  dW = W_candidate - W,  H = 2 X^T X / n,
+
+i.e. twice the mean squared output error per token the candidate adds to that layer (the
+quantity GPTQ minimises, now compared across layers). Its cost is the candidate's packed
+size in bits (values + scales + zero points of the `QArray` that `jaxcomp.convert` stores,
+from the shapes `jaxcomp.quant.quantize_weight` gives). `Sensitivity.recipe` then picks one
+candidate per layer minimising the summed score with the summed bits at most
+``bits_per_param`` times the layers' parameters, and returns it as a `jaxcomp.Recipe` with one
+rule per layer, which `jaxcomp.ptq` applies as any hand-written recipe.
+
+Stacked layers (``nnx.vmap`` / ``nnx.scan``) are scored one layer of the stack at a time
+(``blocks[i]/up``); since a recipe cannot split a stack, `Sensitivity.recipe` makes one choice
+per stack (the stack's scores and costs summed over its layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcomp.oneshot import registry
+from jaxcomp.oneshot.calibrate import LayerStats
+from jaxcomp.oneshot.pipeline import kernel_2d, plan_transform, solve_all
+from jaxcomp.quant.qarray import quantize_weight
+from jaxcomp.quant.spec import Quant
+from jaxcomp.quantizers import gptq_core
+from jaxcomp.recipe import Recipe, Rule
+from jaxcomp.rewrite import engine
+from jaxcomp import search
+
+_STACKED = re.compile(r"^(.*)\[(\d+)\](/.*)?$")
+
+
+@dataclasses.dataclass
+class _Scored:
+  path: str  # relabelled ``path[i]/layer`` by the stack walk
+  params: int
+  bits: list[int]
+  scores: list[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivity:
+  """Scores and packed costs of every (layer, candidate) pair.
+
+  Attributes:
+    paths: the L scored layers (a layer of a stack as ``path[i]/layer``), in solve order.
+    names: the C candidate names.
+    specs: the C candidate `Quant` specs.
+    params: int64[L] weights per layer.
+    bits: int64[L, C] packed bits of the layer under each candidate.
+    scores: float64[L, C] Hessian-weighted output error of each candidate.
+  """
+
+  paths: tuple[str, ...]
+  names: tuple[str, ...]
+  specs: tuple[Quant, ...]
+  params: np.ndarray
+  bits: np.ndarray
+  scores: np.ndarray
+
+  def groups(self) -> list[tuple[str, list[int]]]:
+    """``(recipe path, row indices)`` per choice: one per layer, one per stack."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(self.paths):
+      m = _STACKED.match(p)
+      out.setdefault(m.group(1) + (m.group(3) or "") if m else p, []).append(i)
+    return list(out.items())
+
+  def bits_per_param(self, choice: np.ndarray) -> float:
+    """Packed bits per weight of the allocation ``choice`` (int[len(groups())])."""
+    total = sum(self.bits[rows, c].sum() for (_, rows), c in zip(self.groups(), choice))
+    return float(total / self.params.sum())
+
+  def recipe(self, bits_per_param: float, *, method: str = "dp", unit: int | None = None
+             ) -> tuple[Recipe, search.Allocation]:
+    """The least-score allocation whose packed bits per weight are at most ``bits_per_param``,
+    as a recipe with one rule per layer (per stack), and the `jaxcomp.search.Allocation`.
+
+    The DP counts bits in ``unit``s, each layer's cost rounded *up* to a whole unit (so the
+    budget holds in true bits); default: the smallest power of two keeping the table under
+    50M cells (a few KB for a 135M-parameter model; exact when every cost is a multiple).
+
+    Example::
+
+      recipe, alloc = sens.recipe(3.5)
+      model = jc.ptq(model, recipe, calib=tokens)
+    """
+    groups = self.groups()
+    costs = np.stack([self.bits[rows].sum(0) for _, rows in groups]).astype(np.float64)
+    scores = np.stack([self.scores[rows].sum(0) for _, rows in groups])
+    budget = float(bits_per_param) * float(self.params.sum())
+    least = costs.min(1).sum() / self.params.sum()
+    if budget < costs.min(1).sum():
+      raise ValueError(f"recipe: {bits_per_param:g} bits/param is below the least achievable "
+                       f"{least:.4f} (every layer at its cheapest candidate)")
+    if method == "dp":
+      if unit is None:
+        unit = 1
+        while len(groups) * budget / unit > 5e7:
+          unit *= 2
+      costs = np.ceil(costs / unit) * unit
+    alloc = search.allocate(costs, scores, budget, method=method,
+                            unit=unit if method == "dp" else None)
+    rules = [Rule(re.escape(path), quant=self.specs[c], name=path)
+             for (path, _), c in zip(groups, alloc.choice)]
+    return Recipe(rules), alloc
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready: per layer, each candidate's bits and score."""
+    return {"candidates": list(self.names),
+            "layers": {p: {"params": int(self.params[i]),
+                           **{n: {"bits": int(self.bits[i, c]), "score": float(self.scores[i, c])}
+                              for c, n in enumerate(self.names)}}
+                       for i, p in enumerate(self.paths)}}
+
+
+def packed_bits(shape: tuple[int, ...], contracting: tuple[int, ...], spec: Quant) -> int:
+  """Bits of the packed `QArray` (values, scales, zero points) of a kernel of ``shape``.
+
+  Example:
+    >>> packed_bits((256, 64), (0,), jc.Quant(w_bits=3, group=128))
+    53248
+  """
+  qa = jax.eval_shape(lambda w: quantize_weight(w, contracting, spec),
+                      jax.ShapeDtypeStruct(shape, jnp.float32))
+  leaves = [qa.values, qa.scale] + ([qa.zero_point] if qa.zero_point is not None else [])
+  return int(sum(8 * np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
+
+
+def _effective(w: jax.Array, stats: LayerStats, spec: Quant) -> jax.Array:
+  """What the layer computes (K, N) after ``spec``'s solver."""
+  solver = registry.get("quant", spec.method)
+  if solver.solve is None:  # data-free RTN: the QAT grid
+    return gptq_core.rtn(w, spec)
+  return solver.solve(w, stats, spec).effective
+
+
+def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant], calib: Any, *,
+                batch_size: int = 8, blocks: str | None = None,
+                call: Callable[[nnx.Module, Any], Any] | None = None, progress: bool = True,
+                calib_dtype: Any = jnp.bfloat16) -> Sensitivity:
+  """Scores every layer whose path fully matches ``layers`` under every candidate.
+
+  Args:
+    model: an NNX model (left untouched).
+    layers: regex of the layer paths to score (e.g. ``r".*_proj"``).
+    candidates: name -> `Quant` (weight-only; any registered solver: gptq, awq, rtn, ...).
+    calib: calibration inputs, as for `jaxcomp.ptq`.
+    batch_size, blocks, call, progress, calib_dtype: as for `jaxcomp.ptq`.
+
+  Returns:
+    `Sensitivity` ([L, C] scores and packed bits).
+
+  Example::
+
+    sens = jc.sensitivity(model, r".*_proj", {
+        "w3g128": jc.Quant(w_bits=3, group=128, method="gptq"),
+        "w4g128": jc.Quant(w_bits=4, group=128, method="gptq")}, calib=tokens)
+    recipe, _ = sens.recipe(3.5)
+  """
+  if not candidates:
+    raise ValueError("sensitivity: candidates is empty; give name -> jaxcomp.Quant")
+  names, specs = tuple(candidates), tuple(candidates.values())
+  for n, s in zip(names, specs):
+    if not isinstance(s, Quant):
+      raise TypeError(f"sensitivity: candidate {n!r} must be a jaxcomp.Quant, got "
+                      f"{type(s).__name__}")
+    if s.a_bits is not None:
+      raise ValueError(f"sensitivity: candidate {n!r} quantizes activations (a_bits="
+                       f"{s.a_bits}); the Hessian score covers weight-only candidates")
+    registry.get("quant", s.method)
+  types = set.intersection(*({t for t in registry.get("quant", s.method).layers} for s in specs))
+  recipe = Recipe([Rule(layers, quant=specs[0], name="scored")])
+  new, todo, _ = plan_transform("sensitivity", model, recipe, calib, lambda m: type(m) in types,
+                                lambda r: r.quant, lambda spec: True, strict=True)
+  done: list[_Scored] = []
+
+  def score(path, m, _spec, stats, root=None):
+    del root
+    axes = engine.kernel_axes(m)
+    kernel = getattr(m, axes.name)[...]
+    w = kernel_2d(m).astype(jnp.float32)
+    h = stats.h
+    row = []
+    for spec in specs:
+      d = _effective(w, stats, spec).astype(jnp.float32) - w
+      row.append(float(jnp.sum(d * (h @ d))))
+    done.append(_Scored(path, int(np.prod(kernel.shape)),
+                        [packed_bits(tuple(kernel.shape), tuple(axes.contracting), s)
+                         for s in specs], row))
+    return done[-1]
+
+  solve_all(new, todo, score, [], lambda _: None, calib, name="sensitivity",
+            batch_size=batch_size, blocks=blocks,
+            call=call or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b)),
+            progress=progress, calib_dtype=calib_dtype)
+  return Sensitivity(tuple(d.path for d in done), names, specs,
+                     np.asarray([d.params for d in done], np.int64),
+                     np.asarray([d.bits for d in done], np.int64),
+                     np.asarray([d.scores for d in done], np.float64))

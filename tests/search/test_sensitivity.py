@@ -1,0 +1,111 @@
+"""`jc.sensitivity`: Hessian-weighted scores equal the hand-computed error, packed bits equal the
+converted model's bytes, the budgeted recipe is the brute-force optimum and never over budget,
+a stacked Llama gets the unrolled model's scores with one choice per stack; bad input is one
+line."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxcomp as jc
+from jaxcomp.models.llama import Llama, LlamaConfig, scan_layers
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.quantizers import gptq_core
+
+
+class MLP(nnx.Module):
+  """Three Linears in a list: the pipeline's blocks are the list's elements."""
+
+  def __init__(self, rngs):
+    dims = (64, 128, 64, 32)
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims, dims[1:])])
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      x = jnp.tanh(x) if i < len(self.layers) - 1 else x
+    return x
+
+
+CANDIDATES = {"w2": jc.Quant(w_bits=2, group=32), "w3": jc.Quant(w_bits=3, group=32),
+              "w4": jc.Quant(w_bits=4, group=32, method="gptq")}
+
+
+@pytest.fixture(scope="module")
+def mlp_and_scores():
+  model = MLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (64, 64))
+  sens = jc.sensitivity(model, r"layers/\d+", CANDIDATES, calib=x, progress=False,
+                        calib_dtype=None)
+  return model, x, sens
+
+
+def test_scores_are_the_hessian_weighted_output_error(mlp_and_scores):
+  model, x, sens = mlp_and_scores
+  assert sens.paths == ("layers/0", "layers/1", "layers/2") and sens.names == ("w2", "w3", "w4")
+  inputs = x
+  for i, layer in enumerate(model.layers):
+    w = layer.kernel[...]
+    h = 2 * inputs.T @ inputs / inputs.shape[0]
+    for c, spec in enumerate(CANDIDATES.values()):
+      w_hat = (gptq_core.gptq(w, h, spec).w_hat if spec.method == "gptq"
+               else gptq_core.rtn(w, spec))
+      d = w_hat - w
+      # H is captured from bfloat16 inputs (`Capture`); GPTQ's rounding choices follow it.
+      np.testing.assert_allclose(sens.scores[i, c], float(jnp.sum(d * (h @ d))),
+                                 rtol=5e-2 if spec.method == "gptq" else 1e-2)
+    inputs = jnp.tanh(layer(inputs))  # the float model's inputs: nothing is rewritten
+  # More bits, less error, more bits stored.
+  assert np.all(np.diff(sens.scores, axis=1) < 0) and np.all(np.diff(sens.bits, axis=1) > 0)
+
+
+@pytest.mark.parametrize("budget", [3.0, 3.3, 3.6, 4.0, 5.0])
+def test_recipe_is_the_brute_force_optimum_and_its_bits_are_the_packed_bits(
+    mlp_and_scores, budget):
+  model, x, sens = mlp_and_scores
+  recipe, alloc = sens.recipe(budget)
+  best = min((c for c in itertools.product(range(3), repeat=3)
+              if sum(sens.bits[i, k] for i, k in enumerate(c)) <= budget * sens.params.sum()),
+             key=lambda c: sum(sens.scores[i, k] for i, k in enumerate(c)))
+  assert alloc.loss == pytest.approx(sum(sens.scores[i, k] for i, k in enumerate(best)))
+  assert sens.bits_per_param(alloc.choice) <= budget
+  packed = jc.convert(jc.ptq(model, recipe, calib=x, progress=False))
+  qas = [v.get_value() for _, v in nnx.iter_graph(packed)
+         if isinstance(v, nnx.Variable) and isinstance(v.get_value(), QArray)]
+  assert len(qas) == 3
+  assert 8 * sum(q.nbytes for q in qas) == sum(sens.bits[i, k] for i, k in enumerate(alloc.choice))
+
+
+def test_a_stacked_llama_scores_per_layer_and_chooses_per_stack():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+  cands = {"w2": jc.Quant(w_bits=2, group=32, method="gptq"),
+           "w4": jc.Quant(w_bits=4, group=32, method="gptq")}
+  flat = jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False)
+  stacked = jc.sensitivity(scan_layers(model), r".*_proj", cands, calib=tokens, progress=False)
+  as_flat = {p.replace("layers[", "layers/").replace("]", ""): i
+             for i, p in enumerate(stacked.paths)}
+  order = [as_flat[p] for p in flat.paths]
+  np.testing.assert_allclose(stacked.scores[order], flat.scores, rtol=1e-3)
+  np.testing.assert_array_equal(stacked.bits[order], flat.bits)
+  recipe, alloc = stacked.recipe(3.5)
+  assert len(recipe.rules) == 7 and recipe.rules[0].pattern == "layers/attn/k_proj"
+  assert stacked.bits_per_param(alloc.choice) <= 3.5
+  packed = jc.convert(jc.ptq(scan_layers(model), recipe, calib=tokens, progress=False))
+  assert packed(tokens).shape == (4, 32, 256)
+
+
+def test_bad_input_is_one_line(mlp_and_scores):
+  model, x, sens = mlp_and_scores
+  with pytest.raises(ValueError, match=r"2.5 bits/param is below the least achievable 3.0"):
+    sens.recipe(2.5)
+  with pytest.raises(ValueError, match="candidates is empty"):
+    jc.sensitivity(model, r"layers/\d+", {}, calib=x)
+  with pytest.raises(ValueError, match=r"candidate 'w8a8' quantizes activations"):
+    jc.sensitivity(model, r"layers/\d+", {"w8a8": jc.Quant(w_bits=8, a_bits=8)}, calib=x)
+  with pytest.raises(ValueError, match="calib is missing"):
+    jc.sensitivity(model, r"layers/\d+", CANDIDATES, calib=None)
