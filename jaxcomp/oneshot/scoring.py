@@ -9,7 +9,9 @@ RTN, ...) and scores it by the Hessian-weighted output error
     score = tr(dW^T H dW),  dW = W_candidate - W,  H = 2 X^T X / n,
 
 i.e. twice the mean squared output error per token the candidate adds to that layer (the
-quantity GPTQ minimises, now compared across layers). Its cost is the candidate's packed
+quantity GPTQ minimises, now compared across layers). With ``kl_tokens`` it also measures the
+direct score: the KL divergence (nats per token) of the model's next-token distribution with
+only that layer replaced by the candidate, against the uncompressed model, on those tokens. Its cost is the candidate's packed
 size in bits (values + scales + zero points of the `QArray` that `jaxcomp.convert` stores,
 from the shapes `jaxcomp.quant.quantize_weight` gives). `Sensitivity.recipe` then picks one
 candidate per layer minimising the summed score with the summed bits at most
@@ -32,10 +34,13 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
+from tqdm.auto import tqdm
 
 from jaxcomp.oneshot import registry
+from jaxcomp.oneshot.api import _set_kernel
 from jaxcomp.oneshot.calibrate import LayerStats
-from jaxcomp.oneshot.pipeline import kernel_2d, plan_transform, solve_all
+from jaxcomp.oneshot.pipeline import as_batches, kernel_2d, plan_transform, solve_all
 from jaxcomp.quant.qarray import quantize_weight
 from jaxcomp.quant.spec import Quant
 from jaxcomp.quantizers import gptq_core
@@ -65,6 +70,8 @@ class Sensitivity:
     params: int64[L] weights per layer.
     bits: int64[L, C] packed bits of the layer under each candidate.
     scores: float64[L, C] Hessian-weighted output error of each candidate.
+    kl: float64[L, C] the direct score (KL per token with only that layer compressed), or
+      None when not measured.
   """
 
   paths: tuple[str, ...]
@@ -73,6 +80,28 @@ class Sensitivity:
   params: np.ndarray
   bits: np.ndarray
   scores: np.ndarray
+  kl: np.ndarray | None = None
+
+  def estimator(self, name: str) -> np.ndarray:
+    """The [L, C] scores of estimator ``name``: ``"hessian"`` or ``"kl"``."""
+    if name == "hessian":
+      return self.scores
+    if name == "kl":
+      if self.kl is None:
+        raise ValueError("estimator 'kl' was not measured; pass kl_tokens= to jc.sensitivity")
+      return self.kl
+    raise ValueError(f"estimator must be 'hessian' or 'kl', got {name!r}")
+
+  def spearman(self) -> dict[str, float]:
+    """Spearman rank correlation of the Hessian and KL scores over the layers, per candidate.
+
+    Example::
+
+      sens.spearman()       # {"w3g128": 0.83, "w4g128": 0.79}
+    """
+    kl = self.estimator("kl")
+    return {n: float(scipy.stats.spearmanr(self.scores[:, c], kl[:, c]).statistic)
+            for c, n in enumerate(self.names)}
 
   def groups(self) -> list[tuple[str, list[int]]]:
     """``(recipe path, row indices)`` per choice: one per layer, one per stack."""
@@ -87,14 +116,15 @@ class Sensitivity:
     total = sum(self.bits[rows, c].sum() for (_, rows), c in zip(self.groups(), choice))
     return float(total / self.params.sum())
 
-  def recipe(self, bits_per_param: float, *, method: str = "dp", unit: int | None = None
-             ) -> tuple[Recipe, search.Allocation]:
+  def recipe(self, bits_per_param: float, *, method: str = "dp", unit: int | None = None,
+             estimator: str = "hessian") -> tuple[Recipe, search.Allocation]:
     """The least-score allocation whose packed bits per weight are at most ``bits_per_param``,
     as a recipe with one rule per layer (per stack), and the `jaxcomp.search.Allocation`.
 
     The DP counts bits in ``unit``s, each layer's cost rounded *up* to a whole unit (so the
     budget holds in true bits); default: the smallest power of two keeping the table under
     50M cells (a few KB for a 135M-parameter model; exact when every cost is a multiple).
+    ``estimator``: the scores minimised, ``"hessian"`` or ``"kl"``.
 
     Example::
 
@@ -103,7 +133,8 @@ class Sensitivity:
     """
     groups = self.groups()
     costs = np.stack([self.bits[rows].sum(0) for _, rows in groups]).astype(np.float64)
-    scores = np.stack([self.scores[rows].sum(0) for _, rows in groups])
+    table = self.estimator(estimator)
+    scores = np.stack([table[rows].sum(0) for _, rows in groups])
     budget = float(bits_per_param) * float(self.params.sum())
     least = costs.min(1).sum() / self.params.sum()
     if budget < costs.min(1).sum():
@@ -125,7 +156,8 @@ class Sensitivity:
     """JSON-ready: per layer, each candidate's bits and score."""
     return {"candidates": list(self.names),
             "layers": {p: {"params": int(self.params[i]),
-                           **{n: {"bits": int(self.bits[i, c]), "score": float(self.scores[i, c])}
+                           **{n: {"bits": int(self.bits[i, c]), "score": float(self.scores[i, c]),
+                                  **({} if self.kl is None else {"kl": float(self.kl[i, c])})}
                               for c, n in enumerate(self.names)}}
                        for i, p in enumerate(self.paths)}}
 
@@ -154,7 +186,8 @@ def _effective(w: jax.Array, stats: LayerStats, spec: Quant) -> jax.Array:
 def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant], calib: Any, *,
                 batch_size: int = 8, blocks: str | None = None,
                 call: Callable[[nnx.Module, Any], Any] | None = None, progress: bool = True,
-                calib_dtype: Any = jnp.bfloat16) -> Sensitivity:
+                calib_dtype: Any = jnp.bfloat16, kl_tokens: Any = None,
+                kl_batch_size: int = 4) -> Sensitivity:
   """Scores every layer whose path fully matches ``layers`` under every candidate.
 
   Args:
@@ -163,6 +196,9 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     candidates: name -> `Quant` (weight-only; any registered solver: gptq, awq, rtn, ...).
     calib: calibration inputs, as for `jaxcomp.ptq`.
     batch_size, blocks, call, progress, calib_dtype: as for `jaxcomp.ptq`.
+    kl_tokens: also measure the direct score on these inputs (e.g. int32 tokens [B, T]; the
+      model's output must be logits [..., V]): one forward per (layer, candidate), in batches
+      of ``kl_batch_size``.
 
   Returns:
     `Sensitivity` ([L, C] scores and packed bits).
@@ -190,6 +226,7 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
   new, todo, _ = plan_transform("sensitivity", model, recipe, calib, lambda m: type(m) in types,
                                 lambda r: r.quant, lambda spec: True, strict=True)
   done: list[_Scored] = []
+  solved: list[list[np.ndarray]] = []  # (K, N) effective kernels, kept for the direct score
 
   def score(path, m, _spec, stats, root=None):
     del root
@@ -197,10 +234,14 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     kernel = getattr(m, axes.name)[...]
     w = kernel_2d(m).astype(jnp.float32)
     h = stats.h
-    row = []
+    row, effective = [], []
     for spec in specs:
-      d = _effective(w, stats, spec).astype(jnp.float32) - w
+      eff = _effective(w, stats, spec).astype(jnp.float32)
+      d = eff - w
       row.append(float(jnp.sum(d * (h @ d))))
+      if kl_tokens is not None:
+        effective.append(np.asarray(eff))
+    solved.append(effective)
     done.append(_Scored(path, int(np.prod(kernel.shape)),
                         [packed_bits(tuple(kernel.shape), tuple(axes.contracting), s)
                          for s in specs], row))
@@ -210,7 +251,40 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
             batch_size=batch_size, blocks=blocks,
             call=call or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b)),
             progress=progress, calib_dtype=calib_dtype)
-  return Sensitivity(tuple(d.path for d in done), names, specs,
-                     np.asarray([d.params for d in done], np.int64),
+  paths = tuple(d.path for d in done)
+  kl = None
+  if kl_tokens is not None:
+    kl = _direct_kl(nnx.clone(model), paths, solved, kl_tokens, kl_batch_size,
+                    call or (lambda m, b: m(b)), progress)
+  return Sensitivity(paths, names, specs, np.asarray([d.params for d in done], np.int64),
                      np.asarray([d.bits for d in done], np.int64),
-                     np.asarray([d.scores for d in done], np.float64))
+                     np.asarray([d.scores for d in done], np.float64), kl)
+
+
+def _direct_kl(model: nnx.Module, paths: tuple[str, ...], solved: list[list[np.ndarray]],
+               tokens: Any, batch_size: int, call: Callable[[nnx.Module, Any], Any],
+               progress: bool) -> np.ndarray:
+  """[L, C] KL per token of ``model`` with only layer l set to candidate c's kernel."""
+  batches = as_batches(tokens, batch_size, "sensitivity")
+  fwd = nnx.jit(lambda m, b: jax.nn.log_softmax(call(m, b).astype(jnp.float32), axis=-1))
+  ref = [fwd(model, b) for b in batches]
+  n_tok = sum(int(np.prod(r.shape[:-1])) for r in ref)
+
+  def kl_now() -> float:
+    total = 0.0
+    for b, r in zip(batches, ref):
+      q = fwd(model, b)
+      total += float(jnp.sum(jnp.exp(r) * (r - q)))
+    return total / n_tok
+
+  out = np.zeros((len(paths), len(solved[0])))
+  for l, path in enumerate(tqdm(paths, desc="sensitivity: direct KL", disable=not progress)):
+    m = _STACKED.match(path)
+    layer = engine.module_at(model, m.group(1) + (m.group(3) or "") if m else path)
+    original = kernel_2d(layer)
+    for c, eff in enumerate(solved[l]):
+      new = original.at[int(m.group(2))].set(eff) if m else jnp.asarray(eff)
+      _set_kernel(layer, new)
+      out[l, c] = kl_now()
+    _set_kernel(layer, original)
+  return out

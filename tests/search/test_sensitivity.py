@@ -109,3 +109,35 @@ def test_bad_input_is_one_line(mlp_and_scores):
     jc.sensitivity(model, r"layers/\d+", {"w8a8": jc.Quant(w_bits=8, a_bits=8)}, calib=x)
   with pytest.raises(ValueError, match="calib is missing"):
     jc.sensitivity(model, r"layers/\d+", CANDIDATES, calib=None)
+
+
+def test_direct_kl_is_the_model_with_only_that_layer_compressed():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+  held_out = jax.random.randint(jax.random.key(2), (4, 32), 0, 256)
+  cands = {"w2": jc.Quant(w_bits=2, group=32, method="gptq"),
+           "w3": jc.Quant(w_bits=3, group=32, method="gptq")}
+  sens = jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False,
+                        kl_tokens=held_out)
+  assert sens.kl.shape == (14, 2) and np.all(sens.kl >= 0)
+  for l in (0, 5, 13):
+    one = jc.ptq(model, jc.Recipe([jc.Rule(sens.paths[l], quant=cands["w2"])]), calib=tokens,
+                 progress=False)
+    p, q = (jax.nn.log_softmax(m(held_out), -1) for m in (model, one))
+    kl = float(jnp.sum(jnp.exp(p) * (p - q))) / held_out.size
+    np.testing.assert_allclose(sens.kl[l, 0], kl, rtol=3e-2)  # ptq's dots run in bfloat16
+  # The stacked model: the same direct scores, layer by layer.
+  stacked = jc.sensitivity(scan_layers(model), r".*_proj", cands, calib=tokens, progress=False,
+                           kl_tokens=held_out)
+  np.testing.assert_allclose(np.sort(stacked.kl.ravel()), np.sort(sens.kl.ravel()), rtol=1e-4,
+                             atol=1e-9)
+  # Spearman of the two estimators, per candidate, from the ranks.
+  rank = lambda v: np.argsort(np.argsort(v))
+  for c, name in enumerate(cands):
+    expect = np.corrcoef(rank(sens.scores[:, c]), rank(sens.kl[:, c]))[0, 1]
+    assert sens.spearman()[name] == pytest.approx(expect)
+  recipe, alloc = sens.recipe(3.5, estimator="kl")
+  assert sens.bits_per_param(alloc.choice) <= 3.5 and len(recipe.rules) == 14
+  with pytest.raises(ValueError, match="estimator 'kl' was not measured"):
+    jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False).recipe(
+        3.5, estimator="kl")
