@@ -8,6 +8,7 @@ solvers live in ``jaxcomp.quantizers``, the pipeline in ``jaxcomp.oneshot``).
 from jaxcomp.layers import QuantScale
 from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.oneshot import factorize
+from jaxcomp.oneshot import owl_recipe
 from jaxcomp.oneshot import prune
 from jaxcomp.oneshot import ptq
 from jaxcomp.oneshot import sensitivity
@@ -54,6 +55,7 @@ __all__ = [
     "fake_quant",
     "lsq_fake_quant",
     "merge_lora",
+    "owl_recipe",
     "packed_skeleton",
     "prune",
     "ptq",

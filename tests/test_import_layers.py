@@ -46,7 +46,8 @@ ALLOWED: dict[str, set[str]] = {
     "jaxcomp.oneshot": {"jaxcomp.quantizers", "jaxcomp.pruners", "jaxcomp.factorizers",
                         "jaxcomp.rewrite", "jaxcomp.layers", "jaxcomp.quant", "jaxcomp.recipe",
                         "jaxcomp.data",  # data: calibrate.py's default calibration text
-                        "jaxcomp.search"},  # search: scoring.py's budgeted recipe
+                        "jaxcomp.search",  # search: scoring.py's budgeted / OWL recipes
+                        "jaxcomp.sparse"},  # sparse: the Sparsity spec of OWL's rules
     "jaxcomp.quantizers": {"jaxcomp.oneshot", "jaxcomp.quant"},
     # quantizers: sparsegpt_core.py runs GPTQ's column loop on gptq_core's grid
     "jaxcomp.pruners": {"jaxcomp.oneshot", "jaxcomp.quantizers", "jaxcomp.sparse",

@@ -46,6 +46,7 @@ from jaxcomp.quant.spec import Quant
 from jaxcomp.quantizers import gptq_core
 from jaxcomp.recipe import Recipe, Rule
 from jaxcomp.rewrite import engine
+from jaxcomp.sparse.spec import Sparsity
 from jaxcomp import search
 
 _STACKED = re.compile(r"^(.*)\[(\d+)\](/.*)?$")
@@ -288,3 +289,64 @@ def _direct_kl(model: nnx.Module, paths: tuple[str, ...], solved: list[list[np.n
       out[l, c] = kl_now()
     _set_kernel(layer, original)
   return out
+
+
+def owl_recipe(model: nnx.Module, layers: str, calib: Any, sparsity: float, *,
+               m: float = 5.0, lam: float = 0.08, method: str = "wanda",
+               batch_size: int = 8, blocks: str | None = None,
+               call: Callable[[nnx.Module, Any], Any] | None = None, progress: bool = True,
+               calib_dtype: Any = jnp.bfloat16) -> tuple[Recipe, dict[str, float]]:
+  """OWL's non-uniform unstructured sparsity (`jaxcomp.search.owl_sparsities`) as a recipe.
+
+  One calibration pass over the uncompressed model gives each matched layer's Wanda scores
+  ``|W_kn| * ||x_k||`` and their outlier ratio (`jaxcomp.search.outlier_ratio`, ``m``); the
+  sparsities spread by ``lam`` around ``sparsity`` (more outliers, fewer zeros) keep the total
+  number of zeros of uniform ``sparsity``. A stack gets one sparsity (its layers' mean ratio).
+
+  Args:
+    model: an NNX model (left untouched).
+    layers: regex of the layer paths to prune.
+    calib: calibration inputs, as for `jaxcomp.prune`.
+    sparsity: the overall fraction pruned.
+    m, lam: OWL's outlier threshold and spread.
+    method: the pruning solver of every rule (``"wanda"``, ``"sparsegpt"``, ``"magnitude"``).
+    batch_size, blocks, call, progress, calib_dtype: as for `jaxcomp.prune`.
+
+  Returns:
+    ``(recipe, {path: sparsity})``, one rule per layer (per stack).
+
+  Example::
+
+    recipe, per_layer = jc.owl_recipe(model, r".*_proj", tokens, 0.5)
+    pruned = jc.prune(model, recipe, calib=tokens)
+  """
+  types = set(registry.get("sparsity", "wanda").layers)
+  plan = Recipe([Rule(layers, sparsity=Sparsity(sparsity=sparsity, method=method),
+                      name="owl")])
+  new, todo, _ = plan_transform("owl_recipe", model, plan, calib, lambda x: type(x) in types,
+                                lambda r: r.sparsity, lambda spec: True, strict=True)
+  done: list[_Scored] = []
+
+  def ratio(path, layer, _spec, stats, root=None):
+    del root
+    w = kernel_2d(layer).astype(jnp.float32)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(stats.h), 0.0))
+    done.append(_Scored(path, int(w.size), [],
+                        [search.outlier_ratio(np.asarray(jnp.abs(w) * norms[:, None]), m)]))
+    return done[-1]
+
+  solve_all(new, todo, ratio, [], lambda _: None, calib, name="owl_recipe",
+            batch_size=batch_size, blocks=blocks,
+            call=call or (lambda mdl, b: mdl(*b) if isinstance(b, tuple) else mdl(b)),
+            progress=progress, calib_dtype=calib_dtype)
+  groups: dict[str, list[_Scored]] = {}
+  for d in done:
+    hit = _STACKED.match(d.path)
+    groups.setdefault(hit.group(1) + (hit.group(3) or "") if hit else d.path, []).append(d)
+  paths = list(groups)
+  ratios = [float(np.mean([d.scores[0] for d in groups[p]])) for p in paths]
+  params = [sum(d.params for d in groups[p]) for p in paths]
+  per_layer = search.owl_sparsities(ratios, params, sparsity, lam)
+  rules = [Rule(re.escape(p), sparsity=Sparsity(sparsity=float(s), method=method), name=p)
+           for p, s in zip(paths, per_layer)]
+  return Recipe(rules), dict(zip(paths, map(float, per_layer)))
