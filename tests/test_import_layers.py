@@ -47,7 +47,8 @@ ALLOWED: dict[str, set[str]] = {
                         "jaxcomp.rewrite", "jaxcomp.layers", "jaxcomp.quant", "jaxcomp.recipe",
                         "jaxcomp.data",  # data: calibrate.py's default calibration text
                         "jaxcomp.search",  # search: scoring.py's budgeted / OWL recipes
-                        "jaxcomp.sparse"},  # sparse: the Sparsity spec of OWL's rules
+                        "jaxcomp.sparse",  # sparse: the Sparsity spec of OWL's rules
+                        "jaxcomp.lowrank"},  # lowrank: scoring.py's LowRank candidates
     "jaxcomp.quantizers": {"jaxcomp.oneshot", "jaxcomp.quant"},
     # quantizers: sparsegpt_core.py runs GPTQ's column loop on gptq_core's grid
     "jaxcomp.pruners": {"jaxcomp.oneshot", "jaxcomp.quantizers", "jaxcomp.sparse",

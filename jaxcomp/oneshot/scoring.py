@@ -37,6 +37,7 @@ import numpy as np
 import scipy.stats
 from tqdm.auto import tqdm
 
+from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.oneshot import registry
 from jaxcomp.oneshot.api import _set_kernel
 from jaxcomp.oneshot.calibrate import LayerStats
@@ -67,9 +68,10 @@ class Sensitivity:
   Attributes:
     paths: the L scored layers (a layer of a stack as ``path[i]/layer``), in solve order.
     names: the C candidate names.
-    specs: the C candidate `Quant` specs.
+    specs: the C candidate specs (`Quant` or `LowRank`; None keeps the layer as it is).
     params: int64[L] weights per layer.
-    bits: int64[L, C] packed bits of the layer under each candidate.
+    bits: int64[L, C] bits of the layer as stored under each candidate (packed `QArray`;
+      low-rank factors in the kernel's dtype).
     scores: float64[L, C] Hessian-weighted output error of each candidate.
     kl: float64[L, C] the direct score (KL per token with only that layer compressed), or
       None when not measured.
@@ -149,8 +151,7 @@ class Sensitivity:
       costs = np.ceil(costs / unit) * unit
     alloc = search.allocate(costs, scores, budget, method=method,
                             unit=unit if method == "dp" else None)
-    rules = [Rule(re.escape(path), quant=self.specs[c], name=path)
-             for (path, _), c in zip(groups, alloc.choice)]
+    rules = [_rule(path, self.specs[c]) for (path, _), c in zip(groups, alloc.choice)]
     return Recipe(rules), alloc
 
   def to_dict(self) -> dict[str, Any]:
@@ -161,6 +162,12 @@ class Sensitivity:
                                   **({} if self.kl is None else {"kl": float(self.kl[i, c])})}
                               for c, n in enumerate(self.names)}}
                        for i, p in enumerate(self.paths)}}
+
+
+def _rule(path: str, spec: Quant | LowRank | None) -> Rule:
+  if spec is None:
+    return Rule(re.escape(path), skip=True, name=path)
+  return Rule(re.escape(path), name=path, **{_kind(spec): spec})
 
 
 def packed_bits(shape: tuple[int, ...], contracting: tuple[int, ...], spec: Quant) -> int:
@@ -176,12 +183,25 @@ def packed_bits(shape: tuple[int, ...], contracting: tuple[int, ...], spec: Quan
   return int(sum(8 * np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
 
 
-def _effective(w: jax.Array, stats: LayerStats, spec: Quant) -> jax.Array:
-  """What the layer computes (K, N) after ``spec``'s solver."""
-  solver = registry.get("quant", spec.method)
+def _kind(spec: Quant | LowRank) -> str:
+  return "quant" if isinstance(spec, Quant) else "lowrank"
+
+
+def _effective(w: jax.Array, stats: LayerStats, spec: Quant | LowRank | None, kernel: jax.Array,
+               axes: engine.KernelAxes) -> tuple[jax.Array, int]:
+  """What the layer computes (K, N) after ``spec``'s solver, and its size in bits as stored:
+  the packed `QArray`, the two factors in the kernel's dtype, or (None) the kernel itself."""
+  float_bits = 8 * np.dtype(kernel.dtype).itemsize
+  if spec is None:
+    return w, int(np.prod(kernel.shape)) * float_bits
+  solver = registry.get(_kind(spec), spec.method)
+  if isinstance(spec, LowRank):
+    a, b = solver.solve(w, stats, spec)
+    return a @ b, (a.size + b.size) * float_bits
+  bits = packed_bits(tuple(kernel.shape), tuple(axes.contracting), spec)
   if solver.solve is None:  # data-free RTN: the QAT grid
-    return gptq_core.rtn(w, spec)
-  return solver.solve(w, stats, spec).effective
+    return gptq_core.rtn(w, spec), bits
+  return solver.solve(w, stats, spec).effective, bits
 
 
 def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant], calib: Any, *,
@@ -194,7 +214,9 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
   Args:
     model: an NNX model (left untouched).
     layers: regex of the layer paths to score (e.g. ``r".*_proj"``).
-    candidates: name -> `Quant` (weight-only; any registered solver: gptq, awq, rtn, ...).
+    candidates: name -> `Quant` (weight-only; any registered solver: gptq, awq, rtn, ...),
+      or name -> `LowRank` (svd, asvd, svd_llm; the cost is the factors' bits in the kernel's
+      dtype), plus optionally name -> None (the layer left as it is: score 0, its own bits).
     calib: calibration inputs, as for `jaxcomp.ptq`.
     batch_size, blocks, call, progress, calib_dtype: as for `jaxcomp.ptq`.
     kl_tokens: also measure the direct score on these inputs (e.g. int32 tokens [B, T]; the
@@ -212,20 +234,31 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     recipe, _ = sens.recipe(3.5)
   """
   if not candidates:
-    raise ValueError("sensitivity: candidates is empty; give name -> jaxcomp.Quant")
+    raise ValueError("sensitivity: candidates is empty; give name -> jaxcomp.Quant / "
+                     "jaxcomp.LowRank (or None: the layer left as it is)")
   names, specs = tuple(candidates), tuple(candidates.values())
+  kinds = set()
   for n, s in zip(names, specs):
-    if not isinstance(s, Quant):
-      raise TypeError(f"sensitivity: candidate {n!r} must be a jaxcomp.Quant, got "
-                      f"{type(s).__name__}")
-    if s.a_bits is not None:
+    if s is None:
+      continue
+    if not isinstance(s, (Quant, LowRank)):
+      raise TypeError(f"sensitivity: candidate {n!r} must be a jaxcomp.Quant, a jaxcomp.LowRank "
+                      f"or None, got {type(s).__name__}")
+    if isinstance(s, Quant) and s.a_bits is not None:
       raise ValueError(f"sensitivity: candidate {n!r} quantizes activations (a_bits="
                        f"{s.a_bits}); the Hessian score covers weight-only candidates")
-    registry.get("quant", s.method)
-  types = set.intersection(*({t for t in registry.get("quant", s.method).layers} for s in specs))
-  recipe = Recipe([Rule(layers, quant=specs[0], name="scored")])
+    kinds.add(_kind(s))
+    registry.get(_kind(s), s.method)
+  if len(kinds) != 1:
+    raise ValueError("sensitivity: candidates must be all jaxcomp.Quant or all jaxcomp.LowRank "
+                     f"(plus None), got {sorted(kinds) or 'only None'}")
+  kind = kinds.pop()
+  real = [s for s in specs if s is not None]
+  types = set.intersection(*({t for t in registry.get(kind, s.method).layers} for s in real))
+  field = {"quant": "quant", "lowrank": "lowrank"}[kind]
+  recipe = Recipe([Rule(layers, name="scored", **{field: real[0]})])
   new, todo, _ = plan_transform("sensitivity", model, recipe, calib, lambda m: type(m) in types,
-                                lambda r: r.quant, lambda spec: True, strict=True)
+                                lambda r: getattr(r, field), lambda spec: True, strict=True)
   done: list[_Scored] = []
   solved: list[list[np.ndarray]] = []  # (K, N) effective kernels, kept for the direct score
 
@@ -235,17 +268,16 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     kernel = getattr(m, axes.name)[...]
     w = kernel_2d(m).astype(jnp.float32)
     h = stats.h
-    row, effective = [], []
+    row, cost, effective = [], [], []
     for spec in specs:
-      eff = _effective(w, stats, spec).astype(jnp.float32)
-      d = eff - w
+      eff, bits = _effective(w, stats, spec, kernel, axes)
+      d = eff.astype(jnp.float32) - w
       row.append(float(jnp.sum(d * (h @ d))))
+      cost.append(bits)
       if kl_tokens is not None:
-        effective.append(np.asarray(eff))
+        effective.append(np.asarray(eff, np.float32))
     solved.append(effective)
-    done.append(_Scored(path, int(np.prod(kernel.shape)),
-                        [packed_bits(tuple(kernel.shape), tuple(axes.contracting), s)
-                         for s in specs], row))
+    done.append(_Scored(path, int(np.prod(kernel.shape)), cost, row))
     return done[-1]
 
   solve_all(new, todo, score, [], lambda _: None, calib, name="sensitivity",

@@ -141,3 +141,25 @@ def test_direct_kl_is_the_model_with_only_that_layer_compressed():
   with pytest.raises(ValueError, match="estimator 'kl' was not measured"):
     jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False).recipe(
         3.5, estimator="kl")
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.75, 0.9])
+def test_rank_allocation_fits_the_budget_and_is_the_brute_force_optimum(budget):
+  model = MLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (64, 64))
+  cands = {"keep": None, **{f"r{p}": jc.LowRank(reduction=p / 100, method="svd_llm")
+                            for p in (20, 40, 60)}}
+  sens = jc.sensitivity(model, r"layers/\d+", cands, calib=x, progress=False)
+  assert np.all(sens.scores[:, 0] == 0) and np.all(np.diff(sens.scores[:, 1:], axis=1) > 0)
+  recipe, alloc = sens.recipe(32 * budget)
+  limit = 32 * budget * sens.params.sum()
+  best = min((c for c in itertools.product(range(4), repeat=3)
+              if sum(sens.bits[i, k] for i, k in enumerate(c)) <= limit),
+             key=lambda c: sum(sens.scores[i, k] for i, k in enumerate(c)))
+  assert alloc.loss == pytest.approx(sum(sens.scores[i, k] for i, k in enumerate(best)))
+  small = jc.factorize(model, recipe, calib=x, progress=False)
+  stored = sum(v.get_value().size for _, v in nnx.iter_graph(small)
+               if isinstance(v, nnx.Param) and v.get_value().ndim == 2)
+  assert 32 * stored == sum(sens.bits[i, k] for i, k in enumerate(alloc.choice)) <= limit
+  for rule, c in zip(recipe.rules, alloc.choice):
+    assert rule.skip == (c == 0)
