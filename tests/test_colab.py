@@ -19,6 +19,9 @@ EXPECT = {
     "pipeline_and_evaluation.ipynb": ("p_q stages: prune,gptq,convert,eval",
                                       "resumed report equal: True", "refused: stage 3 (eval)",
                                       "| p_q |", "quality_vs_size.png"),
+    "mixed_precision_search.ipynb": ("layers scored: 14", "budget 3.5 -> bits/param:",
+                                     "wrote allocation.png", "ranks: kept fraction",
+                                     "OWL sparsities from"),
 }
 
 
