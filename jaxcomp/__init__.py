@@ -8,6 +8,7 @@ solvers live in ``jaxcomp.quantizers``, the pipeline in ``jaxcomp.oneshot``).
 from jaxcomp.layers import QuantScale
 from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.oneshot import factorize
+from jaxcomp.oneshot import Sensitivity
 from jaxcomp.oneshot import owl_recipe
 from jaxcomp.oneshot import prune
 from jaxcomp.oneshot import ptq
@@ -45,6 +46,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Rule",
+    "Sensitivity",
     "Sparsity",
     "SpecError",
     "add_lora",

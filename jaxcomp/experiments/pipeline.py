@@ -10,6 +10,10 @@ a section ``config.stage.<name>`` whose ``kind`` says what it does:
 * ``structured``: a smaller Llama: ``keep_layers`` blocks (evenly spaced), then the
   lowest-magnitude ``ffn_sparsity`` of every block's FFN channels and ``head_sparsity`` of the
   query heads of each key/value group removed (`jaxcomp.models.llama_surgery`);
+* ``search``: a per-layer recipe chosen under a budget (mixed precision, rank allocation,
+  OWL sparsity; `jaxcomp.experiments.search_stage`), written to the stage's ``recipe.json``
+  for a later ``ptq`` / ``factorize`` / ``prune`` stage whose section says
+  ``recipe_from = "<search stage name>"`` instead of giving a ``recipe``;
 * ``quantize``: the QAT rewrite (`jaxcomp.quantize`) with the section's ``recipe``;
 * ``convert``: packed serving weights (`jaxcomp.convert`);
 * ``eval``: the evaluation harness (`jaxcomp.eval.harness.evaluate_lm`) on ``config.eval``,
@@ -52,6 +56,7 @@ from jaxcomp.eval import metrics
 from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.eval.size import kernel_sparsity
 from jaxcomp.experiments import image
+from jaxcomp.experiments import search_stage
 from jaxcomp.experiments.compress import calib_path, eval_text
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank.spec import LowRank
@@ -67,8 +72,8 @@ from jaxcomp.serve import convert, save_packed
 from jaxcomp.train.loop import train, zero_masks
 from jaxcomp.train.tasks import ImageClassification
 
-KINDS = ("prune", "structured", "factorize", "ptq", "quantize", "train", "distill", "convert",
-         "eval")
+KINDS = ("prune", "structured", "search", "factorize", "ptq", "quantize", "train", "distill",
+         "convert", "eval")
 _TRAINS = ("train", "distill")
 _PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank"),
             "ptq": ("quant", "quant"), "quantize": ("quant", None)}
@@ -115,6 +120,7 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
     raise ValueError(f"config.calib.dtype must be 'bfloat16' or 'float32', got "
                      f"{config.calib.dtype!r}")
   stages, quantized, converted, rewritten = [], False, False, ""
+  searches: dict[str, str] = {}  # search stage name -> its space
   for i, name in enumerate(names):
     if name not in sections:
       raise ValueError(f"stage {i} {name!r} has no section config.stage.{name} (sections: "
@@ -124,7 +130,12 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
     if kind not in KINDS:
       raise ValueError(f"stage {i} {name!r}: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
     stage = Stage(i, name, kind, cfg)
-    if kind in _PAYLOAD:
+    if kind == "search":
+      _check_search_stage(config, stage, rewritten)
+      searches[name] = cfg.get("space", "quant")
+    if cfg.get("recipe_from"):
+      _check_recipe_from(stage, searches)
+    elif kind in _PAYLOAD:
       field, solver_kind = _PAYLOAD[kind]
       recipe = stage.recipe
       specs = [getattr(r, field) for r in (recipe.rules if recipe else ())
@@ -177,6 +188,30 @@ def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> Non
     if not path and config.eval.get("split", "test") not in ("valid", "test"):
       raise ValueError(f"config.eval.split must be 'valid' or 'test', got "
                        f"{config.eval.get('split')!r}")
+
+
+def _check_search_stage(config: ml_collections.ConfigDict, stage: Stage, rewritten: str) -> None:
+  i, name = stage.index, stage.name
+  search_stage.check(i, name, stage.config)
+  if rewritten:
+    raise ValueError(f"stage {i} {name!r} (search) must come before stage {rewritten!r}: it "
+                     "scores the float layers")
+  if not config.get("calib") or not config.calib.get("n_seq"):
+    raise ValueError(f"stage {i} {name!r} (search) scores layers on calibration data but "
+                     "config.calib.n_seq is not set (calibration sequences)")
+
+
+def _check_recipe_from(stage: Stage, searches: dict[str, str]) -> None:
+  i, name, source = stage.index, stage.name, stage.config.recipe_from
+  if stage.config.get("recipe") is not None:
+    raise ValueError(f"stage {i} {name!r} has both recipe and recipe_from={source!r}: give one")
+  if source not in searches:
+    raise ValueError(f"stage {i} {name!r}: recipe_from={source!r} is not a search stage before "
+                     f"it (search stages: {', '.join(searches) or 'none'})")
+  want = search_stage.SPACES[searches[source]]
+  if stage.kind != want:
+    raise ValueError(f"stage {i} {name!r} ({stage.kind}): search {source!r} chooses space "
+                     f"{searches[source]!r}, whose recipe a {want} stage applies")
 
 
 def _check_structured_stage(stage: Stage, rewritten: str) -> None:
@@ -238,8 +273,10 @@ def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -
   for s in stages:
     reads = {"model": config.model.to_dict(), "seed": config.seed, "kind": s.kind,
              "stage": s.config.to_dict(), "prev": prev}
-    if s.kind in ("prune", "factorize", "ptq"):
+    if s.kind in ("prune", "factorize", "ptq", "search"):
       reads["calib"] = config.calib.to_dict()
+    if s.kind == "search":
+      reads.update(search_stage.fingerprint_inputs(s.config))
       if image.is_image(config):  # the calibration images come from the training data
         reads["data"] = config.data.to_dict()
     if s.kind == "eval":
@@ -261,12 +298,13 @@ def structure(kind: str, model: nnx.Module, stage: Stage, info: dict[str, Any]) 
 
     like = nnx.eval_shape(lambda m: structure("ptq", m, stage, {}), model)
   """
-  if kind in ("prune", "eval", "train", "distill"):
+  if kind in ("prune", "eval", "train", "distill", "search"):
     return model
   if kind == "quantize":
     return quantize(model, stage.recipe)
-  if kind == "ptq":
-    return ptq_skeleton(model, stage.recipe)
+  if kind == "ptq":  # a searched recipe is recorded when the stage ran
+    return ptq_skeleton(model, Recipe.from_config(info["recipe"]) if "recipe" in info
+                        else stage.recipe)
   if kind == "convert":
     return convert(model)
   if kind == "structured":  # the blocks, channels and heads kept, recorded when it ran
@@ -420,12 +458,20 @@ def _layer_summary(results: list[Any]) -> dict[str, Any]:
 def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stage]
                ) -> tuple[nnx.Module, dict]:
   kind, recipe = stage.kind, stage.recipe
+  searched = {}
+  if stage.config.get("recipe_from"):  # the recipe a search stage before it wrote
+    source = [s for s in stages[:stage.index] if s.name == stage.config.recipe_from][-1]
+    recipe = search_stage.load_recipe(ctx.work / "stages" / source.dirname)
+    searched = {"recipe": recipe.to_config().to_dict(), "recipe_from": source.name}
   if kind in _TRAINS:
     return _train_stage(ctx, model, stage, stages)
+  if kind == "search":
+    return model, search_stage.run(model, stage.index, stage.name, stage.config, ctx.calib(),
+                                   ctx.work / "stages" / stage.dirname, **ctx.kwargs())
   if kind == "prune":
     model, res = prune(model, recipe, ctx.calib(), **ctx.kwargs())
     return model, {**_layer_summary(res), "layer_sparsity": kernel_sparsity(
-        model, [r.path for r in res]), "size": harness.stored_size(model)}
+        model, [r.path for r in res]), "size": harness.stored_size(model), **searched}
   if kind == "structured":
     before = harness.stored_size(model)
     model, keep = _structured(model, stage)
@@ -437,10 +483,11 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
     model, res = factorize(model, recipe, ctx.calib(), **ctx.kwargs())
     ranks = {p: int(m.a[...].shape[-1]) for p, m in engine.iter_layers(model)
              if isinstance(m, LowRankLinear)}
-    return model, {**_layer_summary(res), "ranks": ranks, "size": harness.stored_size(model)}
+    return model, {**_layer_summary(res), "ranks": ranks, "size": harness.stored_size(model),
+                   **searched}
   if kind == "ptq":
     model, res = ptq(model, recipe, ctx.calib(), **ctx.kwargs())
-    return model, _layer_summary(res)
+    return model, {**_layer_summary(res), **searched}
   if kind == "quantize":
     return quantize(model, recipe), {}
   if kind == "convert":
@@ -745,7 +792,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if s.kind in _CHANGES_MODEL:
       _save(model, d / "model")
     # What `structure` needs to rebuild the stage's output shapes goes to done.json only.
-    keep = {k: info.pop(k) for k in ("structure",) if k in info}
+    keep = {k: info.pop(k) for k in ("structure", "recipe") if k in info}
     if "per_layer" in info:  # one row per layer: beside the report, not in it
       (d / "layers.json").write_text(json.dumps(info.pop("per_layer"), indent=1))
     keep.update({"ranks": info["ranks"]} if "ranks" in info else {})

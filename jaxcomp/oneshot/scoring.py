@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flax import nnx
@@ -73,8 +73,8 @@ class Sensitivity:
     bits: int64[L, C] bits of the layer as stored under each candidate (packed `QArray`;
       low-rank factors in the kernel's dtype).
     scores: float64[L, C] Hessian-weighted output error of each candidate.
-    kl: float64[L, C] the direct score (KL per token with only that layer compressed), or
-      None when not measured.
+    kl: float64[L, C] the direct score (KL per token with only that layer compressed; NaN
+      for candidates not measured), or None when not measured.
   """
 
   paths: tuple[str, ...]
@@ -92,6 +92,10 @@ class Sensitivity:
     if name == "kl":
       if self.kl is None:
         raise ValueError("estimator 'kl' was not measured; pass kl_tokens= to jc.sensitivity")
+      if np.isnan(self.kl).any():
+        missing = [n for c, n in enumerate(self.names) if np.isnan(self.kl[:, c]).any()]
+        raise ValueError(f"estimator 'kl' was not measured for candidates {missing} "
+                         "(kl_candidates=)")
       return self.kl
     raise ValueError(f"estimator must be 'hessian' or 'kl', got {name!r}")
 
@@ -102,9 +106,11 @@ class Sensitivity:
 
       sens.spearman()       # {"w3g128": 0.83, "w4g128": 0.79}
     """
-    kl = self.estimator("kl")
-    return {n: float(scipy.stats.spearmanr(self.scores[:, c], kl[:, c]).statistic)
-            for c, n in enumerate(self.names)}
+    if self.kl is None:
+      raise ValueError("spearman: the direct score was not measured; pass kl_tokens= to "
+                       "jc.sensitivity")
+    return {n: float(scipy.stats.spearmanr(self.scores[:, c], self.kl[:, c]).statistic)
+            for c, n in enumerate(self.names) if not np.isnan(self.kl[:, c]).any()}
 
   def groups(self) -> list[tuple[str, list[int]]]:
     """``(recipe path, row indices)`` per choice: one per layer, one per stack."""
@@ -154,14 +160,65 @@ class Sensitivity:
     rules = [_rule(path, self.specs[c]) for (path, _), c in zip(groups, alloc.choice)]
     return Recipe(rules), alloc
 
+  def frontier(self, *, estimator: str = "hessian", points: int = 2048
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted trade-off: ``(bits_per_param[k], score[k])``, the least summed score at
+    each packed size from the smallest to the largest allocation (one choice per stack), on a
+    grid of about ``points`` budget steps (each layer's cost rounded up to a step).
+
+    Example::
+
+      bits, loss = sens.frontier()         # plot(bits, loss): the predicted loss per budget
+    """
+    groups = self.groups()
+    costs = np.stack([self.bits[rows].sum(0) for _, rows in groups]).astype(np.float64)
+    table = self.estimator(estimator)
+    scores = np.stack([table[rows].sum(0) for _, rows in groups])
+    unit = 1.0
+    while costs.max(1).sum() / unit > points * len(groups):
+      unit *= 2.0
+    cost, loss = search.frontier(np.ceil(costs / unit) * unit, scores, unit=unit)
+    return cost / float(self.params.sum()), loss
+
   def to_dict(self) -> dict[str, Any]:
-    """JSON-ready: per layer, each candidate's bits and score."""
+    """JSON-ready: the candidates' specs and, per layer, each candidate's bits and scores
+    (`from_dict` reads it back)."""
+    def score(table, i, c):
+      return {} if table is None or np.isnan(table[i, c]) else {"kl": float(table[i, c])}
     return {"candidates": list(self.names),
+            "specs": {n: None if s is None else s.to_dict()
+                      for n, s in zip(self.names, self.specs)},
             "layers": {p: {"params": int(self.params[i]),
                            **{n: {"bits": int(self.bits[i, c]), "score": float(self.scores[i, c]),
-                                  **({} if self.kl is None else {"kl": float(self.kl[i, c])})}
+                                  **score(self.kl, i, c)}
                               for c, n in enumerate(self.names)}}
                        for i, p in enumerate(self.paths)}}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Sensitivity":
+    """The `Sensitivity` that `to_dict` wrote (e.g. a search stage's ``sensitivity.json``):
+    allocate again at another budget without scoring again.
+
+    Example::
+
+      sens = jc.Sensitivity.from_dict(json.load(open("sensitivity.json")))
+    """
+    try:
+      names = tuple(d["candidates"])
+      specs = tuple(None if d["specs"][n] is None else
+                    (Quant if "w_bits" in d["specs"][n] else LowRank).from_dict(d["specs"][n])
+                    for n in names)
+      paths = tuple(d["layers"])
+      rows = [d["layers"][p] for p in paths]
+      bits = np.asarray([[r[n]["bits"] for n in names] for r in rows], np.int64)
+      scores = np.asarray([[r[n]["score"] for n in names] for r in rows], np.float64)
+      kl = np.asarray([[r[n].get("kl", np.nan) for n in names] for r in rows], np.float64)
+      params = np.asarray([r["params"] for r in rows], np.int64)
+    except (KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"Sensitivity.from_dict: not a Sensitivity.to_dict() mapping (missing "
+                       f"{e})") from None
+    return cls(paths, names, specs, params, bits, scores,
+               None if np.isnan(kl).all() else kl)
 
 
 def _rule(path: str, spec: Quant | LowRank | None) -> Rule:
@@ -208,7 +265,8 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
                 batch_size: int = 8, blocks: str | None = None,
                 call: Callable[[nnx.Module, Any], Any] | None = None, progress: bool = True,
                 calib_dtype: Any = jnp.bfloat16, kl_tokens: Any = None,
-                kl_batch_size: int = 4) -> Sensitivity:
+                kl_batch_size: int = 4, kl_candidates: Sequence[str] | None = None
+                ) -> Sensitivity:
   """Scores every layer whose path fully matches ``layers`` under every candidate.
 
   Args:
@@ -222,6 +280,8 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     kl_tokens: also measure the direct score on these inputs (e.g. int32 tokens [B, T]; the
       model's output must be logits [..., V]): one forward per (layer, candidate), in batches
       of ``kl_batch_size``.
+    kl_candidates: the candidate names the direct score is measured for (default: all; the
+      others get NaN and cannot be allocated on ``estimator="kl"``).
 
   Returns:
     `Sensitivity` ([L, C] scores and packed bits).
@@ -237,6 +297,10 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     raise ValueError("sensitivity: candidates is empty; give name -> jaxcomp.Quant / "
                      "jaxcomp.LowRank (or None: the layer left as it is)")
   names, specs = tuple(candidates), tuple(candidates.values())
+  measured = list(names if kl_candidates is None else kl_candidates)
+  unknown = sorted(set(measured) - set(names))
+  if unknown:
+    raise ValueError(f"sensitivity: kl_candidates {unknown} are not candidates ({list(names)})")
   kinds = set()
   for n, s in zip(names, specs):
     if s is None:
@@ -260,7 +324,7 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
   new, todo, _ = plan_transform("sensitivity", model, recipe, calib, lambda m: type(m) in types,
                                 lambda r: getattr(r, field), lambda spec: True, strict=True)
   done: list[_Scored] = []
-  solved: list[list[np.ndarray]] = []  # (K, N) effective kernels, kept for the direct score
+  solved: list[list[np.ndarray | None]] = []  # (K, N) effective kernels for the direct score
 
   def score(path, m, _spec, stats, root=None):
     del root
@@ -269,13 +333,13 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     w = kernel_2d(m).astype(jnp.float32)
     h = stats.h
     row, cost, effective = [], [], []
-    for spec in specs:
+    for name, spec in zip(names, specs):
       eff, bits = _effective(w, stats, spec, kernel, axes)
       d = eff.astype(jnp.float32) - w
       row.append(float(jnp.sum(d * (h @ d))))
       cost.append(bits)
       if kl_tokens is not None:
-        effective.append(np.asarray(eff, np.float32))
+        effective.append(np.asarray(eff, np.float32) if name in measured else None)
     solved.append(effective)
     done.append(_Scored(path, int(np.prod(kernel.shape)), cost, row))
     return done[-1]
@@ -294,7 +358,8 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
                      np.asarray([d.scores for d in done], np.float64), kl)
 
 
-def _direct_kl(model: nnx.Module, paths: tuple[str, ...], solved: list[list[np.ndarray]],
+def _direct_kl(model: nnx.Module, paths: tuple[str, ...],
+               solved: list[list[np.ndarray | None]],
                tokens: Any, batch_size: int, call: Callable[[nnx.Module, Any], Any],
                progress: bool) -> np.ndarray:
   """[L, C] KL per token of ``model`` with only layer l set to candidate c's kernel."""
@@ -316,6 +381,9 @@ def _direct_kl(model: nnx.Module, paths: tuple[str, ...], solved: list[list[np.n
     layer = engine.module_at(model, m.group(1) + (m.group(3) or "") if m else path)
     original = kernel_2d(layer)
     for c, eff in enumerate(solved[l]):
+      if eff is None:  # not in kl_candidates
+        out[l, c] = np.nan
+        continue
       new = original.at[int(m.group(2))].set(eff) if m else jnp.asarray(eff)
       _set_kernel(layer, new)
       out[l, c] = kl_now()

