@@ -119,13 +119,6 @@ def candidates(index: int, name: str, cfg: ml_collections.ConfigDict
   return out
 
 
-def methods(cfg: ml_collections.ConfigDict) -> list[str]:
-  """The solver names the searched recipe will use (for the calibration check)."""
-  if cfg.get("space", "quant") == "owl":
-    return [cfg.get("method", "wanda")]
-  return sorted({s.method for s in candidates(0, "search", cfg).values() if s is not None})
-
-
 def fingerprint_inputs(cfg: ml_collections.ConfigDict) -> dict[str, str]:
   """What the stage reads besides its section: the digest of a ``scores`` file."""
   scores = cfg.get("scores", "")

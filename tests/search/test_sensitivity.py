@@ -163,3 +163,39 @@ def test_rank_allocation_fits_the_budget_and_is_the_brute_force_optimum(budget):
   assert 32 * stored == sum(sens.bits[i, k] for i, k in enumerate(alloc.choice)) <= limit
   for rule, c in zip(recipe.rules, alloc.choice):
     assert rule.skip == (c == 0)
+
+
+def test_to_dict_round_trips_and_the_frontier_is_the_dp_optimum(mlp_and_scores):
+  _, _, sens = mlp_and_scores
+  back = jc.Sensitivity.from_dict(sens.to_dict())
+  assert back.paths == sens.paths and back.names == sens.names and back.specs == sens.specs
+  np.testing.assert_array_equal(back.bits, sens.bits)
+  np.testing.assert_array_equal(back.scores, sens.scores)
+  assert back.kl is None
+  bits, loss = sens.frontier()
+  assert np.all(np.diff(bits) > 0) and np.all(np.diff(loss) < 0)
+  # Each point: the least summed score of any allocation within that many bits.
+  for b, l in zip(bits, loss):
+    best = min(sum(sens.scores[i, c] for i, c in enumerate(choice))
+               for choice in itertools.product(range(3), repeat=3)
+               if sens.bits_per_param(np.asarray(choice)) <= b + 1e-9)
+    assert l == pytest.approx(best)
+  with pytest.raises(ValueError, match="not a Sensitivity.to_dict"):
+    jc.Sensitivity.from_dict({"candidates": ["w2"]})
+
+
+def test_kl_for_some_candidates_only():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+  cands = {"w2": jc.Quant(w_bits=2, group=32), "w3": jc.Quant(w_bits=3, group=32)}
+  sens = jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False,
+                        kl_tokens=tokens[:2], kl_candidates=["w3"])
+  assert np.isnan(sens.kl[:, 0]).all() and (sens.kl[:, 1] >= 0).all()
+  assert list(sens.spearman()) == ["w3"]
+  back = jc.Sensitivity.from_dict(sens.to_dict())
+  np.testing.assert_array_equal(np.isnan(back.kl), np.isnan(sens.kl))
+  with pytest.raises(ValueError, match=r"not measured for candidates \['w2'\]"):
+    sens.recipe(3.0, estimator="kl")
+  with pytest.raises(ValueError, match=r"kl_candidates \['w5'\] are not candidates"):
+    jc.sensitivity(model, r".*_proj", cands, calib=tokens, kl_tokens=tokens,
+                   kl_candidates=["w5"])
