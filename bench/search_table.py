@@ -49,6 +49,8 @@ def main() -> None:
                       help="bits per weight (mixed, ranks) or the sparsity (owl)")
   parser.add_argument("--estimator", default="hessian", choices=("hessian", "kl"))
   parser.add_argument("--kl_n_seq", type=int, default=2)
+  parser.add_argument("--owl_group", default=r"layers/\d+",
+                      help="owl: the path prefix sharing one outlier ratio ('': per layer)")
   parser.add_argument("--uniform", default=None,
                       help="the uniform variants run beside ('' for none; default per suite)")
   parser.add_argument("--json", default=None)
@@ -60,12 +62,14 @@ def main() -> None:
   uniform = uniform if args.uniform is None else args.uniform
   rows, scores = {}, ""
   for budget in [float(b) for b in (args.budgets or _BUDGETS[args.suite]).split(",") if b]:
-    work = root / f"{args.suite}_{budget:g}-{tokens}"
+    tag = "" if args.suite != "owl" or args.owl_group else "_per_layer"
+    work = root / f"{args.suite}_{budget:g}{tag}-{tokens}"
     config = smollm2_search.get_config(args.suite)
     config.eval.max_tokens = args.max_tokens
     search = config.stage.search
     if args.suite == "owl":
       search.sparsity = budget
+      search.group = args.owl_group
     else:
       search.budget = budget
       search.estimator = args.estimator

@@ -11,7 +11,9 @@ Variants (each a stage pipeline, `jaxcomp.experiments.pipeline`; the search stag
 * ``mixed``: ``search`` (one GPTQ grid per projection among ``CANDIDATES``, scored by the
   Hessian-weighted output error, allocated under ``budget`` packed bits per weight: values,
   scales and zero points) -> ``gptq`` (the searched recipe) -> ``convert`` -> ``eval``;
-* ``owl``: ``search`` (OWL: 50% overall, outlier ratio per layer, Wanda) -> ``prune`` -> eval;
+* ``owl``: ``search`` (OWL: 50% overall, one outlier ratio per block over its seven
+  projections' Wanda scores, as in the paper; ``group=""``: per projection) -> ``prune``
+  (Wanda) -> ``eval``;
 * ``ranks``: ``search`` (SVD-LLM ranks per projection, or dense, under ``budget`` bits per
   weight of the stored factors: 0.8 * 32 keeps 80% of the float32 weights) -> ``factorize``
   -> ``eval``.
@@ -66,7 +68,7 @@ def get_config(arg: str = "mixed") -> ml_collections.ConfigDict:
     stages = "search,gptq,convert,eval"
   elif variant == "owl":
     search = dict(kind="search", space="owl", layers=PROJ, sparsity=0.5, method="wanda",
-                  m=5.0, lam=0.08)
+                  m=5.0, lam=0.08, group=r"layers/\d+")
     config.stage.prune = dict(kind="prune", recipe_from="search")
     stages = "search,prune,eval"
   else:

@@ -12,7 +12,8 @@ A section ``config.stage.<name>`` with ``kind = "search"`` scores the current mo
   left dense) per layer, ``budget`` in bits per weight of the stored factors (a float32
   kernel is 32: ``0.8 * 32`` keeps 80% of the weights); for a ``factorize`` stage;
 * ``"owl"``: OWL's non-uniform sparsity (`jaxcomp.owl_recipe`: ``sparsity`` overall,
-  ``method``, ``m``, ``lam``); for a ``prune`` stage.
+  ``method``, ``m``, ``lam``, ``group``: the path prefix whose layers share one ratio, e.g.
+  a block); for a ``prune`` stage.
 
 ``estimator`` (``"hessian"``, default, or ``"kl"``) is the score allocated on; ``kl_n_seq > 0``
 also measures the direct score (KL per token with one layer compressed) on the first
@@ -46,7 +47,7 @@ SPACES = {"quant": "ptq", "lowrank": "factorize", "owl": "prune"}
 _FIELDS = {
     "quant": ("candidates", "budget", "estimator", "kl_n_seq", "kl_candidates", "scores"),
     "lowrank": ("candidates", "budget", "estimator", "kl_n_seq", "kl_candidates", "scores"),
-    "owl": ("sparsity", "method", "m", "lam"),
+    "owl": ("sparsity", "method", "m", "lam", "group"),
 }
 
 
@@ -138,7 +139,8 @@ def run(model: Any, index: int, name: str, cfg: ml_collections.ConfigDict, calib
   if space == "owl":
     recipe, per_layer = owl_recipe(model, cfg.layers, calib, float(cfg.sparsity),
                                    m=float(cfg.get("m", 5.0)), lam=float(cfg.get("lam", 0.08)),
-                                   method=cfg.get("method", "wanda"), progress=False, **kwargs)
+                                   method=cfg.get("method", "wanda"), group=cfg.get("group") or None,
+                                   progress=False, **kwargs)
     seconds = time.perf_counter() - t0
     _write(directory / "recipe.json", recipe.to_config().to_dict())
     _plot(directory / "allocation.png", list(per_layer), list(per_layer.values()),

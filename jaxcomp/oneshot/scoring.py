@@ -393,7 +393,7 @@ def _direct_kl(model: nnx.Module, paths: tuple[str, ...],
 
 def owl_recipe(model: nnx.Module, layers: str, calib: Any, sparsity: float, *,
                m: float = 5.0, lam: float = 0.08, method: str = "wanda",
-               batch_size: int = 8, blocks: str | None = None,
+               group: str | None = None, batch_size: int = 8, blocks: str | None = None,
                call: Callable[[nnx.Module, Any], Any] | None = None, progress: bool = True,
                calib_dtype: Any = jnp.bfloat16) -> tuple[Recipe, dict[str, float]]:
   """OWL's non-uniform unstructured sparsity (`jaxcomp.search.owl_sparsities`) as a recipe.
@@ -401,7 +401,10 @@ def owl_recipe(model: nnx.Module, layers: str, calib: Any, sparsity: float, *,
   One calibration pass over the uncompressed model gives each matched layer's Wanda scores
   ``|W_kn| * ||x_k||`` and their outlier ratio (`jaxcomp.search.outlier_ratio`, ``m``); the
   sparsities spread by ``lam`` around ``sparsity`` (more outliers, fewer zeros) keep the total
-  number of zeros of uniform ``sparsity``. A stack gets one sparsity (its layers' mean ratio).
+  number of zeros of uniform ``sparsity``. With ``group`` (a regex matched at the start of the
+  layer paths, e.g. ``r"layers/\d+"``: a transformer block, as in the paper), the ratio is
+  taken over the scores of all the layers of a group together, and they share its sparsity.
+  A stack gets one sparsity (its layers' mean ratio).
 
   Args:
     model: an NNX model (left untouched).
@@ -410,6 +413,7 @@ def owl_recipe(model: nnx.Module, layers: str, calib: Any, sparsity: float, *,
     sparsity: the overall fraction pruned.
     m, lam: OWL's outlier threshold and spread.
     method: the pruning solver of every rule (``"wanda"``, ``"sparsegpt"``, ``"magnitude"``).
+    group: regex of the path prefix whose layers share one outlier ratio (None: per layer).
     batch_size, blocks, call, progress, calib_dtype: as for `jaxcomp.prune`.
 
   Returns:
@@ -426,19 +430,32 @@ def owl_recipe(model: nnx.Module, layers: str, calib: Any, sparsity: float, *,
   new, todo, _ = plan_transform("owl_recipe", model, plan, calib, lambda x: type(x) in types,
                                 lambda r: r.sparsity, lambda spec: True, strict=True)
   done: list[_Scored] = []
+  kept: dict[str, np.ndarray] = {}  # the scores of each layer, when grouped
 
   def ratio(path, layer, _spec, stats, root=None):
     del root
     w = kernel_2d(layer).astype(jnp.float32)
     norms = jnp.sqrt(jnp.maximum(jnp.diag(stats.h), 0.0))
+    scores = np.asarray(jnp.abs(w) * norms[:, None], np.float32)
+    if group is not None:
+      kept[path] = scores.ravel()
     done.append(_Scored(path, int(w.size), [],
-                        [search.outlier_ratio(np.asarray(jnp.abs(w) * norms[:, None]), m)]))
+                        [np.nan if group is not None else search.outlier_ratio(scores, m)]))
     return done[-1]
 
   solve_all(new, todo, ratio, [], lambda _: None, calib, name="owl_recipe",
             batch_size=batch_size, blocks=blocks,
             call=call or (lambda mdl, b: mdl(*b) if isinstance(b, tuple) else mdl(b)),
             progress=progress, calib_dtype=calib_dtype)
+  if group is not None:  # one ratio over the scores of each group's layers together
+    by: dict[str, list[_Scored]] = {}
+    for d in done:
+      hit = re.match(group, d.path)
+      by.setdefault(hit.group(0) if hit else d.path, []).append(d)
+    for members in by.values():
+      r = search.outlier_ratio(np.concatenate([kept.pop(d.path) for d in members]), m)
+      for d in members:
+        d.scores[0] = r
   groups: dict[str, list[_Scored]] = {}
   for d in done:
     hit = _STACKED.match(d.path)

@@ -61,3 +61,22 @@ def test_owl_recipe_prunes_each_layer_to_its_sparsity_and_the_total_to_the_targe
                                      progress=False)
   assert len(stacked.rules) == 7 and stacked.rules[0].pattern == "layers/attn/k_proj"
   jc.prune(scan_layers(model), stacked, calib=tokens, progress=False)
+
+
+def test_grouped_ratios_are_taken_over_each_block_together():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+  recipe, per_layer = jc.owl_recipe(model, r".*_proj", tokens, 0.5, lam=0.1, progress=False,
+                                    group=r"layers/\d+")
+  assert len(recipe.rules) == 14
+  blocks = {}
+  for path, s in per_layer.items():
+    blocks.setdefault(path.split("/")[1], set()).add(round(s, 12))
+  assert all(len(v) == 1 for v in blocks.values()) and len(blocks) == 2
+  assert len({v.pop() for v in blocks.values()}) == 2  # the two blocks differ
+  params = {p: module_at(model, p).kernel[...].size for p in per_layer}
+  mean = sum(per_layer[p] * params[p] for p in per_layer) / sum(params.values())
+  assert mean == pytest.approx(0.5)
+  # One group holding every layer: one ratio, so uniform sparsity.
+  _, one = jc.owl_recipe(model, r".*_proj", tokens, 0.5, lam=0.1, progress=False, group="layers")
+  assert np.allclose(list(one.values()), 0.5)
