@@ -69,7 +69,10 @@ def main() -> None:
     search = config.stage.search
     if args.suite == "owl":
       search.sparsity = budget
-      search.group = args.owl_group
+      if args.owl_group:
+        search.group = args.owl_group
+      else:  # per layer: the section without a group
+        del search["group"]
     else:
       search.budget = budget
       search.estimator = args.estimator
