@@ -47,8 +47,10 @@ def main() -> None:
   parser.add_argument("--max_tokens", type=int, default=32768)
   parser.add_argument("--budgets", default=None,
                       help="bits per weight (mixed, ranks) or the sparsity (owl)")
-  parser.add_argument("--estimator", default="hessian", choices=("hessian", "kl"))
+  parser.add_argument("--estimator", default="hessian", choices=("hessian", "kl", "calibrated"))
   parser.add_argument("--kl_n_seq", type=int, default=2)
+  parser.add_argument("--scores", default="",
+                      help="an earlier search's sensitivity.json: allocate on it, no scoring")
   parser.add_argument("--owl_group", default=r"layers/\d+",
                       help="owl: the path prefix sharing one outlier ratio ('': per layer)")
   parser.add_argument("--uniform", default=None,
@@ -60,9 +62,11 @@ def main() -> None:
 
   module, uniform = _UNIFORM[args.suite]
   uniform = uniform if args.uniform is None else args.uniform
-  rows, scores = {}, ""
+  rows, scores = {}, args.scores
   for budget in [float(b) for b in (args.budgets or _BUDGETS[args.suite]).split(",") if b]:
     tag = "" if args.suite != "owl" or args.owl_group else "_per_layer"
+    if args.suite != "owl" and args.estimator != "hessian":
+      tag = f"_{args.estimator}"
     work = root / f"{args.suite}_{budget:g}{tag}-{tokens}"
     config = smollm2_search.get_config(args.suite)
     config.eval.max_tokens = args.max_tokens

@@ -15,10 +15,10 @@ A section ``config.stage.<name>`` with ``kind = "search"`` scores the current mo
   ``method``, ``m``, ``lam``, ``group``: the path prefix whose layers share one ratio, e.g.
   a block); for a ``prune`` stage.
 
-``estimator`` (``"hessian"``, default, or ``"kl"``) is the score allocated on; ``kl_n_seq > 0``
-also measures the direct score (KL per token with one layer compressed) on the first
-``kl_n_seq`` calibration sequences, for the candidates ``kl_candidates`` (default all), and
-reports the two estimators' Spearman correlation. ``scores`` names the ``sensitivity.json``
+``estimator`` (``"hessian"``, default, ``"kl"`` or ``"calibrated"``: `Sensitivity.estimator`) is
+the score allocated on; ``kl_n_seq > 0`` also measures the direct score (KL per token with one
+layer compressed) on the first ``kl_n_seq`` calibration sequences, for the candidates
+``kl_candidates`` (default all), and reports the two estimators' Spearman correlation. ``scores`` names the ``sensitivity.json``
 of an earlier search of the same model and candidates, to allocate again at another budget
 without scoring again. The stage dir also gets ``sensitivity.json`` (every layer's scores
 and packed bits per candidate) and ``allocation.png`` (what each layer got, and the predicted
@@ -77,13 +77,13 @@ def check(index: int, name: str, cfg: ml_collections.ConfigDict) -> None:
   if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
     raise ValueError(f"{where}: budget must be bits per weight > 0, got {b!r}")
   est = cfg.get("estimator", "hessian")
-  if est not in ("hessian", "kl"):
-    raise ValueError(f"{where}: estimator must be 'hessian' or 'kl', got {est!r}")
+  if est not in ("hessian", "kl", "calibrated"):
+    raise ValueError(f"{where}: estimator must be 'hessian', 'kl' or 'calibrated', got {est!r}")
   n = cfg.get("kl_n_seq", 0)
   if isinstance(n, bool) or not isinstance(n, int) or n < 0:
     raise ValueError(f"{where}: kl_n_seq must be an int >= 0, got {n!r}")
-  if est == "kl" and not n and not cfg.get("scores"):
-    raise ValueError(f"{where}: estimator 'kl' needs kl_n_seq > 0 (the direct score's "
+  if est != "hessian" and not n and not cfg.get("scores"):
+    raise ValueError(f"{where}: estimator {est!r} needs kl_n_seq > 0 (the direct score's "
                      "calibration sequences)")
   missing = sorted(set(cfg.get("kl_candidates") or ()) - set(specs))
   if missing:

@@ -86,18 +86,38 @@ class Sensitivity:
   kl: np.ndarray | None = None
 
   def estimator(self, name: str) -> np.ndarray:
-    """The [L, C] scores of estimator ``name``: ``"hessian"`` or ``"kl"``."""
+    """The [L, C] scores of estimator ``name``:
+
+    * ``"hessian"``: the Hessian-weighted output error (``scores``);
+    * ``"kl"``: the direct score, measured for every candidate;
+    * ``"calibrated"``: the Hessian scores rescaled per layer by the ratio of the direct to
+      the Hessian score of the candidates whose direct score was measured
+      (``kl_candidates``; one forward per layer each). The Hessian score weighs every
+      layer's output error alike; the measured ratio is how much of that error reaches the
+      model's output (in KL), so the scores of different layers become comparable.
+
+    Example::
+
+      sens.estimator("calibrated")[:, 0]    # predicted KL of the first candidate, per layer
+    """
     if name == "hessian":
       return self.scores
+    if name not in ("kl", "calibrated"):
+      raise ValueError(f"estimator must be 'hessian', 'kl' or 'calibrated', got {name!r}")
+    if self.kl is None:
+      raise ValueError(f"estimator {name!r} needs the direct score; pass kl_tokens= to "
+                       "jc.sensitivity")
+    measured = ~np.isnan(self.kl).any(axis=0)
     if name == "kl":
-      if self.kl is None:
-        raise ValueError("estimator 'kl' was not measured; pass kl_tokens= to jc.sensitivity")
-      if np.isnan(self.kl).any():
-        missing = [n for c, n in enumerate(self.names) if np.isnan(self.kl[:, c]).any()]
+      if not measured.all():
+        missing = [n for n, ok in zip(self.names, measured) if not ok]
         raise ValueError(f"estimator 'kl' was not measured for candidates {missing} "
                          "(kl_candidates=)")
       return self.kl
-    raise ValueError(f"estimator must be 'hessian' or 'kl', got {name!r}")
+    hess = self.scores[:, measured].sum(1)
+    ratio = np.divide(self.kl[:, measured].sum(1), hess, out=np.zeros_like(hess),
+                      where=hess > 0)
+    return self.scores * ratio[:, None]
 
   def spearman(self) -> dict[str, float]:
     """Spearman rank correlation of the Hessian and KL scores over the layers, per candidate.
@@ -133,7 +153,8 @@ class Sensitivity:
     The DP counts bits in ``unit``s, each layer's cost rounded *up* to a whole unit (so the
     budget holds in true bits); default: the smallest power of two keeping the table under
     50M cells (a few KB for a 135M-parameter model; exact when every cost is a multiple).
-    ``estimator``: the scores minimised, ``"hessian"`` or ``"kl"``.
+    ``estimator``: the scores minimised (`estimator`: ``"hessian"``, ``"kl"`` or
+    ``"calibrated"``).
 
     Example::
 

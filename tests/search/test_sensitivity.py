@@ -3,6 +3,7 @@ converted model's bytes, the budgeted recipe is the brute-force optimum and neve
 a stacked Llama gets the unrolled model's scores with one choice per stack; bad input is one
 line."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -199,3 +200,20 @@ def test_kl_for_some_candidates_only():
   with pytest.raises(ValueError, match=r"kl_candidates \['w5'\] are not candidates"):
     jc.sensitivity(model, r".*_proj", cands, calib=tokens, kl_tokens=tokens,
                    kl_candidates=["w5"])
+
+
+def test_calibrated_scores_rescale_each_layer_to_its_measured_kl():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+  cands = {"w2": jc.Quant(w_bits=2, group=32), "w3": jc.Quant(w_bits=3, group=32),
+           "w4": jc.Quant(w_bits=4, group=32)}
+  sens = jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False,
+                        kl_tokens=tokens[:2], kl_candidates=["w3"])
+  cal = sens.estimator("calibrated")
+  np.testing.assert_allclose(cal[:, 1], sens.kl[:, 1], rtol=1e-12)  # the measured one: its KL
+  # Per layer, the candidates keep their Hessian ratios.
+  np.testing.assert_allclose(cal[:, 0] / cal[:, 1], sens.scores[:, 0] / sens.scores[:, 1])
+  recipe, alloc = sens.recipe(3.5, estimator="calibrated")
+  assert sens.bits_per_param(alloc.choice) <= 3.5 and len(recipe.rules) == 14
+  with pytest.raises(ValueError, match="estimator 'calibrated' needs the direct score"):
+    dataclasses.replace(sens, kl=None).estimator("calibrated")
