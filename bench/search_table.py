@@ -47,7 +47,7 @@ def main() -> None:
   parser.add_argument("--max_tokens", type=int, default=32768)
   parser.add_argument("--budgets", default=None,
                       help="bits per weight (mixed, ranks) or the sparsity (owl)")
-  parser.add_argument("--estimator", default="hessian", choices=("hessian", "kl", "calibrated"))
+  parser.add_argument("--estimator", default="fisher", choices=("hessian", "fisher", "kl", "calibrated"))
   parser.add_argument("--kl_n_seq", type=int, default=2)
   parser.add_argument("--scores", default="",
                       help="an earlier search's sensitivity.json: allocate on it, no scoring")
@@ -65,7 +65,7 @@ def main() -> None:
   rows, scores = {}, args.scores
   for budget in [float(b) for b in (args.budgets or _BUDGETS[args.suite]).split(",") if b]:
     tag = "" if args.suite != "owl" or args.owl_group else "_per_layer"
-    if args.suite != "owl" and args.estimator != "hessian":
+    if args.suite != "owl" and args.estimator != "fisher":
       tag = f"_{args.estimator}"
     work = root / f"{args.suite}_{budget:g}{tag}-{tokens}"
     config = smollm2_search.get_config(args.suite)
@@ -121,8 +121,9 @@ def main() -> None:
                 if r.get("search", {}).get("spearman")), None)
   if spear:
     layers = next(r["search"]["layers"] for r in rows.values() if r.get("search"))
-    print(f"\nSpearman(Hessian score, direct KL) over {layers} projections: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in spear.items()))
+    for est, per in spear.items():
+      print(f"\nSpearman({est} score, direct KL) over {layers} projections: " +
+            ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
 

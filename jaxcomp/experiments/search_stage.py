@@ -15,10 +15,12 @@ A section ``config.stage.<name>`` with ``kind = "search"`` scores the current mo
   ``method``, ``m``, ``lam``, ``group``: the path prefix whose layers share one ratio, e.g.
   a block); for a ``prune`` stage.
 
-``estimator`` (``"hessian"``, default, ``"kl"`` or ``"calibrated"``: `Sensitivity.estimator`) is
-the score allocated on; ``kl_n_seq > 0`` also measures the direct score (KL per token with one
-layer compressed) on the first ``kl_n_seq`` calibration sequences, for the candidates
-``kl_candidates`` (default all), and reports the two estimators' Spearman correlation. ``scores`` names the ``sensitivity.json``
+``estimator`` (``"hessian"``, default, ``"fisher"``, ``"kl"`` or ``"calibrated"``:
+`Sensitivity.estimator`) is the score allocated on; ``fisher_n_seq > 0`` measures the Fisher
+score's output gradients on the first ``fisher_n_seq`` calibration sequences; ``kl_n_seq > 0``
+also measures the direct score (KL per token with one layer compressed) on the first
+``kl_n_seq`` calibration sequences, for the candidates ``kl_candidates`` (default all), and
+reports each cheap estimator's Spearman correlation with it. ``scores`` names the ``sensitivity.json``
 of an earlier search of the same model and candidates, to allocate again at another budget
 without scoring again. The stage dir also gets ``sensitivity.json`` (every layer's scores
 and packed bits per candidate) and ``allocation.png`` (what each layer got, and the predicted
@@ -45,8 +47,10 @@ from jaxcomp.recipe import Recipe
 # space -> the stage kind that applies the searched recipe
 SPACES = {"quant": "ptq", "lowrank": "factorize", "owl": "prune"}
 _FIELDS = {
-    "quant": ("candidates", "budget", "estimator", "kl_n_seq", "kl_candidates", "scores"),
-    "lowrank": ("candidates", "budget", "estimator", "kl_n_seq", "kl_candidates", "scores"),
+    "quant": ("candidates", "budget", "estimator", "kl_n_seq", "kl_candidates", "fisher_n_seq",
+              "scores"),
+    "lowrank": ("candidates", "budget", "estimator", "kl_n_seq", "kl_candidates", "fisher_n_seq",
+                "scores"),
     "owl": ("sparsity", "method", "m", "lam", "group"),
 }
 
@@ -77,14 +81,17 @@ def check(index: int, name: str, cfg: ml_collections.ConfigDict) -> None:
   if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
     raise ValueError(f"{where}: budget must be bits per weight > 0, got {b!r}")
   est = cfg.get("estimator", "hessian")
-  if est not in ("hessian", "kl", "calibrated"):
-    raise ValueError(f"{where}: estimator must be 'hessian', 'kl' or 'calibrated', got {est!r}")
-  n = cfg.get("kl_n_seq", 0)
-  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-    raise ValueError(f"{where}: kl_n_seq must be an int >= 0, got {n!r}")
-  if est != "hessian" and not n and not cfg.get("scores"):
-    raise ValueError(f"{where}: estimator {est!r} needs kl_n_seq > 0 (the direct score's "
-                     "calibration sequences)")
+  if est not in ("hessian", "fisher", "kl", "calibrated"):
+    raise ValueError(f"{where}: estimator must be 'hessian', 'fisher', 'kl' or 'calibrated', "
+                     f"got {est!r}")
+  for field in ("kl_n_seq", "fisher_n_seq"):
+    n = cfg.get(field, 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      raise ValueError(f"{where}: {field} must be an int >= 0, got {n!r}")
+  need = "fisher_n_seq" if est == "fisher" else "kl_n_seq"
+  if est != "hessian" and not cfg.get(need, 0) and not cfg.get("scores"):
+    raise ValueError(f"{where}: estimator {est!r} needs {need} > 0 (calibration sequences "
+                     "it is measured on)")
   missing = sorted(set(cfg.get("kl_candidates") or ()) - set(specs))
   if missing:
     raise ValueError(f"{where}: kl_candidates {missing} are not candidates ({sorted(specs)})")
@@ -157,14 +164,16 @@ def run(model: Any, index: int, name: str, cfg: ml_collections.ConfigDict, calib
       raise ValueError(f"stage {index} {name!r} (search): {cfg.scores} scored other candidates "
                        f"({list(sens.names)}) than this section's ({list(specs)})")
   else:
+    first = {}
+    for field in ("kl_n_seq", "fisher_n_seq"):
+      n = int(cfg.get(field, 0))
+      first[field] = np.asarray(calib)[:n] if n else None
+      if n and len(first[field]) < n:
+        raise ValueError(f"stage {index} {name!r} (search): {field}={n} but the calibration "
+                         f"has {len(first[field])} sequences")
     n_kl = int(cfg.get("kl_n_seq", 0))
-    kl = None
-    if n_kl:
-      kl = np.asarray(calib)[:n_kl]
-      if len(kl) < n_kl:
-        raise ValueError(f"stage {index} {name!r} (search): kl_n_seq={n_kl} but the "
-                         f"calibration has {len(kl)} sequences")
-    sens = sensitivity(model, cfg.layers, specs, calib, progress=False, kl_tokens=kl,
+    sens = sensitivity(model, cfg.layers, specs, calib, progress=False,
+                       kl_tokens=first["kl_n_seq"], fisher_tokens=first["fisher_n_seq"],
                        kl_candidates=list(cfg.get("kl_candidates") or specs) if n_kl else None,
                        **kwargs)
   seconds = time.perf_counter() - t0
@@ -190,7 +199,8 @@ def run(model: Any, index: int, name: str, cfg: ml_collections.ConfigDict, calib
             "seconds_scoring": round(seconds, 2), "seconds_allocation": round(seconds_alloc, 3),
             "scores_from": cfg.get("scores", "") or None}
   if sens.kl is not None:
-    report["spearman"] = sens.spearman()
+    report["spearman"] = {e: sens.spearman(e) for e in ("hessian", "fisher")
+                          if e == "hessian" or sens.fisher is not None}
   step = max(1, len(frontier[0]) // 64)
   report["frontier"] = {"bits_per_param": frontier[0][::step].tolist(),
                         "predicted_loss": frontier[1][::step].tolist()}

@@ -59,6 +59,8 @@ class _Scored:
   params: int
   bits: list[int]
   scores: list[float]
+  per_out: list[np.ndarray] = dataclasses.field(default_factory=list)  # [N] per candidate
+  trace_h: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,8 @@ class Sensitivity:
     scores: float64[L, C] Hessian-weighted output error of each candidate.
     kl: float64[L, C] the direct score (KL per token with only that layer compressed; NaN
       for candidates not measured), or None when not measured.
+    fisher: float64[L, C] the Fisher-weighted output error (predicted KL per token, from the
+      output gradients of ``fisher_tokens``), or None when not measured.
   """
 
   paths: tuple[str, ...]
@@ -84,11 +88,14 @@ class Sensitivity:
   bits: np.ndarray
   scores: np.ndarray
   kl: np.ndarray | None = None
+  fisher: np.ndarray | None = None
 
   def estimator(self, name: str) -> np.ndarray:
     """The [L, C] scores of estimator ``name``:
 
     * ``"hessian"``: the Hessian-weighted output error (``scores``);
+    * ``"fisher"``: the output error weighted by how much each output channel moves the
+      model's output distribution (``fisher``: predicted KL per token);
     * ``"kl"``: the direct score, measured for every candidate;
     * ``"calibrated"``: the Hessian scores rescaled per layer by the ratio of the direct to
       the Hessian score of the candidates whose direct score was measured
@@ -102,8 +109,14 @@ class Sensitivity:
     """
     if name == "hessian":
       return self.scores
+    if name == "fisher":
+      if self.fisher is None:
+        raise ValueError("estimator 'fisher' was not measured; pass fisher_tokens= to "
+                         "jc.sensitivity")
+      return self.fisher
     if name not in ("kl", "calibrated"):
-      raise ValueError(f"estimator must be 'hessian', 'kl' or 'calibrated', got {name!r}")
+      raise ValueError(f"estimator must be 'hessian', 'fisher', 'kl' or 'calibrated', got "
+                       f"{name!r}")
     if self.kl is None:
       raise ValueError(f"estimator {name!r} needs the direct score; pass kl_tokens= to "
                        "jc.sensitivity")
@@ -119,17 +132,19 @@ class Sensitivity:
                       where=hess > 0)
     return self.scores * ratio[:, None]
 
-  def spearman(self) -> dict[str, float]:
-    """Spearman rank correlation of the Hessian and KL scores over the layers, per candidate.
+  def spearman(self, estimator: str = "hessian") -> dict[str, float]:
+    """Spearman rank correlation of a cheap estimator's scores (``"hessian"`` or ``"fisher"``)
+    and the direct KL scores over the layers, per candidate whose KL was measured.
 
     Example::
 
-      sens.spearman()       # {"w3g128": 0.83, "w4g128": 0.79}
+      sens.spearman("fisher")       # {"w3g128": 0.83, "w4g128": 0.79}
     """
+    cheap = self.estimator(estimator)
     if self.kl is None:
       raise ValueError("spearman: the direct score was not measured; pass kl_tokens= to "
                        "jc.sensitivity")
-    return {n: float(scipy.stats.spearmanr(self.scores[:, c], self.kl[:, c]).statistic)
+    return {n: float(scipy.stats.spearmanr(cheap[:, c], self.kl[:, c]).statistic)
             for c, n in enumerate(self.names) if not np.isnan(self.kl[:, c]).any()}
 
   def groups(self) -> list[tuple[str, list[int]]]:
@@ -204,14 +219,18 @@ class Sensitivity:
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready: the candidates' specs and, per layer, each candidate's bits and scores
     (`from_dict` reads it back)."""
-    def score(table, i, c):
-      return {} if table is None or np.isnan(table[i, c]) else {"kl": float(table[i, c])}
+    def score(i, c):
+      out = {}
+      for key, table in (("kl", self.kl), ("fisher", self.fisher)):
+        if table is not None and not np.isnan(table[i, c]):
+          out[key] = float(table[i, c])
+      return out
     return {"candidates": list(self.names),
             "specs": {n: None if s is None else s.to_dict()
                       for n, s in zip(self.names, self.specs)},
             "layers": {p: {"params": int(self.params[i]),
                            **{n: {"bits": int(self.bits[i, c]), "score": float(self.scores[i, c]),
-                                  **score(self.kl, i, c)}
+                                  **score(i, c)}
                               for c, n in enumerate(self.names)}}
                        for i, p in enumerate(self.paths)}}
 
@@ -234,12 +253,15 @@ class Sensitivity:
       bits = np.asarray([[r[n]["bits"] for n in names] for r in rows], np.int64)
       scores = np.asarray([[r[n]["score"] for n in names] for r in rows], np.float64)
       kl = np.asarray([[r[n].get("kl", np.nan) for n in names] for r in rows], np.float64)
+      fisher = np.asarray([[r[n].get("fisher", np.nan) for n in names] for r in rows],
+                          np.float64)
       params = np.asarray([r["params"] for r in rows], np.int64)
     except (KeyError, TypeError, AttributeError) as e:
       raise ValueError(f"Sensitivity.from_dict: not a Sensitivity.to_dict() mapping (missing "
                        f"{e})") from None
     return cls(paths, names, specs, params, bits, scores,
-               None if np.isnan(kl).all() else kl)
+               None if np.isnan(kl).all() else kl,
+               None if np.isnan(fisher).any() else fisher)
 
 
 def _rule(path: str, spec: Quant | LowRank | None) -> Rule:
@@ -286,7 +308,8 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
                 batch_size: int = 8, blocks: str | None = None,
                 call: Callable[[nnx.Module, Any], Any] | None = None, progress: bool = True,
                 calib_dtype: Any = jnp.bfloat16, kl_tokens: Any = None,
-                kl_batch_size: int = 4, kl_candidates: Sequence[str] | None = None
+                kl_batch_size: int = 4, kl_candidates: Sequence[str] | None = None,
+                fisher_tokens: Any = None, fisher_batch_size: int = 1, seed: int = 0
                 ) -> Sensitivity:
   """Scores every layer whose path fully matches ``layers`` under every candidate.
 
@@ -303,6 +326,14 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
       of ``kl_batch_size``.
     kl_candidates: the candidate names the direct score is measured for (default: all; the
       others get NaN and cannot be allocated on ``estimator="kl"``).
+
+    fisher_tokens: also score by the Fisher-weighted output error: one backward pass per
+      batch of ``fisher_batch_size`` of these inputs (labels sampled from the model's own
+      next-token distribution, seed ``seed``) gives, per layer and output channel ``n``, the
+      mean squared gradient of the log-likelihood w.r.t. the layer's output, ``G_n = 2
+      sum_k S_kn / (T tr H)`` from the summed squared kernel gradients ``S`` (the
+      Kronecker-factored Fisher: inputs and output gradients independent); the score
+      ``1/4 sum_n G_n dW_n^T H dW_n`` is the KL per token the candidate is predicted to add.
 
   Returns:
     `Sensitivity` ([L, C] scores and packed bits).
@@ -345,6 +376,10 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
   new, todo, _ = plan_transform("sensitivity", model, recipe, calib, lambda m: type(m) in types,
                                 lambda r: getattr(r, field), lambda spec: True, strict=True)
   done: list[_Scored] = []
+  grads = None
+  if fisher_tokens is not None:
+    grads = _output_fisher(model, [p for p, *_ in todo], fisher_tokens, fisher_batch_size,
+                           call or (lambda m, b: m(b)), seed)
   solved: list[list[np.ndarray | None]] = []  # (K, N) effective kernels for the direct score
 
   def score(path, m, _spec, stats, root=None):
@@ -353,30 +388,73 @@ def sensitivity(model: nnx.Module, layers: str, candidates: Mapping[str, Quant],
     kernel = getattr(m, axes.name)[...]
     w = kernel_2d(m).astype(jnp.float32)
     h = stats.h
-    row, cost, effective = [], [], []
+    row, cost, effective, per_outs = [], [], [], []
     for name, spec in zip(names, specs):
       eff, bits = _effective(w, stats, spec, kernel, axes)
       d = eff.astype(jnp.float32) - w
-      row.append(float(jnp.sum(d * (h @ d))))
+      per_out = jnp.sum(d * (h @ d), axis=0)  # [N]: each output channel's error
+      row.append(float(jnp.sum(per_out)))
+      if grads is not None:
+        per_outs.append(np.asarray(per_out, np.float64))
       cost.append(bits)
       if kl_tokens is not None:
         effective.append(np.asarray(eff, np.float32) if name in measured else None)
     solved.append(effective)
-    done.append(_Scored(path, int(np.prod(kernel.shape)), cost, row))
+    done.append(_Scored(path, int(np.prod(kernel.shape)), cost, row, per_outs,
+                        float(jnp.trace(h))))
     return done[-1]
 
   solve_all(new, todo, score, [], lambda _: None, calib, name="sensitivity",
             batch_size=batch_size, blocks=blocks,
             call=call or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b)),
             progress=progress, calib_dtype=calib_dtype)
-  paths = tuple(d.path for d in done)
+  paths = tuple(d.path for d in done)  # a stack's layers labelled ``path[i]/layer`` by now
+  fisher = None
+  if grads is not None:
+    summed, n_tok = grads
+    fisher = np.zeros((len(done), len(names)))
+    for l, d in enumerate(done):
+      hit = _STACKED.match(d.path)
+      g = summed[hit.group(1) + (hit.group(3) or "")][int(hit.group(2))] if hit else summed[d.path]
+      g_out = 2.0 * np.asarray(g, np.float64) / (n_tok * max(d.trace_h, 1e-30))
+      fisher[l] = [0.25 * float(np.sum(g_out * e)) for e in d.per_out]
   kl = None
   if kl_tokens is not None:
     kl = _direct_kl(nnx.clone(model), paths, solved, kl_tokens, kl_batch_size,
                     call or (lambda m, b: m(b)), progress)
   return Sensitivity(paths, names, specs, np.asarray([d.params for d in done], np.int64),
                      np.asarray([d.bits for d in done], np.int64),
-                     np.asarray([d.scores for d in done], np.float64), kl)
+                     np.asarray([d.scores for d in done], np.float64), kl, fisher)
+
+
+def _output_fisher(model: nnx.Module, paths: list[str], tokens: Any, batch_size: int,
+                   call: Callable[[nnx.Module, Any], Any], seed: int
+                   ) -> tuple[dict[str, np.ndarray], int]:
+  """Per layer path, the squared kernel gradients of the sampled log-likelihood summed over
+  batches and the contracting axes (``[N]``, ``[L, N]`` for a stack), and the token count."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loglik(p, batch, key):
+    logits = call(nnx.merge(graphdef, p, rest), batch).astype(jnp.float32)
+    y = jax.random.categorical(key, logits)  # the model's own distribution: its Fisher
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1)), y.size
+
+  @jax.jit
+  def squared(p, batch, key):
+    grad, count = jax.grad(loglik, has_aux=True)(p, batch, key)
+    g = nnx.merge(graphdef, grad, rest)
+    return {path: jnp.sum(jnp.square(kernel_2d(engine.module_at(g, path))), axis=-2)
+            for path in paths}, count
+
+  summed: dict[str, Any] = {}
+  n_tok = 0
+  key = jax.random.key(seed)
+  for i, batch in enumerate(as_batches(tokens, batch_size, "sensitivity")):
+    out, count = squared(params, batch, jax.random.fold_in(key, i))
+    summed = out if not summed else {p: summed[p] + out[p] for p in paths}
+    n_tok += int(count)  # predictions: tokens of a language model, examples of a classifier
+  return {p: np.asarray(v) for p, v in summed.items()}, n_tok
 
 
 def _direct_kl(model: nnx.Module, paths: tuple[str, ...],
@@ -423,7 +501,7 @@ def owl_recipe(model: nnx.Module, layers: str, calib: Any, sparsity: float, *,
   ``|W_kn| * ||x_k||`` and their outlier ratio (`jaxcomp.search.outlier_ratio`, ``m``); the
   sparsities spread by ``lam`` around ``sparsity`` (more outliers, fewer zeros) keep the total
   number of zeros of uniform ``sparsity``. With ``group`` (a regex matched at the start of the
-  layer paths, e.g. ``r"layers/\d+"``: a transformer block, as in the paper), the ratio is
+  layer paths, e.g. ``r"layers/\\d+"``: a transformer block, as in the paper), the ratio is
   taken over the scores of all the layers of a group together, and they share its sparsity.
   A stack gets one sparsity (its layers' mean ratio).
 

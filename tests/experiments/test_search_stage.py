@@ -57,7 +57,8 @@ def test_mixed_precision_applies_the_searched_recipe_within_budget(mixed):
   d = work / "stages" / "0_search"
   search = json.loads((d / "report.json").read_text())
   assert search["bits_per_param"] <= 4.0 and search["layers"] == 14
-  assert set(search["spearman"]) == {"w3g32"}
+  assert set(search["spearman"]) == {"hessian", "fisher"}
+  assert set(search["spearman"]["fisher"]) == {"w3g32"} and search["estimator"] == "fisher"
   assert (d / "allocation.png").stat().st_size > 0
   per_layer = json.loads((d / "layers.json").read_text())
   assert len(set(per_layer.values())) > 1  # mixed, not uniform

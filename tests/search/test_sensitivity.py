@@ -126,7 +126,8 @@ def test_direct_kl_is_the_model_with_only_that_layer_compressed():
                  progress=False)
     p, q = (jax.nn.log_softmax(m(held_out), -1) for m in (model, one))
     kl = float(jnp.sum(jnp.exp(p) * (p - q))) / held_out.size
-    np.testing.assert_allclose(sens.kl[l, 0], kl, rtol=3e-2)  # ptq's dots run in bfloat16
+    # ptq's dots run in bfloat16: 3% of the KL, or 1e-8 nats for the layers that barely move it
+    np.testing.assert_allclose(sens.kl[l, 0], kl, rtol=3e-2, atol=1e-8)
   # The stacked model: the same direct scores, layer by layer.
   stacked = jc.sensitivity(scan_layers(model), r".*_proj", cands, calib=tokens, progress=False,
                            kl_tokens=held_out)
@@ -139,7 +140,7 @@ def test_direct_kl_is_the_model_with_only_that_layer_compressed():
     assert sens.spearman()[name] == pytest.approx(expect)
   recipe, alloc = sens.recipe(3.5, estimator="kl")
   assert sens.bits_per_param(alloc.choice) <= 3.5 and len(recipe.rules) == 14
-  with pytest.raises(ValueError, match="estimator 'kl' was not measured"):
+  with pytest.raises(ValueError, match="estimator 'kl' needs the direct score"):
     jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False).recipe(
         3.5, estimator="kl")
 
@@ -217,3 +218,28 @@ def test_calibrated_scores_rescale_each_layer_to_its_measured_kl():
   assert sens.bits_per_param(alloc.choice) <= 3.5 and len(recipe.rules) == 14
   with pytest.raises(ValueError, match="estimator 'calibrated' needs the direct score"):
     dataclasses.replace(sens, kl=None).estimator("calibrated")
+
+
+def test_fisher_score_predicts_the_direct_kl():
+  """The Kronecker-factored Fisher score is the KL the candidate adds, to first order: on a
+  tiny Llama it ranks the layers as the direct score does and matches its size, where the
+  Hessian score (blind to what the later layers do with an error) does not."""
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (8, 64), 0, 256)
+  cands = {"w2": jc.Quant(w_bits=2, group=32), "w3": jc.Quant(w_bits=3, group=32)}
+  sens = jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False,
+                        kl_tokens=tokens, fisher_tokens=tokens, calib_dtype=None)
+  assert min(sens.spearman("fisher").values()) > 0.9
+  assert max(sens.spearman("hessian").values()) < 0.5
+  np.testing.assert_allclose(sens.fisher[:, 1], sens.kl[:, 1], rtol=0.3)
+  back = jc.Sensitivity.from_dict(sens.to_dict())
+  np.testing.assert_array_equal(back.fisher, sens.fisher)
+  # A stack: the same scores, layer by layer (gradients sliced per layer of the stack).
+  stacked = jc.sensitivity(scan_layers(model), r".*_proj", cands, calib=tokens, progress=False,
+                           fisher_tokens=tokens, calib_dtype=None)
+  np.testing.assert_allclose(np.sort(stacked.fisher.ravel()), np.sort(sens.fisher.ravel()),
+                             rtol=1e-4)
+  recipe, alloc = sens.recipe(3.0, estimator="fisher")
+  assert sens.bits_per_param(alloc.choice) <= 3.0
+  with pytest.raises(ValueError, match="estimator 'fisher' was not measured"):
+    dataclasses.replace(sens, fisher=None).recipe(3.0, estimator="fisher")
