@@ -236,11 +236,11 @@ def _plot(path: pathlib.Path, names: list[str], values: list[float], *, ylabel: 
   ax = axes[0, 0]
   colors = None
   if labels is not None:
-    palette = plt.get_cmap("tab10")
-    order = sorted(set(labels), key=labels.index)
-    colors = [palette(order.index(l) % 10) for l in labels]
+    order = sorted(set(labels))
+    palette = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+    colors = [palette(order.index(l) % palette.N) for l in labels]
     for i, l in enumerate(order):
-      ax.bar([0], [0], color=palette(i % 10), label=l)
+      ax.bar([0], [0], color=palette(i % palette.N), label=l)
     ax.legend(fontsize=7, ncol=min(4, len(order)))
   ax.bar(range(len(values)), values, color=colors, width=1.0)
   ax.set_xlabel("layer (solve order)")
