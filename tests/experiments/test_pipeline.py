@@ -112,7 +112,7 @@ def test_bad_stage_lists_are_refused_before_anything_runs(texts, tmp_path, chang
 def test_unknown_kind_and_missing_calibration(texts, tmp_path):
   config = _config("p_q", texts)
   config.stage.prune.kind = "shrink"
-  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, structured, factorize"):
+  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, structured, search, factorize"):
     pipeline.plan(config)
   config = _config("p_q", texts)
   config.calib.n_seq = 0
