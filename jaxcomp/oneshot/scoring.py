@@ -177,9 +177,7 @@ class Sensitivity:
       model = jc.ptq(model, recipe, calib=tokens)
     """
     groups = self.groups()
-    costs = np.stack([self.bits[rows].sum(0) for _, rows in groups]).astype(np.float64)
-    table = self.estimator(estimator)
-    scores = np.stack([table[rows].sum(0) for _, rows in groups])
+    costs, scores = self._per_group(estimator)
     budget = float(bits_per_param) * float(self.params.sum())
     least = costs.min(1).sum() / self.params.sum()
     if budget < costs.min(1).sum():
@@ -196,6 +194,13 @@ class Sensitivity:
     rules = [_rule(path, self.specs[c]) for (path, _), c in zip(groups, alloc.choice)]
     return Recipe(rules), alloc
 
+  def _per_group(self, estimator: str) -> tuple[np.ndarray, np.ndarray]:
+    """[G, C] bits and scores summed over each choice's layers (`groups`)."""
+    table = self.estimator(estimator)
+    rows = [r for _, r in self.groups()]
+    return (np.stack([self.bits[r].sum(0) for r in rows]).astype(np.float64),
+            np.stack([table[r].sum(0) for r in rows]))
+
   def frontier(self, *, estimator: str = "hessian", points: int = 2048
                ) -> tuple[np.ndarray, np.ndarray]:
     """The predicted trade-off: ``(bits_per_param[k], score[k])``, the least summed score at
@@ -206,12 +211,9 @@ class Sensitivity:
 
       bits, loss = sens.frontier()         # plot(bits, loss): the predicted loss per budget
     """
-    groups = self.groups()
-    costs = np.stack([self.bits[rows].sum(0) for _, rows in groups]).astype(np.float64)
-    table = self.estimator(estimator)
-    scores = np.stack([table[rows].sum(0) for _, rows in groups])
+    costs, scores = self._per_group(estimator)
     unit = 1.0
-    while costs.max(1).sum() / unit > points * len(groups):
+    while costs.max(1).sum() / unit > points * len(costs):
       unit *= 2.0
     cost, loss = search.frontier(np.ceil(costs / unit) * unit, scores, unit=unit)
     return cost / float(self.params.sum()), loss
