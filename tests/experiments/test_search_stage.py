@@ -3,6 +3,7 @@ applies the searched recipe, the packed model has the bits the search predicted,
 restores it, scores are reused at another budget, OWL and rank allocation keep their totals,
 and every misuse is one line before anything runs."""
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -171,3 +172,13 @@ def test_a_search_after_quantization_and_a_mismatched_target_are_refused(texts, 
   with pytest.raises(ValueError, match=r"search 'search' chooses space 'owl', whose recipe a "
                      r"prune stage applies"):
     pipeline.plan(owl)
+
+
+def test_mixed_full_searches_the_same_grids_on_the_full_signed_range():
+  search = smollm2_search.get_config("mixed_full").stage.search
+  cands = {n: jc.Quant.from_dict(c) for n, c in search.candidates.items()}
+  symmetric = smollm2_search.candidates()
+  assert sorted(n[:-1] for n in cands) == sorted(symmetric)
+  for name, quant in cands.items():
+    assert quant.full_range and quant == dataclasses.replace(symmetric[name[:-1]], full_range=True)
+  assert list(search.kl_candidates) == ["w3g128f"]
