@@ -54,6 +54,9 @@ def main() -> None:
                       help="bits per weight (mixed, ranks) or the sparsity (owl)")
   parser.add_argument("--estimator", default="fisher", choices=("hessian", "fisher", "kl", "calibrated"))
   parser.add_argument("--kl_n_seq", type=int, default=2)
+  parser.add_argument("--kl_candidates", default=None,
+                      help="mixed: the candidates whose direct KL is measured (comma-separated; "
+                           "default the config's)")
   parser.add_argument("--scores", default="",
                       help="an earlier search's sensitivity.json: allocate on it, no scoring")
   parser.add_argument("--owl_group", default=r"layers/\d+",
@@ -87,6 +90,8 @@ def main() -> None:
       search.estimator = args.estimator
       search.kl_n_seq = args.kl_n_seq if not scores and args.suite.startswith("mixed") else 0
       search.scores = scores
+      if args.kl_candidates:
+        search.kl_candidates = args.kl_candidates.split(",")
     report = ptq_table.run_variant(config, work, root)
     found = json.loads((work / "stages" / "0_search" / "report.json").read_text())
     if args.suite != "owl":

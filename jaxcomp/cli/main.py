@@ -11,12 +11,18 @@ dataset) ends with one line on stderr and exit status 1; nothing already in DIR 
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
+import pathlib
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+LOG_NAME = "jaxcomp.log"
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1]) + os.sep
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally ':variant'.", lock_config=True)
@@ -36,6 +42,9 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Dry run: compile the config's training step for --topology with "
     "the real TPU / GPU compiler (no device, data or weights needed), print HBM per device and "
     "write DIR/compile_report.json.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Also print the libraries' log lines (orbax, tfds, ...) on the console; "
+    "they always go to DIR/jaxcomp.log.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compile_only: a TPU slice or GPU as jaxcomp.aot.target names it "
     "(v5p:4x4x4, v6e:16x16, v5e:2x2, h100, ...).")
@@ -56,24 +65,93 @@ def _init_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _write_atomic(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+class _WorkdirLog(logging_std.Handler):
+  """Every log record, at INFO and above, into ``<workdir>/jaxcomp.log``: held in memory until
+  the run has validated its inputs and claimed the workdir (`jaxcomp.train.workdir.claim`; a
+  run that fails before leaves the workdir as it was), then appended."""
+
+  def __init__(self, workdir: str):
+    super().__init__(logging_std.INFO)
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOG_NAME)
+    self._held: list[str] = []
+    self._file = None
+    self.setFormatter(logging.PythonFormatter())
+
+  def emit(self, record: logging_std.LogRecord) -> None:
+    try:
+      line = self.format(record) + "\n"
+      if self._file is None:
+        from jaxcomp.train import workdir as wd  # pylint: disable=import-outside-toplevel
+        if not wd.claimed(self.workdir):
+          self._held.append(line)
+          return
+        self._file = open(self.path, "a")
+        self._file.writelines(self._held)
+        self._held = []
+      self._file.write(line)
+      self._file.flush()
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    super().close()
+
+
+def _ours(record: logging_std.LogRecord) -> bool:
+  return record.pathname.startswith(_PACKAGE_DIR)
+
+
+def _quiet_console(workdir: str, verbose: bool) -> None:
+  """The console shows jaxcomp's own one-line log lines (without absl's prefix), warnings and
+  errors;
+  the libraries' INFO lines (orbax prints ~100 per run) go to ``<workdir>/jaxcomp.log`` only,
+  unless ``--verbose``. Python warnings and exceptions ignored in background threads at exit
+  (orbax's "Event loop is closed") go to the log file too."""
+  console = logging.get_absl_handler()
+  library_format = logging.PythonFormatter()
+
+  class Console(logging_std.Formatter):
+    def format(self, record: logging_std.LogRecord) -> str:
+      if not _ours(record):
+        return library_format.format(record)
+      prefix = "jaxcomp: warning: " if record.levelno == logging_std.WARNING else "jaxcomp: "
+      return prefix + record.getMessage()
+
+  # jaxcomp's one-line status messages and warnings; its multi-line tables (the match report
+  # of a recipe) only in the log file, as everything from the libraries below ERROR.
+  console.addFilter(lambda r: verbose or r.levelno >= logging_std.ERROR or (
+      _ours(r) and (r.levelno >= logging_std.WARNING or "\n" not in r.getMessage())))
+  console.setFormatter(Console())
+  root = logging_std.getLogger()
+  root.addHandler(_WorkdirLog(workdir))
+  logging.set_verbosity(logging.INFO)
+  logging_std.captureWarnings(True)
+
+  def unraisable(hook_args):  # background coroutines torn down at exit: log, do not print
+    logging_std.getLogger("jaxcomp.exit").debug("ignored at exit: %s %s",
+                                                hook_args.exc_type.__name__, hook_args.exc_value)
+
+  if not verbose:
+    sys.unraisablehook = unraisable
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  _quiet_console(workdir, _VERBOSE.value)
   # Imported here so that `--help` and flag errors do not wait for JAX.
   from jaxcomp.quant.spec import SpecError  # pylint: disable=import-outside-toplevel
   from jaxcomp.recipe import RecipeError  # pylint: disable=import-outside-toplevel
+  from jaxcomp.train import workdir as wd  # pylint: disable=import-outside-toplevel
   from jaxcomp.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jaxcomp.train.loop import Preempted, TrainingDiverged, train  # pylint: disable=import-outside-toplevel
 
   from jaxcomp.experiments.pipeline import run_pipeline  # pylint: disable=import-outside-toplevel
 
-  config, workdir = _CONFIG.value, _WORKDIR.value
   job = run_pipeline if config.get("task") == "pipeline" else train  # else: training tasks
   if _COMPILE_ONLY.value or _TOPOLOGY.value:
     if not (_COMPILE_ONLY.value and _TOPOLOGY.value):
@@ -88,34 +166,58 @@ def main(argv: list[str]) -> None:
         return compile_step(c, w, _TOPOLOGY.value)
       except RuntimeError as e:  # the compiler's own errors (e.g. RESOURCE_EXHAUSTED): one line
         raise ValueError(f"compiling for {_TOPOLOGY.value}: {str(e).splitlines()[0]}") from e
+  errors = (CheckpointError, TrainingDiverged, FileNotFoundError, SpecError, RecipeError,
+            ValueError, wd.WorkdirError, OSError)
   try:
+    if not _COMPILE_ONLY.value and _finished(workdir, config, wd):
+      return
     _init_distributed()
     report = job(config, workdir)
   except Preempted as e:  # a clean stop: the checkpoint is written, rerun resumes
     print(f"jaxcomp: {e}", file=sys.stderr)
     sys.exit(PREEMPTED_EXIT)
-  except (CheckpointError, TrainingDiverged, FileNotFoundError, SpecError, RecipeError,
-          ValueError) as e:
+  except errors as e:
     if os.environ.get("JAXCOMP_TRACEBACK"):
       raise
     sys.exit(f"jaxcomp: error: {e}")
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:  # one writer
     return
-  name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"],
-                                                          "config_filename") else "run"
   from jaxcomp.eval.harness import report_markdown  # pylint: disable=import-outside-toplevel
-  md = report_markdown(report, str(name))
+  md = report_markdown(report, _run_name())
   if _COMPILE_ONLY.value:  # nothing ran: the run's report.json stays for a real run
     print(md)
     if not report["fits"]:
       sys.exit(f"jaxcomp: error: the step does not fit {report['topology']}: "
                f"{report['peak_gib']} GiB per device of {report['hbm_gib']} GiB HBM")
     return
-  _write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
-  _write_atomic(os.path.join(workdir, "report.md"), md)
+  try:
+    wd.write_text_atomic(os.path.join(workdir, "report.md"), md)
+    wd.write_text_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+  except wd.WorkdirError as e:
+    sys.exit(f"jaxcomp: error: {e}")
   logging.info("report written to %s", workdir)
   print(md)
+
+
+def _run_name() -> str:
+  return str(getattr(flags.FLAGS["config"], "config_filename", "run"))
+
+
+def _finished(workdir: str, config, wd) -> bool:
+  """A rerun of a finished run (``report.json`` beside the same ``config.json``) is a no-op
+  that says so and prints the report again."""
+  path = os.path.join(workdir, "report.json")
+  if not os.path.isfile(path) or not wd.check_config(workdir, config):
+    return False
+  logging.info("%s holds a finished run of this config: nothing to do (its report below; "
+               "delete %s to evaluate again)", workdir, path)
+  md = os.path.join(workdir, "report.md")
+  if os.path.isfile(md):
+    print(open(md).read())
+  else:
+    print(open(path).read())
+  return True
 
 
 def _one_line(e: BaseException) -> str:
@@ -127,8 +229,44 @@ def _one_line(e: BaseException) -> str:
   return " ".join(l.replace("\\", "").strip("'\"") for l in lines)
 
 
+def _config_file(argv: list[str]) -> str | None:
+  """The path in ``--config=PATH[:variant]`` (or ``--config PATH``), None without one."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":", 1)[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
+def _check_config_file(path: str) -> None:
+  """One line for a config file that is missing, unreadable or not Python (before absl and
+  ml_collections turn it into a long traceback)."""
+  if not os.path.exists(path):
+    sys.exit(f"jaxcomp: error: config file {path} does not exist")
+  try:
+    compile(pathlib.Path(path).read_bytes(), path, "exec")
+  except SyntaxError as e:
+    sys.exit(f"jaxcomp: error: config file {path}, line {e.lineno}: {e.msg}")
+  except (OSError, ValueError) as e:
+    sys.exit(f"jaxcomp: error: cannot read config file {path}: {e}")
+
+
+def _in_config_file(e: BaseException, path: str) -> str | None:
+  """``path, line N: Type: message`` when ``e`` was raised while running the config file."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  if not frames:
+    return None
+  return f"config file {path}, line {frames[-1].lineno}: {type(e).__name__}: {e}"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose errors (bad variant, unknown --config.x key) are one line."""
+  """absl flag parsing whose errors (bad config file, bad variant, unknown --config.x key) are
+  one line."""
+  path = _config_file(argv)
+  if path is not None:
+    _check_config_file(path)
   try:
     rest = flags.FLAGS(argv)
     if flags.FLAGS["config"].present:
@@ -140,10 +278,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     sys.exit(f"jaxcomp: error: {_one_line(e)}")
   except (KeyError, AttributeError, TypeError, ValueError) as e:
+    where = _in_config_file(e, path) if path else None
+    if where:
+      sys.exit(f"jaxcomp: error: {where}")
     msg = _one_line(e)
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     named = [o for o in overrides if re.search(rf"\b{re.escape(o.rsplit('.', 1)[-1])}\b", msg)]
     sys.exit(f"jaxcomp: error: bad config override ({', '.join(named or overrides)}): {msg}")
+  except Exception as e:  # pylint: disable=broad-except
+    where = _in_config_file(e, path) if path else None
+    if where is None:
+      raise
+    sys.exit(f"jaxcomp: error: {where}")
 
 
 def compare_main(argv: list[str]) -> None:

@@ -5,8 +5,9 @@ Datasets are tfds builders written as array_record and read by index (no TensorF
 resumable batches (grain).
 """
 
-from jaxcomp.data import fashion_mnist
-from jaxcomp.data.fashion_mnist import FashionMnist
+import importlib
+from typing import Any
+
 from jaxcomp.data.sampler import InMemorySource
 from jaxcomp.data.sampler import RandomAccessSource
 from jaxcomp.data.sampler import TrainSampler
@@ -22,3 +23,12 @@ __all__ = [
     "fashion_mnist",
     "read_batch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  """``fashion_mnist`` and ``FashionMnist`` load on first use, so that ``python -m
+  jaxcomp.data.fashion_mnist`` runs the module once (no import of it by its package first)."""
+  if name in ("fashion_mnist", "FashionMnist"):
+    module = importlib.import_module("jaxcomp.data.fashion_mnist")
+    return module if name == "fashion_mnist" else module.FashionMnist
+  raise AttributeError(f"module 'jaxcomp.data' has no attribute {name!r}")

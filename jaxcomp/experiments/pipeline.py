@@ -69,6 +69,7 @@ from jaxcomp.quant.qarray import QArray
 from jaxcomp.recipe import Recipe, Rule
 from jaxcomp.rewrite import engine, quantize
 from jaxcomp.serve import convert, save_packed
+from jaxcomp.train import workdir as wd
 from jaxcomp.train.loop import train, zero_masks
 from jaxcomp.train.tasks import ImageClassification
 
@@ -762,6 +763,17 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                          f"{len(stages) - 1}, or use a new --workdir")
       break
     start += 1
+  lock = wd.claim(str(work), None)  # validated: take the workdir (released at the end)
+  try:
+    return _run_stages(config, work, stages, fps, start)
+  finally:
+    lock.release()
+
+
+def _run_stages(config: ml_collections.ConfigDict, work: pathlib.Path, stages: list[Stage],
+                fps: list[str], start: int) -> dict[str, Any]:
+  """`run_pipeline` once the workdir is claimed, from stage ``start``."""
+  root = work / "stages"
   if root.is_dir():  # what the rerun replaces: unfinished or changed stages, dropped ones
     keep = {s.dirname for s in stages[:start]}
     if start < len(stages) and stages[start].kind in _TRAINS:  # resumes at its checkpoint
@@ -772,7 +784,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       if d.name not in keep:
         shutil.rmtree(d)
   root.mkdir(parents=True, exist_ok=True)
-  (work / "config.json").write_text(config.to_json_best_effort(indent=2))
+  wd.write_text_atomic(str(work / "config.json"), config.to_json_best_effort(indent=2))
 
   if start < len(stages):  # a finished run only gathers its reports
     base, tokenizer = load_base(config)

@@ -32,7 +32,8 @@ from jaxcomp.sparse.spec import Sparsity
 from jaxcomp.sparse.training import cubic_schedule, sparsify
 from jaxcomp.train import sharding as sh
 from jaxcomp.train import tasks
-from jaxcomp.train.checkpoint import Checkpointer, check_workdir_config
+from jaxcomp.train import workdir as wd
+from jaxcomp.train.checkpoint import Checkpointer
 from jaxcomp.train.metrics import MetricWriter
 
 
@@ -333,85 +334,130 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task |
     at their stored bit width), steps run; with ``return_model``, ``(report, model)``.
   """
   # ----------------------------------------------------------------------- set-up
+  # Everything that can fail on bad input runs before the workdir is created or written.
   task = task if task is not None else tasks.get(config)
   recipe = _recipe(config)
-  check_workdir_config(workdir, config)
+  validate(config)
+  wd.sanity_warnings(config)
+  wd.check_config(workdir, config)
   data = task.data(config)
   total_steps = config.train.get("steps") or config.train.epochs * data.steps_per_epoch
+  if total_steps <= 0:
+    raise ValueError(f"the run has {total_steps} steps (train.steps / train.epochs x "
+                     f"{data.steps_per_epoch} steps per epoch); it needs at least one")
   mesh = sh.make_mesh(config.mesh)
   _check_batch(config, mesh)
   run = _assemble(config, task, recipe, mesh, total_steps)
+  with wd.claim(workdir, config):  # the workdir's lock, held to the end of the run
+    return _train_in(config, workdir, task, recipe, data, total_steps, mesh, run,
+                     return_model)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Cheap checks of ``config.train`` / ``config.data`` (one-line ValueErrors) before anything
+  is built; the rest is validated by building it (data, mesh, model, recipe, optimizer).
+
+  Example::
+
+    validate(get_config("w4a8_lsq,tiny"))
+  """
+  train_cfg, data_cfg = config.get("train"), config.get("data")
+  if data_cfg is not None and "batch_size" in data_cfg:
+    b = data_cfg.batch_size
+    if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+      raise ValueError(f"data.batch_size must be a positive integer, got {b!r}")
+  if train_cfg is None:
+    return
+  for key in ("epochs", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+              "warmup_steps"):
+    v = train_cfg.get(key)
+    if v is None:
+      continue
+    least = 1 if key in ("log_every", "checkpoint_every", "keep_checkpoints") else 0
+    if not isinstance(v, int) or isinstance(v, bool) or v < least:
+      raise ValueError(f"train.{key} must be an integer >= {least}, got {v!r}")
+  if not (train_cfg.get("steps") or train_cfg.get("epochs")):
+    raise ValueError("train.steps and train.epochs are both 0: the run would take no step")
+
+
+def _train_in(config: ml_collections.ConfigDict, workdir: str, task: tasks.Task,
+              recipe: Recipe | None, data: Any, total_steps: int, mesh: jax.sharding.Mesh,
+              run: _Run, return_model: bool) -> Any:
+  """`train` once the workdir is claimed: restore, the loop, the report."""
   graphdef, rest, sparse_kernels = run.graphdef, run.rest, run.sparse_kernels
   state = jax.device_put(run.state, run.state_sharding)
   frozen = None if run.frozen is None else jax.device_put(run.frozen, run.frozen_sharding)
-
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
-  state = ckpt.restore_latest(state)
-  start = int(state.step)
-  if start:
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
-  writer = MetricWriter(workdir, start_step=start) if jax.process_index() == 0 else None
-  batch_sharding = sh.batch_sharding(mesh)
-
-  # ----------------------------------------------------------------------- step
-  train_step = _jit_step(task, run, batch_sharding)
-
-  # ----------------------------------------------------------------------- loop
-  marks: list[tuple[int, float]] = []  # (step, time) at each host sync, for step times
-  pending: list[dict[str, jax.Array]] = []
-  last_good = start
-  progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
-                  disable=not config.train.progress, desc=os.path.basename(workdir.rstrip("/")))
+  writer = None
   preemption = PreemptionGuard()
-  for step in progress:
-    batch = global_batch(data.batch_at(step), batch_sharding)  # this process's rows only
-    with sh.activation_rules(mesh, config.mesh.rules):  # read when the step is traced
-      state, metrics = train_step(state, batch, frozen)
-    pending.append(metrics)
-    done = step + 1
-    stop = preemption.requested(done)
-    if (stop or done % config.train.log_every == 0 or done % ckpt.every == 0
-        or done == total_steps):
-      rows = jax.device_get(pending)
-      pending = []
-      if not all(np.isfinite(r["loss"]) for r in rows):
-        ckpt.close()
-        raise TrainingDiverged(
-            f"loss is not finite at or before step {done}; stopped, the last good checkpoint "
-            f"(step {last_good if ckpt.latest_step() is not None else 'none'}) is kept")
-      marks.append((done, time.perf_counter()))
-      means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-      if writer is not None:
-        writer.write(done, means)
-      progress.set_postfix(loss=f"{means['loss']:.4f}")
-      if ckpt.save(done, state, force=done == total_steps or stop):
-        last_good = done
-    if stop:
-      ckpt.close()
-      if writer is not None:
-        writer.close()
-      preemption.restore()
-      raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint {done} saved in "
-                      f"{ckpt.directory}: rerun the same command to resume")
-  preemption.restore()
-  ckpt.close()
+  try:  # the checkpointer and the metrics file are closed on every way out
+    state = ckpt.restore_latest(state)
+    start = int(state.step)
+    if start == total_steps:
+      logging.info("%s: the run is finished (step %d of %d); evaluating its last checkpoint",
+                   workdir, start, total_steps)
+    elif start:
+      logging.info("resumed from %s at step %d", ckpt.directory, start)
+    writer = MetricWriter(workdir, start_step=start) if jax.process_index() == 0 else None
+    batch_sharding = sh.batch_sharding(mesh)
 
-  # ----------------------------------------------------------------------- report
-  final = nnx.merge(graphdef, state.params, rest)
-  evaluation = task.evaluate(final, data, frozen)
-  # Per-step time between host syncs; the first interval (compilation) is left out.
-  times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:])]
-  report = {
-      **evaluation,
-      "steps": total_steps,
-      "step_time_ms": 1e3 * statistics.median(times) if times else float("nan"),
-      "model_bytes": model_bits(final, recipe) // 8,
-  }
-  if sparse_kernels:  # measured on the final weights
-    report["sparsity"] = kernel_sparsity(final, [p.rsplit("/", 1)[0] for p in sparse_kernels])
-  if writer is not None:
-    writer.write(total_steps, {f"final/{k}": v for k, v in report.items()
-                               if isinstance(v, (int, float))})
-    writer.close()
+    # --------------------------------------------------------------------- step
+    train_step = _jit_step(task, run, batch_sharding)
+
+    # --------------------------------------------------------------------- loop
+    marks: list[tuple[int, float]] = []  # (step, time) at each host sync, for step times
+    pending: list[dict[str, jax.Array]] = []
+    last_good = start
+    progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
+                    disable=not config.train.progress, desc=os.path.basename(workdir.rstrip("/")))
+    for step in progress:
+      batch = global_batch(data.batch_at(step), batch_sharding)  # this process's rows only
+      with sh.activation_rules(mesh, config.mesh.rules):  # read when the step is traced
+        state, metrics = train_step(state, batch, frozen)
+      pending.append(metrics)
+      done = step + 1
+      stop = preemption.requested(done)
+      if (stop or done % config.train.log_every == 0 or done % ckpt.every == 0
+          or done == total_steps):
+        rows = jax.device_get(pending)
+        pending = []
+        if not all(np.isfinite(r["loss"]) for r in rows):
+          raise TrainingDiverged(
+              f"loss is not finite at or before step {done}; stopped, the last good checkpoint "
+              f"(step {last_good if ckpt.latest_step() is not None else 'none'}) is kept")
+        marks.append((done, time.perf_counter()))
+        means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        if writer is not None:
+          writer.write(done, means)
+        progress.set_postfix(loss=f"{means['loss']:.4f}")
+        if ckpt.save(done, state, force=done == total_steps or stop):
+          last_good = done
+      if stop:
+        ckpt.wait()
+        raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint {done} saved in "
+                        f"{ckpt.directory}: rerun the same command to resume")
+    ckpt.wait()
+
+    # --------------------------------------------------------------------- report
+    final = nnx.merge(graphdef, state.params, rest)
+    evaluation = task.evaluate(final, data, frozen)
+    # Per-step time between host syncs; the first interval (compilation) is left out.
+    times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:])]
+    report = {
+        **evaluation,
+        "steps": total_steps,
+        "step_time_ms": 1e3 * statistics.median(times) if times else float("nan"),
+        "model_bytes": model_bits(final, recipe) // 8,
+    }
+    if sparse_kernels:  # measured on the final weights
+      report["sparsity"] = kernel_sparsity(final, [p.rsplit("/", 1)[0] for p in sparse_kernels])
+    if writer is not None:  # a rerun of a finished run finds this row there: not written twice
+      writer.write(total_steps, {f"final/{k}": v for k, v in report.items()
+                                 if isinstance(v, (int, float))})
+  finally:
+    preemption.restore()
+    ckpt.close()  # also on errors: no orbax threads left to print at exit
+    if writer is not None:
+      writer.close()
   return (report, final) if return_model else report

@@ -6,13 +6,16 @@ import json
 import os
 from typing import Any
 
+from absl import logging
+
 
 class MetricWriter:
   """Appends ``{"step": s, **metrics}`` lines to ``<workdir>/metrics.jsonl``.
 
   A resumed run first drops the lines after its start step (written by the killed run after
   its last checkpoint; the line of the checkpoint's own step is written before the save), so
-  the file reads as one uninterrupted run. If ``tensorboardX``
+  the file reads as one uninterrupted run; a torn last line (a kill mid-write) is dropped with
+  a warning, and a row already there is never written again. If ``tensorboardX``
   is importable the same scalars also go to ``<workdir>/tb``.
 
   Example:
@@ -22,11 +25,12 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, start_step: int):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._seen: set[tuple[int, tuple[str, ...]]] = set()  # (step, keys) of the rows kept
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+      kept = [row for row in read_metrics(self.path) if row["step"] <= start_step]
+      self._seen = {(r["step"], tuple(sorted(r))) for r in kept}
       with open(self.path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(self.path + ".tmp", self.path)
     self._file = open(self.path, "a")
     try:
@@ -36,7 +40,13 @@ class MetricWriter:
       self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Appends one row; a row of the same step and keys already in the file (a resumed or
+    rerun finished run logging it again) is not written twice."""
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    key = (row["step"], tuple(sorted(row)))
+    if key in self._seen:
+      return
+    self._seen.add(key)
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -48,3 +58,34 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The rows of a ``metrics.jsonl``. A torn last line (the process killed mid-write) is
+  dropped with a one-line warning; an unreadable line elsewhere raises a one-line
+  ``ValueError`` naming the file and line.
+
+  Example::
+
+    [r["loss"] for r in read_metrics("runs/a/metrics.jsonl") if "loss" in r]
+  """
+  with open(path) as f:
+    lines = f.read().split("\n")
+  rows = []
+  last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise ValueError("not a {\"step\": ...} object")
+    except ValueError as e:
+      if i == last:
+        logging.warning("%s: dropped a torn last line (%d bytes; the run was killed while "
+                        "writing it)", path, len(line))
+        continue
+      raise ValueError(f"{path}, line {i + 1}: not a metrics row ({e}); fix or delete the "
+                       "line") from None
+    rows.append(row)
+  return rows

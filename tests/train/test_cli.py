@@ -107,6 +107,7 @@ def test_workdir_of_another_config_and_corrupt_checkpoint(data_dir, tmp_path):
       if name != "_CHECKPOINT_METADATA":
         with open(os.path.join(base, name), "r+b") as f:
           f.write(b"\0garbage" * 8)
+  os.remove(work / "report.json")  # else the rerun of a finished run is a no-op
   corrupted = _snapshot(work)
   r = _run(work, data_dir)
   assert r.returncode == 1
