@@ -97,11 +97,13 @@ class Sensitivity:
     * ``"fisher"``: the output error weighted by how much each output channel moves the
       model's output distribution (``fisher``: predicted KL per token);
     * ``"kl"``: the direct score, measured for every candidate;
-    * ``"calibrated"``: the Hessian scores rescaled per layer by the ratio of the direct to
-      the Hessian score of the candidates whose direct score was measured
-      (``kl_candidates``; one forward per layer each). The Hessian score weighs every
-      layer's output error alike; the measured ratio is how much of that error reaches the
-      model's output (in KL), so the scores of different layers become comparable.
+    * ``"calibrated"``: the Fisher scores (the Hessian ones when Fisher was not measured)
+      rescaled per layer and per bit width by the ratio of the direct to the cheap score of
+      the measured candidates (``kl_candidates``; one forward per layer each) of the same
+      bit width, or of the nearest measured one. The cheap score's ratios between group
+      sizes of one bit width are kept; its level per layer and bit width is the measured
+      KL's. (The Hessian score weighs every layer's output error alike, and the Fisher score
+      is a second-order estimate that under-predicts the coarsest grids.)
 
     Example::
 
@@ -127,10 +129,18 @@ class Sensitivity:
         raise ValueError(f"estimator 'kl' was not measured for candidates {missing} "
                          "(kl_candidates=)")
       return self.kl
-    hess = self.scores[:, measured].sum(1)
-    ratio = np.divide(self.kl[:, measured].sum(1), hess, out=np.zeros_like(hess),
-                      where=hess > 0)
-    return self.scores * ratio[:, None]
+    base = self.fisher if self.fisher is not None else self.scores
+    width = np.array([getattr(s, "w_bits", None) or 0 for s in self.specs])
+    known = np.flatnonzero(measured)
+    out = np.empty_like(base)
+    for c in range(len(self.names)):
+      gap = np.abs(width[known] - width[c])
+      near = known[gap == gap.min()]  # the measured candidates of the nearest bit width
+      cheap = base[:, near].sum(1)
+      ratio = np.divide(self.kl[:, near].sum(1), cheap, out=np.zeros_like(cheap),
+                        where=cheap > 0)
+      out[:, c] = base[:, c] * ratio
+    return out
 
   def spearman(self, estimator: str = "hessian") -> dict[str, float]:
     """Spearman rank correlation of a cheap estimator's scores (``"hessian"`` or ``"fisher"``)

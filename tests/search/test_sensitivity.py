@@ -220,6 +220,24 @@ def test_calibrated_scores_rescale_each_layer_to_its_measured_kl():
     dataclasses.replace(sens, kl=None).estimator("calibrated")
 
 
+def test_calibrated_scores_take_each_bit_widths_own_measured_kl():
+  """With Fisher scores and a measured candidate per bit width, each width is rescaled by its
+  own measurement (the nearest measured width for the others)."""
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 256)
+  cands = {"w2": jc.Quant(w_bits=2, group=32), "w3": jc.Quant(w_bits=3, group=32),
+           "w3c": jc.Quant(w_bits=3), "w4": jc.Quant(w_bits=4, group=32)}
+  sens = jc.sensitivity(model, r".*_proj", cands, calib=tokens, progress=False,
+                        fisher_tokens=tokens[:2], kl_tokens=tokens[:2],
+                        kl_candidates=["w2", "w3"])
+  cal = sens.estimator("calibrated")
+  np.testing.assert_allclose(cal[:, :2], sens.kl[:, :2], rtol=1e-12)
+  f = sens.fisher
+  np.testing.assert_allclose(cal[:, 2] / cal[:, 1], f[:, 2] / f[:, 1], rtol=1e-10)
+  np.testing.assert_allclose(cal[:, 3] / cal[:, 1], f[:, 3] / f[:, 1], rtol=1e-10)  # nearest: 3
+  assert not np.allclose(cal[:, 0] / cal[:, 1], f[:, 0] / f[:, 1])  # 2 bits: its own level
+
+
 def test_fisher_score_predicts_the_direct_kl():
   """The Kronecker-factored Fisher score is the KL the candidate adds, to first order: on a
   tiny Llama it ranks the layers as the direct score does and matches its size, where the
