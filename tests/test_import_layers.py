@@ -54,8 +54,8 @@ ALLOWED: dict[str, set[str]] = {
     "jaxcomp.pruners": {"jaxcomp.oneshot", "jaxcomp.quantizers", "jaxcomp.sparse",
                         "jaxcomp.quant"},
     "jaxcomp.factorizers": {"jaxcomp.oneshot", "jaxcomp.lowrank"},
-    # models (llama_surgery.py uses sparse.masks)
-    "jaxcomp.models": {"jaxcomp.sparse"},
+    # models (llama_surgery.py uses sparse.masks; io/_build.py quant.finite's check_finite)
+    "jaxcomp.models": {"jaxcomp.sparse", "jaxcomp.quant"},
     # applications
     "jaxcomp.eval": {"jaxcomp.rewrite", "jaxcomp.layers", "jaxcomp.recipe", "jaxcomp.quant"},
     # data: text.py reads eval.perplexity.WIKITEXT2_DIR, austen.py models.io's cache dir

@@ -180,6 +180,9 @@ def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> Non
     from jaxcomp.data import fashion_mnist  # pylint: disable=import-outside-toplevel
     fashion_mnist.load(config.data.data_dir, "test")  # not prepared: says how
     return
+  if config.get("model", {}).get("name") == "smollm2_135m":  # fetched once; a corrupt cache is a one-line error
+    from jaxcomp.models import io  # pylint: disable=import-outside-toplevel
+    io.fetch_smollm2(config.model.cache_dir or None)
   if kinds & {"prune", "factorize", "ptq"} and config.get("calib") and config.calib.get("n_seq"):
     calib_path(config)
   if kinds & {"eval", *_TRAINS}:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp.quant.finite import check_positive
+
 Array = jax.Array
 
 __all__ = ["asvd_factor", "rank_for_energy", "rank_for_reduction", "svd_factor",
@@ -95,7 +97,7 @@ def svd_llm_factor(w: Array, h: Array, rank: int, *, damp: float = 1e-4) -> tupl
       ``(K, K)``.
     rank: ``r``.
     damp: added to the diagonal, as a fraction of ``mean(diag(h))``, so the Cholesky factor
-      exists for rank-deficient ``h``.
+      exists for rank-deficient ``h``; a finite number > 0 (else a one-line `ValueError`).
 
   Example:
     >>> x = jax.random.normal(jax.random.key(0), (64, 8))
@@ -104,6 +106,7 @@ def svd_llm_factor(w: Array, h: Array, rank: int, *, damp: float = 1e-4) -> tupl
     >>> bool(jnp.allclose(a @ b, w, atol=1e-3))
     True
   """
+  check_positive("svd_llm_factor", "damp", damp)
   w = jnp.asarray(w, jnp.float32)
   _check_rank(rank, *w.shape)
   k = w.shape[0]

@@ -88,6 +88,7 @@ def _run(kind: str, model: nnx.Module, recipe: Recipe, calib: Any, payload: Call
       raise ValueError(f"{path}: calibrated methods do not solve grouped convolutions "
                        f"(feature_group_count={m.feature_group_count})")
     check(path, m, spec)
+  engine.check_finite_weights(calibrated + plain, f"jc.{name}")
   results: list[LayerResult] = []
   def one(p, m, spec, stats, root=new):  # root: one layer of a stack, p relative to it
     results.append(solve(root, p, m, spec, stats))
@@ -196,6 +197,11 @@ def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, bat
     ``(model, results)`` with ``return_report``. Linen: ``(QuantizedLinen, variables)``, the
     solved layers holding ``w_step`` (and ``w_zero`` / ``in_scale``) beside their kernels,
     plus the results with ``return_report``.
+
+  Raises:
+    ValueError: a matched layer's weight holds a NaN or inf (checked once, before anything is
+      solved), or a layer's calibration statistics do (checked when collected); one line
+      naming the layer, the array and the first bad index.
 
   Example::
 
@@ -322,6 +328,9 @@ def prune(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *,
     The pruned model (same structure, pruned weights exactly zero), or ``(model, results)``.
     Linen: ``(module, pruned variables)`` (+ results).
 
+  Raises:
+    ValueError: non-finite weights or calibration statistics, as for `jaxcomp.ptq`.
+
   Example::
 
     recipe = jc.Recipe([jc.Rule(r".*_proj", sparsity=jc.Sparsity("2:4", method="sparsegpt"))])
@@ -366,6 +375,9 @@ def factorize(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, 
     The factored model, or ``(model, results)``. Linen: ``(LowRankLinen(module), variables)``
     with ``lowrank_a`` (K, r) / ``lowrank_b`` (r, N) in place of each factored kernel
     (+ results).
+
+  Raises:
+    ValueError: non-finite weights or calibration statistics, as for `jaxcomp.ptq`.
 
   Example::
 

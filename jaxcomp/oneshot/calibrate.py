@@ -28,6 +28,7 @@ from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp.quant.finite import check_finite
 from jaxcomp.rewrite.engine import module_at, set_at
 
 Array = jax.Array
@@ -51,6 +52,25 @@ class LayerStats(NamedTuple):
   absmax: Array
   mean_abs: Array
   count: int
+
+
+def check_finite_stats(stats: LayerStats, path: str) -> None:
+  """Refuses non-finite calibration statistics of the layer at ``path`` before a solver uses
+  them: a one-line `ValueError` naming the layer, the statistic (``h``, ``absmax``,
+  ``mean_abs``) and its first bad index. The weights were checked before calibration, so a
+  NaN or inf here comes from the calibration inputs or an activation that overflowed.
+
+  Example:
+    >>> stats = LayerStats(jnp.eye(2), jnp.array([1.0, jnp.inf]), jnp.ones(2), 4)
+    >>> check_finite_stats(stats, "layers/0/mlp/up_proj")
+    Traceback (most recent call last):
+    ...
+    ValueError: layers/0/mlp/up_proj: calibration statistic absmax has a non-finite value (inf) at index (1,); the solvers refuse non-finite calibration statistics (check the calibration inputs and the activations before this layer)
+  """
+  check_finite([(f"{path}: calibration statistic {name}", getattr(stats, name))
+                for name in ("h", "absmax", "mean_abs")],
+               refuses="the solvers refuse non-finite calibration statistics (check the "
+               "calibration inputs and the activations before this layer)")
 
 
 class Capture(nnx.Module):

@@ -50,9 +50,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcomp.oneshot import registry
-from jaxcomp.oneshot.calibrate import (LayerStats, conv_input_rows, dot_input_rows,
-                                       input_moments, low_precision_conv, low_precision_dot,
-                                       release_host_memory)
+from jaxcomp.oneshot.calibrate import (LayerStats, check_finite_stats, conv_input_rows,
+                                       dot_input_rows, input_moments, low_precision_conv,
+                                       low_precision_dot, release_host_memory)
 from jaxcomp.oneshot.pipeline import LayerResult, as_batches
 from jaxcomp.oneshot.solver import relative_error
 from jaxcomp.quant import dot as qdot
@@ -460,6 +460,7 @@ def run_linen(kind: str, name: str, module: nn.Module, recipe: Recipe, calib: An
   sites = _find(module, variables, example, recipe, payload, call, supported)
   for site in sites:
     _check(kind, name, site)
+  lq.check_finite_linen(variables, [(s.path, s.axes.name, s.shape) for s in sites], f"jc.{name}")
   calibrated = [s for s in sites if registry.get(kind, s.spec.method).calibrated]
   if calibrated and batches is None:
     raise ValueError(f"{name}: calib is missing; {calibrated[0].path} has "
@@ -498,7 +499,9 @@ def run_linen(kind: str, name: str, module: nn.Module, recipe: Recipe, calib: An
                            f"its {s.depth} stacked layers; the calibration takes one call per "
                            "layer")
     for s, i in members:
-      solve(s, i, recorder.stats(s.path))
+      stats = recorder.stats(s.path)
+      check_finite_stats(stats, _label(params.tree["params"], s, i))
+      solve(s, i, stats)
     logging.info("jaxcomp.%s: solved %s", name, label or "the layers outside blocks")
     release_host_memory()
   _write_finals(kind, params, sites, finals)

@@ -24,9 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcomp.layers import quant as qlayers
-from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_inputs, find_blocks,
-                                       host_buffer, low_precision_dot, natural_order,
-                                       release_host_memory)
+from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_inputs,
+                                       check_finite_stats, find_blocks, host_buffer,
+                                       low_precision_dot, natural_order, release_host_memory)
 from jaxcomp.quant import dot as qdot
 from jaxcomp.quant.qarray import canonical
 from jaxcomp.recipe import Recipe
@@ -143,6 +143,7 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
     stats = captures.pop(path).stats()
     hook, fn = originals[path]
     setattr(m, hook, nnx.static(fn))  # the plain layer again, before the rewrite
+    check_finite_stats(stats, path if label is None else label(path))
     if root is None:
       solve(path, m, payload, stats)
     else:

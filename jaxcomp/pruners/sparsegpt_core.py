@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.quantizers import gptq_core
+from jaxcomp.quant.finite import check_finite, check_positive
 from jaxcomp.quant.spec import Quant
 
 Array = jax.Array
@@ -113,11 +114,15 @@ def sparsegpt(w: Array, h: Array, *, sparsity: float = 0.5, nm: tuple[int, int] 
     spec: a weight `jaxcomp.Quant` (channel/group): prune and quantize jointly (the kept
       weights land on GPTQ's static grid, pruned ones are 0).
     block_size: columns per lazy-update (and mask-selection) block.
-    damp: dampening, as a fraction of ``mean(diag(H))``; raised x10 when ``H`` is not positive
-      definite, at most ``max_damp_raises`` times.
+    damp: dampening, as a fraction of ``mean(diag(H))``, > 0; raised x10 when ``H`` is not
+      positive definite, at most ``max_damp_raises`` times.
 
   Returns:
     `SparseGPTResult` ``(w_hat, mask, step, damp)``.
+
+  Raises:
+    ValueError: ``damp`` <= 0, a NaN or inf in ``w`` or ``h`` (named, with its first index),
+      bad shapes or patterns, or ``H`` not positive definite after every raise.
 
   Example:
     >>> x = jax.random.normal(jax.random.key(0), (256, 32))
@@ -127,10 +132,13 @@ def sparsegpt(w: Array, h: Array, *, sparsity: float = 0.5, nm: tuple[int, int] 
     (256, True)
   """
   k = w.shape[0]
+  check_positive("sparsegpt", "damp", damp)
   if w.ndim != 2:
     raise ValueError(f"sparsegpt: kernel must be 2-D (K, N), got shape {w.shape}")
   if h.shape != (k, k):
     raise ValueError(f"sparsegpt: Hessian shape {h.shape} does not match kernel {w.shape}")
+  check_finite([("sparsegpt: the kernel w", w), ("sparsegpt: the Hessian h", h)],
+               refuses="sparsegpt refuses non-finite inputs")
   if nm is None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
         0.0 <= sparsity < 1.0):

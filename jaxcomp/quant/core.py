@@ -7,6 +7,11 @@ Conventions used throughout (and by `jaxcomp.quant.dot`):
   ``[-2^(b-1), 2^(b-1) - 1]`` with a zero point ``z``. Both fit in int8 for b <= 8.
 * ``x_hat = (q - z) * s`` with ``q = clip(round(x / s) + z, qmin, qmax)``.
 * Scales are reduced over ``axes`` with ``keepdims=True`` so they broadcast against ``x``.
+* Non-finite values propagate, never hide: a NaN or +-inf in ``x`` never becomes a finite value
+  on the grid. A calibrated scale (absmax, percentile, mse) of a slice holding one is NaN, and
+  every element sharing that scale comes out NaN; with a given scale (a learned LSQ step) the
+  non-finite element itself comes out NaN. A zero scale (an all-zero slice) is replaced by 1;
+  a NaN scale is kept (never replaced by 1).
 
 Nothing here imports flax: these are the functions another codebase may want on their own.
 """
@@ -14,9 +19,11 @@ Nothing here imports flax: these are the functions another codebase may want on 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Axes = int | Sequence[int] | None
@@ -107,27 +114,36 @@ def expand_groups(s: Array, axis: int, group: int, size: int) -> Array:
 
 
 def _safe(s: Array) -> Array:
-  return jnp.where(s > 0, s, jnp.ones_like(s))
+  """A zero (or negative) scale becomes 1; NaN and inf are kept, so they propagate."""
+  return jnp.where(s <= 0, jnp.ones_like(s), s)
 
 
 def _range_bounds(
     x: Array, axes: tuple[int, ...], symmetric: bool, calibration: str, percentile: float
 ) -> tuple[Array, Array]:
-  """(lo, hi) of the float range to map onto the grid, reduced over ``axes`` (keepdims)."""
+  """(lo, hi) of the float range to map onto the grid, reduced over ``axes`` (keepdims).
+
+  A slice holding a NaN or +-inf gets NaN bounds (so a NaN scale and zero point). Set
+  explicitly: XLA's max-reductions need not propagate NaN (on CPU, a row reduction skips it),
+  a percentile may clip an inf away, and an inf bound would give an inf scale instead."""
+  bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)  # fused with the range reduction
   if calibration == "percentile" and percentile < 100.0:
     if symmetric:
       hi = jnp.percentile(jnp.abs(x), percentile, axis=axes, keepdims=True)
-      return -hi, hi
-    lo = jnp.percentile(x, 100.0 - percentile, axis=axes, keepdims=True)
-    hi = jnp.percentile(x, percentile, axis=axes, keepdims=True)
+      lo = -hi
+    else:
+      lo = jnp.percentile(x, 100.0 - percentile, axis=axes, keepdims=True)
+      hi = jnp.percentile(x, percentile, axis=axes, keepdims=True)
   else:
     if symmetric:
       hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-      return -hi, hi
-    lo = jnp.min(x, axis=axes, keepdims=True)
-    hi = jnp.max(x, axis=axes, keepdims=True)
+      lo = -hi
+    else:
+      lo = jnp.min(x, axis=axes, keepdims=True)
+      hi = jnp.max(x, axis=axes, keepdims=True)
   # The range always holds 0 so that zero (padding, ReLU outputs) is exact.
-  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  poison = lambda b: jnp.where(bad, jnp.nan, b)
+  return poison(jnp.minimum(lo, 0.0)), poison(jnp.maximum(hi, 0.0))
 
 
 def scale_from_range(
@@ -184,7 +200,8 @@ def compute_scale(
 
   Returns:
     ``(scale, zero_point)`` with the shape of ``x`` reduced over ``axes`` (keepdims);
-    zero_point is None when symmetric.
+    zero_point is None when symmetric. A slice holding a NaN or +-inf gets a NaN scale (and
+    zero point): non-finite values propagate, never hide. An all-zero slice gets scale 1.
 
   Example:
     >>> w = jnp.array([[1.0, -4.0], [2.0, 0.5]])
@@ -223,6 +240,11 @@ def quantize(
     full_range: bool = False
 ) -> Array:
   """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` as int8 (``bits <= 8``).
+
+  int8 holds no NaN: a NaN or +-inf in ``x`` (or in ``scale``) gives an arbitrary code (on CPU
+  NaN -> 0, +inf -> qmax). Keep the codes with their calibrated scale (`compute_scale` gives
+  a slice holding a NaN / inf a NaN or inf scale, so `dequantize` gives NaN there), as
+  `jaxcomp.quant.qarray.quantize_weight` does, or check ``x`` first.
 
   Args:
     x: float array; scale/zero_point broadcast against it.
@@ -286,16 +308,28 @@ def grid_value(
   absmax scales of ``x`` itself, where nothing lies outside the grid: the result is the same
   and the backward pass needs no mask (so no second read of ``x``).
 
+  Non-finite values: a NaN or +-inf in ``x`` gives NaN there (clipping would turn an inf into
+  the grid's edge, a finite value), and a NaN or inf ``scale`` gives NaN for every element it
+  scales (``x / inf`` rounds to 0, and ``0 * inf`` is NaN once the caller multiplies back).
+
   Example:
     >>> grid_value(jnp.array([0.26, -9.0]), jnp.array(0.5), None, 4)
     Array([ 1., -7.], dtype=float32)
+    >>> grid_value(jnp.array([0.26, jnp.inf]), jnp.array(0.5), None, 4)
+    Array([ 1., nan], dtype=float32)
   """
   qmin, qmax = qrange(bits, symmetric, full_range=full_range)
-  v = round_ste(x.astype(jnp.float32) / scale)
+  x = x.astype(jnp.float32)
+  v = round_ste(x / scale)
   if zero_point is None:
-    return _clip(v, qmin, qmax) if clip else v
+    return _keep_nonfinite(x, _clip(v, qmin, qmax)) if clip else v  # unclipped: NaN / inf stay
   z = jax.lax.stop_gradient(zero_point)
-  return _clip(v + z, qmin, qmax) - z
+  return _keep_nonfinite(x, _clip(v + z, qmin, qmax) - z)
+
+
+def _keep_nonfinite(x: Array, v: Array) -> Array:
+  """``v`` where ``x`` is finite, NaN where it is not (one fused elementwise select)."""
+  return jnp.where(jnp.isfinite(x), v, jnp.nan)
 
 
 def _clip(v: Array, lo: float, hi: float) -> Array:
@@ -320,6 +354,11 @@ def fake_quant(
   backward pass is the clipped STE: gradient 1 where ``x`` lies inside the grid's range, 0
   outside (only clipping calibrations clip).
 
+  Non-finite values propagate, never hide: a NaN or +-inf in ``x`` makes its scale NaN
+  (every calibration), so every element sharing that scale (the whole tensor per tensor, the
+  slice along ``axes`` otherwise, e.g. the whole column of a (K, N) kernel with ``axes=0``)
+  comes out NaN; other slices are unchanged.
+
   Args:
     x: float array.
     bits: 2..8.
@@ -332,6 +371,9 @@ def fake_quant(
     >>> x = jnp.linspace(-1, 1, 5)
     >>> fake_quant(x, 2)     # grid {-1, 0, 1} * 1.0
     Array([-1.,  0.,  0.,  0.,  1.], dtype=float32)
+    >>> fake_quant(jnp.array([[1.0, 4.0], [jnp.inf, 3.0]]), 2, axes=0)   # column 0 shares the inf
+    Array([[nan,  4.],
+           [nan,  4.]], dtype=float32)
   """
   s, z = compute_scale(x, bits, axes=axes, symmetric=symmetric, calibration=calibration,
                        percentile=percentile)
@@ -376,21 +418,50 @@ def lsq_fake_quant(
   ``-x/s + round(x/s)`` inside the range, ``qmin``/``qmax`` outside, scaled by
   :math:`g = 1 / \\sqrt{N Q_p}` with N the number of elements sharing one step.
 
+  Non-finite values propagate, never hide: a NaN or +-inf element of ``x`` comes out NaN (it
+  is not clipped to the grid's edge); the other elements are unchanged (the step is given, not
+  calibrated from ``x``). An inf step makes every element it scales NaN.
+
+  ``step`` must be positive. A concrete step (a Python number, a numpy array or a jax array
+  outside ``jit``) holding a value that is not > 0 (zero, negative, NaN) is a `ValueError`; a
+  traced step (inside ``jit``, where checking would need a host sync) is not checked: every
+  element a step <= 0 or NaN scales comes out NaN (so a step driven to 0 or below by training
+  shows up as a NaN loss, not as silently flipped or zeroed weights).
+
   Args:
     x: float array.
     step: positive step sizes broadcasting against ``x`` (e.g. (1, N) for a (K, N) kernel).
     bits: 2..8.
+
+  Raises:
+    ValueError: a concrete ``step`` holds a value that is not > 0.
 
   Example:
     >>> w = jnp.array([[0.3, -1.2], [0.9, 0.1]])
     >>> step = lsq_init(w, 4, axes=0)
     >>> jax.grad(lambda s: lsq_fake_quant(w, s, 4).sum())(step).shape
     (1, 2)
+    >>> lsq_fake_quant(jnp.array([0.3, jnp.inf]), jnp.array(0.1), 4)
+    Array([0.3, nan], dtype=float32)
   """
-  g = lsq_grad_scale(x.size, step.size, bits, symmetric, full_range)
+  _check_step(step)
+  g = lsq_grad_scale(x.size, jnp.size(step), bits, symmetric, full_range)
+  step = jnp.where(step > 0, step, jnp.nan)  # a traced step <= 0: NaN, not a silent 0 or flip
   s = grad_scale(step, g)
   return fake_quant_with_scale(x, s, zero_point, bits, symmetric,
                                full_range=full_range).astype(x.dtype)
+
+
+def _check_step(step: Any) -> None:
+  """A one-line error for a concrete step holding a value <= 0 (or NaN); traced: nothing."""
+  if isinstance(step, jax.core.Tracer):
+    return
+  if isinstance(step, (int, float, np.ndarray, np.generic, jax.Array)):
+    values = np.asarray(step, np.float64)
+    if values.size and not (values > 0).all():
+      first = values.reshape(-1)[np.flatnonzero(~(values.reshape(-1) > 0))[0]]
+      raise ValueError(f"lsq_fake_quant: step must be > 0 everywhere, got {float(first)}"
+                       + (f" (step shape {values.shape})" if values.ndim else ""))
 
 
 def quantize_per_token(x: Array, bits: int = 8) -> tuple[Array, Array]:

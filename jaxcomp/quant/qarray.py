@@ -341,11 +341,20 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
   Returns:
     A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec)``.
 
+  Non-finite values propagate, never hide: a NaN or +-inf in ``w`` makes the scale (and zero
+  point) of its group (per group), of its output channel (per channel) or of the tensor (per
+  tensor) NaN, so every element sharing that scale dequantizes to NaN; the integer codes there
+  are meaningless (int8 holds no NaN) and never paired with a finite scale.
+  `jaxcomp.convert` refuses such kernels before packing.
+
   Example:
     >>> w = jax.random.normal(jax.random.key(0), (256, 64))
     >>> qa = quantize_weight(w, (0,), jc.Quant(w_bits=4, group=128))
     >>> qa.values.shape, qa.values.dtype, qa.scale.shape
     ((64, 128), dtype('uint8'), (64, 2))
+    >>> bad = quantize_weight(w.at[3, 5].set(jnp.nan), (0,), jc.Quant(w_bits=4, group=128))
+    >>> int(jnp.isnan(bad.dequantize()).sum()), bool(jnp.isnan(bad.dequantize()[:128, 5]).all())
+    (128, True)
   """
   weight_scale_shape(w.shape, contracting, spec)  # validates the group size
   m = canonical(w.astype(jnp.float32), contracting)
@@ -373,7 +382,9 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
     full_range: the symmetric grid is the full signed range (``[-8, 7]`` at 4 bits).
 
   Returns:
-    A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``.
+    A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``,
+    except for non-finite values: a NaN or +-inf in ``w`` gets its group's (channel's) scale
+    set to NaN, so that whole group dequantizes to NaN (never a finite code on a finite step).
 
   Example:
     >>> w = jnp.array([[0.5, -1.0], [0.26, 2.0]])
@@ -392,6 +403,12 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
   qmin, qmax = core.qrange(bits, z is None, full_range=full_range)
   q = jnp.round(m / expand(s))
   q = jnp.clip(q if z is None else q + expand(z), qmin, qmax)
+  # A non-finite weight: its group's scale becomes NaN (the step is given, not calibrated
+  # from w, so nothing else would carry the NaN past the integer codes).
+  bad = ~jnp.isfinite(core.pad_to_groups(m, 1, g)).reshape(n, -1, g).all(axis=2)
+  if s.shape[0] == 1:  # per tensor: one scale for every row
+    bad = bad.any(axis=0, keepdims=True)
+  s = jnp.where(bad, jnp.nan, s)
   return _from_ints(q, s, z, bits, w.shape, contracting, group if s.shape[1] > 1 else None)
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.quant import core
+from jaxcomp.quant.finite import check_finite, check_positive
 from jaxcomp.quant.spec import Quant
 
 Array = jax.Array
@@ -174,18 +175,31 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
     A `GPTQResult` ``(w_hat, step, damp)``: the fake-quantized kernel (K, N) on ``spec``'s
     grid, its step (``(1, N)`` or ``(K // group, N)``), and the dampening that succeeded.
 
+  Raises:
+    ValueError: ``damp`` is not a finite number > 0; ``w`` or ``h`` holds a NaN or inf (the
+      message names the input and the first bad index: a non-finite input is refused, not
+      solved into NaNs nor blamed on the Hessian's definiteness); ``H`` is not positive
+      definite even after ``max_damp_raises`` raises.
+
   Example:
     >>> x = jax.random.normal(jax.random.key(0), (256, 32))
     >>> w = jax.random.normal(jax.random.key(1), (32, 16))
     >>> w_hat, step, _, _ = gptq(w, hessian(x), jc.Quant(w_bits=4))
     >>> w_hat.shape
     (32, 16)
+    >>> gptq(w.at[3, 4].set(jnp.nan), hessian(x), jc.Quant(w_bits=4))
+    Traceback (most recent call last):
+    ...
+    ValueError: gptq: the kernel w has a non-finite value (nan) at index (3, 4); gptq refuses non-finite inputs
   """
+  check_positive("gptq", "damp", damp)
   if spec.granularity == "group" and w.shape[0] % spec.group and spec.calibration != "absmax":
     raise ValueError(f"Quant.group={spec.group} does not divide the input size {w.shape[0]} "
                      "(a shorter last group needs calibration='absmax')")
   if h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"gptq: Hessian shape {h.shape} does not match kernel {w.shape}")
+  check_finite([("gptq: the kernel w", w), ("gptq: the Hessian h", h)],
+               refuses="gptq refuses non-finite inputs")
   for _ in range(max_damp_raises + 1):
     w_hat, step, zero, ok = _gptq(w, h, jnp.float32(damp), spec, block_size, act_order,
                                   keep_zeros)
@@ -198,9 +212,23 @@ def gptq(w: Array, h: Array, spec: Quant, *, block_size: int = 128, damp: float 
 def rtn(w: Array, spec: Quant) -> Array:
   """Round-to-nearest baseline on the same grid and scales as `gptq` (per channel/group).
 
+  Non-finite values propagate, never hide: a NaN or +-inf in ``w`` makes the scale of its
+  output channel (per channel), of its group of input features (per group) or of the tensor
+  NaN, so every element sharing that scale comes out NaN (``w[:, n]`` per channel;
+  ``w[g * group:(g + 1) * group, n]`` per group); everything else is unchanged.
+
+  Args:
+    w: kernel (K, N).
+    spec: a `jaxcomp.Quant` (``w_bits``, granularity, symmetry, calibration).
+
+  Returns:
+    The fake-quantized kernel (K, N), dtype of ``w``.
+
   Example:
     >>> rtn(jnp.ones((8, 4)), jc.Quant(w_bits=4)).shape
     (8, 4)
+    >>> bool(jnp.isnan(rtn(jnp.ones((8, 4)).at[2, 1].set(jnp.inf), jc.Quant(w_bits=4))[:, 1]).all())
+    True
   """
   wt = w.T.astype(jnp.float32)
   s, z = column_scales(wt, spec)

@@ -50,6 +50,12 @@ def quantize(
   Returns:
     NNX: the new model. Linen: ``(new_module, new_variables)``.
 
+  Raises:
+    ValueError: a matched layer's weight holds a NaN or inf (one line naming the layer, the
+      first bad index and, for a stacked layer, its layer of the stack; checked once, on
+      concrete weights only, so ``jax.eval_shape`` / ``nnx.eval_shape`` of this call still
+      traces).
+
   Example:
     >>> recipe = jc.Recipe([jc.Rule(r".*", quant=jc.Quant(w_bits=8, a_bits=8))])
     >>> qmodel = jc.quantize(nnx_model, recipe)
@@ -64,7 +70,7 @@ def quantize(
     if variables is not None or args:
       raise TypeError("quantize: variables= and args= are for Linen modules, not NNX models")
     new, rep = engine.rewrite(model, recipe, handlers=QUANT_HANDLERS,
-                              kind=lambda r: r.quant, strict=strict)
+                              kind=lambda r: r.quant, strict=strict, transform="jc.quantize")
     set_backend(new, backend)
     logging.info("jaxcomp.quantize:\n%s", rep)
     return new

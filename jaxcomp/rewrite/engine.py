@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant.finite import check_finite
 from jaxcomp.recipe import MatchReport, Recipe, Rule
 
 Handler = Callable[[nnx.Module, Any], nnx.Module]
@@ -262,6 +263,36 @@ def rule_for(model: nnx.Module, rules: Recipe | list[Rule], path: str,
   return per_layer[0]
 
 
+def check_finite_weights(layers: list[tuple[str, nnx.Module]] | list[tuple[Any, ...]],
+                         transform: str) -> None:
+  """Refuses non-finite weights in the layers a transform is about to rewrite: a one-line
+  `ValueError` naming the layer, its weight (``kernel`` / ``embedding``), the first bad index
+  and, for a stacked layer (``nnx.vmap``), the layer of the stack
+  (`jaxcomp.quant.finite.check_finite`). Nothing is checked while tracing (``nnx.eval_shape``,
+  ``jit``): the check runs on concrete arrays only, one fused reduction each.
+
+  Args:
+    layers: ``(path, layer, ...)`` tuples (what `plan` returns; extra fields ignored).
+    transform: the public name in the message, e.g. ``"jc.ptq"``.
+
+  Example:
+    >>> m = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    >>> check_finite_weights([("layers/0", m.layers[0])], "jc.quantize")
+    >>> m.layers[0].kernel[...] = m.layers[0].kernel[...].at[1, 0].set(jnp.nan)
+    >>> check_finite_weights([("layers/0", m.layers[0])], "jc.quantize")
+    Traceback (most recent call last):
+    ...
+    ValueError: layers/0: kernel has a non-finite value (nan) at index (1, 0); jc.quantize refuses non-finite weights
+  """
+  items = []
+  for path, module, *_ in layers:
+    axes = kernel_axes(module)
+    if axes is not None:
+      items.append((f"{path}: {axes.name}", getattr(module, axes.name)[...],
+                    tuple(range(axes.stack))))
+  check_finite(items, refuses=f"{transform} refuses non-finite weights")
+
+
 def check_not_bridged(model: nnx.Module) -> None:
   """A one-line error if ``model`` holds a Linen module bridged into NNX (``nnx.bridge.ToNNX``):
   its layers are Linen's, reached only through the Linen API of each transform.
@@ -319,8 +350,12 @@ def plan(model: nnx.Module, recipe: Recipe, supported: Callable[[nnx.Module], bo
 
 
 def rewrite(model: nnx.Module, recipe: Recipe, *, handlers: dict[type, Handler],
-            kind: Callable[[Rule], Any], strict: bool) -> tuple[nnx.Module, MatchReport]:
+            kind: Callable[[Rule], Any], strict: bool,
+            transform: str | None = None) -> tuple[nnx.Module, MatchReport]:
   """Clones ``model`` and applies ``handlers[type](module, kind(rule))`` to matched layers.
+
+  With ``transform`` (its public name, e.g. ``"jc.quantize"``), the matched layers' weights are
+  checked first (`check_finite_weights`): a NaN or inf is a one-line error naming the layer.
 
   Example::
 
@@ -331,6 +366,8 @@ def rewrite(model: nnx.Module, recipe: Recipe, *, handlers: dict[type, Handler],
   todo, report = plan(new, recipe, handlers, kind)
   if strict:
     report.check()
+  if transform is not None:
+    check_finite_weights(todo, transform)
   for path, module, rule in todo:
     try:
       replacement = handlers[type(module)](module, kind(rule))

@@ -23,6 +23,7 @@ from flax.core import meta
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant import dot as qdot
+from jaxcomp.quant.finite import check_finite
 from jaxcomp.quant.qarray import QArray, initial_step, leaf_partition_specs
 from jaxcomp.quant.spec import Quant
 from jaxcomp.recipe import MatchReport, Recipe
@@ -458,6 +459,47 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
   """Which Linen layers the recipe matches (traced abstractly on the example arguments); a
   layer stacked by ``nn.scan`` / ``nn.vmap`` is listed once, with its depth. ``supported``:
   the layer types the transform handles (others a rule matches are reported unsupported)."""
+  return _report_and_layers(module, recipe, variables, args, kwargs, supported)[0]
+
+
+def check_finite_linen(variables: Any, layers: list[tuple[str, str, Any]],
+                       transform: str) -> None:
+  """Refuses non-finite weights of Linen layers (`jaxcomp.quant.finite.check_finite`): a
+  one-line `ValueError` naming the layer path, the param, the first bad index and, for a
+  layer stacked by ``nn.scan`` / ``nn.vmap``, the layer of the stack. Abstract variables
+  (`jax.ShapeDtypeStruct`) and tracers are not checked.
+
+  Args:
+    variables: the module's variables (``{"params": ...}``, boxes allowed).
+    layers: ``(path, param name, shape one call sees)`` for each layer to check (the shape
+      finds the stack axis; None: not stacked).
+    transform: the public name in the message, e.g. ``"jc.quantize"``.
+
+  Example:
+    >>> v = {"params": {"up": {"kernel": jnp.ones((3, 2)).at[2, 1].set(jnp.inf)}}}
+    >>> check_finite_linen(v, [("up", "kernel", (3, 2))], "jc.quantize")
+    Traceback (most recent call last):
+    ...
+    ValueError: up: kernel has a non-finite value (inf) at index (2, 1); jc.quantize refuses non-finite weights
+  """
+  items = []
+  for path, name, seen_shape in layers:
+    stored = stored_param(variables, path, name)
+    if stored is None or isinstance(stored, PackedParam):
+      continue
+    value = box_value(stored)
+    axis = None
+    if seen_shape is not None and hasattr(value, "shape"):
+      axis = stack_axis(path, stored, tuple(seen_shape))
+    items.append((f"{path}: {name}", value, () if axis is None else (axis,)))
+  check_finite(items, refuses=f"{transform} refuses non-finite weights")
+
+
+def _report_and_layers(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
+                       kwargs: dict, supported: tuple[type, ...] = _SUPPORTED
+                       ) -> tuple[MatchReport, list[tuple[str, str, Any]]]:
+  """`report_linen`, and the ``(path, param, seen shape)`` of each supported layer a rule
+  with a payload matches (for `check_finite_linen`)."""
   seen: dict[str, tuple[str, Any]] = {}
 
   def run(variables, *args):
@@ -466,7 +508,7 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
 
   jax.eval_shape(run, variables, *args)
   matched = {r.label: [] for r in recipe.rules}
-  unsupported, depth = [], {}
+  unsupported, depth, layers = [], {}, []
   supported_names = {t.__name__ for t in supported}
   for path, (kind, kernel) in seen.items():
     rule = recipe.match(path)
@@ -474,6 +516,9 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
       continue
     if rule.skip or kind in supported_names:
       matched[rule.label].append(path)
+      if not rule.skip and kernel is not None:
+        layers.append((path, "embedding" if kind == "Embed" else "kernel",
+                       getattr(kernel, "shape", None)))
     else:
       unsupported.append((path, kind))
     if kernel is not None and not isinstance(kernel, PackedParam):
@@ -482,7 +527,8 @@ def report_linen(module: nn.Module, recipe: Recipe, variables: Any, args: tuple,
       if axis is not None:
         depth[path] = box_value(stored).shape[axis]
   unused = [label for label, paths in matched.items() if not paths]
-  return MatchReport(matched=matched, unused=unused, unsupported=unsupported, depth=depth)
+  return MatchReport(matched=matched, unused=unused, unsupported=unsupported,
+                     depth=depth), layers
 
 
 def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: tuple,
@@ -490,9 +536,12 @@ def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: t
                    ) -> tuple[nn.Module, Any, MatchReport]:
   """``(QuantizedLinen(module), new variables, report)``; ``variables`` is not modified."""
   kwargs = kwargs or {}
-  report = report_linen(module, recipe, variables, args, kwargs)
+  report, layers = _report_and_layers(module, recipe, variables, args, kwargs)
   if strict:
     report.check()
+  quantized = {p for r in recipe.rules if r.quant is not None and not r.skip
+               for p in report.matched.get(r.label, ())}
+  check_finite_linen(variables, [t for t in layers if t[0] in quantized], "jc.quantize")
   wrapped = QuantizedLinen(inner=module, recipe=recipe, backend=qdot.kernel_backend(backend))
   # Adding the LSQ steps: one forward with params mutable creates them from the kernels. The
   # steps depend on the kernels only: abstract example inputs run as zeros, and abstract

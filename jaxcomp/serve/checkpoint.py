@@ -6,16 +6,29 @@ smoothing vectors); for Linen, the packed variables of `jaxcomp.convert` are spl
 way. Sizes are read back from the bytes each item occupies on disk, so bits per
 parameter are what was actually written, metadata included. Orbax writes to a temporary
 directory and renames it when complete: a failed save leaves no half-written checkpoint.
+
+A third item, ``manifest`` (JSON, written by the same commit), holds the SHA-256 of every
+array's bytes (``{"packed/layers/0/mlp/up_proj/kernel/value/qvalue": {"dtype": "int4",
+"shape": [...], "sha256": "..."}}``, whole arrays, computed at save from the values handed to
+orbax). `restore_packed` hashes what it read and refuses a model whose bytes differ, naming the
+array; a truncated or unreadable item is a one-line error naming the directory and the item.
+An array this process does not hold all of (a multi-process save) has no digest
+(``"sha256": null``) and is not checked. Models saved before manifests existed restore with a
+warning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
+import re
 from typing import Any
 
+from absl import logging
 from flax import nnx
 import jax
 import numpy as np
@@ -69,6 +82,59 @@ class SavedSize:
     return {**dataclasses.asdict(self), "packed_bits_per_param": self.packed_bits_per_param,
             "bits_per_param": self.bits_per_param,
             "size_mb": (self.packed_bytes + self.float_bytes) / 1e6}
+
+
+_ITEMS = ("packed", "float")
+_MANIFEST_FORMAT = 1
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path, simple=True, separator="/"), x) for path, x in leaves]
+
+
+def _sha256(x: Any) -> str | None:
+  """SHA-256 of an array's bytes in C order; None for an array this process does not hold
+  all of."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  a = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+  return hashlib.sha256(a.view(np.uint8)).hexdigest()
+
+
+def _manifest(items: Mapping[str, Any]) -> dict[str, Any]:
+  """``{"format", "hash", "arrays": {"<item>/<tree path>": {dtype, shape, sha256}}}``."""
+  arrays = {}
+  for item, tree in items.items():
+    for path, x in _leaves(tree):
+      arrays[f"{item}/{path}"] = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)),
+                                  "sha256": _sha256(x)}
+  return {"format": _MANIFEST_FORMAT, "hash": "sha256", "arrays": arrays}
+
+
+def _verify(directory: pathlib.Path, restored: Mapping[str, Any],
+            manifest: Mapping[str, Any]) -> None:
+  """Raises a one-line ValueError naming the first array whose bytes differ from the
+  manifest."""
+  if manifest.get("format") != _MANIFEST_FORMAT or manifest.get("hash") != "sha256":
+    raise ValueError(f"restore_packed: {directory} has a manifest of an unknown format "
+                     f"({manifest.get('format')!r}, {manifest.get('hash')!r})")
+  arrays = manifest.get("arrays")
+  if not isinstance(arrays, Mapping):
+    raise ValueError(f"restore_packed: {directory} has a damaged manifest (no 'arrays')")
+  for item in _ITEMS:
+    for path, x in _leaves(restored[item]):
+      name = f"{item}/{path}"
+      entry = arrays.get(name)
+      if not isinstance(entry, Mapping):
+        raise ValueError(f"restore_packed: {directory}: {name} is not in its manifest")
+      got = (str(np.dtype(x.dtype)), list(np.shape(x)))
+      if got != (entry.get("dtype"), entry.get("shape")):
+        raise ValueError(f"restore_packed: {directory}: {name} was saved as {entry.get('dtype')}"
+                         f"{tuple(entry.get('shape') or ())}, restored as {got[0]}{tuple(got[1])}")
+      if entry.get("sha256") is not None and _sha256(x) != entry["sha256"]:
+        raise ValueError(f"restore_packed: {directory} is corrupt: {name} differs from its "
+                         "manifest digest (the file was changed after the save)")
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -150,9 +216,11 @@ def save_packed(model: nnx.Module | Mapping[str, Any], directory: str | os.PathL
   _, packed, other = _pure_parts(model, "save_packed")
   if not jax.tree.leaves(packed):
     raise ValueError("save_packed: the model has no packed kernels; run jc.convert first")
+  manifest = _manifest({"packed": packed, "float": other})  # from the values orbax gets
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(directory, ocp.args.Composite(
-        packed=ocp.args.StandardSave(packed), float=ocp.args.StandardSave(other)))
+        packed=ocp.args.StandardSave(packed), float=ocp.args.StandardSave(other),
+        manifest=ocp.args.JsonSave(manifest)))
   count = lambda s: int(sum(
       v.size if isinstance(v, QArray) else np.size(v)
       for v in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, QArray))))
@@ -187,6 +255,15 @@ def packed_skeleton(model: nnx.Module, recipe: Recipe) -> nnx.Module:
   return convert(new)
 
 
+# tensorstore's errors for unreadable data start with an absl status code: DATA_LOSS, ...
+_STORAGE_ERROR = re.compile(r"[A-Z][A-Z_]+: ")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def restore_packed(directory: str | os.PathLike, like: Any) -> Any:
   """Restores a model saved by `save_packed` into the structure of ``like``.
 
@@ -198,6 +275,11 @@ def restore_packed(directory: str | os.PathLike, like: Any) -> Any:
   Returns:
     The restored packed model, or the restored Linen variables.
 
+  Raises:
+    ValueError: one line, when ``directory`` is not a packed checkpoint, does not match
+      ``like``, cannot be read (a truncated or damaged item, named), or holds an array whose
+      bytes differ from the manifest written at save (the array is named).
+
   Example::
 
     like = nnx.eval_shape(lambda: jc.packed_skeleton(Llama(cfg, rngs=nnx.Rngs(0)), recipe))
@@ -206,20 +288,32 @@ def restore_packed(directory: str | os.PathLike, like: Any) -> Any:
     packed_vars = jc.restore_packed("/tmp/linen_w4", like)
   """
   directory = pathlib.Path(directory).absolute()
-  for item in ("packed", "float"):
+  for item in _ITEMS:
     if not (directory / item).is_dir():
       raise ValueError(f"restore_packed: {directory} is not a packed checkpoint (no {item!r} item)")
   graphdef, packed, other = _pure_parts(like, "restore_packed")
   as_abstract = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=getattr(x, "sharding", None)), s)  # placed like ``like``
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-      restored = ckpt.restore(directory, ocp.args.Composite(
-          packed=ocp.args.StandardRestore(as_abstract(packed)),
-          float=ocp.args.StandardRestore(as_abstract(other))))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"restore_packed: {directory} does not match the model: {first}") from None
+  targets = {"packed": as_abstract(packed), "float": as_abstract(other)}
+  restored = {}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    for item, args in [(item, ocp.args.StandardRestore(targets[item])) for item in _ITEMS] + (
+        [("manifest", ocp.args.JsonRestore())] if (directory / "manifest").is_dir() else []):
+      try:  # one item at a time, so that an error names it
+        restored[item] = ckpt.restore(directory, ocp.args.Composite(**{item: args}))[item]
+      except Exception as e:  # pylint: disable=broad-except
+        if isinstance(e, ValueError) and not _STORAGE_ERROR.match(_first_line(e)) and not (
+            isinstance(e, json.JSONDecodeError)):  # orbax: another tree, shape or dtype
+          raise ValueError(f"restore_packed: {directory} does not match the model (item "
+                           f"{item!r}): {_first_line(e)}") from None
+        # truncated or damaged files: tensorstore status errors, bad JSON, missing keys, ...
+        raise ValueError(f"restore_packed: {directory}: item {item!r} cannot be read (truncated "
+                         f"or corrupt: {_first_line(e)})") from None
+  if "manifest" in restored:
+    _verify(directory, restored, restored["manifest"])
+  else:
+    logging.warning("restore_packed: %s has no integrity manifest (saved before jaxcomp wrote "
+                    "them): restored unverified", directory)
   if graphdef is None:
     return _merge_linen(restored["packed"], restored["float"], like)
   _, packed_state, other_state = _split(like)

@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.layers import quant as qlayers
+from jaxcomp.quant.finite import check_finite
 from jaxcomp.quant.qarray import QArray, leaf_partition_specs, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
 from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.linen_quant import (PackedParam, QuantizedLayer, box_value,
-                                         quantized_layers_linen, stack_axis)
+                                         check_finite_linen, quantized_layers_linen, stack_axis)
 from jaxcomp.quant.dot import kernel_backend
 from jaxcomp.rewrite.nnx_quant import quant_layers, set_backend
 
@@ -64,6 +65,10 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
       trace the module once, abstractly, to find its quantized layers.
     backend: where the packed dots run ("xla", or "tpu" / "gpu" for the Pallas kernels); None
       keeps each layer's backend as `jaxcomp.quantize` resolved it.
+
+  Raises:
+    ValueError: a quantized layer's kernel, step, zero points or input smoothing holds a NaN
+      or inf (one line naming the layer and the first bad index; concrete values only).
 
   Returns:
     NNX: the new model. Linen: ``(module, packed_variables)``, where each kernel is a
@@ -107,6 +112,7 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
   layers = list(quant_layers(new))
   if not layers:
     raise ValueError("convert: the model has no quantized layers; run jc.quantize or jc.ptq first")
+  check_finite(_convert_inputs(layers), refuses="jc.convert refuses non-finite weights")
   for layer in layers:
     var = getattr(layer.module, layer.kernel_name)
     value = var[...]
@@ -126,6 +132,21 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
     if not isinstance(layer.module, qlayers.QuantEmbed):
       layer.module.promote_dtype = qlayers.promote_keep_packed
   return new
+
+
+def _convert_inputs(layers: list[Any]) -> list[tuple[str, Any, tuple[int, ...]]]:
+  """``(label, array, stack axes)`` of what `convert` packs or keeps of each quantized NNX
+  layer: the float kernel (not yet packed), its step, zero points and input smoothing."""
+  items = []
+  for layer in layers:
+    stack = tuple(range(layer.stack))
+    items.append((f"{layer.path}: {layer.kernel_name}",
+                  getattr(layer.module, layer.kernel_name)[...], stack))
+    for name in ("w_step", "w_zero", "in_scale"):
+      var = getattr(layer.hook, name, None)
+      if var is not None:
+        items.append((f"{layer.path}: {name}", var[...], stack))
+  return items
 
 
 def _packed_variable(var: nnx.Variable, qa: QArray, stack: int) -> nnx.Param:
@@ -207,6 +228,10 @@ def _convert_linen(module: nn.Module, variables: Any, args: tuple,
   if not found and not any(map(is_packed, jax.tree.leaves(variables, is_leaf=is_packed))):
     raise ValueError("convert: the module has no quantized layers; check the recipe")
   is_box = lambda x: isinstance(x, meta.AxisMetadata)
+  check_finite_linen(variables, [("/".join(p), name, layer.shape if name == layer.kernel else None)
+                                 for p, layer in found.items()
+                                 for name in (layer.kernel, "w_step", "w_zero", "in_scale")],
+                     "jc.convert")
   new_vars = jax.tree.map(lambda x: x, dict(variables), is_leaf=is_box)  # fresh dicts
   for path, layer in found.items():
     params = new_vars["params"]

