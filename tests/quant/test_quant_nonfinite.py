@@ -12,7 +12,7 @@ import jaxcomp as jc
 from jaxcomp.quant import core, finite, qarray
 from jaxcomp.quant.dot import fake_quant_weight
 
-SETTINGS = hypothesis.settings(max_examples=20, deadline=None)
+SETTINGS = hypothesis.settings(max_examples=10, deadline=None)
 BAD = st.sampled_from([np.nan, np.inf, -np.inf])
 K, N = 64, 24
 W = np.asarray(jax.random.normal(jax.random.key(0), (K, N)), np.float32)

@@ -204,6 +204,12 @@ def _assert_same_final(a, b):
   ra, rb = (json.loads((w / "report.json").read_text()) for w in (a, b))
   for key in ("test_accuracy", "test_loss", "steps", "model_bytes"):
     assert ra[key] == rb[key], key
+  assert _metric_rows(a) == _metric_rows(b)  # no row lost or duplicated by the kills
+
+
+def _metric_rows(workdir):
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if "time" not in k} for r in rows]
 
 
 @pytest.fixture(scope="module")
