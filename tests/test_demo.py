@@ -8,7 +8,8 @@ import jaxcomp.demo
 
 
 def test_demo_runs_and_reports_every_variant():
-  env = {**os.environ, "XLA_FLAGS": ""}  # one host device, as `make demo` runs
+  # one host device, as `make demo` runs
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("JAXCOMP_TEST_XLA_FLAGS", "")}
   out = subprocess.run(
       [sys.executable, "-m", "jaxcomp.demo", "--float_steps=4", "--qat_steps=2"],
       capture_output=True, text=True, env=env, timeout=600, check=True).stdout

@@ -14,7 +14,8 @@ import pytest
 
 CONFIG = "configs/fmnist_qat.py:w4a8_lsq,tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # one host device
+       "XLA_FLAGS": os.environ.get("JAXCOMP_TEST_XLA_FLAGS", "")}
 
 
 def _cmd(workdir, data_dir, *extra, config=CONFIG):

@@ -32,7 +32,8 @@ from jaxcomp.train.checkpoint import CheckpointError, Checkpointer
 import bitflip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # one host device
+       "XLA_FLAGS": os.environ.get("JAXCOMP_TEST_XLA_FLAGS", "")}
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <step>.orbax-checkpoint-tmp, then renames
 
 # A failed orbax restore leaves its other reads' coroutines to be collected once its event loop
