@@ -180,9 +180,6 @@ def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> Non
     from jaxcomp.data import fashion_mnist  # pylint: disable=import-outside-toplevel
     fashion_mnist.load(config.data.data_dir, "test")  # not prepared: says how
     return
-  if config.get("model", {}).get("name") == "smollm2_135m":  # fetched once; a corrupt cache is a one-line error
-    from jaxcomp.models import io  # pylint: disable=import-outside-toplevel
-    io.fetch_smollm2(config.model.cache_dir or None)
   if kinds & {"prune", "factorize", "ptq"} and config.get("calib") and config.calib.get("n_seq"):
     calib_path(config)
   if kinds & {"eval", *_TRAINS}:
@@ -766,6 +763,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                          f"{len(stages) - 1}, or use a new --workdir")
       break
     start += 1
+  if config.get("model", {}).get("name") == "smollm2_135m":
+    # downloaded once, its SHA-256 checked: a corrupt cache is one line, before the workdir
+    from jaxcomp.models import io  # pylint: disable=import-outside-toplevel
+    io.fetch_smollm2(config.model.cache_dir or None)
   lock = wd.claim(str(work), None)  # validated: take the workdir (released at the end)
   try:
     return _run_stages(config, work, stages, fps, start)
