@@ -182,3 +182,13 @@ def test_mixed_full_searches_the_same_grids_on_the_full_signed_range():
   for name, quant in cands.items():
     assert quant.full_range and quant == dataclasses.replace(symmetric[name[:-1]], full_range=True)
   assert list(search.kl_candidates) == ["w3g128f"]
+
+
+def test_mixed_grids_takes_each_width_on_its_better_grid():
+  cands = {n: jc.Quant.from_dict(c)
+           for n, c in smollm2_search.get_config("mixed_grids").stage.search.candidates.items()}
+  assert len(cands) == len(smollm2_search.candidates())
+  for name, quant in cands.items():
+    assert quant.full_range == smollm2_search.GRIDS[quant.w_bits]
+    assert name.endswith("f") == quant.full_range
+  assert {"w2g128f", "w3g128", "w4g128f", "w8"} <= set(cands)

@@ -249,7 +249,10 @@ def test_fisher_score_predicts_the_direct_kl():
                         kl_tokens=tokens, fisher_tokens=tokens, calib_dtype=None)
   assert min(sens.spearman("fisher").values()) > 0.9
   assert max(sens.spearman("hessian").values()) < 0.5
-  np.testing.assert_allclose(sens.fisher[:, 1], sens.kl[:, 1], rtol=0.3)
+  # Within 30%, except that a direct KL under 1/1000 of the largest (~3e-8 here: k/v
+  # projections) is float32 summation noise of its own size: atol covers those.
+  np.testing.assert_allclose(sens.fisher[:, 1], sens.kl[:, 1], rtol=0.3,
+                             atol=1e-3 * sens.kl[:, 1].max())
   back = jc.Sensitivity.from_dict(sens.to_dict())
   np.testing.assert_array_equal(back.fisher, sens.fisher)
   # A stack: the same scores, layer by layer (gradients sliced per layer of the stack).
