@@ -7,7 +7,7 @@
 #
 # Process i runs `python -m jaxcomp --coordinator_address=localhost:$PORT --num_processes=N
 # --process_id=i "$@"` with JAX_PLATFORMS=cpu and
-# XLA_FLAGS=--xla_force_host_platform_device_count=D; its output goes to
+# XLA_FLAGS="--xla_force_host_platform_device_count=D $EXTRA_XLA_FLAGS"; its output goes to
 # $LOG_DIR/process_<i>.log (LOG_DIR defaults to ./mp_logs). PORT defaults to a free port.
 # Exits with the first non-zero status of the processes (all are stopped then), else 0.
 set -euo pipefail
@@ -31,7 +31,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 
 for ((i = 0; i < N; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D ${EXTRA_XLA_FLAGS:-}" \
     "$PYTHON" -m jaxcomp --coordinator_address="localhost:$PORT" --num_processes="$N" \
     --process_id="$i" "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)

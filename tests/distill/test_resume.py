@@ -15,8 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
-       "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # this process's topology
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # this process's topology, the suite's compile flags
+       "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                    + os.environ.get("JAXCOMP_TEST_XLA_FLAGS", "")}
 STEPS = 24
 
 

@@ -30,16 +30,18 @@ def _losses(workdir):
 def test_two_processes_match_one_process_with_eight_devices(tmp_path, text_files):
   del text_files
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  fast = os.environ.get("JAXCOMP_TEST_XLA_FLAGS", "")  # the suite's compile flags (conftest)
   one = subprocess.run(
       [sys.executable, "-m", "jaxcomp", *_args(tmp_path, tmp_path / "one")], cwd=ROOT,
       env={**env, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {fast}"},
       capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   two = subprocess.run(
       ["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4",
        *_args(tmp_path, tmp_path / "two")], cwd=ROOT,
-      env={**env, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs")},
+      env={**env, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs"),
+           "EXTRA_XLA_FLAGS": fast},
       capture_output=True, text=True, timeout=600)
   logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
   assert two.returncode == 0, two.stderr[-1000:] + "".join(log[-2000:] for log in logs)
