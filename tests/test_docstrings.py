@@ -17,6 +17,7 @@ MODULES = [
     "jaxcomp.quant.qarray",
     "jaxcomp.quant.spec",
     "jaxcomp.quant.finite",
+    "jaxcomp.quant.formats",
     "jaxcomp.quantizers.gptq_core",
     "jaxcomp.quantizers.awq_core",
     "jaxcomp.quantizers.smoothquant_core",

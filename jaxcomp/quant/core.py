@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp.quant import formats
+
 Array = jax.Array
 Axes = int | Sequence[int] | None
 
@@ -183,6 +185,7 @@ def compute_scale(
     calibration: str = "absmax",
     percentile: float = 99.9,
     full_range: bool = False,
+    fmt: str = "int",
 ) -> tuple[Array, Array | None]:
   """Chooses the quantization scale of ``x``, reduced over ``axes`` (kept as size-1 dims).
 
@@ -197,6 +200,8 @@ def compute_scale(
     axes: axes reduced into one scale (None: the whole tensor). E.g. for a (K, N) kernel,
       ``axes=0`` gives one scale per output channel, shape (1, N).
     symmetric, calibration, percentile: as in `jaxcomp.Quant`.
+    fmt: the element format (`jaxcomp.Quant.w_format`): "int" (the ``bits`` grid) or a float
+      format ("e4m3", "e5m2", "mxfp4", "nvfp4"; absmax only, `formats.format_scale`).
 
   Returns:
     ``(scale, zero_point)`` with the shape of ``x`` reduced over ``axes`` (keepdims);
@@ -210,6 +215,8 @@ def compute_scale(
     ((1, 2), 4.0)
   """
   axes = _axes(x, axes)
+  if fmt != "int":
+    return formats.format_scale(x, fmt, axes), None
   x = x.astype(jnp.float32)
   lo, hi = _range_bounds(x, axes, symmetric, calibration, percentile)
   if calibration != "mse":
@@ -299,7 +306,7 @@ def fake_quant_with_scale(
 
 def grid_value(
     x: Array, scale: Array, zero_point: Array | None, bits: int, symmetric: bool = True,
-    *, clip: bool = True, full_range: bool = False
+    *, clip: bool = True, full_range: bool = False, fmt: str = "int"
 ) -> Array:
   """``clip(round_ste(x / s) + z, qmin, qmax) - z``: the integer-valued grid coordinate (float).
 
@@ -307,6 +314,9 @@ def grid_value(
   `jaxcomp.quant.dot` run the product as a real integer dot. ``clip=False`` is for symmetric
   absmax scales of ``x`` itself, where nothing lies outside the grid: the result is the same
   and the backward pass needs no mask (so no second read of ``x``).
+
+  A float format (``fmt`` "e4m3", "e5m2", "mxfp4", "nvfp4") gives ``x / s`` rounded to its
+  element format instead (`formats.round_to_float`: saturating, ties to even).
 
   Non-finite values: a NaN or +-inf in ``x`` gives NaN there (clipping would turn an inf into
   the grid's edge, a finite value), and a NaN or inf ``scale`` gives NaN for every element it
@@ -318,6 +328,8 @@ def grid_value(
     >>> grid_value(jnp.array([0.26, jnp.inf]), jnp.array(0.5), None, 4)
     Array([ 1., nan], dtype=float32)
   """
+  if fmt != "int":
+    return formats.round_to_float(x.astype(jnp.float32) / scale, formats.element_format(fmt))
   qmin, qmax = qrange(bits, symmetric, full_range=full_range)
   x = x.astype(jnp.float32)
   v = round_ste(x / scale)

@@ -112,21 +112,23 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None,
   else:
     s, z = core.compute_scale(w3, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile,
-                              full_range=spec.full_range)
+                              full_range=spec.full_range, fmt=spec.w_format)
     s = jax.lax.stop_gradient(s)
   # Symmetric absmax scales clip nothing on the narrow grid; the full grid clips +absmax.
   exact = (step3 is None and spec.calibration == "absmax" and spec.w_symmetric
            and not spec.full_range)
   return core.grid_value(w3, s, z, spec.w_bits, spec.w_symmetric, clip=not exact,
-                         full_range=spec.full_range), s
+                         full_range=spec.full_range, fmt=spec.w_format), s
 
 
 def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
   """Dynamic grid of a canonical (B, M, K) activation: per token (B, M, 1) or per tensor."""
   axes = (2,) if spec.a_granularity == "token" else None
-  s, z = core.compute_scale(x3, spec.a_bits, axes=axes, symmetric=spec.a_symmetric)
+  s, z = core.compute_scale(x3, spec.a_bits, axes=axes, symmetric=spec.a_symmetric,
+                            fmt=spec.a_format)
   s = jax.lax.stop_gradient(s)
-  return core.grid_value(x3, s, z, spec.a_bits, spec.a_symmetric, clip=not spec.a_symmetric), s
+  return core.grid_value(x3, s, z, spec.a_bits, spec.a_symmetric, clip=not spec.a_symmetric,
+                         fmt=spec.a_format), s
 
 
 def _act_scale(x3: Array, spec: Quant) -> Array:

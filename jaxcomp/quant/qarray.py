@@ -269,6 +269,17 @@ def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[i
                 group=group)
 
 
+def check_packable(spec: Quant) -> None:
+  """A one-line ValueError unless a `QArray` can hold ``spec``'s grid (integer formats today).
+
+  Example:
+    >>> check_packable(jc.Quant(w_bits=4, group=128))
+  """
+  if spec.w_format != "int":
+    raise ValueError(f"packing w_format={spec.w_format!r} is not supported yet (QArray holds "
+                     "integer grids); keep the fake-quantized model")
+
+
 def weight_scales(w: Array, contracting: Sequence[int], spec: Quant
                   ) -> tuple[Array, Array | None]:
   """The calibrated scales (and zero points) of a kernel in the canonical (N, G) layout.
@@ -299,7 +310,7 @@ def _blocks_and_scales(m: Array, spec: Quant) -> tuple[Array, Array | None, Arra
     blocks = m.reshape(1, 1, -1)
   s, z = core.compute_scale(blocks, spec.w_bits, axes=2, symmetric=spec.w_symmetric,
                             calibration=spec.calibration, percentile=spec.percentile,
-                            full_range=spec.full_range)
+                            full_range=spec.full_range, fmt=spec.w_format)
   return s[..., 0], None if z is None else z[..., 0], blocks
 
 
@@ -357,6 +368,7 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
     (128, True)
   """
   weight_scale_shape(w.shape, contracting, spec)  # validates the group size
+  check_packable(spec)
   m = canonical(w.astype(jnp.float32), contracting)
   n, k = m.shape
   s, z, blocks = _blocks_and_scales(m, spec)

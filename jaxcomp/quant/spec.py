@@ -16,6 +16,13 @@ ActGranularity = Literal["tensor", "token"]
 Calibration = Literal["absmax", "percentile", "mse"]
 
 GRANULARITIES = ("tensor", "channel", "group")
+# Element formats (`jaxcomp.quant.formats`): the integer grid of ``w_bits`` / ``a_bits``, fp8
+# (E4M3, E5M2), and the micro-scaled FP4 formats (E2M1 values; MXFP4: an E8M0 scale per 32,
+# NVFP4: an E4M3 scale per 16 and a float32 one per tensor).
+W_FORMATS = ("int", "e4m3", "e5m2", "mxfp4", "nvfp4")
+A_FORMATS = ("int", "e4m3", "e5m2")
+FORMAT_BITS = {"e4m3": 8, "e5m2": 8, "mxfp4": 4, "nvfp4": 4}
+FORMAT_GROUP = {"mxfp4": 32, "nvfp4": 16}
 ACT_GRANULARITIES = ("tensor", "token")
 CALIBRATIONS = ("absmax", "percentile", "mse")
 SPEC_KINDS = ("quant", "sparsity", "lowrank")
@@ -237,6 +244,12 @@ class Quant:
     >>> jc.Quant(w_bits=4, group=128, method="gptq", options={"act_order": True})  # jc.ptq
     Quant(w_bits=4, a_bits=None, ...)
 
+  ``w_format`` / ``a_format`` pick a float element format instead of the integer grid:
+  ``"e4m3"`` / ``"e5m2"`` (fp8), and for weights ``"mxfp4"`` / ``"nvfp4"`` (E2M1 values in
+  blocks of 32 / 16 sharing an E8M0 / E4M3 scale); they set ``w_bits`` / ``a_bits`` (and the
+  group) themselves (`jaxcomp.quant.formats`, docs/quantization.md), e.g.
+  ``jc.Quant(w_format="mxfp4", method="gptq")``.
+
   ``method`` picks the post-training solver used by `jaxcomp.ptq`, one of the registered
   solvers of `jaxcomp.oneshot.registry` (``"rtn"``: round to nearest; ``"gptq"``: Frantar et
   al., 2022; ``"awq"``: activation-aware scaling, Lin et al., 2023; ``"smoothquant"``:
@@ -258,6 +271,8 @@ class Quant:
   calibration: Calibration = "absmax"  # how weight scales are chosen: absmax, percentile, mse.
   percentile: float = 99.9  # used by calibration="percentile", in (0, 100].
   learn_scale: bool = False  # LSQ: train the step sizes (Esser et al., 2020).
+  w_format: str = "int"  # weight elements: int (the w_bits grid), e4m3 / e5m2 (fp8), mxfp4 / nvfp4.
+  a_format: str = "int"  # activation elements: int (the a_bits grid) or e4m3 / e5m2 (fp8).
   method: str = "rtn"  # PTQ solver: rtn, gptq, awq, smoothquant (see `jaxcomp.ptq`).
   options: Mapping[str, Any] = SolverOptions()  # the solver's options that differ from its defaults.
 
@@ -294,12 +309,44 @@ class Quant:
       raise SpecError("Quant.g_bits needs Quant.a_bits: the int8 backward dots use both operands")
     if self.learn_scale and not self.w_symmetric:
       raise SpecError("Quant.learn_scale=True needs w_symmetric=True (LSQ learns a step, no zero point)")
+    self._check_formats()
     object.__setattr__(self, "options", check_method(o, "quant", self))
+
+  def _check_formats(self) -> None:
+    """Float element formats: the bits and group they imply, and the fields they exclude."""
+    _check_choice("Quant", "w_format", self.w_format, W_FORMATS)
+    _check_choice("Quant", "a_format", self.a_format, A_FORMATS)
+    fmt = self.w_format
+    if fmt != "int":
+      bits = FORMAT_BITS[fmt]
+      if self.w_bits not in (8, bits):  # 8 is the field's default: the format sets the width
+        raise SpecError(f"Quant.w_format={fmt!r} stores {bits}-bit values; got w_bits={self.w_bits}")
+      object.__setattr__(self, "w_bits", bits)
+      for name, bad in (("w_symmetric", not self.w_symmetric), ("full_range", self.full_range),
+                        ("learn_scale", self.learn_scale),
+                        ("calibration", self.calibration != "absmax")):
+        if bad:
+          raise SpecError(f"Quant.w_format={fmt!r} takes absmax scales on a symmetric grid; "
+                          f"drop {name}={getattr(self, name)!r}")
+      if fmt in FORMAT_GROUP:
+        if self.group not in (None, FORMAT_GROUP[fmt]) or self.granularity == "tensor":
+          raise SpecError(f"Quant.w_format={fmt!r} has blocks of {FORMAT_GROUP[fmt]} by "
+                          f"definition; got group={self.group!r}, granularity={self.granularity!r}")
+        object.__setattr__(self, "group", FORMAT_GROUP[fmt])
+        object.__setattr__(self, "granularity", "group")
+    if self.a_format != "int":
+      if self.a_bits not in (None, 8) or not self.a_symmetric:
+        raise SpecError(f"Quant.a_format={self.a_format!r} is an 8-bit symmetric format; got "
+                        f"a_bits={self.a_bits!r}, a_symmetric={self.a_symmetric!r}")
+      object.__setattr__(self, "a_bits", 8)
+    if (fmt != "int" or self.a_format != "int") and self.g_bits is not None:
+      raise SpecError("Quant.g_bits (int8 backward dots) needs w_format='int' and a_format='int'")
 
   @property
   def int_dot(self) -> bool:
     """Whether the forward pass runs a real integer dot (both operands quantized, symmetric)."""
-    return self.a_bits is not None and self.w_symmetric and self.a_symmetric
+    return (self.a_bits is not None and self.w_symmetric and self.a_symmetric
+            and self.w_format == "int" and self.a_format == "int")
 
   def to_dict(self) -> dict[str, Any]:
     """The fields as a plain dict (round-trips through `Quant(**d)`)."""

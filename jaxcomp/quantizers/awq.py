@@ -36,6 +36,9 @@ class Options:
 def check(spec: Quant) -> None:
   """AWQ is weight-only, symmetric, per channel or group."""
   check_solved_step(spec, symmetric=True)
+  if spec.w_format != "int":
+    raise SpecError(f"Quant.method='awq' searches clipping ratios on integer grids; "
+                    f"w_format={spec.w_format!r} is not supported (use method='gptq' or 'rtn')")
   if spec.a_bits is not None:
     raise SpecError("Quant.method='awq' is weight-only (its search assumes float activations); "
                     "drop a_bits or use method='smoothquant'")

@@ -53,13 +53,13 @@ def column_scales(wt: Array, spec: Quant) -> tuple[Array, Array | None]:
     g = core.pad_to_groups(wt, 1, spec.group).reshape(n, -1, spec.group)
     s, z = core.compute_scale(g, spec.w_bits, axes=2, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile,
-                              full_range=spec.full_range)
+                              full_range=spec.full_range, fmt=spec.w_format)
     rep = lambda a: None if a is None else core.expand_groups(a[..., 0], 1, spec.group, k)
     return rep(s), rep(z)
   axes = 1 if spec.granularity == "channel" else None
   s, z = core.compute_scale(wt, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                             calibration=spec.calibration, percentile=spec.percentile,
-                              full_range=spec.full_range)
+                            full_range=spec.full_range, fmt=spec.w_format)
   full = lambda a: None if a is None else jnp.broadcast_to(a, wt.shape)
   return full(s), full(z)
 
@@ -72,6 +72,8 @@ def quant_dequant(w: Array, s: Array, z: Array | None, spec: Quant) -> Array:
     >>> quant_dequant(jnp.array([0.26, 9.0]), jnp.array(0.5), None, jc.Quant(w_bits=4))
     Array([0.5, 3.5], dtype=float32)
   """
+  if spec.w_format != "int":  # a float format: the nearest value of its element format
+    return core.grid_value(w, s, None, spec.w_bits, fmt=spec.w_format) * s
   qmin, qmax = core.qrange(spec.w_bits, spec.w_symmetric, full_range=spec.full_range)
   q = jnp.round(w / s)
   if z is None:

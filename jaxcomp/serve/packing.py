@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.finite import check_finite
-from jaxcomp.quant.qarray import QArray, leaf_partition_specs, quantize_weight, quantize_with_step
+from jaxcomp.quant.qarray import (QArray, check_packable, leaf_partition_specs, quantize_weight,
+                                  quantize_with_step)
 from jaxcomp.quant.spec import Quant
 from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.linen_quant import (PackedParam, QuantizedLayer, box_value,
@@ -41,6 +42,7 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
     >>> pack_kernel(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)).values.shape
     (4, 4)
   """
+  check_packable(spec)
   if step is not None:
     return quantize_with_step(kernel, contracting, step, spec.w_bits, spec.group,
                               zero_point=zero, full_range=spec.full_range)
