@@ -198,7 +198,12 @@ _ELEMENTS = {"e4m3": "e4m3", "e5m2": "e5m2", "mxfp4": "e2m1", "nvfp4": "e2m1"}
 
 
 def element_format(fmt: str) -> str:
-  """The element format of weight / activation format ``fmt`` (e.g. "mxfp4" -> "e2m1")."""
+  """The element format of weight / activation format ``fmt``.
+
+  Example:
+    >>> element_format("mxfp4"), element_format("e4m3")
+    ('e2m1', 'e4m3')
+  """
   if fmt not in _ELEMENTS:
     raise ValueError(f"format must be one of {', '.join(_ELEMENTS)}; got {fmt!r}")
   return _ELEMENTS[fmt]
