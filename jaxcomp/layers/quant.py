@@ -11,6 +11,8 @@ The math lives in `jaxcomp.quant`; these modules only hold the spec and the lear
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -219,11 +221,11 @@ def packed_rows(table: QArray, ids: Array) -> Array:
   if table.zero_point is not None:
     raise ValueError("packed embedding tables must be symmetric (no zero point)")
   flat = ids.reshape(-1)
-  rows = QArray(values=jnp.take(table.values, flat, axis=0),
-                scale=jnp.take(table.scale, flat, axis=0, mode="clip")
-                if table.scale.shape[0] > 1 else table.scale,
-                zero_point=None, bits=table.bits, shape=(flat.size, table.shape[1]),
-                contracting=(1,), packed=table.packed, group=table.group)
+  rows = dataclasses.replace(
+      table, values=jnp.take(table.values, flat, axis=0),
+      scale=jnp.take(table.scale, flat, axis=0, mode="clip")
+      if table.scale.shape[0] > 1 else table.scale, shape=(flat.size, table.shape[1]),
+      contracting=(1,))
   return rows.dequantize_canonical().reshape(ids.shape + (table.shape[1],))
 
 

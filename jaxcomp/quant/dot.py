@@ -501,7 +501,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
         f"dot contracts {frame.rc} with batch axes {frame.rb}")
   out_dtype = preferred_element_type or lhs.dtype
   if spec.a_bits is None:
-    if backend != "xla" and qa.packed:
+    if backend != "xla" and qa.packed and qa.fmt == "int":
       return frame.out(_int4_kernel_dot(frame.lhs(lhs)[0], qa, backend, out_dtype)[None])
     return _float_dot(lhs, qa.dequantize(lhs.dtype), frame, dimension_numbers, precision,
                       preferred_element_type, out_sharding, out_dtype)
@@ -527,10 +527,11 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
                                 preferred_element_type=jnp.int32)
     y = acc[None].astype(jnp.float32) * s_x * qa.scale.T[None]
     return frame.out(y).astype(out_dtype)
-  # Groups with int8 activations, or asymmetric grids: the shared path on the stored grid.
+  # Groups with int8 activations, asymmetric grids or float formats: the shared path on the
+  # stored grid.
   n, k = qa.values.shape[0], frame.K
-  u_w = qa.ints().astype(jnp.float32).T[None]  # (1, K, N)
-  s_w = qa.scale.T[None]  # (1, G, N)
+  u_w = qa.grid().T[None]  # (1, K, N)
+  s_w = qa.scales().T[None]  # (1, G, N)
   if qa.zero_point is not None:
     u_w = u_w - core.expand_groups(qa.zero_point.T[None], 1, qa.group or k, k)
   if spec.granularity == "group":

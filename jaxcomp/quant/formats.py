@@ -232,3 +232,76 @@ def format_scale(x: Array, fmt: str, axes) -> Array:
     b, g = nv_scale(amax, jnp.max(amax))  # NaN in any block: NaN everywhere, as it should
     return b * g
   raise ValueError(f"format must be one of e4m3, e5m2, mxfp4, nvfp4; got {fmt!r}")
+
+
+# ------------------------------------------------------------------ stored codes (packing)
+
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # codes 0..7; code | 8: negative
+
+
+def encode(v: Array, elem: str) -> Array:
+  """The bit patterns (uint8) of values ``v`` of element format ``elem`` (as `round_to_float`
+  gives them): a byte per fp8 value; E2M1's 4-bit code (0..15: sign bit 3, magnitude index
+  0..7) in the low nibble.
+
+  Example:
+    >>> encode(jnp.array([1.5, -6.0, 0.0]), "e2m1")
+    Array([ 3, 15,  0], dtype=uint8)
+  """
+  if elem == "e2m1":
+    mag = jnp.searchsorted(jnp.asarray(_E2M1_MAGNITUDES, jnp.float32), jnp.abs(v))
+    return (mag.astype(jnp.uint8) | jnp.where(v < 0, 8, 0).astype(jnp.uint8))
+  return jax.lax.bitcast_convert_type(v.astype(float_format(elem).dtype), jnp.uint8)
+
+
+def decode(codes: Array, elem: str) -> Array:
+  """float32 values of the uint8 bit patterns ``codes`` of ``elem`` (inverse of `encode`).
+
+  Example:
+    >>> decode(jnp.array([3, 15, 0], jnp.uint8), "e2m1")
+    Array([ 1.5, -6. ,  0. ], dtype=float32)
+  """
+  if elem == "e2m1":
+    table = jnp.asarray(_E2M1_MAGNITUDES + tuple(-m for m in _E2M1_MAGNITUDES), jnp.float32)
+    return jnp.take(table, (codes & 15).astype(jnp.int32))
+  return jax.lax.bitcast_convert_type(codes, float_format(elem).dtype).astype(jnp.float32)
+
+
+def encode_e8m0(s: Array) -> Array:
+  """MX scales (powers of two, float32) as E8M0 bytes: the exponent plus 127 (NaN -> 255).
+
+  Example:
+    >>> encode_e8m0(jnp.array([1.0, 0.25, 8.0]))
+    Array([127, 125, 130], dtype=uint8)
+  """
+  _, e = jnp.frexp(s)
+  return jnp.where(jnp.isfinite(s), e - 1 + 127, 255).astype(jnp.uint8)
+
+
+def decode_e8m0(codes: Array) -> Array:
+  """float32 powers of two of E8M0 bytes (255: NaN), inverse of `encode_e8m0`.
+
+  Example:
+    >>> decode_e8m0(jnp.array([127, 125, 130], jnp.uint8))
+    Array([1.  , 0.25, 8.  ], dtype=float32)
+  """
+  s = jnp.ldexp(jnp.float32(1.0), codes.astype(jnp.int32) - 127)
+  return jnp.where(codes == 255, jnp.nan, s)
+
+
+def split_nv_step(step: Array) -> tuple[Array, Array]:
+  """An NVFP4 step ``block * global`` (as `format_scale` gives it, or a solver keeps it) split
+  back into E4M3 block scales and the power-of-two global: ``global = 2^ceil(log2(max / 448))``
+  and ``block = step / global``, exact (each block is its E4M3 value times 1 or 2, at most
+  448). Returns ``(block, global)`` with ``block * global == step`` bit for bit.
+
+  Example:
+    >>> b, g = split_nv_step(jnp.array([0.75, 0.125]))
+    >>> b * g
+    Array([0.75 , 0.125], dtype=float32)
+  """
+  step = step.astype(jnp.float32)
+  top = jnp.max(jnp.where(jnp.isfinite(step), step, 0.0))
+  m, e = jnp.frexp(top / float_format("e4m3").fmax)
+  g = jnp.where(top > 0, jnp.ldexp(jnp.float32(1.0), jnp.where(m == 0.5, e - 1, e)), 1.0)
+  return step / g, g

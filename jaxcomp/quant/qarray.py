@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.quant import core
+from jaxcomp.quant import formats
 from jaxcomp.quant.spec import Quant, weight_scale_shape
 
 Array = jax.Array
@@ -190,6 +191,11 @@ class QArray:
     packed: whether ``values`` holds ``bits``-wide values packed densely (static).
     group: elements of K per scale when grouped (the last group may be shorter), else None
       (static).
+    fmt: the element format (static): "int" (the integer grid above), or a float format
+      (`jaxcomp.quant.formats`): "e4m3" / "e5m2" (values: their fp8 bytes, uint8 (N, K);
+      scales float32), "mxfp4" / "nvfp4" (values: E2M1 codes two a byte, uint8 (N, K / 2);
+      scales: E8M0 bytes (MX) or E4M3 bytes (NV), uint8 (N, G)).
+    tensor_scale: NVFP4's float32 scale per tensor (a power of two, shape ()), else None.
   """
 
   values: Array
@@ -200,6 +206,8 @@ class QArray:
   contracting: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   packed: bool = dataclasses.field(metadata=dict(static=True))
   group: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  fmt: str = dataclasses.field(default="int", metadata=dict(static=True))
+  tensor_scale: Array | None = None
 
   def __getitem__(self, index):
     # ``variable[...]`` (how Flax layers read their kernel) returns the QArray itself.
@@ -223,12 +231,36 @@ class QArray:
   @property
   def nbytes(self) -> int:
     """Bytes of values, scales and zero points as stored."""
-    leaves = [self.values, self.scale] + ([self.zero_point] if self.zero_point is not None else [])
+    leaves = [x for x in (self.values, self.scale, self.zero_point, self.tensor_scale)
+              if x is not None]
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in leaves))
 
   def ints(self) -> Array:
-    """The integer grid values as int8, canonical (N, K)."""
+    """The integer grid values as int8, canonical (N, K) (integer formats only)."""
+    if self.fmt != "int":
+      raise ValueError(f"ints: this QArray holds {self.fmt} values, not integers; use grid()")
     return unpack_bits(self.values, self.bits, 1) if self.packed else self.values
+
+  def grid(self) -> Array:
+    """The grid values as float32, canonical (N, K): the integers, or the float format's values.
+
+    Example:
+      >>> quantize_weight(jnp.ones((64, 2)), (0,), jc.Quant(w_format="mxfp4")).grid()[0, :3]
+      Array([4., 4., 4.], dtype=float32)
+    """
+    if self.fmt == "int":
+      return self.ints().astype(jnp.float32)
+    elem = formats.element_format(self.fmt)
+    codes = unpack_int4(self.values, 1).astype(jnp.uint8) & 15 if self.packed else self.values
+    return formats.decode(codes, elem)
+
+  def scales(self) -> Array:
+    """The scales as float32, canonical (N, G) (MX / NV: decoded, NV times its tensor scale)."""
+    if self.fmt == "mxfp4":
+      return formats.decode_e8m0(self.scale)
+    if self.fmt == "nvfp4":
+      return formats.decode(self.scale, "e4m3") * self.tensor_scale
+    return self.scale
 
   def nibbles(self) -> Array:
     """The values as uint8 (N, K // 2), two 4-bit values a byte (`pack_int4`'s layout: the
@@ -238,15 +270,16 @@ class QArray:
       >>> quantize_weight(jnp.ones((16, 4)), (0,), jc.Quant(w_bits=3)).nibbles().shape
       (4, 8)
     """
-    if not self.packed:
-      raise ValueError(f"nibbles: the {self.bits}-bit values of this QArray are not packed")
+    if not self.packed or self.fmt != "int":
+      raise ValueError(f"nibbles: the {self.bits}-bit {self.fmt} values of this QArray are not "
+                       "packed integers")
     return self.values if self.bits == 4 else pack_int4(self.ints(), 1)
 
   def dequantize_canonical(self, dtype: jnp.dtype = jnp.float32) -> Array:
     """``(q - z) * s`` as the canonical (N, K) matrix."""
-    q = self.ints().astype(jnp.float32)
+    q = self.grid()
     k = q.shape[1]
-    s = core.expand_groups(self.scale, 1, self.group or k, k)
+    s = core.expand_groups(self.scales(), 1, self.group or k, k)
     if self.zero_point is not None:
       q = q - core.expand_groups(self.zero_point, 1, self.group or k, k)
     return (q * s).astype(dtype)
@@ -269,15 +302,28 @@ def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[i
                 group=group)
 
 
-def check_packable(spec: Quant) -> None:
-  """A one-line ValueError unless a `QArray` can hold ``spec``'s grid (integer formats today).
-
-  Example:
-    >>> check_packable(jc.Quant(w_bits=4, group=128))
-  """
-  if spec.w_format != "int":
-    raise ValueError(f"packing w_format={spec.w_format!r} is not supported yet (QArray holds "
-                     "integer grids); keep the fake-quantized model")
+def _from_floats(m: Array, s: Array, fmt: str, shape: Sequence[int],
+                 contracting: Sequence[int], group: int | None) -> QArray:
+  """Builds a float-format QArray from a canonical (N, K) matrix and its (N, G) scales (or
+  (1, 1) per tensor): the values rounded as `core.grid_value` rounds them, stored as codes."""
+  n, k = m.shape
+  elem = formats.element_format(fmt)
+  v = core.grid_value(m, core.expand_groups(s, 1, group or k, k), None, 8, fmt=fmt)
+  codes = formats.encode(v, elem)
+  packed = elem == "e2m1" and k % 2 == 0
+  values = pack_int4(codes.astype(jnp.int8), 1) if packed else codes
+  tensor_scale = None
+  if fmt == "mxfp4":
+    s = formats.encode_e8m0(s)
+  elif fmt == "nvfp4":
+    b, tensor_scale = formats.split_nv_step(s)
+    s = formats.encode(b, "e4m3")
+  else:
+    s = s.astype(jnp.float32)
+  return QArray(values=values, scale=s, zero_point=None, bits=formats.float_format(elem).bits,
+                shape=tuple(int(d) for d in shape),
+                contracting=tuple(a % len(shape) for a in contracting), packed=packed,
+                group=group, fmt=fmt, tensor_scale=tensor_scale)
 
 
 def weight_scales(w: Array, contracting: Sequence[int], spec: Quant
@@ -368,20 +414,21 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
     (128, True)
   """
   weight_scale_shape(w.shape, contracting, spec)  # validates the group size
-  check_packable(spec)
   m = canonical(w.astype(jnp.float32), contracting)
   n, k = m.shape
   s, z, blocks = _blocks_and_scales(m, spec)
+  group = spec.group if spec.granularity == "group" else None
+  if spec.w_format != "int":
+    return _from_floats(m, s, spec.w_format, w.shape, contracting, group)
   q = core.quantize(blocks, s[..., None], None if z is None else z[..., None], bits=spec.w_bits,
                     symmetric=spec.w_symmetric, full_range=spec.full_range)
   q = q.reshape(blocks.shape[0], -1)[:, :k] if blocks.shape[0] == n else q.reshape(n, -1)
-  group = spec.group if spec.granularity == "group" else None
   return _from_ints(q, s, z, spec.w_bits, w.shape, contracting, group)
 
 
 def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: int,
                        group: int | None = None, *, zero_point: Array | None = None,
-                       full_range: bool = False) -> QArray:
+                       full_range: bool = False, fmt: str = "int") -> QArray:
   """Packs a kernel on a given step (LSQ-trained or solved by PTQ), and zero point if any.
 
   Args:
@@ -392,6 +439,7 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
     group: the group size when ``step`` is per group (its last group may be shorter).
     zero_point: integer-valued zero points like ``step`` (an asymmetric grid), or None.
     full_range: the symmetric grid is the full signed range (``[-8, 7]`` at 4 bits).
+    fmt: the element format (`Quant.w_format`); a float format ignores ``bits``.
 
   Returns:
     A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``,
@@ -410,6 +458,10 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
   if s.shape[1] > 1 and group is None:
     raise ValueError(f"quantize_with_step: step {step.shape} is per group; pass group=")
   g = group if s.shape[1] > 1 else k
+  if fmt != "int":  # non-finite weights: NaN grid values, NaN codes' scale below
+    bad = ~jnp.isfinite(core.pad_to_groups(m, 1, g)).reshape(n, -1, g).all(axis=2)
+    s = jnp.where(bad.any(axis=0, keepdims=True) if s.shape[0] == 1 else bad, jnp.nan, s)
+    return _from_floats(m, s, fmt, w.shape, contracting, group if s.shape[1] > 1 else None)
   expand = lambda a: jnp.broadcast_to(core.expand_groups(a, 1, g, k), (n, k))
   z = None if zero_point is None else canonical(zero_point.astype(jnp.float32), contracting)
   qmin, qmax = core.qrange(bits, z is None, full_range=full_range)
@@ -453,4 +505,5 @@ def leaf_partition_specs(qa: QArray, names: Sequence[Any] | None,
 
   spec_vk = spec((out, k))
   return dataclasses.replace(qa, values=spec_vk, scale=spec((out, None)),
-                             zero_point=None if qa.zero_point is None else spec_vk)
+                             zero_point=None if qa.zero_point is None else spec_vk,
+                             tensor_scale=None if qa.tensor_scale is None else P())

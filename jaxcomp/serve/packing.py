@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.finite import check_finite
-from jaxcomp.quant.qarray import (QArray, check_packable, leaf_partition_specs, quantize_weight,
-                                  quantize_with_step)
+from jaxcomp.quant.qarray import QArray, leaf_partition_specs, quantize_weight, quantize_with_step
 from jaxcomp.quant.spec import Quant
 from jaxcomp.rewrite import engine
 from jaxcomp.rewrite.linen_quant import (PackedParam, QuantizedLayer, box_value,
@@ -42,10 +41,9 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
     >>> pack_kernel(jnp.ones((8, 4)), (0,), jc.Quant(w_bits=4)).values.shape
     (4, 4)
   """
-  check_packable(spec)
   if step is not None:
     return quantize_with_step(kernel, contracting, step, spec.w_bits, spec.group,
-                              zero_point=zero, full_range=spec.full_range)
+                              zero_point=zero, full_range=spec.full_range, fmt=spec.w_format)
   return quantize_weight(kernel, contracting, spec)
 
 

@@ -1,6 +1,8 @@
 """Float element formats through `jc.Quant`: the spec's implied bits and blocks, QAT fake
 quantization (weights and fp8 activations), GPTQ and RTN on the float grids (issue 20)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +98,7 @@ def test_gptq_on_a_float_grid_lands_on_it_and_beats_rtn(fmt):
   assert err(q) < 0.8 * err(rtn)
 
 
-def test_ptq_and_qat_on_a_tiny_llama_with_float_formats():
+def test_ptq_and_qat_on_a_tiny_llama_with_float_formats(tmp_path):
   model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(6), (4, 32), 0, 256)
   logits = model(tokens)
@@ -107,9 +109,49 @@ def test_ptq_and_qat_on_a_tiny_llama_with_float_formats():
     assert np.isfinite(np.asarray(out)).all()
     rel = float(jnp.linalg.norm(out - logits) / jnp.linalg.norm(logits))
     assert 0 < rel < 0.5, (fmt, rel)
-    with pytest.raises(ValueError, match=f"packing w_format='{fmt}' is not supported yet"):
-      jc.convert(ptq)
+    packed = jc.convert(ptq)
+    np.testing.assert_array_equal(packed(tokens), out)  # the stored codes: the same logits
+    jc.save_packed(packed, tmp_path / fmt)
+    like = nnx.eval_shape(lambda: jc.packed_skeleton(
+        Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0)), recipe))
+    np.testing.assert_array_equal(jc.restore_packed(tmp_path / fmt, like)(tokens), out)
   qat = jc.quantize(model, jc.Recipe([jc.Rule(r".*_proj", quant=jc.Quant(
       w_format="e4m3", a_format="e4m3"))]))
   grads = nnx.grad(lambda m: m(tokens).astype(jnp.float32).mean())(qat)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("fmt", W_FORMATS)
+@pytest.mark.parametrize("shape, contracting", [((64, 24), (0,)), ((4, 16, 12), (0, 1)),
+                                                ((66, 8), (0,))])
+def test_packed_float_formats_dequantize_to_the_fake_quant_kernel(fmt, shape, contracting):
+  w = jax.random.normal(jax.random.key(7), shape) * 3
+  spec = jc.Quant(w_format=fmt)
+  qa = jc.quant.quantize_weight(w, contracting, spec)
+  np.testing.assert_array_equal(qa.dequantize(), qdot.fake_quant_weight(w, contracting, spec))
+  k = int(np.prod([shape[a] for a in contracting]))
+  n = w.size // k
+  assert qa.values.dtype == jnp.uint8
+  value_bits = 8 * qa.values.size / w.size
+  assert value_bits == {"e4m3": 8, "e5m2": 8}.get(fmt, 4 if k % 2 == 0 else 8)
+  if fmt in ("mxfp4", "nvfp4"):
+    assert qa.scale.dtype == jnp.uint8 and qa.scale.shape == (n, -(-k // spec.group))
+  # a solved step (PTQ) packs to the same codes
+  step = jc.quant.qarray.initial_step(w, contracting, spec)
+  again = jc.quant.qarray.quantize_with_step(w, contracting, step, spec.w_bits, spec.group,
+                                             fmt=fmt)
+  np.testing.assert_array_equal(again.dequantize(), qa.dequantize())
+  # the packed dot (weight-only and with fp8 activations) equals the fake-quant dot
+  x = jax.random.normal(jax.random.key(8), (3,) + tuple(shape[a] for a in contracting))
+  dims = ((tuple(range(1, 1 + len(contracting))), contracting), ((), ()))
+  for s in (spec, dataclasses.replace(spec, a_format="e4m3", a_bits=8)):
+    np.testing.assert_allclose(qdot.quant_dot_general(x, qa, dims, s),
+                               qdot.quant_dot_general(x, w, dims, s), rtol=1e-6, atol=1e-5)
+
+
+def test_packed_float_formats_bits_per_weight():
+  w = jax.random.normal(jax.random.key(9), (512, 64))
+  bits = {f: 8 * jc.quant.quantize_weight(w, (0,), jc.Quant(w_format=f)).nbytes / w.size
+          for f in W_FORMATS}
+  assert bits["mxfp4"] == 4.25 and bits["nvfp4"] == 4.5 + 32 / w.size
+  assert bits["e4m3"] == bits["e5m2"] == 8 + 32 / 512
