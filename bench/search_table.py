@@ -7,7 +7,8 @@ the Spearman correlation); the other budgets allocate again on its ``sensitivity
 second scoring). Beside them: the uniform GPTQ recipes (``--uniform``, configs/smollm2_ptq.py).
 ``--suite mixed_full``: the same on the full signed grids (smollm2_search.py:mixed_full)
 against gptq_w4g128_full and gptq_w3g128_full; ``--suite mixed_grids``: 2 and 4 bits on the
-full signed grids, 3 bits symmetric (smollm2_search.py:mixed_grids). ``--suite owl``: OWL's non-uniform 50% Wanda
+full signed grids, 3 bits symmetric (smollm2_search.py:mixed_grids); ``--suite mixed_full16``:
+mixed_full with float16 scales, against w3g128 with float32 and float16 scales. ``--suite owl``: OWL's non-uniform 50% Wanda
 against uniform 50% Wanda
 (configs/smollm2_sparse.py:wanda_50). ``--suite ranks``: SVD-LLM ranks allocated at 80% and
 60% of the float32 projection weights (``--budgets`` in bits per weight: 25.6, 19.2) against
@@ -41,9 +42,11 @@ import smollm2_sparse  # noqa: E402  pylint: disable=wrong-import-position
 _UNIFORM = {"mixed": (smollm2_ptq, "gptq_w4g128,gptq_w3g128"),
             "mixed_full": (smollm2_ptq, "gptq_w4g128_full,gptq_w3g128_full"),
             "mixed_grids": (smollm2_ptq, "gptq_w3g128,gptq_w4g128_full"),
+            "mixed_full16": (smollm2_ptq, "gptq_w3g128,gptq_w3g128_fp16,gptq_w3g128_full_fp16"),
             "owl": (smollm2_sparse, "wanda_50"),
             "ranks": (smollm2_lowrank, "svd_llm_20,svd_llm_40")}
 _BUDGETS = {"mixed": "3.5,4.25,3.0", "mixed_full": "3.0,3.5,4.25", "mixed_grids": "3.0,3.5,4.25",
+            "mixed_full16": "3.0,3.5,4.25",
             "owl": "0.5",
             "ranks": "25.6,19.2"}
 
@@ -122,7 +125,7 @@ def main() -> None:
   print(f"\nSmolLM2-135M-Instruct, {first['eval_text']}: {first['eval_tokens']} scored tokens; "
         f"float ppl {base:.3f}\n")
   what = {"mixed": "bits/weight (packed arrays)", "mixed_full": "bits/weight (packed arrays)",
-          "mixed_grids": "bits/weight (packed arrays)",
+          "mixed_grids": "bits/weight (packed arrays)", "mixed_full16": "bits/weight (packed arrays)",
           "ranks": "bits/weight (float32 factors)",
           "owl": "sparsity of the projections"}[args.suite]
   print(f"| recipe | {what} | ppl | increase | search s |")

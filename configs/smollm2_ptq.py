@@ -8,7 +8,8 @@ Variants: float (the baseline), rtn_w4, rtn_w4g128, gptq_w4, gptq_w4g128, gptq_w
 gptq_w3g64 (3.5 bits per weight: the size of issue 18's 3.5-bit budget), awq_w4g128,
 smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's reference default);
 rtn_w4_full, gptq_w4g128_full and gptq_w3g128_full (the full signed grids {-8..7} * absmax /
-7.5, {-4..3} * absmax / 3.5). The 210 projection matrices of the 30 blocks are quantized
+7.5, {-4..3} * absmax / 3.5); gptq_w3g128_fp16 and gptq_w3g128_full_fp16 (the scales stored as
+float16, rounded up: 3.125 bits per weight instead of 3.25). The 210 projection matrices of the 30 blocks are quantized
 (symmetric unless named asym, per output channel or per group of 128 inputs); the tied
 embedding / output head, the norms and attention stay float. Calibration (``calib.text``): 128
 windows of 512 tokens from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to
@@ -47,6 +48,10 @@ VARIANTS = {
                                  options={"act_order": True}),
     "gptq_w3g128_full": jc.Quant(w_bits=3, group=128, method="gptq", full_range=True,
                                  options={"act_order": True}),
+    "gptq_w3g128_fp16": jc.Quant(w_bits=3, group=128, method="gptq", scale_dtype="float16",
+                                 options={"act_order": True}),
+    "gptq_w3g128_full_fp16": jc.Quant(w_bits=3, group=128, method="gptq", full_range=True,
+                                      scale_dtype="float16", options={"act_order": True}),
     "awq_w4g128": jc.Quant(w_bits=4, group=128, method="awq"),
     "smoothquant_w8a8": jc.Quant(w_bits=8, a_bits=8, method="smoothquant", options={"alpha": 0.5}),
 }

@@ -18,6 +18,8 @@ Variants (each a stage pipeline, `jaxcomp.experiments.pipeline`; the search stag
   SmolLM2 (README): 2 and 4 bits full signed (w4g128_full 30.355 vs w4g128 31.768 on the
   whole test split), 3 bits symmetric (w3g128 68.870 vs w3g128_full 75.427 on the first
   32,768 test tokens); the same 12 shapes, so the same scoring cost;
+* ``mixed_full16``: ``mixed_full`` with every scale stored as float16 (rounded up; w3g128
+  costs 3.125 bits per weight instead of 3.25);
 * ``owl``: ``search`` (OWL: 50% overall, one outlier ratio per block over its seven
   projections' Wanda scores, as in the paper; ``group=""``: per projection) -> ``prune``
   (Wanda) -> ``eval``;
@@ -42,17 +44,18 @@ from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
 
 PROJ = r"layers/(\d+/)?(attn|mlp)/\w+_proj"
-VARIANTS = ("mixed", "mixed_full", "mixed_grids", "owl", "ranks")
+VARIANTS = ("mixed", "mixed_full", "mixed_grids", "mixed_full16", "owl", "ranks")
 # mixed_grids: the grid of each bit width (True: the full signed grid).
 GRIDS = {2: True, 3: False, 4: True, 8: False}
 _GPTQ = {"act_order": True}
 
 
-def candidates(tiny: bool = False, full_range: bool | dict[int, bool] = False
-               ) -> dict[str, jc.Quant]:
+def candidates(tiny: bool = False, full_range: bool | dict[int, bool] = False,
+               scale_dtype: str = "float32") -> dict[str, jc.Quant]:
   """The GPTQ grids the mixed-precision search chooses from (symmetric, per output channel
   or per group of inputs): 2, 3, 4 and 8 bits. ``full_range``: the full signed grids (names
-  ending in "f"), for every width (True) or per width (a dict bits -> bool, as `GRIDS`)."""
+  ending in "f"), for every width (True) or per width (a dict bits -> bool, as `GRIDS`);
+  ``scale_dtype``: the stored scales' dtype (`jc.Quant.scale_dtype`)."""
   full = full_range if isinstance(full_range, dict) else dict.fromkeys((2, 3, 4, 8), full_range)
   groups = (None, 32) if tiny else (None, 256, 128, 64)
   out = {}
@@ -61,9 +64,10 @@ def candidates(tiny: bool = False, full_range: bool | dict[int, bool] = False
       if bits == 2 and g is None:
         continue  # 2 bits per channel: far worse than any other candidate of its size
       out[f"w{bits}" + (f"g{g}" if g else "") + ("f" if full[bits] else "")] = jc.Quant(
-          w_bits=bits, group=g, method="gptq", full_range=full[bits], options=_GPTQ)
-  out["w8" + ("f" if full[8] else "")] = jc.Quant(w_bits=8, method="gptq",
-                                                  full_range=full[8], options=_GPTQ)
+          w_bits=bits, group=g, method="gptq", full_range=full[bits], scale_dtype=scale_dtype,
+          options=_GPTQ)
+  out["w8" + ("f" if full[8] else "")] = jc.Quant(w_bits=8, method="gptq", full_range=full[8],
+                                                  scale_dtype=scale_dtype, options=_GPTQ)
   return out
 
 
@@ -72,10 +76,11 @@ def get_config(arg: str = "mixed") -> ml_collections.ConfigDict:
   variant, tiny = parse_variant(arg, VARIANTS, "smollm2_search.py")
   config = oneshot_config(None, tiny=tiny)
   if variant.startswith("mixed"):
-    full = {"mixed": False, "mixed_full": True, "mixed_grids": GRIDS}[variant]
-    tail = "f" if variant == "mixed_full" else ""
+    full = {"mixed": False, "mixed_full": True, "mixed_grids": GRIDS, "mixed_full16": True}[variant]
+    tail = "f" if variant in ("mixed_full", "mixed_full16") else ""
+    dtype = "float16" if variant == "mixed_full16" else "float32"
     search = dict(kind="search", space="quant", layers=PROJ,
-                  candidates={n: q.to_dict() for n, q in candidates(tiny, full).items()},
+                  candidates={n: q.to_dict() for n, q in candidates(tiny, full, dtype).items()},
                   budget=3.5, estimator="fisher", fisher_n_seq=4 if tiny else 16, kl_n_seq=0,
                   kl_candidates=[("w3g32" if tiny else "w3g128") + tail], scores="")
     config.stage.gptq = dict(kind="ptq", recipe_from="search")

@@ -112,8 +112,8 @@ def stored_size(model: Any) -> dict[str, float | int]:
     if isinstance(leaf, QArray):
       dense = np.asarray(dequantize_stacked(leaf))
       params += int(dense.size)
-      nbytes += sum(int(np.asarray(x).nbytes) for x in (leaf.values, leaf.scale, leaf.zero_point)
-                    if x is not None)
+      nbytes += sum(int(np.asarray(x).nbytes) for x in (leaf.values, leaf.scale, leaf.zero_point,
+                                                        leaf.tensor_scale) if x is not None)
       nonzero += int(np.count_nonzero(dense))
     elif hasattr(leaf, "dtype") and hasattr(leaf, "size"):
       params += int(leaf.size)

@@ -291,7 +291,7 @@ def packed_bits(shape: tuple[int, ...], contracting: tuple[int, ...], spec: Quan
   """
   qa = jax.eval_shape(lambda w: quantize_weight(w, contracting, spec),
                       jax.ShapeDtypeStruct(shape, jnp.float32))
-  leaves = [qa.values, qa.scale] + ([qa.zero_point] if qa.zero_point is not None else [])
+  leaves = [x for x in (qa.values, qa.scale, qa.zero_point, qa.tensor_scale) if x is not None]
   return int(sum(8 * np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
 
 

@@ -148,8 +148,26 @@ def _range_bounds(
   return poison(jnp.minimum(lo, 0.0)), poison(jnp.maximum(hi, 0.0))
 
 
+def round_scale_up(s: Array, dtype: str = "float32") -> Array:
+  """``s`` (float32) rounded up to the nearest value of ``dtype`` ("float32": unchanged), as
+  float32. Rounding up keeps ``|x| / s`` within the grid for a scale calibrated from ``x``.
+  NaN stays NaN.
+
+  Example:
+    >>> round_scale_up(jnp.array([1.001, 0.5]), "bfloat16")
+    Array([1.0078125, 0.5      ], dtype=float32)
+  """
+  if dtype == "float32":
+    return s
+  dt = jnp.dtype(dtype)
+  t = s.astype(dt)
+  t = jnp.where(t.astype(jnp.float32) < s, jnp.nextafter(t, jnp.array(jnp.inf, dt)), t)
+  return t.astype(jnp.float32)
+
+
 def scale_from_range(
-    lo: Array, hi: Array, bits: int, symmetric: bool = True, *, full_range: bool = False
+    lo: Array, hi: Array, bits: int, symmetric: bool = True, *, full_range: bool = False,
+    scale_dtype: str = "float32"
 ) -> tuple[Array, Array | None]:
   """Scale (and zero point, if asymmetric) mapping ``[lo, hi]`` onto the ``bits`` grid.
 
@@ -159,6 +177,8 @@ def scale_from_range(
     symmetric: symmetric grid (``hi`` alone sets the scale; no zero point).
     full_range: symmetric only: the full signed grid, ``s = absmax / (2^(b-1) - 1/2)`` (so
       ``+absmax`` rounds to ``qmax`` and ``-absmax`` to ``qmin``, as in GPTQ's reference).
+    scale_dtype: the scale is rounded up to this dtype (`round_scale_up`), the zero point
+      computed from the rounded scale.
 
   Returns:
     ``(scale, zero_point)``; ``zero_point`` is None when symmetric, else float, integer-valued.
@@ -170,8 +190,9 @@ def scale_from_range(
   """
   qmin, qmax = qrange(bits, symmetric, full_range=full_range)
   if symmetric:
-    return _safe(jnp.maximum(-lo, hi) / (qmax + 0.5 if full_range else qmax)), None
-  s = _safe((hi - lo) / (qmax - qmin))
+    s = _safe(jnp.maximum(-lo, hi) / (qmax + 0.5 if full_range else qmax))
+    return round_scale_up(s, scale_dtype), None
+  s = round_scale_up(_safe((hi - lo) / (qmax - qmin)), scale_dtype)
   z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
   return s, z
 
@@ -186,6 +207,7 @@ def compute_scale(
     percentile: float = 99.9,
     full_range: bool = False,
     fmt: str = "int",
+    scale_dtype: str = "float32",
 ) -> tuple[Array, Array | None]:
   """Chooses the quantization scale of ``x``, reduced over ``axes`` (kept as size-1 dims).
 
@@ -202,6 +224,7 @@ def compute_scale(
     symmetric, calibration, percentile: as in `jaxcomp.Quant`.
     fmt: the element format (`jaxcomp.Quant.w_format`): "int" (the ``bits`` grid) or a float
       format ("e4m3", "e5m2", "mxfp4", "nvfp4"; absmax only, `formats.format_scale`).
+    scale_dtype: round the scale up to this dtype (`jaxcomp.Quant.scale_dtype`).
 
   Returns:
     ``(scale, zero_point)`` with the shape of ``x`` reduced over ``axes`` (keepdims);
@@ -220,10 +243,12 @@ def compute_scale(
   x = x.astype(jnp.float32)
   lo, hi = _range_bounds(x, axes, symmetric, calibration, percentile)
   if calibration != "mse":
-    return scale_from_range(lo, hi, bits, symmetric, full_range=full_range)
+    return scale_from_range(lo, hi, bits, symmetric, full_range=full_range,
+                            scale_dtype=scale_dtype)
 
   def candidate(ratio):
-    s, z = scale_from_range(lo * ratio, hi * ratio, bits, symmetric, full_range=full_range)
+    s, z = scale_from_range(lo * ratio, hi * ratio, bits, symmetric, full_range=full_range,
+                            scale_dtype=scale_dtype)
     err = jnp.sum(jnp.square(fake_quant_with_scale(x, s, z, bits, symmetric,
                                                    full_range=full_range) - x), axes,
                   keepdims=True)

@@ -112,7 +112,8 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None,
   else:
     s, z = core.compute_scale(w3, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile,
-                              full_range=spec.full_range, fmt=spec.w_format)
+                              full_range=spec.full_range, fmt=spec.w_format,
+                              scale_dtype=spec.scale_dtype)
     s = jax.lax.stop_gradient(s)
   # Symmetric absmax scales clip nothing on the narrow grid; the full grid clips +absmax.
   exact = (step3 is None and spec.calibration == "absmax" and spec.w_symmetric
@@ -511,7 +512,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
       # is loaded (the int8 activations never reach HBM); int32 accumulator, scales fused.
       x2 = frame.lhs(lhs)
       s_x = jnp.broadcast_to(_act_scale(x2, spec), x2.shape[:2] + (1,))[0, :, 0]
-      y = pallas_kernels.int8_matmul(x2[0], qa.ints(), s_x, qa.scale[:, 0], w_layout="nk",
+      y = pallas_kernels.int8_matmul(x2[0], qa.ints(), s_x, qa.scales()[:, 0], w_layout="nk",
                                      x_bits=spec.a_bits, out_dtype=jnp.float32,
                                      backend=backend)
       return frame.out(y[None]).astype(out_dtype)
@@ -525,7 +526,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     else:
       acc = jax.lax.dot_general(qx, qw, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.int32)
-    y = acc[None].astype(jnp.float32) * s_x * qa.scale.T[None]
+    y = acc[None].astype(jnp.float32) * s_x * qa.scales().T[None]
     return frame.out(y).astype(out_dtype)
   # Groups with int8 activations, asymmetric grids or float formats: the shared path on the
   # stored grid.
@@ -533,7 +534,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
   u_w = qa.grid().T[None]  # (1, K, N)
   s_w = qa.scales().T[None]  # (1, G, N)
   if qa.zero_point is not None:
-    u_w = u_w - core.expand_groups(qa.zero_point.T[None], 1, qa.group or k, k)
+    u_w = u_w - core.expand_groups(qa.zero_point.T[None].astype(jnp.float32), 1, qa.group or k, k)
   if spec.granularity == "group":
     g = s_w.shape[1]
     u_w = core.pad_to_groups(u_w, 1, spec.group).reshape(1, g, spec.group, n)
@@ -558,8 +559,8 @@ def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Arra
         f"K={k}; the kernel takes groups of {pallas_kernels.int4_matmul_groups} that divide K "
         f"(convert with backend='xla' for this model, or quantize with such a group)")
   act = x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
-  zeros = None if qa.zero_point is None else qa.zero_point.T
-  return pallas_kernels.int4_matmul(act, qa.nibbles().T, qa.scale.T, group=qa.group, zeros=zeros,
+  zeros = None if qa.zero_point is None else qa.zero_point.T.astype(jnp.float32)
+  return pallas_kernels.int4_matmul(act, qa.nibbles().T, qa.scales().T, group=qa.group, zeros=zeros,
                                     out_dtype=out_dtype, backend=backend)
 
 

@@ -260,7 +260,7 @@ class QArray:
       return formats.decode_e8m0(self.scale)
     if self.fmt == "nvfp4":
       return formats.decode(self.scale, "e4m3") * self.tensor_scale
-    return self.scale
+    return self.scale.astype(jnp.float32)  # float32, or 16-bit (`Quant.scale_dtype`)
 
   def nibbles(self) -> Array:
     """The values as uint8 (N, K // 2), two 4-bit values a byte (`pack_int4`'s layout: the
@@ -281,7 +281,7 @@ class QArray:
     k = q.shape[1]
     s = core.expand_groups(self.scales(), 1, self.group or k, k)
     if self.zero_point is not None:
-      q = q - core.expand_groups(self.zero_point, 1, self.group or k, k)
+      q = q - core.expand_groups(self.zero_point.astype(jnp.float32), 1, self.group or k, k)
     return (q * s).astype(dtype)
 
   def dequantize(self, dtype: jnp.dtype = jnp.float32) -> Array:
@@ -290,13 +290,15 @@ class QArray:
 
 
 def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[int],
-               contracting: Sequence[int], group: int | None) -> QArray:
-  """Builds a QArray from canonical int grid values (N, K) and (N, G) scales."""
+               contracting: Sequence[int], group: int | None,
+               scale_dtype: str = "float32") -> QArray:
+  """Builds a QArray from canonical int grid values (N, K) and (N, G) scales (stored in
+  ``scale_dtype``: the scales must already be its values, as `core.round_scale_up` makes them)."""
   q = q.astype(jnp.int8)
   packed = bits <= 4 and q.shape[1] % values_per_unit(bits) == 0
   values = pack_bits(q, bits, 1) if packed else q
-  return QArray(values=values, scale=s.astype(jnp.float32),
-                zero_point=None if z is None else z.astype(jnp.float32), bits=bits,
+  return QArray(values=values, scale=s.astype(scale_dtype),
+                zero_point=None if z is None else z.astype(scale_dtype), bits=bits,
                 shape=tuple(int(d) for d in shape),
                 contracting=tuple(a % len(shape) for a in contracting), packed=packed,
                 group=group)
@@ -356,7 +358,8 @@ def _blocks_and_scales(m: Array, spec: Quant) -> tuple[Array, Array | None, Arra
     blocks = m.reshape(1, 1, -1)
   s, z = core.compute_scale(blocks, spec.w_bits, axes=2, symmetric=spec.w_symmetric,
                             calibration=spec.calibration, percentile=spec.percentile,
-                            full_range=spec.full_range, fmt=spec.w_format)
+                            full_range=spec.full_range, fmt=spec.w_format,
+                            scale_dtype=spec.scale_dtype)
   return s[..., 0], None if z is None else z[..., 0], blocks
 
 
@@ -423,12 +426,13 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
   q = core.quantize(blocks, s[..., None], None if z is None else z[..., None], bits=spec.w_bits,
                     symmetric=spec.w_symmetric, full_range=spec.full_range)
   q = q.reshape(blocks.shape[0], -1)[:, :k] if blocks.shape[0] == n else q.reshape(n, -1)
-  return _from_ints(q, s, z, spec.w_bits, w.shape, contracting, group)
+  return _from_ints(q, s, z, spec.w_bits, w.shape, contracting, group, spec.scale_dtype)
 
 
 def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: int,
                        group: int | None = None, *, zero_point: Array | None = None,
-                       full_range: bool = False, fmt: str = "int") -> QArray:
+                       full_range: bool = False, fmt: str = "int",
+                       scale_dtype: str = "float32") -> QArray:
   """Packs a kernel on a given step (LSQ-trained or solved by PTQ), and zero point if any.
 
   Args:
@@ -440,6 +444,8 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
     zero_point: integer-valued zero points like ``step`` (an asymmetric grid), or None.
     full_range: the symmetric grid is the full signed range (``[-8, 7]`` at 4 bits).
     fmt: the element format (`Quant.w_format`); a float format ignores ``bits``.
+    scale_dtype: the stored dtype of the step and zero points (`Quant.scale_dtype`); the step
+      must already hold values of it (a solver's step computed under that spec does).
 
   Returns:
     A `QArray` whose `dequantize()` equals ``fake_quant_weight(w, contracting, spec, step)``,
@@ -473,7 +479,8 @@ def quantize_with_step(w: Array, contracting: Sequence[int], step: Array, bits: 
   if s.shape[0] == 1:  # per tensor: one scale for every row
     bad = bad.any(axis=0, keepdims=True)
   s = jnp.where(bad, jnp.nan, s)
-  return _from_ints(q, s, z, bits, w.shape, contracting, group if s.shape[1] > 1 else None)
+  return _from_ints(q, s, z, bits, w.shape, contracting, group if s.shape[1] > 1 else None,
+                    scale_dtype)
 
 
 def leaf_partition_specs(qa: QArray, names: Sequence[Any] | None,

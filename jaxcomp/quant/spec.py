@@ -23,6 +23,7 @@ W_FORMATS = ("int", "e4m3", "e5m2", "mxfp4", "nvfp4")
 A_FORMATS = ("int", "e4m3", "e5m2")
 FORMAT_BITS = {"e4m3": 8, "e5m2": 8, "mxfp4": 4, "nvfp4": 4}
 FORMAT_GROUP = {"mxfp4": 32, "nvfp4": 16}
+SCALE_DTYPES = ("float32", "bfloat16", "float16")
 ACT_GRANULARITIES = ("tensor", "token")
 CALIBRATIONS = ("absmax", "percentile", "mse")
 SPEC_KINDS = ("quant", "sparsity", "lowrank")
@@ -250,6 +251,11 @@ class Quant:
   group) themselves (`jaxcomp.quant.formats`, docs/quantization.md), e.g.
   ``jc.Quant(w_format="mxfp4", method="gptq")``.
 
+  ``scale_dtype`` stores the weight scales (and zero points) in 16 bits (``"bfloat16"`` or
+  ``"float16"``, as GPTQ's checkpoints do): each calibrated scale is rounded *up* to that
+  dtype before quantizing (so nothing clips), in training and serving alike; w3g128 then
+  costs 3.125 bits per weight instead of 3.25.
+
   ``method`` picks the post-training solver used by `jaxcomp.ptq`, one of the registered
   solvers of `jaxcomp.oneshot.registry` (``"rtn"``: round to nearest; ``"gptq"``: Frantar et
   al., 2022; ``"awq"``: activation-aware scaling, Lin et al., 2023; ``"smoothquant"``:
@@ -273,6 +279,7 @@ class Quant:
   learn_scale: bool = False  # LSQ: train the step sizes (Esser et al., 2020).
   w_format: str = "int"  # weight elements: int (the w_bits grid), e4m3 / e5m2 (fp8), mxfp4 / nvfp4.
   a_format: str = "int"  # activation elements: int (the a_bits grid) or e4m3 / e5m2 (fp8).
+  scale_dtype: str = "float32"  # stored weight scales (and zero points): float32, bfloat16, float16.
   method: str = "rtn"  # PTQ solver: rtn, gptq, awq, smoothquant (see `jaxcomp.ptq`).
   options: Mapping[str, Any] = SolverOptions()  # the solver's options that differ from its defaults.
 
@@ -310,6 +317,10 @@ class Quant:
     if self.learn_scale and not self.w_symmetric:
       raise SpecError("Quant.learn_scale=True needs w_symmetric=True (LSQ learns a step, no zero point)")
     self._check_formats()
+    _check_choice(o, "scale_dtype", self.scale_dtype, SCALE_DTYPES)
+    if self.scale_dtype != "float32" and (self.learn_scale or self.w_format != "int"):
+      raise SpecError(f"Quant.scale_dtype={self.scale_dtype!r} rounds calibrated integer-grid "
+                      "scales; learn_scale and float formats keep float32 (their own) scales")
     object.__setattr__(self, "options", check_method(o, "quant", self))
 
   def _check_formats(self) -> None:

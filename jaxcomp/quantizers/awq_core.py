@@ -193,7 +193,8 @@ def _clip_ranges(w: Array, spec: Quant) -> tuple[Array, Array, Array]:
 
 
 def _clip_quant(wg: Array, lo: Array, hi: Array, ratio: Array, spec: Quant) -> Array:
-  s, z = core.scale_from_range(lo * ratio, hi * ratio, spec.w_bits, spec.w_symmetric)
+  s, z = core.scale_from_range(lo * ratio, hi * ratio, spec.w_bits, spec.w_symmetric,
+                               scale_dtype=spec.scale_dtype)
   return core.fake_quant_with_scale(wg, s, z, spec.w_bits, spec.w_symmetric)
 
 

@@ -53,13 +53,15 @@ def column_scales(wt: Array, spec: Quant) -> tuple[Array, Array | None]:
     g = core.pad_to_groups(wt, 1, spec.group).reshape(n, -1, spec.group)
     s, z = core.compute_scale(g, spec.w_bits, axes=2, symmetric=spec.w_symmetric,
                               calibration=spec.calibration, percentile=spec.percentile,
-                              full_range=spec.full_range, fmt=spec.w_format)
+                              full_range=spec.full_range, fmt=spec.w_format,
+                              scale_dtype=spec.scale_dtype)
     rep = lambda a: None if a is None else core.expand_groups(a[..., 0], 1, spec.group, k)
     return rep(s), rep(z)
   axes = 1 if spec.granularity == "channel" else None
   s, z = core.compute_scale(wt, spec.w_bits, axes=axes, symmetric=spec.w_symmetric,
                             calibration=spec.calibration, percentile=spec.percentile,
-                            full_range=spec.full_range, fmt=spec.w_format)
+                            full_range=spec.full_range, fmt=spec.w_format,
+                              scale_dtype=spec.scale_dtype)
   full = lambda a: None if a is None else jnp.broadcast_to(a, wt.shape)
   return full(s), full(z)
 

@@ -43,7 +43,8 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
   """
   if step is not None:
     return quantize_with_step(kernel, contracting, step, spec.w_bits, spec.group,
-                              zero_point=zero, full_range=spec.full_range, fmt=spec.w_format)
+                              zero_point=zero, full_range=spec.full_range, fmt=spec.w_format,
+                              scale_dtype=spec.scale_dtype)
   return quantize_weight(kernel, contracting, spec)
 
 
