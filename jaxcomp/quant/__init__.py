@@ -12,6 +12,7 @@ from jaxcomp.quant.core import quantize
 from jaxcomp.quant.core import quantize_per_token
 from jaxcomp.quant.core import round_ste
 from jaxcomp.quant.dot import fake_quant_weight
+from jaxcomp.quant.dot import fp8_dot
 from jaxcomp.quant.dot import int_dot
 from jaxcomp.quant.dot import quant_conv_general_dilated
 from jaxcomp.quant.dot import quant_dot_general
@@ -35,6 +36,7 @@ __all__ = [
     "fake_quant_weight",
     "fake_quant_with_scale",
     "grad_scale",
+    "fp8_dot",
     "int_dot",
     "lsq_fake_quant",
     "lsq_init",

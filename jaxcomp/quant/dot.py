@@ -28,6 +28,7 @@ import numpy as np
 
 import pallas_kernels
 from jaxcomp.quant import core
+from jaxcomp.quant import formats
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import Quant, SpecError, weight_scale_shape  # noqa: F401 (re-export)
 
@@ -339,6 +340,59 @@ def _unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
 _int_dot.defvjp(_int_dot_fwd, _int_dot_bwd)
 
 
+def fp8_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, fmt: str) -> Array:
+  """``(u_x s_x) @ (u_w s_w)`` batched, the product ``u_x @ u_w`` run on fp8 operands
+  (``fmt`` "e4m3" or "e5m2", the grids' own values) with float32 accumulation.
+
+  Products of two fp8 values are exact in float32, so the result is the float32 dot of the
+  fake-quantized operands up to the order of the sums. Backward: the STE of the float product,
+  as `int_dot`'s float backward (the fp8 operands saved from the forward pass, 1 byte each).
+  What the compilers make of the fp8 dot (XLA:CPU converts to float32; TPU / GPU):
+  docs/quantization.md.
+
+  Args:
+    u_x: float (B, M, K), values of ``fmt`` (an activation grid).
+    s_x: float (B, M, 1) per-row scales.
+    u_w: float (B, K, N), values of ``fmt`` (a weight grid).
+    s_w: float (B, 1, N) per-column scales.
+
+  Returns:
+    float32 (B, M, N).
+
+  Example:
+    >>> u = jnp.full((1, 4, 8), 1.5); v = jnp.ones((1, 8, 2))
+    >>> fp8_dot(u, jnp.full((1, 4, 1), 0.5), v, jnp.ones((1, 1, 2)), "e4m3")[0, 0]
+    Array([6., 6.], dtype=float32)
+  """
+  return _fp8_dot(u_x, s_x, u_w, s_w, fmt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fp8_dot(u_x, s_x, u_w, s_w, fmt):
+  return _fp8_dot_fwd(u_x, s_x, u_w, s_w, fmt)[0]
+
+
+def _fp8_dot_fwd(u_x, s_x, u_w, s_w, fmt):
+  dtype = formats.float_format(fmt).dtype
+  qx, qw = u_x.astype(dtype), u_w.astype(dtype)  # exact: the grids hold fp8 values
+  y = jnp.einsum("bmk,bkn->bmn", qx, qw, preferred_element_type=jnp.float32) * s_x * s_w
+  return y, (qx, s_x, qw, s_w)
+
+
+def _fp8_dot_bwd(fmt, res, g):
+  del fmt
+  qx, s_x, qw, s_w = res
+  fx, fw = qx.astype(jnp.float32), qw.astype(jnp.float32)
+  dux = jnp.einsum("bmn,bkn->bmk", g * s_w, fw)
+  duw = jnp.einsum("bmk,bmn->bkn", fx, g * s_x)
+  ds_x = jnp.sum(fx * dux, axis=2, keepdims=True)
+  ds_w = jnp.sum(fw * duw, axis=1, keepdims=True)
+  return (dux * s_x, _unbroadcast(ds_x, s_x.shape), duw * s_w, _unbroadcast(ds_w, s_w.shape))
+
+
+_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _cpu_float_dot(x: Array, w: Array, precision: Any) -> Array:
   """(M, K) @ (K, N) in float whose weight gradient transposes the smaller operand.
@@ -470,7 +524,12 @@ def _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_
                   jnp.broadcast_to(s_w, (frame.B, 1, frame.N)), spec.g_bits, backend)
     return frame.out(y).astype(out_dtype)
 
-  # Asymmetric grids: a float dot of the fake-quantized operands.
+  if spec.fp8_dot and spec.granularity != "group":
+    y = fp8_dot(u_x, jnp.broadcast_to(s_x, (frame.B, frame.M, 1)), u_w,
+                jnp.broadcast_to(s_w, (frame.B, 1, frame.N)), spec.w_format)
+    return frame.out(y).astype(out_dtype)
+  # Asymmetric grids, mixed or grouped float formats: a float dot of the fake-quantized
+  # operands.
   x_hat = (u_x * s_x).astype(lhs.dtype)
   w_hat = (u_w * s_w).reshape(frame.B, -1, frame.N)[:, :frame.K].astype(w_dtype)
   y = jnp.einsum("bmk,bkn->bmn", x_hat, w_hat, precision=precision,

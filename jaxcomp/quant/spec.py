@@ -359,6 +359,12 @@ class Quant:
     return (self.a_bits is not None and self.w_symmetric and self.a_symmetric
             and self.w_format == "int" and self.a_format == "int")
 
+  @property
+  def fp8_dot(self) -> bool:
+    """Whether the forward pass runs a real fp8 dot (weights and activations in one fp8 format)."""
+    return self.a_bits is not None and self.w_format in ("e4m3", "e5m2") and (
+        self.a_format == self.w_format)
+
   def to_dict(self) -> dict[str, Any]:
     """The fields as a plain dict (round-trips through `Quant(**d)`)."""
     return {**dataclasses.asdict(self), "options": dict(self.options)}

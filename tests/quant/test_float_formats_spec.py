@@ -155,3 +155,25 @@ def test_packed_float_formats_bits_per_weight():
           for f in W_FORMATS}
   assert bits["mxfp4"] == 4.25 and bits["nvfp4"] == 4.5 + 32 / w.size
   assert bits["e4m3"] == bits["e5m2"] == 8 + 32 / 512
+
+
+def test_fp8_w8a8_runs_an_fp8_dot_with_the_fake_quant_numbers_and_gradients():
+  x = jax.random.normal(jax.random.key(10), (6, 64))
+  w = jax.random.normal(jax.random.key(11), (64, 24))
+  dims = (((1,), (0,)), ((), ()))
+  spec = jc.Quant(w_format="e4m3", a_format="e4m3")
+  assert spec.fp8_dot and not jc.Quant(w_format="e4m3", a_format="e5m2").fp8_dot
+  f = lambda x, w: qdot.quant_dot_general(x, w, dims, spec)
+  hlo = jax.jit(f).lower(x, w).as_text()
+  assert "f8E4M3FN" in hlo and "dot_general" in hlo
+  s = formats.format_scale(x, "e4m3", axes=1)
+  x_hat = formats.round_to_float(x / s, "e4m3") * s
+  w_hat = _reference(w, "e4m3")
+  np.testing.assert_allclose(f(x, w), x_hat @ w_hat, rtol=2e-6, atol=2e-6)
+  gx, gw = jax.grad(lambda x, w: f(x, w).sum(), (0, 1))(x, w)
+  ste = lambda a, a_hat: a_hat + a - jax.lax.stop_gradient(a)  # the STE of the float product
+  rx, rw = jax.grad(lambda x, w: (ste(x, x_hat) @ ste(w, w_hat)).sum(), (0, 1))(x, w)
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5)
+  qa = jc.quant.quantize_weight(w, (0,), spec)  # serving: the same fp8 dot on the stored bytes
+  np.testing.assert_array_equal(qdot.quant_dot_general(x, qa, dims, spec), f(x, w))
