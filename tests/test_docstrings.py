@@ -18,6 +18,7 @@ MODULES = [
     "jaxcomp.quant.spec",
     "jaxcomp.quant.finite",
     "jaxcomp.quant.formats",
+    "jaxcomp.quant.hadamard",
     "jaxcomp.quantizers.gptq_core",
     "jaxcomp.quantizers.awq_core",
     "jaxcomp.quantizers.smoothquant_core",

@@ -73,6 +73,7 @@ import jax.numpy as jnp
 from jaxcomp.models.partitioning import axes
 from jaxcomp.models.partitioning import constrain
 from jaxcomp.models.partitioning import shards
+from jaxcomp.quant import hadamard
 
 # Every logical axis name a Llama parameter uses; a rules table must map each.
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm")
@@ -117,6 +118,9 @@ class LlamaConfig:
   # One stacked Block (nnx.vmap, leading axis "layers") run by nnx.scan instead of a list of
   # n_layers Blocks: one block to compile, as MaxText's scan_layers (`scan_layers` / `unroll`).
   scan_layers: bool = False
+  # The MLP's hidden activation goes through a Hadamard transform (`jaxcomp.quant.hadamard.fwht`)
+  # before down_proj, whose kernel holds the inverse (`rotate_llama`: QuaRot's online rotation).
+  ffn_hadamard: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -477,10 +481,13 @@ class MLP(nnx.Module):
     self.gate_proj = _linear(config, d, f, ("embed", "mlp"), rngs)
     self.up_proj = _linear(config, d, f, ("embed", "mlp"), rngs)
     self.down_proj = _linear(config, f, d, ("mlp", "embed"), rngs)
+    self.ffn_hadamard = config.ffn_hadamard
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the gated MLP position-wise."""
     hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    if self.ffn_hadamard:  # online rotation: down_proj's kernel holds its inverse
+      hidden = hadamard.fwht(hidden)
     return self.down_proj(constrain(hidden, "act_batch", "act_seq", "act_mlp"))
 
 

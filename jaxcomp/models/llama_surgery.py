@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.models.llama import Llama, scan_layers, unroll_layers
+from jaxcomp.quant import hadamard
 from jaxcomp.sparse import masks as masks_lib
 
 Array = jax.Array
 
 __all__ = ["StructuredKeep", "drop_blocks", "llama_structured_keep", "llama_structured_scores",
-           "mask_llama", "shrink_llama"]
+           "mask_llama", "rotate_llama", "shrink_llama"]
 
 
 class StructuredKeep(NamedTuple):
@@ -222,5 +223,83 @@ def drop_blocks(model: Llama, drop: Iterable[int]) -> Llama:
                                      rngs=nnx.Rngs(0)))
   new_state = nnx.state(new)
   nnx.replace_by_pure_dict(new_state, state)
+  nnx.update(new, new_state)
+  return new
+
+
+@_per_block
+def rotate_llama(model: Llama, key: Array, *, online: bool = True, heads: bool = True) -> Llama:
+  """QuaRot's rotations folded into a Llama: the same function, outliers spread out.
+
+  1. Every RMSNorm scale is folded into the weights that read it (q/k/v, gate/up, the head),
+     leaving scales of 1, so that a norm commutes with an orthogonal ``Q`` (``rms(x Q) =
+     rms(x)``).
+  2. The residual stream is rotated by a randomized Hadamard ``Q`` (`hadamard.random_hadamard`,
+     from ``key``): embedding ``E Q``; every weight reading the stream ``Q^T W``; every weight
+     writing it (o_proj, down_proj) ``W Q``; the head ``Q^T diag(g) E^T``. A tied head is
+     untied (``tie_embeddings=False``), since the embedding and the head now differ.
+  3. ``heads``: each value head is rotated by a Hadamard of ``head_dim`` (v_proj's columns),
+     and o_proj's rows undo it per query head (attention is linear in the values).
+  4. ``online``: the MLP's hidden activation is transformed by `hadamard.fwht` at run time
+     (``LlamaConfig.ffn_hadamard``), and down_proj's kernel holds the inverse. This is what
+     cannot be folded (SiLU and the gate sit between up_proj and down_proj).
+
+  Logits equal the input model's up to float32 rounding (tests/models/test_rotate.py). Apply
+  before quantizing (PTQ or QAT) so that activations as well as weights are quantized in the
+  rotated basis (W4A8, W4A4).
+
+  Args:
+    model: a float `Llama` (a scanned one is rotated block by block and stacked back).
+    key: PRNG key of the random signs.
+    online: add the online Hadamard before down_proj.
+    heads: rotate the value / output heads.
+
+  Returns:
+    A new `Llama` (the input is untouched).
+
+  Example::
+
+    rotated = rotate_llama(model, jax.random.key(0))
+    w4a8 = jc.ptq(rotated, gptq_w4a8_recipe, calib=tokens)
+  """
+  _check(model)
+  cfg = model.config
+  d, hd = cfg.dim, cfg.resolved_head_dim
+  f64 = lambda x: np.asarray(x, np.float64)
+  state = nnx.to_pure_dict(nnx.state(model))
+  q = f64(hadamard.random_hadamard(d, key))
+  q = q / np.linalg.norm(q, axis=1, keepdims=True)  # exactly orthonormal rows in float64
+  h_head = hadamard.hadamard_matrix(hd) / np.sqrt(hd)
+  h_ffn = hadamard.hadamard_matrix(cfg.ffn_dim) / np.sqrt(cfg.ffn_dim)
+  embed = f64(state["embed"]["embedding"])
+  head = embed.T if cfg.tie_embeddings else f64(state["lm_head"]["kernel"])
+  head = f64(state["norm"]["scale"])[:, None] * head
+  out = {"embed": {"embedding": embed @ q}, "lm_head": {"kernel": q.T @ head},
+         "norm": {"scale": np.ones(d)}, "layers": {}}
+  for i, layer in state["layers"].items():
+    attn, mlp = layer["attn"], layer["mlp"]
+    g_attn, g_mlp = f64(layer["attn_norm"]["scale"]), f64(layer["mlp_norm"]["scale"])
+    read = lambda w, g: q.T @ (g[:, None] * f64(w))
+    wv = read(attn["v_proj"]["kernel"], g_attn)
+    wo = f64(attn["o_proj"]["kernel"])
+    if heads:
+      wv = (wv.reshape(d, -1, hd) @ h_head).reshape(d, -1)
+      wo = np.einsum("ji,hjd->hid", h_head, wo.reshape(-1, hd, d)).reshape(-1, d)
+    wd = f64(mlp["down_proj"]["kernel"])
+    if online:
+      wd = h_ffn.T @ wd
+    out["layers"][i] = {
+        "attn_norm": {"scale": np.ones(d)}, "mlp_norm": {"scale": np.ones(d)},
+        "attn": {"q_proj": {"kernel": read(attn["q_proj"]["kernel"], g_attn)},
+                 "k_proj": {"kernel": read(attn["k_proj"]["kernel"], g_attn)},
+                 "v_proj": {"kernel": wv}, "o_proj": {"kernel": wo @ q}},
+        "mlp": {"gate_proj": {"kernel": read(mlp["gate_proj"]["kernel"], g_mlp)},
+                "up_proj": {"kernel": read(mlp["up_proj"]["kernel"], g_mlp)},
+                "down_proj": {"kernel": wd @ q}}}
+  new_cfg = dataclasses.replace(cfg, tie_embeddings=False, ffn_hadamard=online)
+  new = nnx.eval_shape(lambda: Llama(new_cfg, rngs=nnx.Rngs(0)))
+  new_state = nnx.state(new)
+  dtype = cfg.param_dtype
+  nnx.replace_by_pure_dict(new_state, jax.tree.map(lambda x: jnp.asarray(x, dtype), out))
   nnx.update(new, new_state)
   return new
