@@ -10,6 +10,10 @@ to float32.
   an ``int8 x int8 -> int32`` dot on the stored values.
 * packed int4: projections 4-bit, groups of 128, weight-only (dequantized for a float dot: the
   int4 kernels are #6's); the embedding / head int8 W8A8 as above.
+* packed w4a8 / w4a8 g128: projections 4-bit per output channel / in groups of 128 with
+  per-token int8 activations (`jc.Quant(w_bits=4, a_bits=8)`): the stored nibbles unpacked
+  to int8 and multiplied on the int8 GEMM (per group: one int8 dot per group of 128, the
+  results scaled and summed); the head int8 W8A8. Their accuracy cost: README.
 
     python bench/serve_cpu.py                      # prompt 512, 32 decode steps, 5 rounds
     python bench/serve_cpu.py --json out.json
@@ -38,7 +42,10 @@ def _models(model):
       jc.Rule("embed", quant=w8a8), jc.Rule(PROJ, quant=w8a8)])))
   int4 = jc.convert(jc.quantize(model, jc.Recipe([
       jc.Rule("embed", quant=w8a8), jc.Rule(PROJ, quant=jc.Quant(w_bits=4, group=128))])))
-  return {"float32": model, "packed int8": int8, "packed int4": int4}
+  w4a8 = {name: jc.convert(jc.quantize(model, jc.Recipe([
+      jc.Rule("embed", quant=w8a8), jc.Rule(PROJ, quant=jc.Quant(w_bits=4, a_bits=8, group=g))])))
+      for name, g in (("packed w4a8", None), ("packed w4a8 g128", 128))}
+  return {"float32": model, "packed int8": int8, "packed int4": int4, **w4a8}
 
 
 def _time_one(fns, init_cache, prompt, n_new):
@@ -87,12 +94,12 @@ def main() -> None:
   base = {k: statistics.median(v) for k, v in zip(("prefill", "decode"), samples["float32"])}
   print(f"SmolLM2-135M, batch 1, prompt {args.prompt}, {args.new} decode steps, median of "
         f"{args.rounds} interleaved rounds ({jax.devices()[0].device_kind})")
-  print(f"{'model':<14}{'prefill tok/s':>15}{'x f32':>8}{'decode tok/s':>15}{'x f32':>8}")
+  print(f"{'model':<18}{'prefill tok/s':>15}{'x f32':>8}{'decode tok/s':>15}{'x f32':>8}")
   for name, (pre, dec) in samples.items():
     p, d = statistics.median(pre), statistics.median(dec)
     out["models"][name] = {"prefill_tok_s": p, "decode_tok_s": d,
                            "prefill_x_f32": p / base["prefill"], "decode_x_f32": d / base["decode"]}
-    print(f"{name:<14}{p:>15.1f}{p / base['prefill']:>8.2f}{d:>15.1f}{d / base['decode']:>8.2f}")
+    print(f"{name:<18}{p:>15.1f}{p / base['prefill']:>8.2f}{d:>15.1f}{d / base['decode']:>8.2f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=2)
