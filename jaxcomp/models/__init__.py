@@ -19,6 +19,7 @@ from jaxcomp.models.llama import Llama
 from jaxcomp.models.llama import LlamaConfig
 from jaxcomp.models.llama import apply_rope
 from jaxcomp.models.llama import generate
+from jaxcomp.models.llama import sample_tokens
 from jaxcomp.models.llama import make_decode_fns
 from jaxcomp.models.llama import permute_rope_kernel
 from jaxcomp.models.vision import CNN
@@ -40,6 +41,7 @@ __all__ = [
     "apply_rope",
     "constrain",
     "generate",
+    "sample_tokens",
     "make_decode_fns",
     "permute_rope_kernel",
 ]

@@ -810,9 +810,39 @@ def make_decode_fns(model: Llama) -> tuple[Any, Any]:
   return prefill_fn, decode_fn
 
 
+def sample_tokens(logits: jax.Array, key: jax.Array | None, *, temperature: float = 0.0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Next tokens from ``logits [B, V]``: argmax when ``temperature == 0``, else a sample of
+  ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
+  probability reaches ``top_p`` (nucleus sampling; Holtzman et al., 2020).
+
+  Returns:
+    ``int32[B]``.
+
+  Example::
+
+    tok = sample_tokens(logits, jax.random.key(0), temperature=1.0, top_p=0.95)
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # the first token always kept
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
 def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
-             max_len: int | None = None) -> jax.Array:
-  """Greedy decoding: one jitted prefill, then one jitted step per new token.
+             max_len: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             key: jax.Array | None = None) -> jax.Array:
+  """Decoding with a KV cache: one jitted prefill, then one jitted step per new token; greedy
+  by default, sampled with ``temperature`` > 0 (and nucleus ``top_p``) from ``key``
+  (`sample_tokens`; the same key gives the same tokens).
 
   Args:
     model: a :class:`Llama`.
@@ -820,18 +850,26 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
     max_new_tokens: number of tokens to append (``>= 0``).
     max_len: cache length S_max, ``>= T + max_new_tokens`` and
       ``<= config.max_seq_len``; default ``T + max_new_tokens``.
+    temperature: 0 for greedy decoding, else the softmax temperature of sampling.
+    top_p: nucleus sampling's probability mass, in (0, 1].
+    key: PRNG key, needed when ``temperature > 0``.
 
   Returns:
-    ``int32[B, T + max_new_tokens]``: the prompt followed by the argmax tokens.
+    ``int32[B, T + max_new_tokens]``: the prompt followed by the new tokens.
 
   Example::
 
     out = generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=8)  # int32[1, 11]
+    sampled = generate(model, prompt, 64, temperature=1.0, top_p=0.95, key=jax.random.key(0))
   """
   if prompt.ndim != 2 or prompt.shape[1] == 0:
     raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {prompt.shape}")
   if max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+  if temperature > 0 and key is None:
+    raise ValueError("generate: sampling (temperature > 0) needs a key")
   b, t = prompt.shape
   prompt = jnp.asarray(prompt, jnp.int32)
   max_len = t + max_new_tokens if max_len is None else max_len
@@ -841,10 +879,13 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
     raise ValueError(f"max_len={max_len} exceeds max_seq_len={model.config.max_seq_len}")
   if max_new_tokens == 0:
     return prompt
+  keys = (jax.random.split(key, max_new_tokens) if key is not None
+          else [None] * max_new_tokens)
+  pick = jax.jit(functools.partial(sample_tokens, temperature=temperature, top_p=top_p))
   prefill_fn, decode_fn = make_decode_fns(model)
   logits, cache = prefill_fn(prompt, model.init_cache(b, max_len))
-  out = [jnp.argmax(logits, axis=-1).astype(jnp.int32)]
-  for _ in range(max_new_tokens - 1):
+  out = [pick(logits, keys[0])]
+  for i in range(1, max_new_tokens):
     logits, cache = decode_fn(out[-1], cache)
-    out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    out.append(pick(logits, keys[i]))
   return jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)

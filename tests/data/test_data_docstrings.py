@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.mark.parametrize("name", ["jaxcomp.data.sampler", "jaxcomp.data.fashion_mnist",
-                                  "jaxcomp.data.text"])
+                                  "jaxcomp.data.text", "jaxcomp.data.calibration"])
 def test_docstring_examples(name):
   module = importlib.import_module(name)
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
