@@ -8,7 +8,7 @@ weights saved for serving) -> ``eval`` (perplexity, next-token accuracy, size, l
 robustness or cloze unless configured), each stage only when the recipe has its payload; the
 float baseline is ``eval`` alone. `summary(workdir)` flattens a finished run's reports into the
 numbers the benchmark tables print. The calibration and evaluation texts are read by
-`calib_path` / `eval_text` (shared with every pipeline).
+`calib_sources` / `eval_text` (shared with every pipeline).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def oneshot_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collectio
   config.task = "pipeline"
   config.seed = 0
   config.model = dict(name="tiny" if tiny else "smollm2_135m", cache_dir="", scan_layers=False)
-  config.calib = dict(text="wikitext2_valid", n_seq=8 if tiny else 128,
-                      seq_len=64 if tiny else 512, batch_size=8, seed=0, dtype="bfloat16")
+  config.calib = dict(text="wikitext2_valid", sources="", n_seq=8 if tiny else 128,
+                      seq_len=64 if tiny else 512, batch_size=8, seed=0, dtype="bfloat16",
+                      generation=dict(temperature=1.0, top_p=1.0, first_token="random",
+                                      batch_size=16), cache_dir="")
   config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
                      max_tokens=2048 if tiny else 32768, batch_size=4, cloze_items=0, rates=(),
                      latency_repeats=2)
@@ -106,13 +108,28 @@ def eval_text(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return ppl_lib.wikitext2(config.eval.split), f"wikitext-2 {config.eval.split}"
 
 
-def calib_path(config: ml_collections.ConfigDict) -> str | None:
-  """``config.calib.text`` as a file path (None: the Austen novels)."""
-  text = config.calib.text
-  if text == "austen":
-    return None
-  path = ppl_lib.WIKITEXT2_DIR / "valid.txt" if text == "wikitext2_valid" else pathlib.Path(text)
-  if not path.is_file():
-    raise ValueError(f"config.calib.text={text!r}: no calibration text at {path} (use "
-                     "'wikitext2_valid', 'austen' or a text file path)")
-  return str(path)
+def calib_sources(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """``config.calib``'s sources, name -> weight: ``calib.sources`` ("name:weight,...", e.g.
+  "wikitext2_valid:1,austen:1,self:1"; a name without weight weighs 1), or else the one
+  source ``calib.text``. Text files are checked here: a missing one is a one-line ValueError.
+
+  Example::
+
+    calib_sources(config)          # {'wikitext2_valid': 1.0}
+  """
+  spec = config.calib.get("sources", "") or config.calib.text
+  out: dict[str, float] = {}
+  for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+    name, weight = part.rsplit(":", 1) if ":" in part else (part, "1")
+    try:
+      out[name] = float(weight)
+    except ValueError:
+      raise ValueError(f"config.calib.sources: {part!r} is not name:weight") from None
+  for name in out:
+    if name in ("self", "austen"):  # the model itself; Austen is fetched when first used
+      continue
+    path = ppl_lib.WIKITEXT2_DIR / "valid.txt" if name == "wikitext2_valid" else pathlib.Path(name)
+    if not path.is_file():
+      raise ValueError(f"config.calib.sources: calibration source {name!r}: no text file at "
+                       f"{path} (use 'wikitext2_valid', 'austen', 'self' or a text file path)")
+  return out

@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcomp.data import calibration
 from jaxcomp.distill import losses
 from jaxcomp.distill.task import Distiller, DistillTask, layer_map
 from jaxcomp.eval import harness
@@ -57,14 +58,15 @@ from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.eval.size import kernel_sparsity
 from jaxcomp.experiments import image
 from jaxcomp.experiments import search_stage
-from jaxcomp.experiments.compress import calib_path, eval_text
+from jaxcomp.experiments.compress import calib_sources, eval_text
 from jaxcomp.layers.lowrank import LowRankLinear
 from jaxcomp.lowrank.spec import LowRank
+from jaxcomp.models import io
 from jaxcomp.models.llama import Llama
 from jaxcomp.models.llama_surgery import (StructuredKeep, drop_blocks, llama_structured_keep,
                                           shrink_llama)
 from jaxcomp.models.zoo import load_model
-from jaxcomp.oneshot import calib_tokens, factorize, prune, ptq, ptq_skeleton, registry
+from jaxcomp.oneshot import factorize, prune, ptq, ptq_skeleton, registry
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.recipe import Recipe, Rule
 from jaxcomp.rewrite import engine, quantize
@@ -181,7 +183,7 @@ def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> Non
     fashion_mnist.load(config.data.data_dir, "test")  # not prepared: says how
     return
   if kinds & {"prune", "factorize", "ptq"} and config.get("calib") and config.calib.get("n_seq"):
-    calib_path(config)
+    calib_sources(config)
   if kinds & {"eval", *_TRAINS}:
     path = config.eval.get("text_path", "")
     if path and not pathlib.Path(path).is_file():
@@ -261,6 +263,20 @@ def _check_training_stage(config: ml_collections.ConfigDict, stage: Stage, befor
                        f"'original' nor an earlier stage ({', '.join(before) or 'none'})")
 
 
+def _calib_reads(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the calibration set depends on: ``config.calib`` without its cache folder, without
+  the generation settings unless a source is "self", and without an empty ``sources`` (so a
+  run made before sources existed keeps its fingerprint)."""
+  calib = config.calib.to_dict()
+  calib.pop("cache_dir", None)
+  sources = calib.pop("sources", "")
+  if sources:
+    calib["sources"] = sources
+  if "self" not in [p.split(":")[0].strip() for p in str(sources).split(",")]:
+    calib.pop("generation", None)
+  return calib
+
+
 def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> list[str]:
   """Stage i's fingerprint: its kind and section, what it reads of the global config, and
   stage i-1's fingerprint (so a change invalidates that stage and every later one). Two runs
@@ -275,7 +291,7 @@ def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -
     reads = {"model": config.model.to_dict(), "seed": config.seed, "kind": s.kind,
              "stage": s.config.to_dict(), "prev": prev}
     if s.kind in ("prune", "factorize", "ptq", "search"):
-      reads["calib"] = config.calib.to_dict()
+      reads["calib"] = _calib_reads(config)
     if s.kind == "search":
       reads.update(search_stage.fingerprint_inputs(s.config))
       if image.is_image(config):  # the calibration images come from the training data
@@ -400,8 +416,11 @@ class _Context:
       return image.images(self.config, "train", n)[0] if n else None
     if self._calib is None:
       c = self.config.calib
-      self._calib = calib_tokens(self.tokenizer, n_seq=c.n_seq, seq_len=c.seq_len,
-                                 text_path=calib_path(self.config), seed=c.seed)
+      gen = calibration.Generation(**c.get("generation", {}))
+      cache = c.get("cache_dir", "") or str(io.default_cache_dir() / "calib")
+      self._calib = calibration.calibration_set(
+          self.tokenizer, calib_sources(self.config), n_seq=c.n_seq, seq_len=c.seq_len,
+          seed=c.seed, model=self.base, generation=gen, cache_dir=cache)
     return self._calib
 
   def kwargs(self) -> dict[str, Any]:

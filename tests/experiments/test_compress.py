@@ -73,7 +73,7 @@ def test_ptq_run_saves_a_restorable_packed_model(variant, texts, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(text_path="missing.txt"), r"config.eval.text_path=.*missing.txt': no such file"),
-    (dict(calib_text="no_such.txt"), r"config.calib.text=.*no calibration text at"),
+    (dict(calib_text="no_such.txt"), r"config.calib.sources: calibration source .*no_such.txt.*: no text file at"),
     (dict(calib_dtype="float16"), r"config.calib.dtype must be 'bfloat16' or 'float32'"),
 ])
 def test_bad_inputs_are_refused_before_anything_runs(texts, tmp_path, change, message):
@@ -131,3 +131,22 @@ def test_scanned_model_gives_the_unrolled_perplexity(texts, tmp_path):
   assert ppl[True] == pytest.approx(ppl[False], rel=1e-4)
   layers = json.loads((tmp_path / "runTrue" / "stages" / "1_convert" / "layers.json").read_text())
   assert len(layers) == 14 and layers[0]["path"].startswith("layers/")
+
+
+def test_mixed_and_self_generated_calibration_through_the_pipeline(texts, tmp_path):
+  config = _config("gptq_w4g128", texts)
+  config.calib.sources = f"{texts / 'train.txt'}:1,self:1"
+  config.calib.generation.batch_size = 4
+  config.calib.cache_dir = str(tmp_path / "calib_cache")
+  config.stages = "ptq,eval"
+  pipeline.run_pipeline(config, str(tmp_path / "run"))
+  assert np.isfinite(summary(tmp_path / "run")["ppl"])
+  assert len(list((tmp_path / "calib_cache").glob("self_*.npy"))) == 1
+  # Another weight of the same sources is another calibration set: the stage is refused.
+  config.calib.sources = f"{texts / 'train.txt'}:3,self:1"
+  with pytest.raises(ValueError, match="stage 0 \\(ptq\\)"):
+    pipeline.run_pipeline(config, str(tmp_path / "run"))
+  bad = _config("gptq_w4g128", texts)
+  bad.calib.sources = "wikitext2_valid:x"
+  with pytest.raises(ValueError, match="config.calib.sources: 'wikitext2_valid:x' is not name:weight"):
+    pipeline.plan(bad)
