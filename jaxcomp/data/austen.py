@@ -53,16 +53,14 @@ import gzip
 import lzma
 import os
 import pathlib
-import shutil
 import struct
-import subprocess
-import tempfile
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from absl import logging
 import numpy as np
+
+from jaxcomp.data import debian
 
 PACKAGE = "r-cran-janeaustenr"
 """The Debian package that ships the novels."""
@@ -686,20 +684,6 @@ def _default_cache_dir() -> pathlib.Path:
   return default_cache_dir() / "janeaustenr"
 
 
-def _run(cmd: list[str], cwd: str, what: str) -> None:
-  try:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise RuntimeError(f"could not run `{' '.join(cmd)}` ({what}): {e}") from e
-  if proc.returncode:
-    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-    hint = ""
-    if "Unable to locate package" in tail or "Can't select" in tail:
-      hint = f"; the apt lists do not know {PACKAGE}: run `apt-get update` first"
-    raise RuntimeError(f"`{' '.join(cmd)}` ({what}) failed with exit {proc.returncode}: "
-                       f"{tail}{hint}")
-
-
 def fetch_janeaustenr(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
   """Returns the janeaustenr R package directory, downloading and unpacking it once.
 
@@ -723,36 +707,7 @@ def fetch_janeaustenr(cache_dir: str | os.PathLike[str] | None = None) -> pathli
     root = fetch_janeaustenr("/tmp/austen")     # /tmp/austen/janeaustenr
   """
   cache = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir()
-  root = cache / "janeaustenr"
-  if (root / DATA_DB).is_file():
-    return root
-  missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
-  if missing:
-    raise RuntimeError(f"cannot fetch {PACKAGE}: {' and '.join(missing)} not found (needs "
-                       "Debian's package tools)")
-  cache.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:
-    logging.info("downloading the Debian package %s into %s", PACKAGE, cache)
-    cmd = ["apt-get", "download", PACKAGE]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # apt's _apt user cannot write to tmp.
-      cmd[1:1] = ["-o", "APT::Sandbox::User=root"]
-    _run(cmd, tmp, "download")
-    debs = sorted(pathlib.Path(tmp).glob("*.deb"))
-    if not debs:
-      raise RuntimeError(f"`{' '.join(cmd)}` wrote no .deb file in {tmp}")
-    extracted = pathlib.Path(tmp) / "extracted"
-    _run(["dpkg-deb", "-x", str(debs[0]), str(extracted)], tmp, "extract")
-    package = extracted / PACKAGE_SUBDIR
-    if not (package / DATA_DB).is_file():
-      raise RuntimeError(f"{debs[0].name} has no {PACKAGE_SUBDIR}/{DATA_DB}; not the expected "
-                         "janeaustenr package layout")
-    if root.exists():  # A partial copy, or another process got there first.
-      if (root / DATA_DB).is_file():
-        return root
-      shutil.rmtree(root)
-    os.replace(package, root)
-  logging.info("%s unpacked into %s", PACKAGE, root)
-  return root
+  return debian.fetch_deb(PACKAGE, PACKAGE_SUBDIR, DATA_DB, cache / "janeaustenr")
 
 
 def austen_books(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:

@@ -41,7 +41,7 @@ def oneshot_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collectio
                                       batch_size=16), cache_dir="")
   config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
                      max_tokens=2048 if tiny else 32768, batch_size=4, cloze_items=0, rates=(),
-                     latency_repeats=2)
+                     latency_repeats=2, ood_text="", ood_max_tokens=0)
   stages: dict[str, Any] = {}
   rules = recipe.rules if recipe is not None else ()
   for name, field in (("prune", "sparsity"), ("factorize", "lowrank"), ("ptq", "quant")):
@@ -58,7 +58,7 @@ def oneshot_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collectio
 
 def summary(workdir: str | pathlib.Path) -> dict[str, Any]:
   """A finished one-shot run's numbers, flat: ``ppl``, ``nll``, ``eval_tokens``, ``eval_text``,
-  ``params``, ``sparsity`` (of the whole model), ``layer_sparsity`` (of the pruned kernels),
+  ``params``, ``ood_ppl`` / ``ood_tokens`` / ``ood_text`` (with ``eval.ood_text``), ``sparsity`` (of the whole model), ``layer_sparsity`` (of the pruned kernels),
   ``bytes``, ``bits_per_param`` (as stored), ``saved`` (the packed
   checkpoint's sizes on disk, `jaxcomp.save_packed`) and ``packed_dir``, ``<stage>_s`` wall times, ``<stage>_rel_error`` (mean
   relative output error of the solved layers), ``params_before`` (before factorize) and
@@ -96,6 +96,9 @@ def summary(workdir: str | pathlib.Path) -> dict[str, Any]:
       out.update(ppl=q["ppl"], nll=q["nll"], accuracy=q["accuracy"], eval_tokens=q["tokens"],
                  eval_text=r["eval_text"], **{k: r["size"][k] for k in (
                      "params", "nonzero_params", "sparsity", "bytes", "bits_per_param")})
+      if "ood" in r:  # the out-of-domain text (`config.eval.ood_text`)
+        out.update(ood_ppl=r["ood"]["ppl"], ood_tokens=r["ood"]["tokens"],
+                   ood_text=r["ood"]["text"])
   if "ppl" not in out:
     raise ValueError(f"{work} has no finished eval stage")
   return out

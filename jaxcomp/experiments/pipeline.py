@@ -50,6 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcomp.data import calibration
+from jaxcomp.data import fortunes
 from jaxcomp.distill import losses
 from jaxcomp.distill.task import Distiller, DistillTask, layer_map
 from jaxcomp.eval import harness
@@ -188,6 +189,9 @@ def _check_inputs(config: ml_collections.ConfigDict, stages: list[Stage]) -> Non
     path = config.eval.get("text_path", "")
     if path and not pathlib.Path(path).is_file():
       raise ValueError(f"config.eval.text_path={path!r}: no such file")
+    ood = config.eval.get("ood_text", "")
+    if ood and ood != "fortunes" and not pathlib.Path(ood).is_file():
+      raise ValueError(f"config.eval.ood_text={ood!r}: no such file (use 'fortunes' or a path)")
     if not path and config.eval.get("split", "test") not in ("valid", "test"):
       raise ValueError(f"config.eval.split must be 'valid' or 'test', got "
                        f"{config.eval.get('split')!r}")
@@ -277,6 +281,16 @@ def _calib_reads(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return calib
 
 
+def _eval_reads(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.eval`` without the out-of-domain keys when no out-of-domain text is set (so a run
+  made before they existed keeps its fingerprint)."""
+  e = config.eval.to_dict()
+  if not e.get("ood_text"):
+    e.pop("ood_text", None)
+    e.pop("ood_max_tokens", None)
+  return e
+
+
 def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -> list[str]:
   """Stage i's fingerprint: its kind and section, what it reads of the global config, and
   stage i-1's fingerprint (so a change invalidates that stage and every later one). Two runs
@@ -297,11 +311,11 @@ def stage_fingerprints(config: ml_collections.ConfigDict, stages: list[Stage]) -
       if image.is_image(config):  # the calibration images come from the training data
         reads["data"] = config.data.to_dict()
     if s.kind == "eval":
-      reads["eval"] = config.eval.to_dict()
+      reads["eval"] = _eval_reads(config)
     if s.kind in _TRAINS:
       reads["data"] = config.data.to_dict()
       reads["mesh"] = config.mesh.to_dict()
-      reads["eval"] = config.eval.to_dict()
+      reads["eval"] = _eval_reads(config)
     prev = hashlib.sha256(json.dumps(reads, sort_keys=True, default=str).encode()).hexdigest()
     out.append(prev)
   return out
@@ -653,7 +667,33 @@ def _evaluator(ctx: _Context) -> tuple[Any, str]:
             latency_repeats=e.get("latency_repeats", 5), seed=seed,
             vocab_size=ctx.base.config.vocab_size)
   ids, text_name = _eval_ids(ctx)
-  return (lambda m: harness.evaluate_lm(m, ids, **kw)), text_name
+  ood = _ood_ids(ctx)
+  if ood is None:
+    return (lambda m: harness.evaluate_lm(m, ids, **kw)), text_name
+
+  def evaluate(m):  # in domain, then the out-of-domain text (perplexity and accuracy)
+    report = harness.evaluate_lm(m, ids, **kw)
+    report["ood"] = {**ppl_lib.perplexity(harness.as_nnx(m), ood[0], seq_len=e.seq_len,
+                                          batch_size=e.batch_size), "text": ood[1]}
+    return report
+  return evaluate, text_name
+
+
+def _ood_ids(ctx: _Context) -> tuple[np.ndarray, str] | None:
+  """``config.eval.ood_text``'s tokens (``ood_max_tokens`` of them, default ``max_tokens``)
+  and its name, or None: "fortunes" (`jaxcomp.data.fortunes`, out of every calibration
+  source's domain) or a text file."""
+  e = ctx.config.eval
+  name = e.get("ood_text", "")
+  if not name:
+    return None
+  if name == "fortunes":
+    text = fortunes.fortunes_text()
+  else:
+    text = ppl_lib.read_text(name)
+  ids = np.asarray(ctx.tokenizer.encode(text).ids, np.int32)
+  n = e.get("ood_max_tokens", 0) or e.max_tokens
+  return (ids[:n] if n else ids), f"{name} ({len(ids)} tokens)"
 
 
 def _evaluate(ctx: _Context, model: nnx.Module, stages: list[Stage], index: int
@@ -668,7 +708,7 @@ def _evaluate(ctx: _Context, model: nnx.Module, stages: list[Stage], index: int
   source = "original" if name == "original" else fps[max(
       s.index for s in stages[:index] if s.name == name)]
   base_path = ctx.work / "baseline" / "report.json"
-  key = hashlib.sha256(json.dumps([ctx.config.model.to_dict(), ctx.config.eval.to_dict(),
+  key = hashlib.sha256(json.dumps([ctx.config.model.to_dict(), _eval_reads(ctx.config),
                                    ctx.config.seed, source],
                                   sort_keys=True, default=str).encode()).hexdigest()
   base = json.loads(base_path.read_text()) if base_path.is_file() else None

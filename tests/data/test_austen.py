@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxcomp.data import austen
+from jaxcomp.data import debian
 
 NILVALUE, SYM, LIST, CHAR, LGL, INT, REAL, STR, VEC, ALTREP = 254, 1, 2, 9, 10, 13, 14, 16, 19, 238
 UTF8, LATIN1, ASCII = 1 << 3, 1 << 2, 1 << 6
@@ -245,7 +246,7 @@ def fake_package(cache_dir, books=austen.BOOKS):
 
 def test_austen_books_and_text_from_a_cached_package(tmp_path, monkeypatch):
   cache = fake_package(tmp_path)
-  monkeypatch.setattr(austen.subprocess, "run", lambda *a, **k: pytest.fail("ran a command"))
+  monkeypatch.setattr(debian.subprocess, "run", lambda *a, **k: pytest.fail("ran a command"))
   assert austen.fetch_janeaustenr(cache) == cache / "janeaustenr"
   books = austen.austen_books(cache)
   assert list(books) == list(austen.BOOKS.values())
@@ -259,7 +260,7 @@ def test_missing_book_and_missing_tools(tmp_path, monkeypatch):
   cache = fake_package(tmp_path / "a", {"emma": "Emma"})
   with pytest.raises(ValueError, match="'sensesensibility' should be a character vector"):
     austen.austen_books(cache)
-  monkeypatch.setattr(austen.shutil, "which", lambda tool: None)
+  monkeypatch.setattr(debian.shutil, "which", lambda tool: None)
   with pytest.raises(RuntimeError, match="apt-get and dpkg-deb not found"):
     austen.fetch_janeaustenr(tmp_path / "b")
 

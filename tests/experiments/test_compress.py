@@ -150,3 +150,18 @@ def test_mixed_and_self_generated_calibration_through_the_pipeline(texts, tmp_pa
   bad.calib.sources = "wikitext2_valid:x"
   with pytest.raises(ValueError, match="config.calib.sources: 'wikitext2_valid:x' is not name:weight"):
     pipeline.plan(bad)
+
+
+def test_out_of_domain_text_is_scored_beside_the_in_domain_one(texts, tmp_path):
+  config = _config("rtn_w4g128", texts)
+  (tmp_path / "ood.txt").write_text("Zebras quietly juggle seventeen violet umbrellas. " * 200)
+  config.eval.ood_text = str(tmp_path / "ood.txt")
+  config.eval.ood_max_tokens = 1500
+  pipeline.run_pipeline(config, str(tmp_path / "run"))
+  s = summary(tmp_path / "run")
+  assert np.isfinite(s["ood_ppl"]) and s["ood_tokens"] > 1000 and s["ood_ppl"] != s["ppl"]
+  assert s["ood_text"].startswith(str(tmp_path / "ood.txt"))
+  bad = _config("rtn_w4g128", texts)
+  bad.eval.ood_text = str(tmp_path / "missing.txt")
+  with pytest.raises(ValueError, match="config.eval.ood_text=.*missing.txt.*no such file"):
+    pipeline.plan(bad)
