@@ -22,6 +22,13 @@ EXPECT = {
     "mixed_precision_search.ipynb": ("layers scored: 14", "budget 3.5 -> bits/param:",
                                      "wrote allocation.png", "ranks: kept fraction",
                                      "OWL sparsities from"),
+    "formats_rotations_export.ipynb": ("E2M1 values:", "mxfp4: rel. logit error",
+                                       "4.250 bits/weight, packed == fake-quant: True",
+                                       "nvfp4: rel. logit error", "W8A8 e4m3 rel. logit error",
+                                       "W4A4 logit MSE", "GPTQ round trip bit-exact: True"),
+    "calibration_sources.ipynb": ("{'train': 6, 'other': 2, 'self': 2}",
+                                  "calibration set: (8, 32)", "cached self-generated files: 1",
+                                  "in-domain ppl", "out-of-domain ppl"),
 }
 
 
