@@ -220,6 +220,9 @@ def migrate_moved(d: dict[str, Any], moved: Mapping[str, tuple[str, str]],
   return d
 
 
+# Fields added to `Quant` after configs and fingerprints were first stored, with their defaults.
+LATER_FIELDS = {"w_format": "int", "a_format": "int", "scale_dtype": "float32"}
+
 # Fields of earlier versions that are solver options now: old field -> (method, option).
 QUANT_MOVED = {"act_order": ("gptq", "act_order"), "damp": ("gptq", "damp"),
                "smooth_alpha": ("smoothquant", "alpha")}
@@ -366,8 +369,14 @@ class Quant:
         self.a_format == self.w_format)
 
   def to_dict(self) -> dict[str, Any]:
-    """The fields as a plain dict (round-trips through `Quant(**d)`)."""
-    return {**dataclasses.asdict(self), "options": dict(self.options)}
+    """The fields as a plain dict (round-trips through `Quant(**d)`). Fields added after runs
+    were first recorded (`LATER_FIELDS`) are left out at their defaults, so a config or a
+    stage fingerprint written before they existed stays the same."""
+    d = {**dataclasses.asdict(self), "options": dict(self.options)}
+    for name, default in LATER_FIELDS.items():
+      if d[name] == default:
+        del d[name]
+    return d
 
   @classmethod
   def from_dict(cls, d: Any) -> "Quant":
