@@ -77,7 +77,8 @@ def main() -> None:
   module, uniform = _UNIFORM[args.suite]
   uniform = uniform if args.uniform is None else args.uniform
   rows, scores = {}, args.scores
-  for budget in [float(b) for b in (args.budgets or _BUDGETS[args.suite]).split(",") if b]:
+  budgets = _BUDGETS[args.suite] if args.budgets is None else args.budgets  # "": none
+  for budget in [float(b) for b in budgets.split(",") if b]:
     tag = "" if args.suite != "owl" or args.owl_group else "_per_layer"
     if args.suite != "owl" and args.estimator != "fisher":
       tag = f"_{args.estimator}"
