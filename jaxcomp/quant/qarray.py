@@ -1,9 +1,11 @@
 """Packed quantized weights: `QArray` (a pytree) and int4 packing.
 
 A `QArray` holds a kernel as integers plus the scales (and zero points) needed to rebuild it:
-int8 values for 5-8 bits, or 2-4-bit values packed densely, in the canonical (N, K) layout
-(float formats, `QArray.fmt`: fp8 bytes or E2M1 codes two a byte, with their scale bytes) (one row per output channel, the contracting axes flattened last). Its dequantized value equals `jaxcomp.quant.dot.fake_quant_weight` of the
-same kernel and spec exactly, so a QAT model and its packed serving form compute the same thing.
+int8 values for 5-8 bits, or 2-4-bit values packed densely (float formats, `QArray.fmt`: fp8
+bytes or E2M1 codes two a byte, with their scale bytes), in the canonical (N, K) layout (one
+row per output channel, the contracting axes flattened last). Its dequantized value equals
+`jaxcomp.quant.dot.fake_quant_weight` of the same kernel and spec exactly, so a QAT model and
+its packed serving form compute the same thing.
 """
 
 from __future__ import annotations
