@@ -837,6 +837,9 @@ def sample_tokens(logits: jax.Array, key: jax.Array | None, *, temperature: floa
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+_jit_sample = jax.jit(sample_tokens, static_argnames=("temperature", "top_p"))
+
+
 def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
              max_len: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              key: jax.Array | None = None) -> jax.Array:
@@ -881,7 +884,7 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
     return prompt
   keys = (jax.random.split(key, max_new_tokens) if key is not None
           else [None] * max_new_tokens)
-  pick = jax.jit(functools.partial(sample_tokens, temperature=temperature, top_p=top_p))
+  pick = functools.partial(_jit_sample, temperature=temperature, top_p=top_p)
   prefill_fn, decode_fn = make_decode_fns(model)
   logits, cache = prefill_fn(prompt, model.init_cache(b, max_len))
   out = [pick(logits, keys[0])]
