@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxcomp.models import llama as llama_lib
+from jaxcomp.models import sample_tokens
 from jaxcomp.models.llama import Llama
 from jaxcomp.models.llama import LlamaConfig
 
@@ -160,3 +161,19 @@ def test_fresh_cache_prefill_equals_slot_prefill():
     model(prompt[:, :1], cache=got_cache, fresh_cache=True)
   with pytest.raises(ValueError, match="fresh_cache=True needs a cache"):
     model(prompt, fresh_cache=True)
+
+
+def test_sample_tokens_greedy_nucleus_and_determinism():
+  logits = jnp.log(jnp.array([[0.6, 0.3, 0.1], [0.05, 0.15, 0.8]]))
+  np.testing.assert_array_equal(sample_tokens(logits, None), [0, 2])
+  key = jax.random.key(0)
+  # top_p 0.5: only the most likely token of each row is left
+  many = jnp.stack([sample_tokens(logits, k, temperature=1.0, top_p=0.5)
+                    for k in jax.random.split(key, 50)])
+  assert (many == jnp.array([0, 2])).all()
+  # top_p 0.85 keeps {0, 1} in row 0 and {2, 1} in row 1, never the tail
+  many = jnp.stack([sample_tokens(logits, k, temperature=1.0, top_p=0.85)
+                    for k in jax.random.split(key, 200)])
+  assert set(np.unique(many[:, 0]).tolist()) == {0, 1} and set(np.unique(many[:, 1]).tolist()) == {1, 2}
+  np.testing.assert_array_equal(sample_tokens(logits, key, temperature=1.0),
+                                sample_tokens(logits, key, temperature=1.0))
