@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import pathlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -502,14 +501,9 @@ def calib_tokens(tokenizer: Any, *, n_seq: int = 128, seq_len: int = 512,
 
     calib = calib_tokens(io.gguf_tokenizer(path))          # int32[128, 512]
   """
-  if text_path is None:
-    from jaxcomp.data.austen import austen_text  # pylint: disable=import-outside-toplevel
-    text = austen_text()
-  else:
-    text = pathlib.Path(text_path).read_text(encoding="utf-8")
-  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+  from jaxcomp.data import calibration  # pylint: disable=import-outside-toplevel
+  ids = np.asarray(tokenizer.encode(calibration.source_text(text_path or "austen")).ids, np.int32)
   if len(ids) < n_seq * seq_len:
     raise ValueError(f"calibration text has {len(ids)} tokens, fewer than n_seq * seq_len = "
                      f"{n_seq * seq_len}")
-  starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, n_seq)
-  return np.stack([ids[s:s + seq_len] for s in starts])
+  return calibration.text_windows(ids, n_seq, seq_len, seed, text_path or "austen")

@@ -127,6 +127,16 @@ def round_to_float(v: Array, name: str) -> Array:
   return jax.lax.stop_gradient(q) + (t - jax.lax.stop_gradient(t))
 
 
+def _absmax(x: Array, axes) -> Array:
+  """``max |x|`` over ``axes`` (None: all; keepdims) in float32, NaN for a slice holding a NaN or
+  +-inf (XLA's max-reductions need not propagate NaN)."""
+  axes = tuple(range(x.ndim)) if axes is None else tuple(
+      a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes))
+  x = x.astype(jnp.float32)
+  bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
+  return jnp.where(bad, jnp.nan, jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+
+
 def float_scale(x: Array, name: str, *, axes=None) -> Array:
   """Scale mapping ``absmax(x)`` over ``axes`` (keepdims) onto format ``name``'s ``fmax``.
 
@@ -136,13 +146,8 @@ def float_scale(x: Array, name: str, *, axes=None) -> Array:
     >>> float_scale(jnp.array([[1.0, -896.0]]), "e4m3", axes=0)
     Array([[0.00223214, 2.        ]], dtype=float32)
   """
-  axes = tuple(range(x.ndim)) if axes is None else tuple(
-      a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes))
-  x = x.astype(jnp.float32)
-  bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
-  amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-  s = amax / float_format(name).fmax
-  return jnp.where(bad, jnp.nan, jnp.where(s > 0, s, 1.0))
+  s = _absmax(x, axes) / float_format(name).fmax  # NaN stays NaN
+  return jnp.where(s > 0, s, jnp.where(jnp.isnan(s), jnp.nan, 1.0))
 
 
 def mx_scale(amax: Array, name: str = "e2m1") -> Array:
@@ -221,11 +226,7 @@ def format_scale(x: Array, fmt: str, axes) -> Array:
   """
   if fmt in ("e4m3", "e5m2"):
     return float_scale(x, fmt, axes=axes)
-  axes = tuple(range(x.ndim)) if axes is None else tuple(
-      a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes))
-  x = x.astype(jnp.float32)
-  bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
-  amax = jnp.where(bad, jnp.nan, jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+  amax = _absmax(x, axes)
   if fmt == "mxfp4":
     return mx_scale(amax, "e2m1")
   if fmt == "nvfp4":
