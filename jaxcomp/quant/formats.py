@@ -119,7 +119,10 @@ def round_to_float(v: Array, name: str) -> Array:
   # still count as inside (gradient 1), as the integer grid's absmax path does not clip.
   inside = jnp.abs(v) <= fmt.fmax * (1 + 2.0 ** -20)
   clipped = jnp.clip(v, -fmt.fmax, fmt.fmax)
-  q = clipped.astype(fmt.dtype).astype(jnp.float32)
+  if name == "e2m1":  # XLA's float32 -> f4 cast can round twice (5 + 1ulp -> 4): by the table
+    q = jnp.sign(clipped) * _e2m1_magnitude(jnp.abs(clipped))
+  else:
+    q = clipped.astype(fmt.dtype).astype(jnp.float32)
   q = jnp.where(jnp.isfinite(v), q + 0.0, jnp.nan)  # + 0.0: -0 -> 0, as the integer grid
   # STE: identity inside the range, zero gradient where saturated (as the integer grid's clip);
   # `t - stop_gradient(t)` is exactly 0 forward, so a huge `v` cannot cancel `q` away.
@@ -135,6 +138,16 @@ def _absmax(x: Array, axes) -> Array:
   x = x.astype(jnp.float32)
   bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
   return jnp.where(bad, jnp.nan, jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+
+
+def _e2m1_magnitude(a: Array) -> Array:
+  """Nearest E2M1 magnitude of ``a`` in [0, 6], ties to the even code (float32)."""
+  mags = jnp.asarray(_E2M1_MAGNITUDES, jnp.float32)
+  mids = (mags[:-1] + mags[1:]) / 2
+  i = jnp.sum(a[..., None] > mids, axis=-1)  # index of the nearest, ties resolved low
+  tie = jnp.any(a[..., None] == mids, axis=-1)
+  i = jnp.where(tie & (i % 2 == 1), i + 1, i)  # a tie goes to the even code
+  return jnp.take(mags, i)
 
 
 def float_scale(x: Array, name: str, *, axes=None) -> Array:
