@@ -9,7 +9,13 @@ gptq_w3g64 (3.5 bits per weight: the size of issue 18's 3.5-bit budget), awq_w4g
 smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's reference default);
 rtn_w4_full, gptq_w4g128_full and gptq_w3g128_full (the full signed grids {-8..7} * absmax /
 7.5, {-4..3} * absmax / 3.5); gptq_w3g128_fp16 and gptq_w3g128_full_fp16 (the scales stored as
-float16, rounded up: 3.125 bits per weight instead of 3.25). The 210 projection matrices of the 30 blocks are quantized
+float16, rounded up: 3.125 bits per weight instead of 3.25); issue 20's formats: fp8_w8a8
+(E4M3 weights per channel and activations per token, a real fp8 dot), gptq_mxfp4 (4.25 bits)
+and gptq_nvfp4 (4.5 bits) against int4 at the same sizes, gptq_w4g32_fp16 (4.5) and
+gptq_w4g64_fp16 (4.25); gptq_w4a8g128 / gptq_w4a4g128 (per-token int8 / int4 activations);
+and ``<variant>_rot`` for gptq_w4g128, gptq_w4a8g128, gptq_w4a4g128 and rtn_w4: QuaRot's
+randomized Hadamard rotations folded in first (`jaxcomp.models.llama_surgery.rotate_llama`,
+online Hadamard before down_proj). The 210 projection matrices of the 30 blocks are quantized
 (symmetric unless named asym, per output channel or per group of 128 inputs); the tied
 embedding / output head, the norms and attention stay float. Calibration (``calib.text``): 128
 windows of 512 tokens from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to
@@ -54,14 +60,29 @@ VARIANTS = {
                                       scale_dtype="float16", options={"act_order": True}),
     "awq_w4g128": jc.Quant(w_bits=4, group=128, method="awq"),
     "smoothquant_w8a8": jc.Quant(w_bits=8, a_bits=8, method="smoothquant", options={"alpha": 0.5}),
+    # Issue 20: float formats, int4 at their sizes, activations quantized, rotations.
+    "fp8_w8a8": jc.Quant(w_format="e4m3", a_format="e4m3"),
+    "gptq_mxfp4": jc.Quant(w_format="mxfp4", method="gptq", options={"act_order": True}),
+    "gptq_nvfp4": jc.Quant(w_format="nvfp4", method="gptq", options={"act_order": True}),
+    "gptq_w4g32_fp16": jc.Quant(w_bits=4, group=32, method="gptq", scale_dtype="float16",
+                                options={"act_order": True}),
+    "gptq_w4g64_fp16": jc.Quant(w_bits=4, group=64, method="gptq", scale_dtype="float16",
+                                options={"act_order": True}),
+    "gptq_w4a8g128": jc.Quant(w_bits=4, group=128, a_bits=8, method="gptq",
+                              options={"act_order": True}),
+    "gptq_w4a4g128": jc.Quant(w_bits=4, group=128, a_bits=4, method="gptq",
+                              options={"act_order": True}),
 }
+# "<variant>_rot": the same after QuaRot's rotations (a ``rotate`` stage before ``ptq``).
+VARIANTS.update({f"{v}_rot": VARIANTS[v] for v in (
+    "gptq_w4g128", "gptq_w4a8g128", "gptq_w4a4g128", "rtn_w4")})
 
 
 def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
   """The config of variant ``arg`` ("<variant>" or "<variant>,tiny")."""
   variant, tiny = parse_variant(arg, VARIANTS, "smollm2_ptq.py")
   quant = VARIANTS[variant]
-  if tiny and quant is not None and quant.group:
+  if tiny and quant is not None and quant.group and quant.group > 32:
     quant = dataclasses.replace(quant, group=32)  # the tiny model is 64 wide
   recipe = None if quant is None else jc.Recipe([jc.Rule(PROJ, quant=quant, name="proj")])
-  return oneshot_config(recipe, tiny=tiny)
+  return oneshot_config(recipe, tiny=tiny, rotate=variant.endswith("_rot"))

@@ -2,7 +2,8 @@
 
 `oneshot_config(recipe)` is the pipeline config (``task = "pipeline"``,
 `jaxcomp.experiments.pipeline`) that compresses SmolLM2-135M (or, ``tiny``, a tiny random Llama
-with a byte tokenizer) by ``recipe`` one-shot and evaluates it: ``prune`` (rules with
+with a byte tokenizer) by ``recipe`` one-shot and evaluates it: (``rotate``, when asked) ->
+``prune`` (rules with
 ``sparsity``) -> ``factorize`` (``lowrank``) -> ``ptq`` -> ``convert`` (``quant``; packed
 weights saved for serving) -> ``eval`` (perplexity, next-token accuracy, size, latency; no
 robustness or cloze unless configured), each stage only when the recipe has its payload; the
@@ -23,8 +24,11 @@ from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.recipe import Recipe
 
 
-def oneshot_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collections.ConfigDict:
-  """The pipeline config that compresses by ``recipe`` one-shot (None: the float baseline).
+def oneshot_config(recipe: Recipe | None, *, tiny: bool = False, rotate: bool = False
+                   ) -> ml_collections.ConfigDict:
+  """The pipeline config that compresses by ``recipe`` one-shot (None: the float baseline);
+  ``rotate``: QuaRot's Hadamard rotations folded in first (a ``rotate`` stage, seed 0, online
+  Hadamard before down_proj).
 
   Example::
 
@@ -44,6 +48,8 @@ def oneshot_config(recipe: Recipe | None, *, tiny: bool = False) -> ml_collectio
                      latency_repeats=2, ood_text="", ood_max_tokens=0)
   stages: dict[str, Any] = {}
   rules = recipe.rules if recipe is not None else ()
+  if rotate:
+    stages["rotate"] = dict(kind="rotate", seed=0, online=True, heads=True)
   for name, field in (("prune", "sparsity"), ("factorize", "lowrank"), ("ptq", "quant")):
     if any(getattr(r, field) is not None for r in rules):
       stages[name] = dict(kind=name, recipe=recipe.to_config())

@@ -10,6 +10,9 @@ a section ``config.stage.<name>`` whose ``kind`` says what it does:
 * ``structured``: a smaller Llama: ``keep_layers`` blocks (evenly spaced), then the
   lowest-magnitude ``ffn_sparsity`` of every block's FFN channels and ``head_sparsity`` of the
   query heads of each key/value group removed (`jaxcomp.models.llama_surgery`);
+* ``rotate``: QuaRot's Hadamard rotations folded into a float Llama (`rotate_llama`: the same
+  logits, outliers spread), ``seed`` / ``online`` / ``heads``, before a ``ptq`` / ``quantize``
+  that quantizes activations (W4A8, W4A4);
 * ``search``: a per-layer recipe chosen under a budget (mixed precision, rank allocation,
   OWL sparsity; `jaxcomp.experiments.search_stage`), written to the stage's ``recipe.json``
   for a later ``ptq`` / ``factorize`` / ``prune`` stage whose section says
@@ -65,7 +68,7 @@ from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.models import io
 from jaxcomp.models.llama import Llama
 from jaxcomp.models.llama_surgery import (StructuredKeep, drop_blocks, llama_structured_keep,
-                                          shrink_llama)
+                                          rotate_llama, shrink_llama)
 from jaxcomp.models.zoo import load_model
 from jaxcomp.oneshot import factorize, prune, ptq, ptq_skeleton, registry
 from jaxcomp.quant.qarray import QArray
@@ -76,14 +79,15 @@ from jaxcomp.train import workdir as wd
 from jaxcomp.train.loop import train, zero_masks
 from jaxcomp.train.tasks import ImageClassification
 
-KINDS = ("prune", "structured", "search", "factorize", "ptq", "quantize", "train", "distill",
+KINDS = ("prune", "structured", "rotate", "search", "factorize", "ptq", "quantize", "train", "distill",
          "convert", "eval")
 _TRAINS = ("train", "distill")
 _PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank"),
             "ptq": ("quant", "quant"), "quantize": ("quant", None)}
-_CHANGES_MODEL = {"prune", "structured", "factorize", "ptq", "quantize", "convert", "train",
+_CHANGES_MODEL = {"prune", "structured", "rotate", "factorize", "ptq", "quantize", "convert", "train",
                   "distill"}
 _STRUCTURED = ("keep_layers", "ffn_sparsity", "head_sparsity")
+_ROTATE = ("seed", "online", "heads")
 # ``calib.dtype``: the weight-only matmuls' dtype while calibration data flows (`jaxcomp.ptq`).
 _CALIB_DTYPES = {"bfloat16": jnp.bfloat16, "float32": None}
 
@@ -154,6 +158,8 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
                            "config.calib.n_seq is not set (calibration sequences)")
     if kind == "structured":
       _check_structured_stage(stage, rewritten)
+    if kind == "rotate":
+      _check_rotate_stage(stage, rewritten)
     if kind in _TRAINS:
       _check_training_stage(config, stage, names[:i], converted)
     if kind in ("factorize", "ptq", "quantize", "convert"):
@@ -241,6 +247,23 @@ def _check_structured_stage(stage: Stage, rewritten: str) -> None:
   if rewritten:
     raise ValueError(f"stage {i} {name!r} (structured) must come before stage {rewritten!r}: "
                      "it removes whole channels, heads and blocks of the float Llama")
+
+
+def _check_rotate_stage(stage: Stage, rewritten: str) -> None:
+  i, name, cfg = stage.index, stage.name, stage.config
+  unknown = sorted(set(cfg) - {"kind", *_ROTATE})
+  if unknown:
+    raise ValueError(f"stage {i} {name!r} (rotate): unknown field {unknown[0]!r} (fields: "
+                     f"{', '.join(_ROTATE)})")
+  for k in ("online", "heads"):
+    if not isinstance(cfg.get(k, True), bool):
+      raise ValueError(f"stage {i} {name!r} (rotate): {k} must be a bool, got {cfg.get(k)!r}")
+  seed = cfg.get("seed", 0)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f"stage {i} {name!r} (rotate): seed must be an int, got {seed!r}")
+  if rewritten:
+    raise ValueError(f"stage {i} {name!r} (rotate) must come before stage {rewritten!r}: it "
+                     "folds the rotations into the float Llama's weights")
 
 
 def _check_training_stage(config: ml_collections.ConfigDict, stage: Stage, before: list[str],
@@ -340,6 +363,10 @@ def structure(kind: str, model: nnx.Module, stage: Stage, info: dict[str, Any]) 
     return convert(model)
   if kind == "structured":  # the blocks, channels and heads kept, recorded when it ran
     return _shrink(model, info["structure"])
+  if kind == "rotate":  # untied head, online Hadamard as configured
+    return Llama(dataclasses.replace(model.config, tie_embeddings=False,
+                                     ffn_hadamard=stage.config.get("online", True)),
+                 rngs=nnx.Rngs(0))
   if kind == "factorize":  # the ranks the weights gave, recorded when the stage ran
     rules = [Rule(re.escape(p), lowrank=LowRank(rank=r)) for p, r in info["ranks"].items()]
     return factorize(model, Recipe(rules), progress=False)
@@ -513,6 +540,15 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
     return model, {"structure": keep, "n_layers": c.n_layers, "ffn_dim": c.ffn_dim,
                    "n_heads": c.n_heads, "params_before": before["params"],
                    "size": harness.stored_size(model)}
+  if kind == "rotate":
+    if not isinstance(model, Llama):
+      raise ValueError(f"stage {stage.index} {stage.name!r} (rotate) needs a jaxcomp Llama, "
+                       f"got {type(model).__name__}")
+    cfg = stage.config
+    model = rotate_llama(model, jax.random.key(cfg.get("seed", 0)),
+                         online=cfg.get("online", True), heads=cfg.get("heads", True))
+    return model, {"seed": cfg.get("seed", 0), "online": cfg.get("online", True),
+                   "heads": cfg.get("heads", True)}
   if kind == "factorize":
     model, res = factorize(model, recipe, ctx.calib(), **ctx.kwargs())
     ranks = {p: int(m.a[...].shape[-1]) for p, m in engine.iter_layers(model)
@@ -526,7 +562,10 @@ def _run_stage(ctx: _Context, model: nnx.Module, stage: Stage, stages: list[Stag
     return quantize(model, recipe), {}
   if kind == "convert":
     model = convert(model)
-    per_layer = _weight_errors(ctx.base, model)
+    rotated = [s.name for s in stages[:stage.index] if s.kind == "rotate"]
+    # The float weights the packed ones approximate: the rotated model's, after a rotation.
+    reference = (_named_model(ctx, stages, rotated[-1], stage.index) if rotated else ctx.base)
+    per_layer = _weight_errors(reference, model)
     info = {"size": harness.stored_size(model), "per_layer": per_layer}
     if per_layer:
       info["weight_error"] = {

@@ -48,7 +48,7 @@ Example::
   logits, hiddens = model(jnp.zeros((2, 8), jnp.int32), return_hidden=True)
 
 Incremental decoding keeps each layer's keys and values in a :class:`KVCache`
-(``k``/``v``: ``[n_layers, B, S_max, KV, Dh]``, the ``KV`` axis is what
+(``k``/``v``: ``[n_layers, B, KV, S_max, Dh]``, the ``KV`` axis is what
 ``"kv_heads"`` shards). ``model(tokens, cache=cache)`` appends ``tokens`` at
 ``cache.index`` and returns ``(logits, new_cache)``; :func:`generate` decodes
 greedily and :func:`make_decode_fns` gives its jitted prefill / decode steps::
@@ -292,8 +292,10 @@ class KVCache:
   updated cache, this one is left as it was.
 
   Attributes:
-    k: ``dtype[n_layers, B, S_max, KV, Dh]`` keys, in the model's compute dtype.
-    v: ``dtype[n_layers, B, S_max, KV, Dh]`` values.
+    k: ``dtype[n_layers, B, KV, S_max, Dh]`` keys, in the model's compute dtype (heads
+      before slots: a layer's keys are the attention GEMM's operand as stored, no transpose
+      per decode step).
+    v: ``dtype[n_layers, B, KV, S_max, Dh]`` values.
     index: ``int32[]`` number of sequence slots filled.
 
   Example::
@@ -309,7 +311,7 @@ class KVCache:
   @property
   def max_len(self) -> int:
     """S_max: number of sequence slots."""
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 # --------------------------------------------------------------------------
@@ -407,8 +409,10 @@ class Attention(nnx.Module):
     k = rope(einops.rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=hd))
     v = einops.rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=hd)
     causal = cache is None or fresh_cache
+    k = einops.rearrange(k, "b s k d -> b k s d")
+    v = einops.rearrange(v, "b s k d -> b k s d")
     if cache is not None:
-      start = (layer, 0, cache.index, 0, 0)
+      start = (layer, 0, 0, cache.index, 0)
       cache = dataclasses.replace(
           cache,
           k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
@@ -416,14 +420,12 @@ class Attention(nnx.Module):
       if fresh_cache:  # attend in the cache's dtype, as the non-fresh path does
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
       else:
-        k, v = cache.k[layer], cache.v[layer]  # [B, S_max, KV, Dh]
+        k, v = cache.k[layer], cache.v[layer]  # [B, KV, S_max, Dh]
     # Heads first, each KV group's queries stacked along the rows: both attention matmuls
     # are plain batched GEMMs contracting their operands' last / leading axes (about 1.7x
     # faster on CPU than einsums over [b, t, k, g, d], with identical results).
     t, g = x.shape[1], q.shape[2] // kv
     q = einops.rearrange(q, "b t (k g) d -> b k g t d", k=kv)
-    k = einops.rearrange(k, "b s k d -> b k s d")
-    v = einops.rearrange(v, "b s k d -> b k s d")
 
     def attend(q, k, v, mask):  # [b, k, g, c, d], [b, k, s, d] x2, bool[c, s] -> like q
       b, c, s = q.shape[0], q.shape[3], k.shape[2]
@@ -569,7 +571,7 @@ class Llama(nnx.Module):
       max_len: S_max, ``<= config.max_seq_len``; prompt plus generated tokens.
 
     Returns:
-      ``KVCache`` with zero ``k``/``v`` of shape ``[n_layers, B, S_max, KV, Dh]``
+      ``KVCache`` with zero ``k``/``v`` of shape ``[n_layers, B, KV, S_max, Dh]``
       in ``config.dtype`` and ``index = 0``.
 
     Example::
@@ -581,7 +583,7 @@ class Llama(nnx.Module):
       raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={cfg.max_seq_len}]")
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
-    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
     return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
                    index=jnp.zeros((), jnp.int32))
 
@@ -694,7 +696,7 @@ class Llama(nnx.Module):
   def _check_cache(self, cache: KVCache, b: int, t: int) -> None:
     """Raises ValueError if ``cache`` cannot take ``t`` more tokens of ``b`` rows."""
     cfg = self.config
-    want = (cfg.n_layers, b, cache.max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    want = (cfg.n_layers, b, cfg.n_kv_heads, cache.max_len, cfg.resolved_head_dim)
     if cache.k.shape != want or cache.v.shape != want:
       raise ValueError(
           f"cache k/v shapes {cache.k.shape}/{cache.v.shape} must be {want} "

@@ -22,6 +22,7 @@ from jaxcomp.models.zoo import load_model
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "configs"))
 import smollm2_pipeline  # noqa: E402  pylint: disable=wrong-import-position
+import smollm2_ptq  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _config(variant, texts, **overrides):
@@ -112,7 +113,8 @@ def test_bad_stage_lists_are_refused_before_anything_runs(texts, tmp_path, chang
 def test_unknown_kind_and_missing_calibration(texts, tmp_path):
   config = _config("p_q", texts)
   config.stage.prune.kind = "shrink"
-  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, structured, search, factorize"):
+  with pytest.raises(ValueError, match=r"unknown kind 'shrink' \(kinds: prune, structured, rotate, search, "
+                     r"factorize"):
     pipeline.plan(config)
   config = _config("p_q", texts)
   config.calib.n_seq = 0
@@ -283,6 +285,34 @@ def test_bad_structured_stages_are_refused(texts, change, message):
   config.stages = "gptq,structured,convert"
   with pytest.raises(ValueError, match=r"stage 1 'structured' \(structured\) must come before "
                      r"stage 'gptq'"):
+    pipeline.plan(config)
+
+
+def test_rotate_stage_keeps_the_function_and_resumes_into_the_rotated_structure(texts,
+                                                                                tmp_path):
+  config = smollm2_ptq.get_config("gptq_w4a8g128_rot,tiny")
+  config.calib.text = str(texts / "train.txt")
+  config.eval.text_path = str(texts / "eval.txt")
+  assert config.stages == "rotate,ptq,convert,eval"
+  report = pipeline.run_pipeline(config, str(tmp_path / "r"))
+  base, _ = load_model(config)
+  rotated = _restored(tmp_path / "r", config, 0)
+  assert rotated.config.ffn_hadamard and not rotated.config.tie_embeddings
+  tokens = np.arange(32, dtype=np.int32)[None] % base.config.vocab_size
+  np.testing.assert_allclose(np.asarray(rotated(tokens)), np.asarray(base(tokens)), atol=2e-4)
+  # The packed weights are compared with the rotated float weights they approximate.
+  convert = json.loads((tmp_path / "r" / "stages" / "2_convert" / "report.json").read_text())
+  assert convert["weight_error"]["mean_rel_frobenius"] < 0.3
+  packed = _restored(tmp_path / "r", config, 2)  # rotate -> ptq skeleton -> convert
+  assert packed.config.ffn_hadamard
+  assert np.isfinite(report["quality"]["ppl"])
+  config.stages = "ptq,rotate,convert,eval"
+  with pytest.raises(ValueError, match=r"stage 1 'rotate' \(rotate\) must come before stage "
+                     r"'ptq'"):
+    pipeline.plan(config)
+  config.stages = "rotate,ptq,convert,eval"
+  config.stage.rotate.angle = 3
+  with pytest.raises(ValueError, match=r"stage 0 'rotate' \(rotate\): unknown field 'angle'"):
     pipeline.plan(config)
 
 

@@ -58,7 +58,7 @@ def test_prefill_then_decode_equals_full_forward(style):
   tokens = _tokens()
   want, want_h = _forward(model, tokens)
   cache = model.init_cache(B, S_MAX)
-  assert cache.k.shape == cache.v.shape == (2, B, S_MAX, 2, 16)
+  assert cache.k.shape == cache.v.shape == (2, B, 2, S_MAX, 16)
   assert cache.k.dtype == jnp.float32 and cache.index.dtype == jnp.int32
   p = 7
   logits, hiddens, cache = _cached(model, tokens[:, :p], cache)
@@ -109,7 +109,7 @@ def test_generate_equals_argmax_of_full_forward():
 
 def test_max_len_and_overflow_raise():
   model = _model(max_seq_len=32)
-  assert model.init_cache(1, 32).k.shape[2] == 32
+  assert model.init_cache(1, 32).k.shape[3] == 32 == model.init_cache(1, 32).max_len
   with pytest.raises(ValueError, match="max_seq_len"):
     model.init_cache(1, 33)
   with pytest.raises(ValueError, match="max_seq_len"):
