@@ -68,6 +68,8 @@ def main() -> None:
   parser.add_argument("--variants", default=",".join(smollm2_ptq.VARIANTS))
   parser.add_argument("--calib", default="wikitext2_valid",
                       help="calibration text: wikitext2_valid, austen or a file path")
+  parser.add_argument("--ood", default="fortunes",
+                      help="out-of-domain text scored too: fortunes, a file path, or '' for none")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
 
@@ -78,23 +80,33 @@ def main() -> None:
     config.eval.max_tokens = args.max_tokens
     config.eval.split = args.split
     config.calib.text = args.calib
+    config.eval.ood_text = args.ood
+    config.eval.ood_max_tokens = args.max_tokens
     report = run_variant(config, work, pathlib.Path(args.root))
     reports[variant] = report
-    print(f"{variant}: ppl {report['ppl']:.3f}", flush=True)
+    print(f"{variant}: ppl {report['ppl']:.3f}"
+          + (f" ood {report['ood_ppl']:.3f}" if "ood_ppl" in report else ""), flush=True)
   for r in reports.values():
     if "saved" in r:
       r["raw_bits_per_param"] = _raw_bits(pathlib.Path(r["packed_dir"]) / "packed",
                                           r["saved"]["packed_params"])
 
   base = reports.get("float", {}).get("ppl")
+  base_ood = reports.get("float", {}).get("ood_ppl")
   first = next(iter(reports.values()))
+  ood = "ood_ppl" in first
   print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), {first['eval_text']}: "
-        f"{first['eval_tokens']} scored tokens, non-overlapping 512-token windows\n")
-  print("| variant | ppl | increase | bits/param: arrays | bits/param: on disk | "
-        "size MB on disk | PTQ s |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
+        f"{first['eval_tokens']} scored tokens, non-overlapping 512-token windows"
+        + (f"; out of domain: {first['ood_text']}, {first['ood_tokens']} scored tokens"
+           if ood else "") + "\n")
+  print("| variant | ppl | increase | " + ("ppl out of domain | increase | " if ood else "")
+        + "bits/param: arrays | bits/param: on disk | size MB on disk | PTQ s |")
+  print("|---|---:|---:|" + ("---:|---:|" if ood else "") + "---:|---:|---:|---:|")
   for variant, r in reports.items():
     inc = "" if base is None or variant == "float" else f"{r['ppl'] - base:+.3f}"
+    if ood:
+      o_inc = "" if base_ood is None or variant == "float" else f"{r['ood_ppl'] - base_ood:+.3f}"
+      inc += f" | {r['ood_ppl']:.3f} | {o_inc}"
     saved = r.get("saved", {})
     bits = f"{saved['packed_bits_per_param']:.2f}" if saved else "32"
     raw = f"{r['raw_bits_per_param']:.2f}" if r.get("raw_bits_per_param") else "32"
@@ -108,6 +120,20 @@ def main() -> None:
     if inc("smoothquant_w8a8") is not None:
       print(f"SmoothQuant W8A8 increase: {100 * inc('smoothquant_w8a8') / base:.2f}% "
             "(target <= 1.5%)")
+    # Issue 20's targets.
+    if inc("fp8_w8a8") is not None:
+      print(f"fp8 (E4M3) W8A8 increase: {100 * inc('fp8_w8a8') / base:.2f}% (target <= 1%)")
+    for fmt, int4 in (("gptq_mxfp4", "gptq_w4g64_fp16"), ("gptq_nvfp4", "gptq_w4g32_fp16")):
+      if inc(fmt) is not None and inc(int4) is not None:
+        print(f"{fmt} vs {int4} (same bits/param): ppl {reports[fmt]['ppl']:.3f} vs "
+              f"{reports[int4]['ppl']:.3f}")
+    if inc("gptq_w4a8g128_rot") is not None and inc("gptq_w4g128") is not None:
+      w4 = reports["gptq_w4g128"]["ppl"]
+      print(f"W4A8 g128 rotated vs w4g128 weight-only: "
+            f"{100 * (reports['gptq_w4a8g128_rot']['ppl'] / w4 - 1):+.2f}% (target within 2%)")
+    if inc("gptq_w4a4g128_rot") is not None and inc("gptq_w4a4g128"):
+      print(f"W4A4 g128 increase, rotated / not: "
+            f"{inc('gptq_w4a4g128_rot') / inc('gptq_w4a4g128'):.3f} (target <= 0.5)")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(reports, indent=2))
 
