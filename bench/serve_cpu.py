@@ -71,6 +71,8 @@ def main() -> None:
   parser.add_argument("--new", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--cache_dir", default=None)
+  parser.add_argument("--models", default="",
+                      help="comma-separated subset of the rows (float32 always runs)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
 
@@ -80,6 +82,12 @@ def main() -> None:
                                                           (1, args.prompt)), jnp.int32)
   max_len = args.prompt + args.new + 1
   models = _models(model)
+  if args.models:
+    keep = {"float32", *[m.strip() for m in args.models.split(",")]}
+    unknown = keep - set(models)
+    if unknown:
+      raise SystemExit(f"--models: unknown {sorted(unknown)} (rows: {', '.join(models)})")
+    models = {k: v for k, v in models.items() if k in keep}
   fns = {name: make_decode_fns(m) for name, m in models.items()}
   init = {name: (lambda m=m: m.init_cache(1, max_len)) for name, m in models.items()}
   for name in models:  # compile

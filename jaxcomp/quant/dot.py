@@ -576,17 +576,33 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
                                      backend=backend)
       return frame.out(y[None]).astype(out_dtype)
     u_x, s_x = _act_grid(frame.lhs(lhs), spec)
-    qx, qw = _int8(u_x[0]), qa.ints()  # (M, K), (N, K)
+    qx = _int8(u_x[0])  # (M, K)
     m = qx.shape[0]
     if pallas_kernels.target_platform() == "cpu" and m < _CPU_SKINNY_ROWS:
       qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
-      acc = jax.lax.dot_general(qw, qx, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.int32).T[:m]
+      if qa.packed and qa.bits == 4:  # decode on packed nibbles: no interleaving unpack
+        acc = _int4_skinny_dot(qx, qa.values, None, s_x)[0].T[:m]
+      else:
+        acc = jax.lax.dot_general(qa.ints(), qx, (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.int32).T[:m]
     else:
+      qw = qa.ints()  # (N, K)
       acc = jax.lax.dot_general(qx, qw, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.int32)
     y = acc[None].astype(jnp.float32) * s_x * qa.scales().T[None]
     return frame.out(y).astype(out_dtype)
+  x2 = frame.lhs(lhs)
+  if (spec.int_dot and qa.packed and qa.bits == 4 and qa.zero_point is None
+      and backend == "xla" and pallas_kernels.target_platform() == "cpu"
+      and x2.shape[1] < _CPU_SKINNY_ROWS and qa.group % 2 == 0):
+    # Grouped int4 x int8 at decode: one batched GEMM over the groups on the packed bytes,
+    # each group's int32 sums scaled as the shared path scales them, then summed.
+    u_x, s_x = _act_grid(x2, spec)
+    m = x2.shape[1]
+    qx = jnp.pad(_int8(u_x[0]), ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
+    acc = _int4_skinny_dot(qx, qa.values, qa.group, s_x)[..., :m].transpose(0, 2, 1)  # (G, M, N)
+    y = acc.astype(jnp.float32) * s_x * qa.scales().T[:, None, :]
+    return frame.out(y.sum(axis=0)[None]).astype(out_dtype)
   # Groups with int8 activations, asymmetric grids or float formats: the shared path on the
   # stored grid.
   n, k = qa.values.shape[0], frame.K
@@ -600,6 +616,50 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     s_w = s_w.reshape(1, g, 1, n)
   return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
                             out_dtype, lhs.dtype, backend)
+
+
+def _int4_skinny_dot(qx: Array, nibbles: Array, group: int | None, s_x: Array) -> Array:
+  """``W (N, K) @ qx^T`` per group, exact in int32, for int4 ``W`` packed two per byte
+  (`pack_int4` along K: the ``N x K/2`` bytes as stored) and a few int8 rows ``qx (R, K)``.
+
+  The decode-time path on CPU: viewed as int8, a byte's ``b << 4`` is 16 x its low nibble (the
+  even k) and ``b & 0xF0`` is 16 x its high nibble (the odd k), both sign-correct, so two
+  elementwise ops on contiguous bytes give the int8 GEMM its operands without interleaving
+  the nibbles back into K order (which costs more than the product at a few rows): one
+  batched GEMM over (nibble, group) against the even / odd activation columns, the two halves
+  summed and divided by 16 (exact: every product is a multiple of 16).
+
+  ``s_x`` (the activations' scales, any shape) orders the split after the activations: the
+  split reads only parameters, so XLA would otherwise run every layer's split first, all
+  live at once (as large as an int8 copy of the model, faulted in afresh every step; an
+  ``optimization_barrier`` does not survive to XLA:CPU's scheduler). Where ``s_x`` holds a NaN
+  the bytes are zeroed, which changes nothing: the result is scaled by ``s_x``.
+
+  Returns:
+    int32 (G, N, R): group g's partial sums (G = 1 per channel).
+
+  Example:
+    >>> from jaxcomp.quant.qarray import pack_int4
+    >>> q = jnp.array([[1, -2, 7, -8]], jnp.int8)
+    >>> _int4_skinny_dot(jnp.ones((8, 4), jnp.int8), pack_int4(q, 1), None, jnp.ones(()))[0, 0, 0]
+    Array(-2, dtype=int32)
+  """
+  n, r, k = nibbles.shape[0], qx.shape[0], qx.shape[1]
+  gs = group or k
+  g = -(-k // gs)
+  if g * gs > k:  # a shorter last group: zero bytes and zero columns (fused into the operands)
+    nibbles = jnp.pad(nibbles, ((0, 0), (0, (g * gs - k) // 2)))
+    qx = jnp.pad(qx, ((0, 0), (0, g * gs - k)))
+  b = jax.lax.bitcast_convert_type(nibbles, jnp.int8)
+  b = jnp.where(jnp.isnan(jnp.sum(s_x)), jnp.int8(0), b)  # after the activations (see above)
+  if g > 1:  # (G, N, gs / 2): each group's bytes contiguous (the transpose fuses into the split)
+    b = b.reshape(n, g, gs // 2).transpose(1, 0, 2)
+  w = jnp.stack([b << 4, b & jnp.int8(-16)])  # (2, [G,] N, gs / 2)
+  x = qx.reshape(r, g, gs // 2, 2).transpose(3, 1, 0, 2)  # (2, G, R, gs / 2): even, odd k
+  acc = jax.lax.dot_general(w.reshape(2 * g, n, gs // 2), x.reshape(2 * g, r, gs // 2),
+                            (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
+  acc = acc.reshape(2, g, n, r)
+  return (acc[0] + acc[1]) >> 4
 
 
 def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Array:

@@ -30,6 +30,11 @@ def _recipe(proj, embed=None):
     (jc.Quant(w_bits=3, calibration="mse"), None),
     (jc.Quant(w_bits=4, group=32, full_range=True), jc.Quant(w_bits=8, full_range=True)),
     (jc.Quant(w_bits=8, a_bits=8, full_range=True), None),
+    # W4A8: the packed nibbles' int8 GEMM (per channel, per group); on CPU a decode-shaped
+    # call takes the nibble-split path (`dot._int4_skinny_dot`), bit-exact all the same.
+    (jc.Quant(w_bits=4, a_bits=8), jc.Quant(w_bits=8, a_bits=8)),
+    (jc.Quant(w_bits=4, a_bits=8, group=32), None),
+    (jc.Quant(w_bits=4, a_bits=4, group=32), None),
 ], ids=str)
 def test_converted_logits_equal_fake_quant(proj, embed):
   model = Llama(CFG, rngs=nnx.Rngs(0))
@@ -113,9 +118,11 @@ def test_bad_input(tmp_path):
 
 @pytest.mark.parametrize("proj", [jc.Quant(w_bits=4, group=48),
                                   jc.Quant(w_bits=8, a_bits=8, group=48),
+                                  jc.Quant(w_bits=4, a_bits=8, group=48),
                                   jc.Quant(w_bits=4, group=48, learn_scale=True)], ids=str)
 def test_shorter_last_group_converts_exactly(proj):
   """64- and 128-wide inputs in groups of 48 (like SmolLM2's 576 in groups of 128)."""
   qmodel = jc.quantize(Llama(CFG, rngs=nnx.Rngs(0)), _recipe(proj))
   packed = jc.convert(qmodel)
-  np.testing.assert_array_equal(np.asarray(packed(TOKENS)), np.asarray(qmodel(TOKENS)))
+  for tokens in (TOKENS, TOKENS[:1, :1]):  # prefill and a one-token (decode-shaped) call
+    np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(qmodel(tokens)))
