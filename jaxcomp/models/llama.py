@@ -763,18 +763,37 @@ def _share_ends(src: Llama, dst: Llama) -> None:
 # --------------------------------------------------------------------------
 
 
+class _Structure:
+  """A model's graph definition and its state's tree structure: the steps' static argument,
+  hashed once. Each step then takes the state's leaves as a flat list, so a call costs no
+  walk of the module state and no hash of the graph (at decode, with ~400 leaves, those
+  took a few milliseconds a token: a fifth of a packed model's step)."""
+
+  def __init__(self, graphdef: nnx.GraphDef, treedef: Any):
+    self.graphdef, self.treedef = graphdef, treedef
+    self._hash = hash((graphdef, treedef))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: object) -> bool:
+    return self is other or (isinstance(other, _Structure) and self._hash == other._hash
+                             and (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
+def _prefill_step(structure: _Structure, leaves: list[jax.Array], tokens: jax.Array,
                   cache: KVCache) -> tuple[jax.Array, KVCache]:
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves))
   _, hiddens, cache = model(tokens, cache=cache, return_hidden=True, fresh_cache=True)
   return model.head(hiddens[-1][:, -1]), cache  # the full [B, T, V] logits are never formed
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array,
+def _decode_step(structure: _Structure, leaves: list[jax.Array], token: jax.Array,
                  cache: KVCache) -> tuple[jax.Array, KVCache]:
-  logits, cache = nnx.merge(graphdef, state)(token[:, None], cache=cache)
+  model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves))
+  logits, cache = model(token[:, None], cache=cache)
   return logits[:, 0], cache
 
 
@@ -807,8 +826,10 @@ def make_decode_fns(model: Llama) -> tuple[Any, Any]:
     jax.block_until_ready(logits)
   """
   graphdef, state = nnx.split(model)
-  prefill_fn = functools.partial(_prefill_step, graphdef, state)
-  decode_fn = functools.partial(_decode_step, graphdef, state)
+  leaves, treedef = jax.tree.flatten(state)
+  structure = _Structure(graphdef, treedef)
+  prefill_fn = functools.partial(_prefill_step, structure, leaves)
+  decode_fn = functools.partial(_decode_step, structure, leaves)
   return prefill_fn, decode_fn
 
 

@@ -654,8 +654,13 @@ def _int4_skinny_dot(qx: Array, nibbles: Array, group: int | None, s_x: Array) -
   b = jnp.where(jnp.isnan(jnp.sum(s_x)), jnp.int8(0), b)  # after the activations (see above)
   if g > 1:  # (G, N, gs / 2): each group's bytes contiguous (the transpose fuses into the split)
     b = b.reshape(n, g, gs // 2).transpose(1, 0, 2)
-  w = jnp.stack([b << 4, b & jnp.int8(-16)])  # (2, [G,] N, gs / 2)
   x = qx.reshape(r, g, gs // 2, 2).transpose(3, 1, 0, 2)  # (2, G, R, gs / 2): even, odd k
+  if g == 1:  # two GEMMs (measured faster here than one batched GEMM on the stacked splits)
+    dn = (((1,), (1,)), ((), ()))
+    acc = (jax.lax.dot_general(b << 4, x[0, 0], dn, preferred_element_type=jnp.int32)
+           + jax.lax.dot_general(b & jnp.int8(-16), x[1, 0], dn, preferred_element_type=jnp.int32))
+    return (acc >> 4)[None]
+  w = jnp.stack([b << 4, b & jnp.int8(-16)])  # (2, [G,] N, gs / 2)
   acc = jax.lax.dot_general(w.reshape(2 * g, n, gs // 2), x.reshape(2 * g, r, gs // 2),
                             (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
   acc = acc.reshape(2, g, n, r)
