@@ -43,7 +43,7 @@ METHODS = {"gptq_w4": smollm2_ptq, "gptq_w4g128": smollm2_ptq, "awq_w4g128": smo
            "wanda_50": smollm2_sparse, "svd_llm_40": smollm2_lowrank}
 SOURCES = {"wikitext2": "wikitext2_valid:1", "austen": "austen:1",
            "mixed": "wikitext2_valid:1,austen:1", "self": "self:1"}
-DEFAULT_SOURCE = "wikitext2"
+DEFAULT_SOURCE = "mixed"  # the one-shot configs' default (`compress.DEFAULT_SOURCES`)
 
 
 def _run(method: str, source: str | None, n_seq: int, args: argparse.Namespace) -> dict:

@@ -38,6 +38,7 @@ def _run(config, work: pathlib.Path, args: argparse.Namespace) -> dict:
   config.eval.max_tokens = args.max_tokens
   config.eval.split = args.split
   config.calib.text = args.calib
+  config.calib.sources = ""  # the one text --calib names (the tables' calibration)
   return run_variant(config, work, pathlib.Path(args.root))
 
 

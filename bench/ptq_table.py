@@ -80,6 +80,7 @@ def main() -> None:
     config.eval.max_tokens = args.max_tokens
     config.eval.split = args.split
     config.calib.text = args.calib
+    config.calib.sources = ""  # the one text --calib names (the tables' calibration)
     config.eval.ood_text = args.ood
     config.eval.ood_max_tokens = args.max_tokens
     report = run_variant(config, work, pathlib.Path(args.root))

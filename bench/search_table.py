@@ -85,6 +85,7 @@ def main() -> None:
     work = root / f"{args.suite}_{budget:g}{tag}-{tokens}"
     config = smollm2_search.get_config(args.suite)
     config.eval.max_tokens = args.max_tokens
+    config.calib.sources = ""  # WikiText-2 valid alone (``calib.text``), as issue 18 measured
     search = config.stage.search
     if args.suite == "owl":
       search.sparsity = budget
@@ -109,6 +110,7 @@ def main() -> None:
   for variant in [v for v in uniform.split(",") if v]:
     config = module.get_config(variant)
     config.eval.max_tokens = args.max_tokens
+    config.calib.sources = ""  # WikiText-2 valid alone (``calib.text``), as issue 18 measured
     work = root / f"{variant}-{tokens}"
     rows[variant] = ptq_table.run_variant(config, work, root)
     print(f"{variant}: ppl {rows[variant]['ppl']:.3f}", flush=True)

@@ -8,8 +8,9 @@ Variants: ``<method>_<percent>``: method svd (plain truncated SVD), asvd (activa
 scaling, Yuan et al. 2023) or svd_llm (whitening by the Cholesky factor of the calibration
 second moment, Wang et al. 2024); percent 20 or 40: each of the 210 projection matrices is
 factored into (in -> r) -> (r -> out) with ``r (in + out) <= (1 - p) in * out``, so every
-method removes the same parameters. Calibration: 128 windows of 512 tokens of WikiText-2
-*valid*; the report gives perplexity and parameter counts before / after. ",tiny" runs the
+method removes the same parameters. Calibration: 128 windows of 512 tokens, by default half
+WikiText-2 *valid* and half the Austen novels (``calib.sources``, issue 21), or one text
+(``calib.sources=""`` and ``calib.text``, as bench/compress_table.py does); the report gives perplexity and parameter counts before / after. ",tiny" runs the
 same job on a tiny random Llama (tests).
 """
 

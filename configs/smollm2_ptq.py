@@ -17,10 +17,12 @@ and ``<variant>_rot`` for gptq_w4g128, gptq_w4a8g128, gptq_w4a4g128 and rtn_w4: 
 randomized Hadamard rotations folded in first (`jaxcomp.models.llama_surgery.rotate_llama`,
 online Hadamard before down_proj). The 210 projection matrices of the 30 blocks are quantized
 (symmetric unless named asym, per output channel or per group of 128 inputs); the tied
-embedding / output head, the norms and attention stay float. Calibration (``calib.text``): 128
-windows of 512 tokens from WikiText-2 *valid* (``"wikitext2_valid"``, the default: valid to
-tune, test to report), the Jane Austen novels of Debian's ``r-cran-janeaustenr`` (``"austen"``,
-fetched once), or any text file path. The run converts the model to packed int4/int8 weights,
+embedding / output head, the norms and attention stay float. Calibration: 128 windows of 512
+tokens, by default mixed in equal parts from WikiText-2 *valid* (valid to tune, test to report)
+and the Jane Austen novels of Debian's ``r-cran-janeaustenr`` (``calib.sources =
+"wikitext2_valid:1,austen:1"``: GPTQ's gain then carries out of domain, issue 21); with
+``calib.sources=""``, the one text ``calib.text`` (``"wikitext2_valid"``, ``"austen"`` or a file
+path), as bench/ptq_table.py runs the tables. The run converts the model to packed int4/int8 weights,
 saves it with Orbax in ``WORKDIR/packed`` and reports perplexity (non-overlapping 512-token
 windows of ``eval.split``; ``eval.max_tokens`` evaluates a prefix, 0 the whole split), bits per
 parameter from the bytes saved, and wall times.

@@ -9,7 +9,9 @@ Variants: ``<method>_<pattern>`` with method magnitude, wanda or sparsegpt and p
 2of4 (2:4 along the input axis); and block sparsity: wanda_block16_50 (16x16 tiles) and
 wanda_block8x128_50 (TPU-aligned 8x128 tiles), 50% of the tiles. The 210 projection matrices
 of the 30 blocks are pruned; embeddings, norms and attention are untouched. Calibration: 128
-windows of 512 tokens of WikiText-2 *valid* (``calib.text``); the report gives perplexity on
+windows of 512 tokens, by default half WikiText-2 *valid* and half the Austen novels
+(``calib.sources``; issue 21: calibration that transfers out of domain), or one text
+(``calib.sources=""`` and ``calib.text``, as bench/compress_table.py does); the report gives perplexity on
 ``eval.split`` (a prefix of ``eval.max_tokens`` tokens, 0 for the whole split) and the measured
 sparsity. ",tiny" runs the same job on a tiny random Llama (tests).
 """

@@ -36,7 +36,8 @@ def test_every_variant_is_a_stage_list_with_its_recipe():
     if quant is None:
       assert config.stages == "eval"
     else:
-      assert config.stages == "ptq,convert,eval"
+      rotate = "rotate," if variant.endswith("_rot") else ""
+      assert config.stages == rotate + "ptq,convert,eval"
       assert jc.Recipe.from_config(config.stage.ptq.recipe).rules[0].quant == quant
   for module, kind in ((smollm2_sparse, "prune"), (smollm2_lowrank, "factorize")):
     for variant in module.VARIANTS:
