@@ -53,6 +53,7 @@ def _run(method: str, source: str | None, n_seq: int, args: argparse.Namespace) 
   config.eval.ood_text = args.ood
   config.eval.ood_max_tokens = args.max_tokens
   tag = "none" if source is None else f"{source}-{n_seq}"
+  config.calib.sources = ""  # RTN reads no calibration: the one text, as it always ran
   if source is not None:
     config.calib.sources = SOURCES[source]
     config.calib.n_seq = n_seq
