@@ -11,9 +11,11 @@ to float32.
 * packed int4: projections 4-bit, groups of 128, weight-only (dequantized for a float dot: the
   int4 kernels are #6's); the embedding / head int8 W8A8 as above.
 * packed w4a8 / w4a8 g128: projections 4-bit per output channel / in groups of 128 with
-  per-token int8 activations (`jc.Quant(w_bits=4, a_bits=8)`): the stored nibbles unpacked
-  to int8 and multiplied on the int8 GEMM (per group: one int8 dot per group of 128, the
-  results scaled and summed); the head int8 W8A8. Their accuracy cost: README.
+  per-token int8 activations (`jc.Quant(w_bits=4, a_bits=8)`): at prefill the stored nibbles
+  unpacked to int8 for the int8 GEMM; at decode the packed bytes split without interleaving
+  (``b << 4``, ``b & 0xF0``: 16 x the even / odd values) for two int8 GEMMs (per group: one
+  batched GEMM over the groups, each group's sums scaled and summed); the head int8 W8A8.
+  Their accuracy cost: README.
 
     python bench/serve_cpu.py                      # prompt 512, 32 decode steps, 5 rounds
     python bench/serve_cpu.py --json out.json
