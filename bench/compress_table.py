@@ -39,6 +39,8 @@ def _run(config, work: pathlib.Path, args: argparse.Namespace) -> dict:
   config.eval.split = args.split
   config.calib.text = args.calib
   config.calib.sources = ""  # the one text --calib names (the tables' calibration)
+  config.eval.ood_text = args.ood
+  config.eval.ood_max_tokens = args.max_tokens
   return run_variant(config, work, pathlib.Path(args.root))
 
 
@@ -51,6 +53,8 @@ def main() -> None:
   parser.add_argument("--variants", default=None, help="comma-separated; default: all")
   parser.add_argument("--calib", default="wikitext2_valid",
                       help="calibration text: wikitext2_valid, austen or a file path")
+  parser.add_argument("--ood", default="fortunes",
+                      help="out-of-domain text scored too: fortunes, a file path, or '' for none")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   suite = SUITES[args.suite]
@@ -66,13 +70,25 @@ def main() -> None:
 
   base = reports["float"]["ppl"]
   first = reports["float"]
+  ood = "ood_ppl" in first
+  ood_head = "ppl out of domain | increase | " if ood else ""
+  ood_rule = "---:|---:|" if ood else ""
+
+  def ood_cells(v, r):
+    if not ood:
+      return ""
+    inc = "" if v == "float" else f"{r['ood_ppl'] - first['ood_ppl']:+.3f}"
+    return f" | {r['ood_ppl']:.3f} | {inc}"
+
   print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), {first['eval_text']}: "
-        f"{first['eval_tokens']} scored tokens, non-overlapping 512-token windows; calibration 128 x 512 tokens of {args.calib}\n")
+        f"{first['eval_tokens']} scored tokens, non-overlapping 512-token windows; calibration 128 x 512 tokens of {args.calib}"
+        + (f"; out of domain: {first['ood_text']}, {first['ood_tokens']} scored tokens" if ood
+           else "") + "\n")
   if args.suite == "sparse":
-    print("| variant | ppl | increase | sparsity | prune s |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| variant | ppl | increase | {ood_head}sparsity | prune s |")
+    print(f"|---|---:|---:|{ood_rule}---:|---:|")
     for v, r in reports.items():
-      inc = "" if v == "float" else f"{r['ppl'] - base:+.3f}"
+      inc = ("" if v == "float" else f"{r['ppl'] - base:+.3f}") + ood_cells(v, r)
       sp = f"{r['layer_sparsity']:.4f}" if "layer_sparsity" in r else "0"
       print(f"| {v} | {r['ppl']:.3f} | {inc} | {sp} | {r.get('prune_s', '')} |")
     print()
@@ -87,11 +103,11 @@ def main() -> None:
           print(f"{method}_{pattern} / magnitude_{pattern} increase: {ratio:.3f} "
                 "(target <= 0.5)")
   else:
-    print("| variant | ppl | increase | params (projections + rest) | vs float params | "
-          "factorize s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| variant | ppl | increase | {ood_head}params (projections + rest) | vs float "
+          "params | factorize s |")
+    print(f"|---|---:|---:|{ood_rule}---:|---:|---:|")
     for v, r in reports.items():
-      inc = "" if v == "float" else f"{r['ppl'] - base:+.3f}"
+      inc = ("" if v == "float" else f"{r['ppl'] - base:+.3f}") + ood_cells(v, r)
       params = r.get("params")
       frac = f"{params / r['params_before']:.4f}" if params else "1"
       print(f"| {v} | {r['ppl']:.3f} | {inc} | {params or ''} | {frac} | "
