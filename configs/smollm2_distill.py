@@ -54,7 +54,12 @@ def get_config(arg: str = "w4_2of4") -> ml_collections.ConfigDict:
                             os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
   config.data = dict(corpus="files" if tiny else "austen", files="", files_name="tiny",
                      data_dir=data_dir, seq_len=32 if tiny else 128,
-                     batch_size=8)
+                     batch_size=8,
+                     # A mix instead of one corpus: "name:weight,..." of wikitext2, austen,
+                     # files and self (sampled from the teacher), mix_rows rows in all.
+                     sources="", mix_rows=0,
+                     generation=dict(temperature=1.0, top_p=1.0, first_token="random",
+                                     batch_size=16))
   config.eval = dict(text_path="", max_tokens=1024 if tiny else 16384)
   config.train = dict(
       steps=12 if tiny else 150, epochs=0, lr=1e-4 if not tiny else 1e-3,

@@ -65,6 +65,24 @@ class Generation:
       raise ValueError(f"Generation.batch_size must be >= 1, got {self.batch_size}")
 
 
+def parse_sources(spec: str, field: str) -> dict[str, float]:
+  """``"name:weight,..."`` -> ``{name: weight}`` (a name without a weight weighs 1); a
+  malformed part is a one-line ValueError naming ``field``.
+
+  Example:
+    >>> parse_sources("wikitext2_valid:3, austen", "calib.sources")
+    {'wikitext2_valid': 3.0, 'austen': 1.0}
+  """
+  out: dict[str, float] = {}
+  for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+    name, weight = part.rsplit(":", 1) if ":" in part else (part, "1")
+    try:
+      out[name.strip()] = float(weight)
+    except ValueError:
+      raise ValueError(f"{field}: {part!r} is not name:weight") from None
+  return out
+
+
 def mix_counts(weights: Mapping[str, float], n: int) -> dict[str, int]:
   """Sequences per source: ``n * w / sum(w)`` rounded by largest remainder (ties: the order
   given), so the counts sum to ``n`` exactly.

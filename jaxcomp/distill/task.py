@@ -18,12 +18,17 @@
   onto teacher layers), ``+ attention_weight *`` KL of the last layer's attention maps.
   ``alpha = 0`` with both weights 0 is plain fine-tuning (the baseline distillation must beat).
 * **data**: `jaxcomp.data.text` packed rows of ``data.seq_len + 1`` tokens from
-  ``data.corpus`` (each process reads only its rows); evaluation: perplexity on the first
+  ``data.corpus`` (each process reads only its rows), or a mix (``data.sources``,
+  "name:weight,...": ``wikitext2``, ``austen``, ``files`` (``data.files``) and ``self``,
+  sequences sampled from the teacher with ``data.generation``, as LLM-QAT trains on; the
+  weights split ``data.mix_rows`` rows exactly, `jaxcomp.data.calibration.mix_counts`);
+  evaluation: perplexity on the first
   ``eval.max_tokens`` tokens of WikiText-2 *valid* (or ``eval.text_path``), student and teacher.
 """
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import einops
@@ -85,26 +90,69 @@ def attention_probs(model: Llama, hidden_in: jax.Array, layer: int) -> jax.Array
   return jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
 
+def _corpus(cfg: ml_collections.ConfigDict, name: str, field: str) -> Any:
+  """``data.corpus`` (or a ``data.sources`` name) as a `jaxcomp.data.text` corpus."""
+  from jaxcomp.data import text  # pylint: disable=import-outside-toplevel
+  if name == "files":
+    paths = [p for p in cfg.files.split(",") if p]
+    return text.files_config(cfg.files_name or "files", {"train": paths})
+  if name not in text.CORPORA:
+    raise ValueError(f"{field} must be one of {', '.join(text.CORPORA)} or 'files', got {name!r}")
+  return name
+
+
+def _mixed_rows(config: ml_collections.ConfigDict, tokenizer: Any, teacher: Any) -> np.ndarray:
+  """``data.mix_rows`` training rows of ``data.seq_len + 1`` tokens mixed from
+  ``data.sources``: a text source gives a seeded sample of its packed rows (without
+  repetition), ``self`` sequences sampled from the teacher (`calibration.self_generated`,
+  cached under ``data.data_dir``). Every process builds the same rows (deterministic)."""
+  from jaxcomp.data import calibration, text  # pylint: disable=import-outside-toplevel
+  cfg = config.data
+  weights = calibration.parse_sources(cfg.sources, "data.sources")
+  n = cfg.get("mix_rows", 0)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"data.sources needs data.mix_rows, the training rows of the mix (an int "
+                     f">= 1); got {n!r}")
+  parts = []
+  for i, (name, count) in enumerate(calibration.mix_counts(weights, n).items()):
+    if count == 0:
+      continue
+    if name == calibration.SELF:
+      if teacher is None:
+        raise ValueError("data.sources 'self' samples the teacher, which this task does not have")
+      gen = calibration.Generation(**cfg.get("generation", {}))
+      parts.append(calibration.self_generated(
+          teacher, count, cfg.seq_len + 1, seed=config.seed + i, generation=gen,
+          cache_dir=pathlib.Path(cfg.data_dir) / "jaxcomp_self"))
+      continue
+    rows = text.packed_tokens(cfg.data_dir, _corpus(cfg, name, "data.sources names"), "train",
+                              tokenizer, seq_len=cfg.seq_len).tokens
+    if len(rows) < count:
+      raise ValueError(f"data.sources: {name!r} has {len(rows)} training rows of "
+                       f"{cfg.seq_len + 1} tokens, fewer than the {count} of the mix")
+    pick = np.sort(np.random.default_rng(config.seed + i).choice(len(rows), count,
+                                                                 replace=False))
+    parts.append(np.asarray(rows[pick]))
+  return np.concatenate(parts).astype(np.int32)
+
+
 class _TextData:
   """Packed training rows by step (this process's slice) and the evaluation token stream."""
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, teacher: Any = None):
     from jaxcomp.data import sampler, text  # pylint: disable=import-outside-toplevel
     cfg = config.data
-    corpus = cfg.corpus
-    if corpus == "files":
-      paths = [p for p in cfg.files.split(",") if p]
-      corpus = text.files_config(cfg.files_name or "files", {"train": paths})
-    elif corpus not in text.CORPORA:
-      raise ValueError(f"data.corpus must be one of {', '.join(text.CORPORA)} or 'files', "
-                       f"got {corpus!r}")
-    if jax.process_count() > 1:  # one process builds the dataset and the token cache
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      if jax.process_index() == 0:
-        text.packed_tokens(cfg.data_dir, corpus, "train", tokenizer, seq_len=cfg.seq_len)
-      multihost_utils.sync_global_devices("jaxcomp packed tokens")
-    self.rows = text.packed_tokens(cfg.data_dir, corpus, "train", tokenizer,
-                                   seq_len=cfg.seq_len)
+    if cfg.get("sources", ""):
+      self.rows = text.PackedTokens(_mixed_rows(config, tokenizer, teacher))
+    else:
+      corpus = _corpus(cfg, cfg.corpus, "data.corpus")
+      if jax.process_count() > 1:  # one process builds the dataset and the token cache
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        if jax.process_index() == 0:
+          text.packed_tokens(cfg.data_dir, corpus, "train", tokenizer, seq_len=cfg.seq_len)
+        multihost_utils.sync_global_devices("jaxcomp packed tokens")
+      self.rows = text.packed_tokens(cfg.data_dir, corpus, "train", tokenizer,
+                                     seq_len=cfg.seq_len)
     self._train = sampler.TrainSampler(
         self.rows, batch_size=cfg.batch_size, seed=config.seed,
         process_slice=(jax.process_index(), jax.process_count()))
@@ -146,7 +194,7 @@ class DistillTask:
   def data(self, config: ml_collections.ConfigDict) -> _TextData:
     self._load(config)
     if self._data is None:
-      self._data = _TextData(config, self._tokenizer)
+      self._data = _TextData(config, self._tokenizer, self._base)
     return self._data
 
   def model(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxcomp.data import calibration
 from jaxcomp.eval import perplexity as ppl_lib
 from jaxcomp.recipe import Recipe
 
@@ -133,14 +134,8 @@ def calib_sources(config: ml_collections.ConfigDict) -> dict[str, float]:
 
     calib_sources(config)          # {'wikitext2_valid': 1.0}
   """
-  spec = config.calib.get("sources", "") or config.calib.text
-  out: dict[str, float] = {}
-  for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-    name, weight = part.rsplit(":", 1) if ":" in part else (part, "1")
-    try:
-      out[name] = float(weight)
-    except ValueError:
-      raise ValueError(f"config.calib.sources: {part!r} is not name:weight") from None
+  out = calibration.parse_sources(config.calib.get("sources", "") or config.calib.text,
+                                  "config.calib.sources")
   for name in out:
     if name in ("self", "austen"):  # the model itself; Austen is fetched when first used
       continue

@@ -127,3 +127,37 @@ def test_scanned_distillation_step_equals_the_unrolled_one(tmp_path, text_files)
         np.asarray(up[...]))
   assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
   np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-3, atol=1e-6)
+
+
+def test_mixed_training_rows_take_exact_counts_from_text_and_the_teacher(tmp_path, text_files):
+  """``data.sources`` mixes packed text rows and sequences sampled from the teacher (LLM-QAT's
+  data-free KD) in the exact counts of the weights; bad mixes are one-line errors."""
+  from jaxcomp.data import calibration, text  # pylint: disable=import-outside-toplevel
+  from jaxcomp.distill.task import DistillTask  # pylint: disable=import-outside-toplevel
+  cfg = _config("depth15,tiny", text_files, tmp_path)
+  cfg.data.sources = "files:1,self:2"
+  cfg.data.mix_rows = 9
+  cfg.data.generation = dict(temperature=1.0, top_p=0.9, first_token="random", batch_size=4)
+  task = DistillTask()
+  rows = np.asarray(task.data(cfg).rows.tokens)
+  assert rows.shape == (9, cfg.data.seq_len + 1) and rows.dtype == np.int32
+  packed = np.asarray(text.packed_tokens(cfg.data.data_dir, text.files_config(
+      cfg.data.files_name, {"train": cfg.data.files.split(",")}), "train",
+      task._tokenizer, seq_len=cfg.data.seq_len).tokens)  # pylint: disable=protected-access
+  assert all(any(np.array_equal(r, p) for p in packed) for r in rows[:3])  # 3 text rows
+  sampled = calibration.self_generated(  # 6 rows from the teacher, cached and reused
+      task._base, 6, cfg.data.seq_len + 1, seed=cfg.seed + 1,  # pylint: disable=protected-access
+      generation=calibration.Generation(top_p=0.9, batch_size=4),
+      cache_dir=tmp_path / "tfds" / "jaxcomp_self")
+  np.testing.assert_array_equal(rows[3:], sampled)
+  cfg.train.update(steps=3, warmup_steps=1, checkpoint_every=3)
+  assert np.isfinite(train(cfg, str(tmp_path / "mix"))["eval_ppl"])
+  for change, message in ((dict(mix_rows=0), "data.sources needs data.mix_rows"),
+                          (dict(sources="files:1,c4:1"), "data.sources names must be one of"),
+                          (dict(sources="files:x"), "data.sources: 'files:x' is not name:weight")):
+    bad = _config("depth15,tiny", text_files, tmp_path)
+    bad.data.sources, bad.data.mix_rows = "files:1", 4
+    for k, v in change.items():
+      setattr(bad.data, k, v)
+    with pytest.raises(ValueError, match=message):
+      DistillTask().data(bad)
