@@ -594,7 +594,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
   x2 = frame.lhs(lhs)
   if (spec.int_dot and qa.packed and qa.bits == 4 and qa.zero_point is None
       and backend == "xla" and pallas_kernels.target_platform() == "cpu"
-      and x2.shape[1] < _CPU_SKINNY_ROWS and qa.group % 2 == 0):
+      and x2.shape[1] < _CPU_SKINNY_ROWS and qa.group is not None and qa.group % 2 == 0):
     # Grouped int4 x int8 at decode: one batched GEMM over the groups on the packed bytes,
     # each group's int32 sums scaled as the shared path scales them, then summed.
     u_x, s_x = _act_grid(x2, spec)
@@ -625,9 +625,9 @@ def _int4_skinny_dot(qx: Array, nibbles: Array, group: int | None, s_x: Array) -
   The decode-time path on CPU: viewed as int8, a byte's ``b << 4`` is 16 x its low nibble (the
   even k) and ``b & 0xF0`` is 16 x its high nibble (the odd k), both sign-correct, so two
   elementwise ops on contiguous bytes give the int8 GEMM its operands without interleaving
-  the nibbles back into K order (which costs more than the product at a few rows): one
-  batched GEMM over (nibble, group) against the even / odd activation columns, the two halves
-  summed and divided by 16 (exact: every product is a multiple of 16).
+  the nibbles back into K order (which costs more than the product at a few rows): per channel
+  two GEMMs, grouped one batched GEMM over (nibble, group), against the even / odd activation
+  columns, the halves summed and divided by 16 (exact: every product is a multiple of 16).
 
   ``s_x`` (the activations' scales, any shape) orders the split after the activations: the
   split reads only parameters, so XLA would otherwise run every layer's split first, all
