@@ -294,7 +294,8 @@ def test_rotate_stage_keeps_the_function_and_resumes_into_the_rotated_structure(
   config.calib.text = str(texts / "train.txt")
   config.eval.text_path = str(texts / "eval.txt")
   assert config.stages == "rotate,ptq,convert,eval"
-  report = pipeline.run_pipeline(config, str(tmp_path / "r"))
+  config.stages = "rotate,ptq,convert"
+  pipeline.run_pipeline(config, str(tmp_path / "r"))
   base, _ = load_model(config)
   rotated = _restored(tmp_path / "r", config, 0)
   assert rotated.config.ffn_hadamard and not rotated.config.tie_embeddings
@@ -304,8 +305,7 @@ def test_rotate_stage_keeps_the_function_and_resumes_into_the_rotated_structure(
   convert = json.loads((tmp_path / "r" / "stages" / "2_convert" / "report.json").read_text())
   assert convert["weight_error"]["mean_rel_frobenius"] < 0.3
   packed = _restored(tmp_path / "r", config, 2)  # rotate -> ptq skeleton -> convert
-  assert packed.config.ffn_hadamard
-  assert np.isfinite(report["quality"]["ppl"])
+  assert packed.config.ffn_hadamard and np.isfinite(np.asarray(packed(tokens))).all()
   config.stages = "ptq,rotate,convert,eval"
   with pytest.raises(ValueError, match=r"stage 1 'rotate' \(rotate\) must come before stage "
                      r"'ptq'"):

@@ -98,23 +98,28 @@ def test_gptq_on_a_float_grid_lands_on_it_and_beats_rtn(fmt):
   assert err(q) < 0.8 * err(rtn)
 
 
-def test_ptq_and_qat_on_a_tiny_llama_with_float_formats(tmp_path):
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gptq_convert_save_restore_on_a_tiny_llama_with_float_formats(tmp_path, fmt):
   model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(6), (4, 32), 0, 256)
   logits = model(tokens)
-  for fmt in ("mxfp4", "nvfp4"):
-    recipe = jc.Recipe([jc.Rule(r".*_proj", quant=jc.Quant(w_format=fmt, method="gptq"))])
-    ptq = jc.ptq(model, recipe, calib=tokens)
-    out = ptq(tokens)
-    assert np.isfinite(np.asarray(out)).all()
-    rel = float(jnp.linalg.norm(out - logits) / jnp.linalg.norm(logits))
-    assert 0 < rel < 0.5, (fmt, rel)
-    packed = jc.convert(ptq)
-    np.testing.assert_array_equal(packed(tokens), out)  # the stored codes: the same logits
-    jc.save_packed(packed, tmp_path / fmt)
-    like = nnx.eval_shape(lambda: jc.packed_skeleton(
-        Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0)), recipe))
-    np.testing.assert_array_equal(jc.restore_packed(tmp_path / fmt, like)(tokens), out)
+  recipe = jc.Recipe([jc.Rule(r".*_proj", quant=jc.Quant(w_format=fmt, method="gptq"))])
+  ptq = jc.ptq(model, recipe, calib=tokens)
+  out = ptq(tokens)
+  assert np.isfinite(np.asarray(out)).all()
+  rel = float(jnp.linalg.norm(out - logits) / jnp.linalg.norm(logits))
+  assert 0 < rel < 0.5, (fmt, rel)
+  packed = jc.convert(ptq)
+  np.testing.assert_array_equal(packed(tokens), out)  # the stored codes: the same logits
+  jc.save_packed(packed, tmp_path / fmt)
+  like = nnx.eval_shape(lambda: jc.packed_skeleton(
+      Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0)), recipe))
+  np.testing.assert_array_equal(jc.restore_packed(tmp_path / fmt, like)(tokens), out)
+
+
+def test_qat_gradients_on_a_tiny_llama_with_fp8_weights_and_activations():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(6), (4, 32), 0, 256)
   qat = jc.quantize(model, jc.Recipe([jc.Rule(r".*_proj", quant=jc.Quant(
       w_format="e4m3", a_format="e4m3"))]))
   grads = nnx.grad(lambda m: m(tokens).astype(jnp.float32).mean())(qat)
