@@ -79,13 +79,13 @@ from jaxcomp.train import workdir as wd
 from jaxcomp.train.loop import train, zero_masks
 from jaxcomp.train.tasks import ImageClassification
 
-KINDS = ("prune", "structured", "rotate", "search", "factorize", "ptq", "quantize", "train", "distill",
-         "convert", "eval")
+KINDS = ("prune", "structured", "rotate", "search", "factorize", "ptq", "quantize", "train",
+         "distill", "convert", "eval")
 _TRAINS = ("train", "distill")
 _PAYLOAD = {"prune": ("sparsity", "sparsity"), "factorize": ("lowrank", "lowrank"),
             "ptq": ("quant", "quant"), "quantize": ("quant", None)}
-_CHANGES_MODEL = {"prune", "structured", "rotate", "factorize", "ptq", "quantize", "convert", "train",
-                  "distill"}
+_CHANGES_MODEL = {"prune", "structured", "rotate", "factorize", "ptq", "quantize", "convert",
+                  "train", "distill"}
 _STRUCTURED = ("keep_layers", "ffn_sparsity", "head_sparsity")
 _ROTATE = ("seed", "online", "heads")
 # ``calib.dtype``: the weight-only matmuls' dtype while calibration data flows (`jaxcomp.ptq`).
