@@ -227,12 +227,17 @@ def _check_recipe_from(stage: Stage, searches: dict[str, str]) -> None:
                      f"{searches[source]!r}, whose recipe a {want} stage applies")
 
 
+def _check_fields(stage: Stage, fields: tuple[str, ...]) -> None:
+  """A one-line error for a field of ``stage``'s section that is not one of ``fields``."""
+  unknown = sorted(set(stage.config) - {"kind", *fields})
+  if unknown:
+    raise ValueError(f"stage {stage.index} {stage.name!r} ({stage.kind}): unknown field "
+                     f"{unknown[0]!r} (fields: {', '.join(fields)})")
+
+
 def _check_structured_stage(stage: Stage, rewritten: str) -> None:
   i, name, cfg = stage.index, stage.name, stage.config
-  unknown = sorted(set(cfg) - {"kind", *_STRUCTURED})
-  if unknown:
-    raise ValueError(f"stage {i} {name!r} (structured): unknown field {unknown[0]!r} (fields: "
-                     f"{', '.join(_STRUCTURED)})")
+  _check_fields(stage, _STRUCTURED)
   if not any(cfg.get(k) for k in _STRUCTURED):
     raise ValueError(f"stage {i} {name!r} (structured) removes nothing: set keep_layers, "
                      "ffn_sparsity or head_sparsity")
@@ -251,10 +256,7 @@ def _check_structured_stage(stage: Stage, rewritten: str) -> None:
 
 def _check_rotate_stage(stage: Stage, rewritten: str) -> None:
   i, name, cfg = stage.index, stage.name, stage.config
-  unknown = sorted(set(cfg) - {"kind", *_ROTATE})
-  if unknown:
-    raise ValueError(f"stage {i} {name!r} (rotate): unknown field {unknown[0]!r} (fields: "
-                     f"{', '.join(_ROTATE)})")
+  _check_fields(stage, _ROTATE)
   for k in ("online", "heads"):
     if not isinstance(cfg.get(k, True), bool):
       raise ValueError(f"stage {i} {name!r} (rotate): {k} must be a bool, got {cfg.get(k)!r}")
