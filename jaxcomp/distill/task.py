@@ -105,7 +105,8 @@ def _mixed_rows(config: ml_collections.ConfigDict, tokenizer: Any, teacher: Any)
   """``data.mix_rows`` training rows of ``data.seq_len + 1`` tokens mixed from
   ``data.sources``: a text source gives a seeded sample of its packed rows (without
   repetition), ``self`` sequences sampled from the teacher (`calibration.self_generated`,
-  cached under ``data.data_dir``). Every process builds the same rows (deterministic)."""
+  cached under ``data.data_dir``). Every process builds the same rows (deterministic; process
+  0 first, `_process0_first`, so that the caches are written once)."""
   from jaxcomp.data import calibration, text  # pylint: disable=import-outside-toplevel
   cfg = config.data
   weights = calibration.parse_sources(cfg.sources, "data.sources")
@@ -136,6 +137,18 @@ def _mixed_rows(config: ml_collections.ConfigDict, tokenizer: Any, teacher: Any)
   return np.concatenate(parts).astype(np.int32)
 
 
+def _process0_first(build: Any) -> Any:
+  """``build()`` on process 0, then on the others once it is done (process 0 keeps its result):
+  what it writes to shared caches (tfds datasets, packed tokens, sampled rows) is written once
+  and read everywhere else."""
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  out = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("jaxcomp training rows")
+  return out if jax.process_index() == 0 else build()
+
+
 class _TextData:
   """Packed training rows by step (this process's slice) and the evaluation token stream."""
 
@@ -143,16 +156,12 @@ class _TextData:
     from jaxcomp.data import sampler, text  # pylint: disable=import-outside-toplevel
     cfg = config.data
     if cfg.get("sources", ""):
-      self.rows = text.PackedTokens(_mixed_rows(config, tokenizer, teacher))
+      self.rows = text.PackedTokens(_process0_first(
+          lambda: _mixed_rows(config, tokenizer, teacher)))
     else:
       corpus = _corpus(cfg, cfg.corpus, "data.corpus")
-      if jax.process_count() > 1:  # one process builds the dataset and the token cache
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        if jax.process_index() == 0:
-          text.packed_tokens(cfg.data_dir, corpus, "train", tokenizer, seq_len=cfg.seq_len)
-        multihost_utils.sync_global_devices("jaxcomp packed tokens")
-      self.rows = text.packed_tokens(cfg.data_dir, corpus, "train", tokenizer,
-                                     seq_len=cfg.seq_len)
+      self.rows = _process0_first(lambda: text.packed_tokens(
+          cfg.data_dir, corpus, "train", tokenizer, seq_len=cfg.seq_len))
     self._train = sampler.TrainSampler(
         self.rows, batch_size=cfg.batch_size, seed=config.seed,
         process_slice=(jax.process_index(), jax.process_count()))

@@ -565,44 +565,39 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
       return frame.out(_int4_kernel_dot(frame.lhs(lhs)[0], qa, backend, out_dtype)[None])
     return _float_dot(lhs, qa.dequantize(lhs.dtype), frame, dimension_numbers, precision,
                       preferred_element_type, out_sharding, out_dtype)
-  if spec.int_dot and spec.granularity != "group":
-    if backend != "xla":
-      # The Pallas W8A8 kernel: the activations quantized per token inside it, as each tile
-      # is loaded (the int8 activations never reach HBM); int32 accumulator, scales fused.
-      x2 = frame.lhs(lhs)
-      s_x = jnp.broadcast_to(_act_scale(x2, spec), x2.shape[:2] + (1,))[0, :, 0]
-      y = pallas_kernels.int8_matmul(x2[0], qa.ints(), s_x, qa.scales()[:, 0], w_layout="nk",
-                                     x_bits=spec.a_bits, out_dtype=jnp.float32,
-                                     backend=backend)
-      return frame.out(y[None]).astype(out_dtype)
-    u_x, s_x = _act_grid(frame.lhs(lhs), spec)
-    qx = _int8(u_x[0])  # (M, K)
-    m = qx.shape[0]
-    if pallas_kernels.target_platform() == "cpu" and m < _CPU_SKINNY_ROWS:
-      qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
-      if qa.packed and qa.bits == 4:  # decode on packed nibbles: no interleaving unpack
-        acc = _int4_skinny_dot(qx, qa.values, None, s_x)[0].T[:m]
-      else:
-        acc = jax.lax.dot_general(qa.ints(), qx, (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.int32).T[:m]
-    else:
-      qw = qa.ints()  # (N, K)
-      acc = jax.lax.dot_general(qx, qw, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.int32)
-    y = acc[None].astype(jnp.float32) * s_x * qa.scales().T[None]
-    return frame.out(y).astype(out_dtype)
   x2 = frame.lhs(lhs)
   if (spec.int_dot and qa.packed and qa.bits == 4 and qa.zero_point is None
       and backend == "xla" and pallas_kernels.target_platform() == "cpu"
-      and x2.shape[1] < _CPU_SKINNY_ROWS and qa.group is not None and qa.group % 2 == 0):
-    # Grouped int4 x int8 at decode: one batched GEMM over the groups on the packed bytes,
-    # each group's int32 sums scaled as the shared path scales them, then summed.
+      and x2.shape[1] < _CPU_SKINNY_ROWS and (qa.group or 2) % 2 == 0):
+    # Packed int4 x int8 at decode (per channel, or G groups): GEMMs on the packed bytes, each
+    # group's int32 sums scaled as the other paths scale them, then summed (exact for G = 1).
     u_x, s_x = _act_grid(x2, spec)
     m = x2.shape[1]
     qx = jnp.pad(_int8(u_x[0]), ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
     acc = _int4_skinny_dot(qx, qa.values, qa.group, s_x)[..., :m].transpose(0, 2, 1)  # (G, M, N)
     y = acc.astype(jnp.float32) * s_x * qa.scales().T[:, None, :]
     return frame.out(y.sum(axis=0)[None]).astype(out_dtype)
+  if spec.int_dot and spec.granularity != "group":
+    if backend != "xla":
+      # The Pallas W8A8 kernel: the activations quantized per token inside it, as each tile
+      # is loaded (the int8 activations never reach HBM); int32 accumulator, scales fused.
+      s_x = jnp.broadcast_to(_act_scale(x2, spec), x2.shape[:2] + (1,))[0, :, 0]
+      y = pallas_kernels.int8_matmul(x2[0], qa.ints(), s_x, qa.scales()[:, 0], w_layout="nk",
+                                     x_bits=spec.a_bits, out_dtype=jnp.float32,
+                                     backend=backend)
+      return frame.out(y[None]).astype(out_dtype)
+    u_x, s_x = _act_grid(x2, spec)
+    qx, qw = _int8(u_x[0]), qa.ints()  # (M, K), (N, K)
+    m = qx.shape[0]
+    if pallas_kernels.target_platform() == "cpu" and m < _CPU_SKINNY_ROWS:
+      qx = jnp.pad(qx, ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
+      acc = jax.lax.dot_general(qw, qx, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.int32).T[:m]
+    else:
+      acc = jax.lax.dot_general(qx, qw, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+    y = acc[None].astype(jnp.float32) * s_x * qa.scales().T[None]
+    return frame.out(y).astype(out_dtype)
   # Groups with int8 activations, asymmetric grids or float formats: the shared path on the
   # stored grid.
   n, k = qa.values.shape[0], frame.K
