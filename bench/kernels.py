@@ -79,7 +79,7 @@ def _cases(m: int, kn: int, rng: np.random.Generator):
          lambda *a: pk.int8_matmul(*a, w_layout="nk", backend="xla"), (x8, w8, xs, ws), flops,
          m * kn + kn * kn + 2 * m * kn, "int8")
   xb = jnp.asarray(rng.standard_normal((m, kn)), jnp.bfloat16)
-  w4 = jnp.asarray(rng.integers(0, 256, (kn // 2, kn)), jnp.uint8)
+  w4 = jnp.asarray(rng.integers(-128, 128, (kn // 2, kn)), jnp.int8)
   s4 = jnp.asarray(rng.uniform(0.01, 0.1, (kn // 128, kn)), jnp.float32)
   yield ("int4_g128", lambda *a: pk.int4_matmul(*a, group=128),
          lambda *a: pk.int4_matmul(*a, group=128, backend="xla"), (xb, w4, s4), flops,

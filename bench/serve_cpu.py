@@ -12,9 +12,10 @@ to float32.
   int4 kernels are #6's); the embedding / head int8 W8A8 as above.
 * packed w4a8 / w4a8 g128: projections 4-bit per output channel / in groups of 128 with
   per-token int8 activations (`jc.Quant(w_bits=4, a_bits=8)`): at prefill the stored nibbles
-  unpacked to int8 for the int8 GEMM; at decode the packed bytes split without interleaving
-  (``b << 4``, ``b & 0xF0``: 16 x the even / odd values) for two int8 GEMMs (per group: one
-  batched GEMM over the groups, each group's sums scaled and summed); the head int8 W8A8.
+  unpacked to int8 for the int8 GEMM; at decode two int8 GEMMs on the packed bytes as stored
+  (``b & 15`` against the even and odd activation columns, ``b`` against the odd ones; a
+  byte is ``16 hi + lo + 8``; per group a block-diagonal activation operand); the head int8
+  W8A8.
   Their accuracy cost: README.
 
     python bench/serve_cpu.py                      # prompt 512, 32 decode steps, 5 rounds

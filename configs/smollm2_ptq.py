@@ -10,7 +10,8 @@ smoothquant_w8a8; gptq_w3g128_asym (min-max grid with zero points, GPTQ's refere
 rtn_w4_full, gptq_w4g128_full and gptq_w3g128_full (the full signed grids {-8..7} * absmax /
 7.5, {-4..3} * absmax / 3.5); gptq_w3g128_fp16 and gptq_w3g128_full_fp16 (the scales stored as
 float16, rounded up: 3.125 bits per weight instead of 3.25); issue 20's formats: fp8_w8a8
-(E4M3 weights per channel and activations per token, a real fp8 dot), gptq_mxfp4 (4.25 bits)
+(E4M3 weights per channel and activations per token, a real fp8 dot; gptq_fp8_w8a8 the same
+with GPTQ on the E4M3 grid), gptq_mxfp4 (4.25 bits)
 and gptq_nvfp4 (4.5 bits) against int4 at the same sizes, gptq_w4g32_fp16 (4.5) and
 gptq_w4g64_fp16 (4.25); gptq_w4a8 (per channel: the fast CPU serving path, bench/serve_cpu.py),
 gptq_w4a8g128 / gptq_w4a4g128 (per-token int8 / int4 activations);
@@ -65,6 +66,8 @@ VARIANTS = {
     "smoothquant_w8a8": jc.Quant(w_bits=8, a_bits=8, method="smoothquant", options={"alpha": 0.5}),
     # Issue 20: float formats, int4 at their sizes, activations quantized, rotations.
     "fp8_w8a8": jc.Quant(w_format="e4m3", a_format="e4m3"),
+    "gptq_fp8_w8a8": jc.Quant(w_format="e4m3", a_format="e4m3", method="gptq",
+                              options={"act_order": True}),
     "gptq_mxfp4": jc.Quant(w_format="mxfp4", method="gptq", options={"act_order": True}),
     "gptq_nvfp4": jc.Quant(w_format="nvfp4", method="gptq", options={"act_order": True}),
     "gptq_w4g32_fp16": jc.Quant(w_bits=4, group=32, method="gptq", scale_dtype="float16",

@@ -1,9 +1,10 @@
 """W4A16 matmul: float activations x int4 weights packed two per byte, dequantized in-kernel.
 
-Weight format (``"kn"``, rows = K): ``w_packed`` is uint8 ``(K // 2, N)``; byte ``(r, n)``
-holds ``q[2r, n]`` in its low nibble and ``q[2r + 1, n]`` in its high nibble (two's
-complement, [-8, 7]) -- exactly the transpose of a `jaxcomp.QArray`'s packed ``(N, K // 2)``
-values. ``scales`` is ``(K // group, N)`` (one row per group of ``group`` consecutive K), or
+Weight format (``"kn"``, rows = K): ``w_packed`` is int8 ``(K // 2, N)``; byte ``(r, n)``
+holds ``q[2r, n] + 8`` in its low nibble (offset binary) and ``q[2r + 1, n]`` in its high nibble
+(two's complement), q in [-8, 7], so the byte as int8 is ``16 q[2r + 1, n] + q[2r, n] + 8``
+-- exactly the transpose of a `jaxcomp.QArray`'s packed ``(N, K // 2)`` values
+(`jaxcomp.quant.pack_int4`). ``scales`` is ``(K // group, N)`` (one row per group of ``group`` consecutive K), or
 ``(1, N)`` per output channel (``group=None``). Optional ``zeros`` (asymmetric quantization)
 are float32 of the same shape as ``scales``, integer-valued in [-8, 7]: the weight is
 ``(q - zeros) * scales``, both broadcast over each group along K; without ``zeros`` it is
@@ -38,32 +39,31 @@ _DEQUANT_TEMP_BYTES = 6
 
 
 def _nibbles(w: Array) -> tuple[Array, Array]:
-  """Signed low / high nibbles of int8-stored packed bytes, as int32."""
-  v = w.astype(jnp.int32)  # sign-extends the byte; the shifts below re-extend each nibble
-  return (v << 28) >> 28, (v << 24) >> 28
+  """Signed low / high nibbles of packed int8 bytes (module docstring), as int32."""
+  v = w.astype(jnp.int32)  # sign-extends the byte: v = 16 hi + lo + 8, lo + 8 in [0, 15]
+  return (v & 15) - 8, v >> 4
 
 
 def unpack_kn(w_packed: Array) -> Array:
   """``(K // 2, N)`` packed bytes -> ``(K, N)`` int8 values (rows 2r, 2r + 1 from byte r).
 
   Example:
-    >>> unpack_kn(jnp.array([[0x1F]], jnp.uint8)).ravel()
+    >>> unpack_kn(jnp.array([[0x17]], jnp.int8)).ravel()
     Array([-1,  1], dtype=int8)
   """
-  lo, hi = _nibbles(jax.lax.bitcast_convert_type(w_packed, jnp.int8))
+  lo, hi = _nibbles(w_packed)
   kh, n = w_packed.shape
   return jnp.stack([lo, hi], axis=1).reshape(2 * kh, n).astype(jnp.int8)
 
 
 def pack_kn(q: Array) -> Array:
-  """Inverse of `unpack_kn`: int8 ``(K, N)`` in [-8, 7] (K even) -> uint8 ``(K // 2, N)``.
+  """Inverse of `unpack_kn`: int8 ``(K, N)`` in [-8, 7] (K even) -> int8 ``(K // 2, N)``.
 
   Example:
     >>> pack_kn(jnp.array([[-1], [1]], jnp.int8))
-    Array([[31]], dtype=uint8)
+    Array([[23]], dtype=int8)
   """
-  u = q.astype(jnp.uint8) & 0xF
-  return u[0::2] | (u[1::2] << 4)
+  return (q[1::2].astype(jnp.int32) * 16 + q[0::2] + 8).astype(jnp.int8)
 
 
 def int4_matmul_reference(x: Array, w_packed: Array, scales: Array, *, group: int | None,
@@ -92,8 +92,9 @@ def _check(x, w_packed, scales, group, bias, activation, out_dtype,
            f"{jnp.shape(w_packed)}")
   cm.check(x.dtype in (jnp.bfloat16, jnp.float32, jnp.float16),
            f"int4_matmul: x must be bfloat16, float16 or float32, got {x.dtype}")
-  cm.check(w_packed.dtype in (jnp.uint8, jnp.int8),
-           f"int4_matmul: w_packed must be uint8 (two int4 a byte), got {w_packed.dtype}")
+  cm.check(w_packed.dtype == jnp.int8,
+           f"int4_matmul: w_packed must be int8 (two int4 a byte, pack_kn's layout), got "
+           f"{w_packed.dtype}")
   m, k = x.shape
   kh, n = w_packed.shape
   cm.check(k == 2 * kh, f"int4_matmul: K mismatch: x is {x.shape} (K={k}) but w_packed "
@@ -136,7 +137,7 @@ def int4_matmul(x: Array, w_packed: Array, scales: Array, *, group: int | None,
 
   Args:
     x: ``(M, K)`` activations, bf16 (or f16 / f32).
-    w_packed: uint8 ``(K // 2, N)``, two int4 a byte along K (module docstring).
+    w_packed: int8 ``(K // 2, N)``, two int4 a byte along K (module docstring).
     scales: float ``(K // group, N)``, or ``(1, N)`` with ``group=None``.
     group: 32, 64 or 128 consecutive K per scale (must divide K), or None (per channel).
     zeros: float32 zero points, the shape of ``scales`` (``(K // group, N)`` or ``(1, N)``),
@@ -164,7 +165,6 @@ def int4_matmul(x: Array, w_packed: Array, scales: Array, *, group: int | None,
     return int4_matmul_reference(x, w_packed, scales, group=group, zeros=zeros, bias=bias,
                                  activation=activation, out_dtype=out_dtype)
   interpret = cm.resolve_interpret(interpret, backend)
-  w8 = jax.lax.bitcast_convert_type(w_packed, jnp.int8)
   if blocks is None:
     blocks = _tpu_blocks(m, n, k, group, x.dtype) if backend == "tpu" else tiling.gpu_blocks(
         m, n, k, tk=group or 64)  # one group per K step: a (1, tn) scale row
@@ -178,7 +178,7 @@ def int4_matmul(x: Array, w_packed: Array, scales: Array, *, group: int | None,
   mp, np_, kp = cm.round_up(m, tm), cm.round_up(n, tn), cm.round_up(k, tk)
   xp = cm.pad_to(x, (mp, kp))
   x_even, x_odd = xp[:, 0::2], xp[:, 1::2]
-  wp = cm.pad_to(w8, (kp // 2, np_))
+  wp = cm.pad_to(w_packed, (kp // 2, np_))
   s_rows = kp // group if group else 1
   sp = cm.pad_to(scales.astype(jnp.float32), (s_rows, np_))
   # Padded K rows / N columns hold q = 0 with scale 0, so a zero point of 0 there is exact.

@@ -572,9 +572,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     # Packed int4 x int8 at decode (per channel, or G groups): GEMMs on the packed bytes, each
     # group's int32 sums scaled as the other paths scale them, then summed (exact for G = 1).
     u_x, s_x = _act_grid(x2, spec)
-    m = x2.shape[1]
-    qx = jnp.pad(_int8(u_x[0]), ((0, _CPU_SKINNY_ROWS - m), (0, 0)))
-    acc = _int4_skinny_dot(qx, qa.values, qa.group, s_x)[..., :m].transpose(0, 2, 1)  # (G, M, N)
+    acc = _int4_skinny_dot(_int8(u_x[0]), qa.values, qa.group, s_x).transpose(0, 2, 1)  # G, M, N
     y = acc.astype(jnp.float32) * s_x * qa.scales().T[:, None, :]
     return frame.out(y.sum(axis=0)[None]).astype(out_dtype)
   if spec.int_dot and spec.granularity != "group":
@@ -615,20 +613,32 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
 
 def _int4_skinny_dot(qx: Array, nibbles: Array, group: int | None, s_x: Array) -> Array:
   """``W (N, K) @ qx^T`` per group, exact in int32, for int4 ``W`` packed two per byte
-  (`pack_int4` along K: the ``N x K/2`` bytes as stored) and a few int8 rows ``qx (R, K)``.
+  (`pack_int4` along K: the ``N x K/2`` int8 bytes as stored) and a few int8 rows ``qx (R, K)``.
 
-  The decode-time path on CPU: viewed as int8, a byte's ``b << 4`` is 16 x its low nibble (the
-  even k) and ``b & 0xF0`` is 16 x its high nibble (the odd k), both sign-correct, so two
-  elementwise ops on contiguous bytes give the int8 GEMM its operands without interleaving
-  the nibbles back into K order (which costs more than the product at a few rows): per channel
-  two GEMMs, grouped one batched GEMM over (nibble, group), against the even / odd activation
-  columns, the halves summed and divided by 16 (exact: every product is a multiple of 16).
+  The decode-time path on CPU. A stored byte is ``b = 16 hi + lo + 8`` (``hi``: the odd k,
+  ``lo``: the even k), so with ``d = b & 15 = lo + 8`` and the activations' even / odd columns
+  ``x_e``, ``x_o``:
 
-  ``s_x`` (the activations' scales, any shape) orders the split after the activations: the
-  split reads only parameters, so XLA would otherwise run every layer's split first, all
-  live at once (as large as an int8 copy of the model, faulted in afresh every step; an
-  ``optimization_barrier`` does not survive to XLA:CPU's scheduler). Where ``s_x`` holds a NaN
-  the bytes are zeroed, which changes nothing: the result is scaled by ``s_x``.
+      W @ qx^T = d @ x_e - 8 sum(x_e) + (b @ x_o - d @ x_o) / 16     (exact: b - d = 16 hi)
+
+  One elementwise op (``d``: half the bytes of an int8 copy) and two int8 GEMMs, one of them
+  on the stored bytes themselves; nothing is interleaved back into K order (which costs more
+  than the product at a few rows). The GEMMs are fed at least 8 rows (XLA:CPU's int8 GEMM is
+  far slower below that), so ``x_e`` and ``x_o`` share one GEMM's rows. With G groups each
+  row is repeated G times, zero outside its group (a block-diagonal operand of G R rows), so
+  the same two GEMMs give every group's partial sums without moving a weight byte.
+
+  ``s_x`` (the activations' scales, any shape) orders ``d`` after the activations: it reads
+  only parameters, so XLA would otherwise compute every layer's ``d`` first, all live at once
+  (faulted in afresh every step; an ``optimization_barrier`` does not survive to XLA:CPU's
+  scheduler). Where ``s_x`` holds a NaN, ``d`` is zeroed, which changes nothing: the result is
+  scaled by ``s_x``.
+
+  Args:
+    qx: int8 (R, K) activations.
+    nibbles: int8 (N, K / 2), `pack_int4` along K.
+    group: elements of K per group (even; the last group may be shorter), or None.
+    s_x: the activations' scales (only their NaN-ness is read).
 
   Returns:
     int32 (G, N, R): group g's partial sums (G = 1 per channel).
@@ -636,30 +646,30 @@ def _int4_skinny_dot(qx: Array, nibbles: Array, group: int | None, s_x: Array) -
   Example:
     >>> from jaxcomp.quant.qarray import pack_int4
     >>> q = jnp.array([[1, -2, 7, -8]], jnp.int8)
-    >>> _int4_skinny_dot(jnp.ones((8, 4), jnp.int8), pack_int4(q, 1), None, jnp.ones(()))[0, 0, 0]
+    >>> _int4_skinny_dot(jnp.ones((1, 4), jnp.int8), pack_int4(q, 1), None, jnp.ones(()))[0, 0, 0]
     Array(-2, dtype=int32)
   """
   n, r, k = nibbles.shape[0], qx.shape[0], qx.shape[1]
-  gs = group or k
+  kh, gs = k // 2, group or k
   g = -(-k // gs)
-  if g * gs > k:  # a shorter last group: zero bytes and zero columns (fused into the operands)
-    nibbles = jnp.pad(nibbles, ((0, 0), (0, (g * gs - k) // 2)))
-    qx = jnp.pad(qx, ((0, 0), (0, g * gs - k)))
-  b = jax.lax.bitcast_convert_type(nibbles, jnp.int8)
-  b = jnp.where(jnp.isnan(jnp.sum(s_x)), jnp.int8(0), b)  # after the activations (see above)
-  if g > 1:  # (G, N, gs / 2): each group's bytes contiguous (the transpose fuses into the split)
-    b = b.reshape(n, g, gs // 2).transpose(1, 0, 2)
-  x = qx.reshape(r, g, gs // 2, 2).transpose(3, 1, 0, 2)  # (2, G, R, gs / 2): even, odd k
-  if g == 1:  # two GEMMs (measured faster here than one batched GEMM on the stacked splits)
-    dn = (((1,), (1,)), ((), ()))
-    acc = (jax.lax.dot_general(b << 4, x[0, 0], dn, preferred_element_type=jnp.int32)
-           + jax.lax.dot_general(b & jnp.int8(-16), x[1, 0], dn, preferred_element_type=jnp.int32))
-    return (acc >> 4)[None]
-  w = jnp.stack([b << 4, b & jnp.int8(-16)])  # (2, [G,] N, gs / 2)
-  acc = jax.lax.dot_general(w.reshape(2 * g, n, gs // 2), x.reshape(2 * g, r, gs // 2),
-                            (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
-  acc = acc.reshape(2, g, n, r)
-  return (acc[0] + acc[1]) >> 4
+  d = jnp.where(jnp.isnan(jnp.sum(s_x)), jnp.int8(0), nibbles & jnp.int8(15))  # lo + 8
+  x_e, x_o = qx[:, 0::2], qx[:, 1::2]  # (R, K / 2)
+  if g > 1:  # (G R, K / 2): row (g, r) is x's row r inside group g, zero elsewhere
+    block = (jnp.arange(kh) // (gs // 2))[None, None, :] == jnp.arange(g)[:, None, None]
+    x_e, x_o = (jnp.where(block, v[None], jnp.int8(0)).reshape(g * r, kh) for v in (x_e, x_o))
+  int_dot = lambda a, b: jax.lax.dot_general(a, _pad_rows(b), (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.int32)
+  gr = g * r
+  d_x = int_dot(d, jnp.concatenate([x_e, x_o]))
+  even, odd = d_x[:, :gr], d_x[:, gr:2 * gr]
+  b_o = int_dot(nibbles, x_o)[:, :gr]
+  acc = even - 8 * jnp.sum(x_e, axis=1, dtype=jnp.int32) + ((b_o - odd) >> 4)  # (N, G R)
+  return acc.reshape(n, g, r).transpose(1, 0, 2)
+
+
+def _pad_rows(x: Array) -> Array:
+  """``x (R, K)`` padded with zero rows to a multiple of `_CPU_SKINNY_ROWS`."""
+  return jnp.pad(x, ((0, -x.shape[0] % _CPU_SKINNY_ROWS), (0, 0)))
 
 
 def _int4_kernel_dot(x: Array, qa: QArray, backend: str, out_dtype: Any) -> Array:

@@ -29,39 +29,75 @@ Array = jax.Array
 def pack_int4(q: Array, axis: int = 0) -> Array:
   """Packs int4 values (int8 holding [-8, 7]) two per byte along ``axis`` (even length).
 
-  Element ``2i`` goes to the low nibble of byte ``i``, ``2i + 1`` to the high nibble.
+  Element ``2i`` goes to the low nibble of byte ``i`` *offset by 8* (``q + 8``, in [0, 15]),
+  element ``2i + 1`` to the high nibble in two's complement, so that the byte read as int8 is
+  ``16 * q[2i + 1] + q[2i] + 8``: an affine function of the pair. An int8 GEMM can then run on
+  the stored bytes as they are (the packed W4A8 decode path, `jaxcomp.quant.dot`), and the
+  even values come back with a single ``& 15``.
 
   Args:
     q: int8 array, values in [-8, 7]; ``q.shape[axis]`` even.
     axis: the axis to halve.
 
   Returns:
-    uint8 array with ``shape[axis] // 2``.
+    int8 array with ``shape[axis] // 2``.
 
   Example:
     >>> pack_int4(jnp.array([1, -1, 7, -8], jnp.int8))
-    Array([241, 135], dtype=uint8)
+    Array([  -7, -113], dtype=int8)
   """
   axis = axis % q.ndim
   if q.shape[axis] % 2:
     raise ValueError(f"pack_int4: axis {axis} has odd length {q.shape[axis]}")
   u = q.astype(jnp.uint8) & 0xF
-  lo = jax.lax.slice_in_dim(u, 0, None, 2, axis)
+  lo = jax.lax.slice_in_dim(u, 0, None, 2, axis) ^ 0x8  # two's complement -> offset binary
   hi = jax.lax.slice_in_dim(u, 1, None, 2, axis)
-  return lo | (hi << 4)
+  return jax.lax.bitcast_convert_type(lo | (hi << 4), jnp.int8)
 
 
 def unpack_int4(p: Array, axis: int = 0) -> Array:
-  """Inverse of `pack_int4`: uint8 bytes -> int8 values in [-8, 7], ``shape[axis] * 2``.
+  """Inverse of `pack_int4`: int8 bytes -> int8 values in [-8, 7], ``shape[axis] * 2``.
 
   Example:
-    >>> unpack_int4(jnp.array([241, 135], jnp.uint8))
+    >>> unpack_int4(jnp.array([-7, -113], jnp.int8))
     Array([ 1, -1,  7, -8], dtype=int8)
   """
+  if p.dtype != jnp.int8:
+    raise TypeError(f"unpack_int4: packed int4 bytes are int8 (pack_int4's layout), got "
+                    f"{p.dtype}")
   axis = axis % p.ndim
-  signed = lambda n: (n.astype(jnp.int8) << 4) >> 4  # sign-extend a nibble
-  lo, hi = signed(p & 0xF), signed(p >> 4)
+  lo, hi = (p & 0xF) - 8, p >> 4  # the offset low nibble; the arithmetic shift sign-extends
   both = jnp.stack([lo, hi], axis=axis + 1)
+  shape = list(p.shape)
+  shape[axis] *= 2
+  return both.reshape(shape)
+
+
+def pack_codes(codes: Array, axis: int = 0) -> Array:
+  """Packs 4-bit codes (uint8 in [0, 15], e.g. E2M1) two per byte along ``axis``: code
+  ``2i`` in the low nibble, ``2i + 1`` in the high one (the OCP MX layout).
+
+  Example:
+    >>> pack_codes(jnp.array([1, 15], jnp.uint8))
+    Array([241], dtype=uint8)
+  """
+  axis = axis % codes.ndim
+  if codes.shape[axis] % 2:
+    raise ValueError(f"pack_codes: axis {axis} has odd length {codes.shape[axis]}")
+  u = codes.astype(jnp.uint8) & 0xF
+  return (jax.lax.slice_in_dim(u, 0, None, 2, axis)
+          | (jax.lax.slice_in_dim(u, 1, None, 2, axis) << 4))
+
+
+def unpack_codes(p: Array, axis: int = 0) -> Array:
+  """Inverse of `pack_codes`: uint8 bytes -> uint8 codes, ``shape[axis] * 2``.
+
+  Example:
+    >>> unpack_codes(jnp.array([241], jnp.uint8))
+    Array([ 1, 15], dtype=uint8)
+  """
+  axis = axis % p.ndim
+  both = jnp.stack([p & 0xF, p >> 4], axis=axis + 1)
   shape = list(p.shape)
   shape[axis] *= 2
   return both.reshape(shape)
@@ -84,7 +120,8 @@ def pack_bits(q: Array, bits: int, axis: int = 0) -> Array:
   """Packs signed ``bits``-wide integers (int8 holding ``[-2^(bits-1), 2^(bits-1))``) densely
   along ``axis``: value ``i`` takes bits ``bits*i .. bits*i + bits - 1`` of the little-endian bit
   stream, so ``values_per_unit(bits)`` values fill ``bits * values_per_unit(bits) / 8`` bytes
-  (3 bits: 8 values in 3 bytes). For 4 bits this is `pack_int4`'s layout exactly.
+  (3 bits: 8 values in 3 bytes). 4 bits are `pack_int4`'s layout (int8 bytes, the low
+  nibble offset by 8).
 
   Args:
     q: int8 array; ``q.shape[axis]`` a multiple of `values_per_unit`.
@@ -92,12 +129,14 @@ def pack_bits(q: Array, bits: int, axis: int = 0) -> Array:
     axis: the axis to pack.
 
   Returns:
-    uint8 array with ``shape[axis] * bits // 8``.
+    uint8 array with ``shape[axis] * bits // 8`` (int8 for 4 bits).
 
   Example:
     >>> pack_bits(jnp.array([1, -1, 0, -2], jnp.int8), 2)
     Array([141], dtype=uint8)
   """
+  if bits == 4:
+    return pack_int4(q, axis)
   axis = axis % q.ndim
   per = values_per_unit(bits)
   if q.shape[axis] % per:
@@ -115,7 +154,7 @@ def pack_bits(q: Array, bits: int, axis: int = 0) -> Array:
 
 
 def unpack_bits(p: Array, bits: int, axis: int = 0) -> Array:
-  """Inverse of `pack_bits`: uint8 bytes -> int8 values, ``shape[axis] * 8 // bits``.
+  """Inverse of `pack_bits`: the bytes -> int8 values, ``shape[axis] * 8 // bits``.
 
   Example:
     >>> unpack_bits(jnp.array([141], jnp.uint8), 2)
@@ -182,9 +221,10 @@ class QArray:
   packed along K. ``dequantize()`` returns the kernel in its own (logical) layout.
 
   Attributes:
-    values: int8 (N, K) for 5-8 bits, or uint8 (N, K * bits // 8) with the values packed
-      densely (`pack_bits`: two 4-bit values a byte, eight 3-bit values in three bytes, four
-      2-bit values a byte) when K is a multiple of `values_per_unit` (else int8 (N, K)).
+    values: int8 (N, K) for 5-8 bits, or (N, K * bits // 8) bytes with the values packed
+      densely (`pack_bits`: two 4-bit values an int8 byte in `pack_int4`'s layout; eight
+      3-bit values in three uint8 bytes, four 2-bit values a uint8 byte) when K is a
+      multiple of `values_per_unit` (else int8 (N, K)).
     scale: float32 (N, ceil(K / group)) per group, (N, 1) per channel, (1, 1) per tensor.
     zero_point: float32 like ``scale`` (asymmetric grids), or None.
     bits: grid width (static).
@@ -253,7 +293,7 @@ class QArray:
     if self.fmt == "int":
       return self.ints().astype(jnp.float32)
     elem = formats.element_format(self.fmt)
-    codes = unpack_int4(self.values, 1).astype(jnp.uint8) & 15 if self.packed else self.values
+    codes = unpack_codes(self.values, 1) if self.packed else self.values
     return formats.decode(codes, elem)
 
   def scales(self) -> Array:
@@ -265,7 +305,7 @@ class QArray:
     return self.scale.astype(jnp.float32)  # float32, or 16-bit (`Quant.scale_dtype`)
 
   def nibbles(self) -> Array:
-    """The values as uint8 (N, K // 2), two 4-bit values a byte (`pack_int4`'s layout: the
+    """The values as int8 (N, K // 2), two 4-bit values a byte (`pack_int4`'s layout: the
     int4 kernels' input); the stored bytes themselves when ``bits == 4``.
 
     Example:
@@ -315,7 +355,7 @@ def _from_floats(m: Array, s: Array, fmt: str, shape: Sequence[int],
   v = core.grid_value(m, core.expand_groups(s, 1, group or k, k), None, 8, fmt=fmt)
   codes = formats.encode(v, elem)
   packed = elem == "e2m1" and k % 2 == 0
-  values = pack_int4(codes.astype(jnp.int8), 1) if packed else codes
+  values = pack_codes(codes, 1) if packed else codes
   tensor_scale = None
   if fmt == "mxfp4":
     s = formats.encode_e8m0(s)
@@ -413,7 +453,7 @@ def quantize_weight(w: Array, contracting: Sequence[int], spec: Quant) -> QArray
     >>> w = jax.random.normal(jax.random.key(0), (256, 64))
     >>> qa = quantize_weight(w, (0,), jc.Quant(w_bits=4, group=128))
     >>> qa.values.shape, qa.values.dtype, qa.scale.shape
-    ((64, 128), dtype('uint8'), (64, 2))
+    ((64, 128), dtype('int8'), (64, 2))
     >>> bad = quantize_weight(w.at[3, 5].set(jnp.nan), (0,), jc.Quant(w_bits=4, group=128))
     >>> int(jnp.isnan(bad.dequantize()).sum()), bool(jnp.isnan(bad.dequantize()[:128, 5]).all())
     (128, True)

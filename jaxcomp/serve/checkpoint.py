@@ -129,6 +129,10 @@ def _verify(directory: pathlib.Path, restored: Mapping[str, Any],
       if not isinstance(entry, Mapping):
         raise ValueError(f"restore_packed: {directory}: {name} is not in its manifest")
       got = (str(np.dtype(x.dtype)), list(np.shape(x)))
+      if (entry.get("dtype"), got[0]) == ("uint8", "int8") and name.endswith("values"):
+        raise ValueError(f"restore_packed: {directory}: {name} holds 4-bit values in jaxcomp's "
+                         "earlier uint8 nibble layout (before the offset low nibble of "
+                         "pack_int4); convert and save the model again")
       if got != (entry.get("dtype"), entry.get("shape")):
         raise ValueError(f"restore_packed: {directory}: {name} was saved as {entry.get('dtype')}"
                          f"{tuple(entry.get('shape') or ())}, restored as {got[0]}{tuple(got[1])}")

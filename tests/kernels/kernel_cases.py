@@ -18,7 +18,7 @@ def _int8(m, k, n, x_dtype=jnp.int8, **kw):
 
 def _int4(m, k, n, group, zeros=False):
   groups = 1 if group is None else k // group
-  avals = (S((m, k), jnp.bfloat16), S((k // 2, n), jnp.uint8), S((groups, n), jnp.float32))
+  avals = (S((m, k), jnp.bfloat16), S((k // 2, n), jnp.int8), S((groups, n), jnp.float32))
   if zeros:
     return (lambda b: lambda x, w, s, z: int4_matmul(x, w, s, group=group, zeros=z, backend=b),
             avals + (S((groups, n), jnp.float32),))

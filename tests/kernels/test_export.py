@@ -21,15 +21,15 @@ KERNELS = {
                     (S((5, 300), jnp.int8), S((300, 130), jnp.int8))),
     "int4_g128": (lambda b: lambda x, w, s: int4_matmul(
         x, w, s, group=128, backend=b, interpret=False),
-                  (S((16, 2048), jnp.bfloat16), S((1024, 512), jnp.uint8),
+                  (S((16, 2048), jnp.bfloat16), S((1024, 512), jnp.int8),
                    S((16, 512), jnp.float32))),
     "int4_g32_ragged": (lambda b: lambda x, w, s: int4_matmul(
         x, w, s, group=32, backend=b, interpret=False),
-                        (S((3, 576), jnp.bfloat16), S((288, 200), jnp.uint8),
+                        (S((3, 576), jnp.bfloat16), S((288, 200), jnp.int8),
                          S((18, 200), jnp.float32))),
     "int4_g64_zeros": (lambda b: lambda x, w, s, z: int4_matmul(
         x, w, s, group=64, zeros=z, backend=b, interpret=False),
-                       (S((5, 1024), jnp.bfloat16), S((512, 260), jnp.uint8),
+                       (S((5, 1024), jnp.bfloat16), S((512, 260), jnp.int8),
                         S((16, 260), jnp.float32), S((16, 260), jnp.float32))),
     "block_sparse": (lambda b: lambda x, v, i, c: block_sparse_matmul(
         x, v, i, c, n=512, backend=b, interpret=False),

@@ -132,14 +132,15 @@ def test_packing_is_the_transpose_of_a_qarray():
     (dict(group=48), r"group must be one of \(32, 64, 128\)"),
     (dict(k=96, wk=96, group=64), r"group 64 does not divide K=96"),
     (dict(x_dtype=jnp.int8), r"x must be bfloat16, float16 or float32, got int8"),
-    (dict(w_dtype=jnp.float32), r"w_packed must be uint8"),
+    (dict(w_dtype=jnp.float32), r"w_packed must be int8"),
+    (dict(w_dtype=jnp.uint8), r"w_packed must be int8 .*got uint8"),
     (dict(scales_rows=3), r"scales must have shape \(2, 16\)"),
 ])
 def test_bad_input(kwargs, match):
   k, wk = kwargs.get("k", 64), kwargs.get("wk", 64)
   group = kwargs.get("group", 32)
   x = jnp.zeros((2, k), kwargs.get("x_dtype", jnp.bfloat16))
-  w = jnp.zeros((wk // 2, 16), kwargs.get("w_dtype", jnp.uint8))
+  w = jnp.zeros((wk // 2, 16), kwargs.get("w_dtype", jnp.int8))
   s = jnp.ones((kwargs.get("scales_rows", wk // 32), 16))
   with pytest.raises(ValueError, match=match):
     int4_matmul(x, w, s, group=group, backend="tpu", interpret=True)
@@ -154,7 +155,7 @@ def test_bad_input(kwargs, match):
 @pytest.mark.parametrize("backend", ["tpu", "gpu", "xla"])
 def test_bad_zeros_shape(backend, group, z_shape, match):
   x = jnp.zeros((2, 64), jnp.bfloat16)
-  w = jnp.zeros((32, 16), jnp.uint8)
+  w = jnp.zeros((32, 16), jnp.int8)
   s = jnp.ones((2 if group else 1, 16))
   with pytest.raises(ValueError, match=match):
     int4_matmul(x, w, s, group=group, zeros=jnp.zeros(z_shape), backend=backend,
@@ -163,7 +164,7 @@ def test_bad_zeros_shape(backend, group, z_shape, match):
 
 def test_bad_zeros_dtype():
   x = jnp.zeros((2, 64), jnp.bfloat16)
-  w = jnp.zeros((32, 16), jnp.uint8)
+  w = jnp.zeros((32, 16), jnp.int8)
   s = jnp.ones((2, 16))
   with pytest.raises(ValueError, match=r"zeros must be a float array .* got int8"):
     int4_matmul(x, w, s, group=32, zeros=jnp.zeros((2, 16), jnp.int8), backend="tpu",

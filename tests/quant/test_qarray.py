@@ -10,7 +10,8 @@ import pytest
 
 import jaxcomp as jc
 from jaxcomp.quant.dot import fake_quant_weight
-from jaxcomp.quant.qarray import (QArray, canonical, from_canonical, pack_bits, pack_int4,
+from jaxcomp.quant.qarray import (QArray, canonical, from_canonical, pack_bits, pack_codes,
+                                  pack_int4, unpack_codes,
                                   quantize_weight, quantize_with_step, unpack_bits, unpack_int4,
                                   values_per_unit)
 
@@ -23,8 +24,28 @@ int4_arrays = hnp.arrays(
 @hypothesis.given(q=int4_arrays, axis=st.sampled_from([0, -2]))
 def test_pack_unpack_roundtrip(q, axis):
   packed = pack_int4(jnp.asarray(q), axis)
-  assert packed.dtype == jnp.uint8 and packed.shape[0] == q.shape[0] // 2
+  assert packed.dtype == jnp.int8 and packed.shape[0] == q.shape[0] // 2
   np.testing.assert_array_equal(np.asarray(unpack_int4(packed, axis)), q)
+  # The layout's contract: the byte read as int8 is 16 * odd + even + 8 (what the packed
+  # W4A8 decode multiplies directly), and its low nibble is even + 8.
+  q = q.astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(packed, np.int32), 16 * q[1::2] + q[0::2] + 8)
+  np.testing.assert_array_equal(np.asarray(packed) & 15, q[0::2] + 8)
+
+
+def test_unpack_int4_refuses_other_byte_types():
+  with pytest.raises(TypeError, match="int8 .*got uint8"):
+    unpack_int4(jnp.zeros((2, 2), jnp.uint8))
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(codes=hnp.arrays(np.uint8, st.tuples(st.integers(1, 3), st.integers(1, 4).map(
+    lambda n: 2 * n)), elements=st.integers(0, 15)))
+def test_pack_codes_roundtrip(codes):
+  packed = pack_codes(jnp.asarray(codes), 1)
+  assert packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(packed), codes[:, 0::2] | (codes[:, 1::2] << 4))
+  np.testing.assert_array_equal(np.asarray(unpack_codes(packed, 1)), codes)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
@@ -36,10 +57,9 @@ def test_pack_bits_roundtrip_and_size(data, bits, axis):
   lo = -(1 << (bits - 1))
   q = data.draw(hnp.arrays(np.int8, tuple(shape), elements=st.integers(lo, -lo - 1)))
   packed = pack_bits(jnp.asarray(q), bits, axis)
-  assert packed.dtype == jnp.uint8 and packed.shape[axis] == shape[axis] * bits // 8
+  assert packed.dtype == (jnp.int8 if bits == 4 else jnp.uint8)  # 4 bits: pack_int4's bytes
+  assert packed.shape[axis] == shape[axis] * bits // 8
   np.testing.assert_array_equal(np.asarray(unpack_bits(packed, bits, axis)), q)
-  if bits == 4:  # the same bytes as the nibble layout the int4 kernels read
-    np.testing.assert_array_equal(np.asarray(packed), np.asarray(pack_int4(jnp.asarray(q), axis)))
 
 
 def test_pack_bits_layout_and_errors():

@@ -151,3 +151,19 @@ def test_a_model_saved_without_manifest_restores_with_a_warning(packed, tmp_path
   assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
       f"restore_packed: {tmp_path / 'm'} has no integrity manifest (saved before jaxcomp wrote "
       "them): restored unverified"]
+
+
+def test_the_earlier_uint8_int4_layout_is_refused_by_name(packed, tmp_path):
+  """Packed int4 bytes were uint8 two's-complement nibbles before `pack_int4` offset the low
+  nibble (and became int8): such a checkpoint must not restore as different weights."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from jaxcomp.quant.qarray import QArray  # pylint: disable=import-outside-toplevel
+  state = jax.tree.map(
+      lambda q: dataclasses.replace(q, values=jax.lax.bitcast_convert_type(q.values, np.uint8))
+      if isinstance(q, QArray) else q, nnx.state(packed), is_leaf=lambda q: isinstance(q, QArray))
+  old = nnx.merge(nnx.graphdef(packed), state)
+  jc.save_packed(old, tmp_path / "m")
+  with pytest.raises(ValueError, match=r"^restore_packed: .*packed/layers/0/kernel/values holds "
+                     r"4-bit values in jaxcomp's earlier uint8 nibble layout .*convert and save "
+                     r"the model again$"):
+    jc.restore_packed(tmp_path / "m", _like())
