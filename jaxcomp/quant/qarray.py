@@ -49,10 +49,8 @@ def pack_int4(q: Array, axis: int = 0) -> Array:
   axis = axis % q.ndim
   if q.shape[axis] % 2:
     raise ValueError(f"pack_int4: axis {axis} has odd length {q.shape[axis]}")
-  u = q.astype(jnp.uint8) & 0xF
-  lo = jax.lax.slice_in_dim(u, 0, None, 2, axis) ^ 0x8  # two's complement -> offset binary
-  hi = jax.lax.slice_in_dim(u, 1, None, 2, axis)
-  return jax.lax.bitcast_convert_type(lo | (hi << 4), jnp.int8)
+  nibbles = pack_codes(q.astype(jnp.uint8) & 0xF, axis)  # two's-complement nibbles
+  return jax.lax.bitcast_convert_type(nibbles ^ 0x8, jnp.int8)  # low nibble -> offset binary
 
 
 def unpack_int4(p: Array, axis: int = 0) -> Array:
