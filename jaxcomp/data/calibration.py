@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,11 +46,15 @@ SELF = "self"
 class Generation:
   """How `self_generated` samples: softmax ``temperature`` (0: greedy), nucleus ``top_p``,
   ``first_token`` ("random": uniform over the vocabulary, as LLM-QAT starts its samples; an
-  int: that token, e.g. BOS), rows per generation call ``batch_size``."""
+  int: that token, e.g. BOS), ``greedy_tokens`` tokens after it taken greedily before sampling
+  starts (LLM-QAT's hybrid; Liu et al., 2023), ``suppress_special``: never sample the
+  tokenizer's special (control) tokens, rows per generation call ``batch_size``."""
 
   temperature: float = 1.0
   top_p: float = 1.0
   first_token: str | int = "random"
+  greedy_tokens: int = 0
+  suppress_special: bool = True
   batch_size: int = 16
 
   def __post_init__(self):
@@ -61,6 +65,8 @@ class Generation:
                                          not isinstance(self.first_token, int)):
       raise ValueError(f"Generation.first_token must be 'random' or a token id, got "
                        f"{self.first_token!r}")
+    if self.greedy_tokens < 0:
+      raise ValueError(f"Generation.greedy_tokens must be >= 0, got {self.greedy_tokens}")
     if self.batch_size < 1:
       raise ValueError(f"Generation.batch_size must be >= 1, got {self.batch_size}")
 
@@ -143,12 +149,13 @@ def _model_digest(model: nnx.Module) -> str:
 
 
 def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
-                   generation: Generation = Generation(),
+                   generation: Generation = Generation(), suppress: Sequence[int] = (),
                    cache_dir: str | os.PathLike | None = None) -> np.ndarray:
   """``n_seq`` sequences of ``seq_len`` tokens sampled from ``model`` itself (data-free
   calibration): each starts from a first token (`Generation.first_token`) and continues
   with `jaxcomp.models.generate` (KV cache, ``temperature`` / ``top_p``), ``batch_size`` rows
-  a call. The same seed gives the same tokens. With ``cache_dir`` the result is stored as
+  a call; the ``suppress`` ids are never sampled (`calibration_set` passes the tokenizer's
+  special tokens when `Generation.suppress_special`). The same seed gives the same tokens. With ``cache_dir`` the result is stored as
   ``self_<digest>.npy`` (the digest covers the model's parameters, the settings and the seed)
   and later calls read it back instead of generating.
 
@@ -161,10 +168,20 @@ def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
   """
   if n_seq < 1 or seq_len < 2:
     raise ValueError(f"self_generated: n_seq must be >= 1 and seq_len >= 2; got {n_seq}, {seq_len}")
+  if generation.greedy_tokens >= seq_len - 1:
+    raise ValueError(f"self_generated: greedy_tokens={generation.greedy_tokens} leaves nothing "
+                     f"to sample in {seq_len} tokens")
+  suppress = sorted(set(int(i) for i in suppress))
   path = None
   if cache_dir is not None:
+    settings = dataclasses.asdict(generation)
+    del settings["suppress_special"]  # ``suppress`` holds its effect
+    if not settings["greedy_tokens"]:
+      del settings["greedy_tokens"]  # the keys written before the field existed stay valid
     key = json.dumps({"model": _model_digest(model), "n_seq": n_seq, "seq_len": seq_len,
-                      "seed": seed, **dataclasses.asdict(generation)}, sort_keys=True)
+                      "seed": seed, **settings}, sort_keys=True)
+    if suppress:
+      key += json.dumps({"suppress": suppress})
     path = pathlib.Path(cache_dir) / f"self_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
       return np.load(path)
@@ -178,9 +195,12 @@ def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
       first = jax.random.randint(k_first, (b, 1), 0, vocab, jnp.int32)
     else:
       first = jnp.full((b, 1), generation.first_token, jnp.int32)
-    rows.append(np.asarray(generate(model, first, seq_len - 1,
+    if generation.greedy_tokens:
+      first = generate(model, first, generation.greedy_tokens, suppress=suppress)
+    rows.append(np.asarray(generate(model, first, seq_len - first.shape[1],
                                     temperature=generation.temperature, top_p=generation.top_p,
-                                    key=k_gen if generation.temperature > 0 else None)))
+                                    key=k_gen if generation.temperature > 0 else None,
+                                    suppress=suppress)))
   out = np.concatenate(rows).astype(np.int32)
   if path is not None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +208,19 @@ def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
     np.save(tmp, out)
     os.replace(tmp, path)  # never a half-written cache entry
   return out
+
+
+def special_ids(tokenizer: Any) -> list[int]:
+  """The ids of ``tokenizer``'s special (control) tokens: a Hugging Face ``tokenizers``
+  tokenizer's added tokens marked special (`gguf_tokenizer` marks the GGUF's control tokens);
+  none for a tokenizer without added tokens (`ByteTokenizer`).
+
+  Example::
+
+    special_ids(gguf_tokenizer(path))   # SmolLM2: [0, 1, ..., 16]
+  """
+  added = getattr(tokenizer, "get_added_tokens_decoder", None)
+  return [] if added is None else sorted(i for i, t in added().items() if t.special)
 
 
 def calibration_set(tokenizer: Any, sources: Mapping[str, float], *, n_seq: int, seq_len: int,
@@ -221,8 +254,9 @@ def calibration_set(tokenizer: Any, sources: Mapping[str, float], *, n_seq: int,
     if name == SELF:
       if model is None:
         raise ValueError("calibration source 'self' needs the float model (model=)")
-      parts.append(self_generated(model, count, seq_len, seed=seed + i,
-                                  generation=generation, cache_dir=cache_dir))
+      parts.append(self_generated(model, count, seq_len, seed=seed + i, generation=generation,
+                                  suppress=special_ids(tokenizer) if generation.suppress_special
+                                  else (), cache_dir=cache_dir))
     else:
       ids = np.asarray(tokenizer.encode(source_text(name)).ids, np.int32)
       parts.append(text_windows(ids, count, seq_len, seed + i, name))

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import einops
@@ -863,9 +864,17 @@ def sample_tokens(logits: jax.Array, key: jax.Array | None, *, temperature: floa
 _jit_sample = jax.jit(sample_tokens, static_argnames=("temperature", "top_p"))
 
 
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
+def _jit_sample_suppressed(logits: jax.Array, key: jax.Array | None, banned: jax.Array, *,
+                           temperature: float, top_p: float) -> jax.Array:
+  """`sample_tokens` with the ``banned`` ids' logits set to -inf first."""
+  return sample_tokens(logits.at[:, banned].set(-jnp.inf), key, temperature=temperature,
+                       top_p=top_p)
+
+
 def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
              max_len: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             key: jax.Array | None = None) -> jax.Array:
+             key: jax.Array | None = None, suppress: Sequence[int] = ()) -> jax.Array:
   """Decoding with a KV cache: one jitted prefill, then one jitted step per new token; greedy
   by default, sampled with ``temperature`` > 0 (and nucleus ``top_p``) from ``key``
   (`sample_tokens`; the same key gives the same tokens).
@@ -879,6 +888,8 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
     temperature: 0 for greedy decoding, else the softmax temperature of sampling.
     top_p: nucleus sampling's probability mass, in (0, 1].
     key: PRNG key, needed when ``temperature > 0``.
+    suppress: token ids never produced (their logits set to -inf), e.g. a chat model's
+      control tokens when sampling plain text.
 
   Returns:
     ``int32[B, T + max_new_tokens]``: the prompt followed by the new tokens.
@@ -908,6 +919,13 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
   keys = (jax.random.split(key, max_new_tokens) if key is not None
           else [None] * max_new_tokens)
   pick = functools.partial(_jit_sample, temperature=temperature, top_p=top_p)
+  if suppress:
+    banned = jnp.asarray(sorted(set(int(i) for i in suppress)), jnp.int32)
+    if int(banned[0]) < 0 or int(banned[-1]) >= model.config.vocab_size:
+      raise ValueError(f"generate: suppress holds ids outside the vocabulary "
+                       f"[0, {model.config.vocab_size}): {list(suppress)}")
+    pick = functools.partial(_jit_sample_suppressed, banned=banned, temperature=temperature,
+                             top_p=top_p)
   prefill_fn, decode_fn = make_decode_fns(model)
   logits, cache = prefill_fn(prompt, model.init_cache(b, max_len))
   out = [pick(logits, keys[0])]

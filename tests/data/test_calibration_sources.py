@@ -5,11 +5,12 @@ import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+import tokenizers
 from flax import nnx
 
 from jaxcomp.data import calibration
 from jaxcomp.models.io import ByteTokenizer
-from jaxcomp.models.llama import Llama, LlamaConfig
+from jaxcomp.models.llama import Llama, LlamaConfig, generate
 
 
 @hypothesis.settings(max_examples=100, deadline=None)
@@ -81,3 +82,27 @@ def test_a_text_shorter_than_a_window_is_named(tmp_path):
   with pytest.raises(ValueError, match="short.txt' has 3 tokens, fewer than one window of 8"):
     calibration.calibration_set(ByteTokenizer(), {str(tmp_path / "short.txt"): 1}, n_seq=2,
                                 seq_len=8)
+
+
+def test_hybrid_greedy_start_and_suppressed_tokens():
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  gen = calibration.Generation(first_token=5, greedy_tokens=3, batch_size=4)
+  x = calibration.self_generated(model, 4, 16, seed=0, generation=gen)
+  greedy = np.asarray(generate(model, np.full((1, 1), 5, np.int32), 3))
+  np.testing.assert_array_equal(x[:, :4], np.repeat(greedy, 4, axis=0))  # LLM-QAT's start
+  assert len({tuple(r) for r in x[:, 4:]}) > 1  # then sampled
+  banned = sorted(set(x[:, 1:].ravel().tolist()))  # every token the unsuppressed run used
+  y = calibration.self_generated(model, 4, 16, seed=0, generation=gen, suppress=banned)
+  assert not np.isin(y[:, 1:], banned).any()
+  with pytest.raises(ValueError, match="greedy_tokens=15 leaves nothing to sample"):
+    calibration.self_generated(model, 1, 16, generation=calibration.Generation(greedy_tokens=15))
+  with pytest.raises(ValueError, match="suppress holds ids outside the vocabulary"):
+    generate(model, np.zeros((1, 1), np.int32), 2, suppress=[model.config.vocab_size])
+
+
+def test_special_ids_are_the_added_special_tokens():
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+  tok.add_special_tokens([tokenizers.AddedToken("<s>", special=True)])
+  tok.add_tokens([tokenizers.AddedToken("plain", special=False)])
+  assert calibration.special_ids(tok) == [2]
+  assert calibration.special_ids(ByteTokenizer()) == []
