@@ -3,7 +3,8 @@ apart, against the int8 grids (issue 20's +1% target for fp8 W8A8).
 
 Every row quantizes the 210 projections, by round to nearest with `jc.quantize` (no
 calibration: the element formats alone) unless it says GPTQ (`jc.ptq`), as fake quant (the
-numerics `jc.convert` serves bit for bit), and scores the first ``--max_tokens`` tokens of WikiText-2 test in 512-token windows:
+numerics `jc.convert` serves bit for bit), and scores the first ``--max_tokens`` tokens of
+WikiText-2 test in 512-token windows:
 
 * float; int8 weights only; E4M3 weights only (per output channel);
 * int8 W8A8 and E4M3 W8A8 (activations per token);
@@ -11,16 +12,18 @@ numerics `jc.convert` serves bit for bit), and scores the first ``--max_tokens``
 * E4M3 activations on one family of projections at a time (int8 weights elsewhere too);
 * GPTQ on the E4M3 grid (act-order, ``--n_calib`` windows of WikiText-2 valid), weights only
   and W8A8;
-* after QuaRot's randomized Hadamard rotations (`rotate_llama`): E4M3 weights only, int8
-  weights with E4M3 activations, E4M3 W8A8 (RTN and GPTQ).
+* after QuaRot's randomized Hadamard rotations (`rotate_llama`): int8 W8A8, E4M3 weights
+  only, int8 weights with E4M3 activations, E4M3 W8A8 (RTN and GPTQ).
 
     python bench/fp8_components.py --max_tokens 8192
+    python bench/fp8_components.py --max_tokens 8192 --rows rotated   # the rotated rows only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import jax
@@ -51,7 +54,7 @@ for family, pattern in (("q/k/v", r"attn/(q|k|v)_proj"), ("o", r"attn/o_proj"),
 GPTQ = dict(method="gptq", options={"act_order": True})
 ROWS["E4M3 weights only, GPTQ"] = [(PROJ, jc.Quant(**E4M3, **GPTQ))]
 ROWS["E4M3 W8A8, GPTQ weights"] = [(PROJ, jc.Quant(**E4M3, a_format="e4m3", **GPTQ))]
-for name in ("E4M3 weights only", "int8 weights, E4M3 activations", "E4M3 W8A8",
+for name in ("int8 W8A8", "E4M3 weights only", "int8 weights, E4M3 activations", "E4M3 W8A8",
              "E4M3 W8A8, GPTQ weights"):
   ROWS[f"rotated, {name}"] = ROWS[name]
 
@@ -59,6 +62,7 @@ for name in ("E4M3 weights only", "int8 weights, E4M3 activations", "E4M3 W8A8",
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--max_tokens", type=int, default=8192)
+  parser.add_argument("--rows", default="", help="regex: only the rows it finds")
   parser.add_argument("--n_calib", type=int, default=32, help="GPTQ's 512-token windows")
   parser.add_argument("--cache_dir", default=None)
   parser.add_argument("--json", default=None)
@@ -78,6 +82,8 @@ def main() -> None:
         f"projections (RTN unless GPTQ)\n\n| quantized | ppl | increase |\n|---|---:|---:|\n| float | {base:.3f} | |",
         flush=True)
   for name, rules in ROWS.items():
+    if not re.search(args.rows, name):
+      continue
     recipe = jc.Recipe([jc.Rule(pattern, quant=q) for pattern, q in rules])
     m = rotated if name.startswith("rotated") else model
     q = (jc.ptq(m, recipe, calib, progress=False) if rules[0][1].method == "gptq"
