@@ -79,8 +79,8 @@ def main() -> None:
   base = score(model)
   out = {"float": base}
   print(f"SmolLM2-135M-Instruct, WikiText-2 test, first {len(ids)} tokens, the 210 "
-        f"projections (RTN unless GPTQ)\n\n| quantized | ppl | increase |\n|---|---:|---:|\n| float | {base:.3f} | |",
-        flush=True)
+        f"projections (RTN unless GPTQ)\n\n| quantized | ppl | increase |\n|---|---:|---:|\n"
+        f"| float | {base:.3f} | |", flush=True)
   for name, rules in ROWS.items():
     if not re.search(args.rows, name):
       continue

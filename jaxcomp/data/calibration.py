@@ -155,9 +155,10 @@ def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
   calibration): each starts from a first token (`Generation.first_token`) and continues
   with `jaxcomp.models.generate` (KV cache, ``temperature`` / ``top_p``), ``batch_size`` rows
   a call; the ``suppress`` ids are never sampled (`calibration_set` passes the tokenizer's
-  special tokens when `Generation.suppress_special`). The same seed gives the same tokens. With ``cache_dir`` the result is stored as
-  ``self_<digest>.npy`` (the digest covers the model's parameters, the settings and the seed)
-  and later calls read it back instead of generating.
+  special tokens when `Generation.suppress_special`). The same seed gives the same tokens.
+  With ``cache_dir`` the result is stored as ``self_<digest>.npy`` (the digest covers the
+  model's parameters, the settings, ``suppress`` and the seed) and later calls read it back
+  instead of generating.
 
   Returns:
     int32 [n_seq, seq_len].
