@@ -72,8 +72,11 @@ def main() -> None:
   model = io.load_gguf(path)
   tok = gguf_tokenizer(path)
   ids = np.asarray(tok.encode(wikitext2("test")).ids[:args.max_tokens], np.int32)
-  calib = calibration_set(tok, {"wikitext2_valid": 1}, n_seq=args.n_calib, seq_len=512)
-  rotated = rotate_llama(model, jax.random.key(0))
+  rows = {name: rules for name, rules in ROWS.items() if re.search(args.rows, name)}
+  calib = (calibration_set(tok, {"wikitext2_valid": 1}, n_seq=args.n_calib, seq_len=512)
+           if any(rules[0][1].method == "gptq" for rules in rows.values()) else None)
+  rotated = (rotate_llama(model, jax.random.key(0))
+             if any(name.startswith("rotated") for name in rows) else None)
   score = lambda m: perplexity(m, ids, seq_len=512, batch_size=4)["ppl"]
   t0 = time.perf_counter()
   base = score(model)
@@ -81,9 +84,7 @@ def main() -> None:
   print(f"SmolLM2-135M-Instruct, WikiText-2 test, first {len(ids)} tokens, the 210 "
         f"projections (RTN unless GPTQ)\n\n| quantized | ppl | increase |\n|---|---:|---:|\n"
         f"| float | {base:.3f} | |", flush=True)
-  for name, rules in ROWS.items():
-    if not re.search(args.rows, name):
-      continue
+  for name, rules in rows.items():
     recipe = jc.Recipe([jc.Rule(pattern, quant=q) for pattern, q in rules])
     m = rotated if name.startswith("rotated") else model
     q = (jc.ptq(m, recipe, calib, progress=False) if rules[0][1].method == "gptq"

@@ -70,6 +70,11 @@ class Generation:
     if self.batch_size < 1:
       raise ValueError(f"Generation.batch_size must be >= 1, got {self.batch_size}")
 
+  def suppressed(self, tokenizer: Any) -> list[int]:
+    """The ids `self_generated` must not sample: ``tokenizer``'s special ids
+    (`special_ids`) with ``suppress_special``, else none."""
+    return special_ids(tokenizer) if self.suppress_special else []
+
 
 def parse_sources(spec: str, field: str) -> dict[str, float]:
   """``"name:weight,..."`` -> ``{name: weight}`` (a name without a weight weighs 1); a
@@ -256,8 +261,8 @@ def calibration_set(tokenizer: Any, sources: Mapping[str, float], *, n_seq: int,
       if model is None:
         raise ValueError("calibration source 'self' needs the float model (model=)")
       parts.append(self_generated(model, count, seq_len, seed=seed + i, generation=generation,
-                                  suppress=special_ids(tokenizer) if generation.suppress_special
-                                  else (), cache_dir=cache_dir))
+                                  suppress=generation.suppressed(tokenizer),
+                                  cache_dir=cache_dir))
     else:
       ids = np.asarray(tokenizer.encode(source_text(name)).ids, np.int32)
       parts.append(text_windows(ids, count, seq_len, seed + i, name))

@@ -124,7 +124,7 @@ def _mixed_rows(config: ml_collections.ConfigDict, tokenizer: Any, teacher: Any)
       gen = calibration.Generation(**cfg.get("generation", {}))
       parts.append(calibration.self_generated(
           teacher, count, cfg.seq_len + 1, seed=config.seed + i, generation=gen,
-          suppress=calibration.special_ids(tokenizer) if gen.suppress_special else (),
+          suppress=gen.suppressed(tokenizer),
           cache_dir=pathlib.Path(cfg.data_dir) / "jaxcomp_self"))
       continue
     rows = text.packed_tokens(cfg.data_dir, _corpus(cfg, name, "data.sources names"), "train",

@@ -920,12 +920,12 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
           else [None] * max_new_tokens)
   pick = functools.partial(_jit_sample, temperature=temperature, top_p=top_p)
   if suppress:
-    banned = jnp.asarray(sorted(set(int(i) for i in suppress)), jnp.int32)
-    if int(banned[0]) < 0 or int(banned[-1]) >= model.config.vocab_size:
+    banned = sorted(set(int(i) for i in suppress))
+    if banned[0] < 0 or banned[-1] >= model.config.vocab_size:
       raise ValueError(f"generate: suppress holds ids outside the vocabulary "
-                       f"[0, {model.config.vocab_size}): {list(suppress)}")
-    pick = functools.partial(_jit_sample_suppressed, banned=banned, temperature=temperature,
-                             top_p=top_p)
+                       f"[0, {model.config.vocab_size}): {banned}")
+    pick = functools.partial(_jit_sample_suppressed, banned=jnp.asarray(banned, jnp.int32),
+                             temperature=temperature, top_p=top_p)
   prefill_fn, decode_fn = make_decode_fns(model)
   logits, cache = prefill_fn(prompt, model.init_cache(b, max_len))
   out = [pick(logits, keys[0])]
