@@ -34,10 +34,12 @@ tokenizer over ``calib.text`` / ``eval.text_path`` (for tests); any field can be
 """
 
 import dataclasses
+import os
 
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.eval.perplexity import WIKITEXT2_DIR
 from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
 
@@ -83,6 +85,20 @@ VARIANTS = {
 # "<variant>_rot": the same after QuaRot's rotations (a ``rotate`` stage before ``ptq``).
 VARIANTS.update({f"{v}_rot": VARIANTS[v] for v in (
     "gptq_w4g128", "gptq_w4a8g128", "gptq_w4a4g128", "rtn_w4")})
+# "<variant>_kd": the same, then distilled from the float model (a ``kd`` stage between ``ptq``
+# and ``convert``; the student trains around its own rounding, as QAT: `KD`).
+VARIANTS.update({f"{v}_kd": VARIANTS[v] for v in ("gptq_fp8_w8a8",)})
+
+# The ``kd`` stage of ``_kd`` variants: pure distillation (alpha 1: KL to the float model's
+# distribution at T=1, no cross-entropy on the text, so the student can only move towards the
+# teacher), on WikiText-2 *valid* (the tuning split, as calibration): steps x batch x seq_len =
+# 150 x 8 x 128 tokens, about 0.6 epoch.
+KD = dict(kind="distill", teacher="original", teacher_dtype="float32",
+          distill=dict(alpha=1.0, temperature=1.0, top_k=0, hidden_weight=0.0,
+                       hidden_kind="mse", attention_weight=0.0),
+          train=dict(steps=150, epochs=0, lr=2e-5, warmup_steps=10, weight_decay=0.0,
+                     grad_clip=1.0, log_every=10, checkpoint_every=50, keep_checkpoints=3,
+                     progress=False))
 
 
 def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
@@ -92,4 +108,19 @@ def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
   if tiny and quant is not None and quant.group and quant.group > 32:
     quant = dataclasses.replace(quant, group=32)  # the tiny model is 64 wide
   recipe = None if quant is None else jc.Recipe([jc.Rule(PROJ, quant=quant, name="proj")])
-  return oneshot_config(recipe, tiny=tiny, rotate=variant.endswith("_rot"))
+  config = oneshot_config(recipe, tiny=tiny, rotate=variant.endswith("_rot"))
+  if variant.endswith("_kd"):
+    kd = ml_collections.ConfigDict(KD)
+    if tiny:
+      kd.train.update(steps=4, lr=1e-3, warmup_steps=1, log_every=2, checkpoint_every=2)
+    config.stage.kd = kd
+    names = config.stages.split(",")
+    config.stages = ",".join(names[:names.index("convert")] + ["kd"] + names[
+        names.index("convert"):])
+    data_dir = os.environ.get("TFDS_DATA_DIR",
+                              os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+    config.data = dict(corpus="files", files="" if tiny else str(WIKITEXT2_DIR / "valid.txt"),
+                       files_name="tiny" if tiny else "wikitext2_valid", data_dir=data_dir,
+                       seq_len=32 if tiny else 128, batch_size=8)
+    config.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules="data_parallel")
+  return config

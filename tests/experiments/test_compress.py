@@ -37,7 +37,8 @@ def test_every_variant_is_a_stage_list_with_its_recipe():
       assert config.stages == "eval"
     else:
       rotate = "rotate," if variant.endswith("_rot") else ""
-      assert config.stages == rotate + "ptq,convert,eval"
+      kd = "kd," if variant.endswith("_kd") else ""
+      assert config.stages == rotate + "ptq," + kd + "convert,eval"
       assert jc.Recipe.from_config(config.stage.ptq.recipe).rules[0].quant == quant
   for module, kind in ((smollm2_sparse, "prune"), (smollm2_lowrank, "factorize")):
     for variant in module.VARIANTS:
@@ -45,6 +46,20 @@ def test_every_variant_is_a_stage_list_with_its_recipe():
       assert [s.kind for s in pipeline.plan(config)] == [kind, "eval"]
   with pytest.raises(ValueError, match="unknown variant 'svd_10' of smollm2_lowrank.py"):
     smollm2_lowrank.get_config("svd_10")
+
+
+def test_kd_variant_distills_the_fp8_model_before_packing_it(texts, tmp_path):
+  config = _config("gptq_fp8_w8a8_kd", texts)
+  config.data.files = str(texts / "train.txt")
+  config.data.data_dir = str(tmp_path / "tfds")
+  assert config.stages == "ptq,kd,convert,eval" and config.stage.kd.distill.alpha == 1.0
+  pipeline.run_pipeline(config, str(tmp_path / "run"))
+  s = summary(tmp_path / "run")
+  assert np.isfinite(s["ppl"]) and s["distill_s"] > 0
+  kd = json.loads((tmp_path / "run" / "stages" / "1_kd" / "report.json").read_text())
+  assert kd["stage_kind"] == "distill"
+  # the packed model is the distilled one: convert reads the kd stage's output
+  assert s["saved"]["packed_bytes"] > 0
 
 
 @pytest.mark.parametrize("variant", ["gptq_w4g128", "smoothquant_w8a8", "float"])
