@@ -150,16 +150,27 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
       solve(path, m, payload, stats, root=root).path = label(path)
 
 
+def _float_acts(spec: Any) -> bool:
+  """Whether calibration runs ``spec``'s solved layer with float activations (GPTQ's
+  ``float_acts``)."""
+  return spec.method == "gptq" and bool(spec.options.get("float_acts", False))
+
+
 @contextlib.contextmanager
 def _calibration_dots(block: nnx.Module, dtype: Any):
-  """Runs the weight-only quantized layers of ``block`` in ``dtype`` for the duration."""
+  """Runs the weight-only quantized layers of ``block`` in ``dtype`` for the duration, and
+  those solved with ``float_acts`` as weight-only layers (in ``dtype``, or as they are)."""
   swapped = []
-  if dtype is not None:
-    for _, node in nnx.iter_graph(block):
-      hook = getattr(node, "dot_general", None)
-      if isinstance(hook, qlayers.QuantDot) and hook.spec.a_bits is None:
-        node.dot_general = nnx.data(_CalibQuantDot(hook, dtype))
-        swapped.append((node, hook))
+  for _, node in nnx.iter_graph(block):
+    hook = getattr(node, "dot_general", None)
+    if isinstance(hook, qlayers.QuantDot) and (
+        (hook.spec.a_bits is None and dtype is not None) or _float_acts(hook.spec)):
+      node.dot_general = nnx.data(_CalibQuantDot(hook, dtype))
+      swapped.append((node, hook))
+    conv = getattr(node, "conv_general_dilated", None)
+    if isinstance(conv, qlayers.QuantConv) and _float_acts(conv.spec):
+      raise ValueError(f"GPTQ's float_acts covers dense layers; {type(node).__name__} is a "
+                       "convolution (drop the option for its rule)")
   try:
     yield
   finally:

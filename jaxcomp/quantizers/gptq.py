@@ -26,18 +26,26 @@ class Options:
     block_size: columns per lazy-update block.
     keep_zeros: keep the kernel's exact zeros (a pruned kernel's mask: prune -> ptq
       pipelines) and compensate their error on the kept weights.
+    float_acts: for a spec that quantizes activations (W4A8, W8A8...): the sequential
+      calibration passes run this layer, once solved, with its weights quantized and its
+      activations float, so every later layer is solved as for the weight-only model
+      (QuaRot's order: weights by GPTQ first, activation quantizers after). The result
+      quantizes the activations as the spec says. Linen one-shot transforms always calibrate
+      this way.
   """
 
   act_order: bool = False
   damp: float = 0.01
   block_size: int = 128
   keep_zeros: bool = False
+  float_acts: bool = False
 
   def __post_init__(self) -> None:
     check_option("gptq", "act_order", self.act_order, bool)
     check_option("gptq", "damp", self.damp, float, 0.0, 1.0, lo_open=True)
     check_option("gptq", "block_size", self.block_size, int, 1)
     check_option("gptq", "keep_zeros", self.keep_zeros, bool)
+    check_option("gptq", "float_acts", self.float_acts, bool)
 
 
 def check(spec: Quant) -> None:

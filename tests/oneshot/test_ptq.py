@@ -227,3 +227,29 @@ def test_ptq_skeleton_has_the_structure_ptq_gives(spec):
   shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
   assert nnx.graphdef(like) == nnx.graphdef(real)
   assert shapes(like) == shapes(real)
+
+
+def test_gptq_float_acts_solves_the_weight_only_kernels(setup):
+  """With ``float_acts`` every layer of a W4A8 GPTQ is solved from the weight-only model's
+  inputs: the kernels and steps equal the weight-only solve's, and only the activations are
+  quantized on top; without it later layers see quantized activations and land elsewhere."""
+  model, calib, tokens = setup
+  g = dict(w_bits=4, group=32, method="gptq")
+  wo, _ = _ptq(model, calib, jc.Quant(**g))
+  fa, _ = _ptq(model, calib, jc.Quant(**g, a_bits=8, options={"float_acts": True}))
+  qa, _ = _ptq(model, calib, jc.Quant(**g, a_bits=8))
+  params = lambda m: jax.tree.map(np.asarray, nnx.state(m, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, params(wo), params(fa))
+  steps = lambda m: [np.asarray(h.w_step[...]) for _, h in nnx.iter_graph(m)
+                     if isinstance(h, QuantDot)]
+  for a, b in zip(steps(wo), steps(fa)):
+    np.testing.assert_array_equal(a, b)
+  assert all(h.spec.a_bits == 8 for _, h in nnx.iter_graph(fa) if isinstance(h, QuantDot))
+  k = lambda m: np.asarray(m.layers[1].mlp.down_proj.kernel[...])
+  assert not np.array_equal(k(qa), k(fa))  # the default calibrates on quantized activations
+  assert not np.allclose(np.asarray(fa(tokens)), np.asarray(wo(tokens)))  # activations quantized
+
+
+def test_gptq_float_acts_is_a_bool_option():
+  with pytest.raises(jc.SpecError, match="float_acts"):
+    jc.Quant(w_bits=4, a_bits=8, method="gptq", options={"float_acts": "yes"})
