@@ -14,8 +14,9 @@ float16, rounded up: 3.125 bits per weight instead of 3.25); issue 20's formats:
 with GPTQ on the E4M3 grid), gptq_mxfp4 (4.25 bits)
 and gptq_nvfp4 (4.5 bits) against int4 at the same sizes, gptq_w4g32_fp16 (4.5) and
 gptq_w4g64_fp16 (4.25); gptq_w4a8 (per channel: the fast CPU serving path, bench/serve_cpu.py),
-gptq_w4a8g128 / gptq_w4a4g128 (per-token int8 / int4 activations; w4a8g128 with GPTQ's ``float_acts``:
-the weights solved as for the weight-only model, the activations quantized after);
+gptq_w4a8g128 / gptq_w4a4g128 (per-token int8 / int4 activations; w4a8g128 with GPTQ's
+``float_acts``: the weights solved as for the weight-only model, the activations quantized
+after);
 and ``<variant>_rot`` for gptq_w4g128, gptq_w4a8g128, gptq_w4a4g128 and rtn_w4: QuaRot's
 randomized Hadamard rotations folded in first (`jaxcomp.models.llama_surgery.rotate_llama`,
 online Hadamard before down_proj). The 210 projection matrices of the 30 blocks are quantized
