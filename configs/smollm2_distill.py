@@ -59,7 +59,8 @@ def get_config(arg: str = "w4_2of4") -> ml_collections.ConfigDict:
                      # files and self (sampled from the teacher), mix_rows rows in all.
                      sources="", mix_rows=0,
                      generation=dict(temperature=1.0, top_p=1.0, first_token="random",
-                                     greedy_tokens=0, suppress_special=True, batch_size=16))
+                                     greedy_tokens=0, suppress_special=True, batch_size=16,
+                                     temperature_start=1.0, schedule_tokens=0))
   config.eval = dict(text_path="", max_tokens=1024 if tiny else 16384)
   config.train = dict(
       steps=12 if tiny else 150, epochs=0, lr=1e-4 if not tiny else 1e-3,

@@ -48,7 +48,10 @@ class Generation:
   ``first_token`` ("random": uniform over the vocabulary, as LLM-QAT starts its samples; an
   int: that token, e.g. BOS), ``greedy_tokens`` tokens after it taken greedily before sampling
   starts (LLM-QAT's hybrid; Liu et al., 2023), ``suppress_special``: never sample the
-  tokenizer's special (control) tokens, rows per generation call ``batch_size``."""
+  tokenizer's special (control) tokens, rows per generation call ``batch_size``. With
+  ``schedule_tokens`` > 0 the first that many sampled tokens follow a linear temperature
+  schedule from ``temperature_start`` towards ``temperature`` (self-calibration's schedule:
+  varied starts, then fluent text; Williams et al., 2025)."""
 
   temperature: float = 1.0
   top_p: float = 1.0
@@ -56,6 +59,8 @@ class Generation:
   greedy_tokens: int = 0
   suppress_special: bool = True
   batch_size: int = 16
+  temperature_start: float = 1.0
+  schedule_tokens: int = 0
 
   def __post_init__(self):
     if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -69,6 +74,20 @@ class Generation:
       raise ValueError(f"Generation.greedy_tokens must be >= 0, got {self.greedy_tokens}")
     if self.batch_size < 1:
       raise ValueError(f"Generation.batch_size must be >= 1, got {self.batch_size}")
+    if self.schedule_tokens < 0 or self.temperature_start < 0:
+      raise ValueError(f"Generation: schedule_tokens and temperature_start must be >= 0; got "
+                       f"{self.schedule_tokens}, {self.temperature_start}")
+
+  def temperatures(self) -> list[float]:
+    """The temperature of each sampled token in turn (the last holds for the rest): the
+    schedule's ``schedule_tokens`` values, then ``temperature``.
+
+    Example:
+      >>> Generation(temperature=1.0, temperature_start=2.0, schedule_tokens=4).temperatures()
+      [2.0, 1.75, 1.5, 1.25, 1.0]
+    """
+    n, t0, t1 = self.schedule_tokens, self.temperature_start, self.temperature
+    return [t0 + (t1 - t0) * i / n for i in range(n)] + [t1]
 
   def suppressed(self, tokenizer: Any) -> list[int]:
     """The ids `self_generated` must not sample: ``tokenizer``'s special ids
@@ -184,6 +203,8 @@ def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
     del settings["suppress_special"]  # ``suppress`` holds its effect
     if not settings["greedy_tokens"]:
       del settings["greedy_tokens"]  # the keys written before the field existed stay valid
+    if not settings["schedule_tokens"]:
+      del settings["schedule_tokens"], settings["temperature_start"]  # (the same)
     key = json.dumps({"model": _model_digest(model), "n_seq": n_seq, "seq_len": seq_len,
                       "seed": seed, **settings}, sort_keys=True)
     if suppress:
@@ -203,9 +224,10 @@ def self_generated(model: Any, n_seq: int, seq_len: int, *, seed: int = 0,
       first = jnp.full((b, 1), generation.first_token, jnp.int32)
     if generation.greedy_tokens:
       first = generate(model, first, generation.greedy_tokens, suppress=suppress)
+    temps = generation.temperatures()
     rows.append(np.asarray(generate(model, first, seq_len - first.shape[1],
-                                    temperature=generation.temperature, top_p=generation.top_p,
-                                    key=k_gen if generation.temperature > 0 else None,
+                                    temperature=temps, top_p=generation.top_p,
+                                    key=k_gen if max(temps) > 0 else None,
                                     suppress=suppress)))
   out = np.concatenate(rows).astype(np.int32)
   if path is not None:

@@ -50,7 +50,8 @@ def oneshot_config(recipe: Recipe | None, *, tiny: bool = False, rotate: bool = 
                       n_seq=8 if tiny else 128,
                       seq_len=64 if tiny else 512, batch_size=8, seed=0, dtype="bfloat16",
                       generation=dict(temperature=1.0, top_p=1.0, first_token="random",
-                                      greedy_tokens=0, suppress_special=True, batch_size=16),
+                                      greedy_tokens=0, suppress_special=True, batch_size=16,
+                                      temperature_start=1.0, schedule_tokens=0),
                       cache_dir="")
   config.eval = dict(split="test", text_path="", seq_len=64 if tiny else 512,
                      max_tokens=2048 if tiny else 32768, batch_size=4, cloze_items=0, rates=(),

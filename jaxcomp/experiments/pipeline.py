@@ -303,6 +303,9 @@ def _calib_reads(config: ml_collections.ConfigDict) -> dict[str, Any]:
     calib["sources"] = sources
   if "self" not in [p.split(":")[0].strip() for p in str(sources).split(",")]:
     calib.pop("generation", None)
+  elif not calib.get("generation", {}).get("schedule_tokens"):  # (runs made before it existed)
+    calib["generation"].pop("schedule_tokens", None)
+    calib["generation"].pop("temperature_start", None)
   return calib
 
 

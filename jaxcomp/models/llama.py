@@ -873,8 +873,9 @@ def _jit_sample_suppressed(logits: jax.Array, key: jax.Array | None, banned: jax
 
 
 def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
-             max_len: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             key: jax.Array | None = None, suppress: Sequence[int] = ()) -> jax.Array:
+             max_len: int | None = None, temperature: float | Sequence[float] = 0.0,
+             top_p: float = 1.0, key: jax.Array | None = None,
+             suppress: Sequence[int] = ()) -> jax.Array:
   """Decoding with a KV cache: one jitted prefill, then one jitted step per new token; greedy
   by default, sampled with ``temperature`` > 0 (and nucleus ``top_p``) from ``key``
   (`sample_tokens`; the same key gives the same tokens).
@@ -885,7 +886,9 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
     max_new_tokens: number of tokens to append (``>= 0``).
     max_len: cache length S_max, ``>= T + max_new_tokens`` and
       ``<= config.max_seq_len``; default ``T + max_new_tokens``.
-    temperature: 0 for greedy decoding, else the softmax temperature of sampling.
+    temperature: 0 for greedy decoding, else the softmax temperature of sampling; a
+      sequence gives the temperature of each new token in turn, its last value holding for
+      the rest (a temperature schedule).
     top_p: nucleus sampling's probability mass, in (0, 1].
     key: PRNG key, needed when ``temperature > 0``.
     suppress: token ids never produced (their logits set to -inf), e.g. a chat model's
@@ -898,14 +901,18 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
 
     out = generate(model, jnp.array([[1, 2, 3]]), max_new_tokens=8)  # int32[1, 11]
     sampled = generate(model, prompt, 64, temperature=1.0, top_p=0.95, key=jax.random.key(0))
+    cooled = generate(model, prompt, 64, temperature=[2.0, 1.5, 1.0], key=jax.random.key(0))
   """
   if prompt.ndim != 2 or prompt.shape[1] == 0:
     raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {prompt.shape}")
   if max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
-  if temperature > 0 and key is None:
+  temps = ([float(temperature)] if isinstance(temperature, (int, float))
+           else [float(t) for t in temperature])
+  if not temps or min(temps) < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"temperature must be >= 0 (or a non-empty sequence of such) and top_p "
+                     f"in (0, 1]; got {temperature}, {top_p}")
+  if max(temps) > 0 and key is None:
     raise ValueError("generate: sampling (temperature > 0) needs a key")
   b, t = prompt.shape
   prompt = jnp.asarray(prompt, jnp.int32)
@@ -918,18 +925,19 @@ def generate(model: Llama, prompt: jax.Array, max_new_tokens: int, *,
     return prompt
   keys = (jax.random.split(key, max_new_tokens) if key is not None
           else [None] * max_new_tokens)
-  pick = functools.partial(_jit_sample, temperature=temperature, top_p=top_p)
+  sample = functools.partial(_jit_sample, top_p=top_p)
   if suppress:
     banned = sorted(set(int(i) for i in suppress))
     if banned[0] < 0 or banned[-1] >= model.config.vocab_size:
       raise ValueError(f"generate: suppress holds ids outside the vocabulary "
                        f"[0, {model.config.vocab_size}): {banned}")
-    pick = functools.partial(_jit_sample_suppressed, banned=jnp.asarray(banned, jnp.int32),
-                             temperature=temperature, top_p=top_p)
+    sample = functools.partial(_jit_sample_suppressed, banned=jnp.asarray(banned, jnp.int32),
+                               top_p=top_p)
+  pick = lambda logits, i: sample(logits, keys[i], temperature=temps[min(i, len(temps) - 1)])
   prefill_fn, decode_fn = make_decode_fns(model)
   logits, cache = prefill_fn(prompt, model.init_cache(b, max_len))
-  out = [pick(logits, keys[0])]
+  out = [pick(logits, 0)]
   for i in range(1, max_new_tokens):
     logits, cache = decode_fn(out[-1], cache)
-    out.append(pick(logits, keys[i]))
+    out.append(pick(logits, i))
   return jnp.concatenate([prompt, jnp.stack(out, axis=1)], axis=1)

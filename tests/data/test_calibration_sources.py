@@ -2,6 +2,7 @@
 self-generated text deterministic per seed and cached, bad sources in one line."""
 
 import hypothesis
+import jax
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -98,6 +99,28 @@ def test_hybrid_greedy_start_and_suppressed_tokens():
     calibration.self_generated(model, 1, 16, generation=calibration.Generation(greedy_tokens=15))
   with pytest.raises(ValueError, match="suppress holds ids outside the vocabulary"):
     generate(model, np.zeros((1, 1), np.int32), 2, suppress=[model.config.vocab_size])
+
+
+def test_temperature_schedule_samples_each_step_at_its_temperature():
+  """A schedule [0, 0, 1]: the first two new tokens greedy, the rest sampled at T=1 (the
+  same draws as a plain T=1 run from that point on, since each step has its own key)."""
+  model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  prompt = np.full((3, 1), 7, np.int32)
+  key = jax.random.key(4)
+  x = np.asarray(generate(model, prompt, 10, temperature=[0.0, 0.0, 1.0], key=key))
+  greedy = np.asarray(generate(model, prompt, 2))
+  np.testing.assert_array_equal(x[:, :3], greedy)
+  assert len({tuple(r) for r in x[:, 3:]}) > 1
+  cold = calibration.Generation(temperature=1.0, temperature_start=0.0, schedule_tokens=4)
+  assert cold.temperatures() == [0.0, 0.25, 0.5, 0.75, 1.0]
+  a = calibration.self_generated(model, 4, 12, seed=1, generation=cold)
+  np.testing.assert_array_equal(a, calibration.self_generated(model, 4, 12, seed=1,
+                                                              generation=cold))
+  assert not np.array_equal(a, calibration.self_generated(model, 4, 12, seed=1))
+  with pytest.raises(ValueError, match="schedule_tokens and temperature_start must be >= 0"):
+    calibration.Generation(schedule_tokens=-1)
+  with pytest.raises(ValueError, match="temperature must be >= 0"):
+    generate(model, prompt, 2, temperature=[1.0, -1.0], key=key)
 
 
 def test_special_ids_are_the_added_special_tokens():
