@@ -19,7 +19,9 @@ gptq_w4a8g128 / gptq_w4a4g128 (per-token int8 / int4 activations; w4a8g128 with 
 after);
 and ``<variant>_rot`` for gptq_w4g128, gptq_w4a8g128, gptq_w4a4g128 and rtn_w4: QuaRot's
 randomized Hadamard rotations folded in first (`jaxcomp.models.llama_surgery.rotate_llama`,
-online Hadamard before down_proj). The 210 projection matrices of the 30 blocks are quantized
+online Hadamard before down_proj); ``gptq_fp8_w8a8_kd``: gptq_fp8_w8a8, then distilled from the
+float model before packing (a ``kd`` stage: QAT of the fp8 model, pure KL, WikiText-2 valid;
+`KD`). The 210 projection matrices of the 30 blocks are quantized
 (symmetric unless named asym, per output channel or per group of 128 inputs); the tied
 embedding / output head, the norms and attention stay float. Calibration: 128 windows of 512
 tokens, by default mixed in equal parts from WikiText-2 *valid* (valid to tune, test to report)
