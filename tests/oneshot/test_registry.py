@@ -38,7 +38,7 @@ def test_options_have_one_default_each_and_are_validated():
   assert hash(spec) == hash(jc.Quant(w_bits=4, method="gptq", options={"act_order": True}))
   cases = [
       (dict(method="gptq", options={"act_ordr": True}),
-       r"Quant.options has no 'act_ordr' for method 'gptq' \(options: act_order, damp, block_size, keep_zeros\)"),
+       r"Quant.options has no 'act_ordr' for method 'gptq' \(options: act_order, damp, block_size, keep_zeros, float_acts\)"),
       (dict(method="gptq", options={"damp": 0.0}),
        r"Quant.options: gptq option damp must be a number in \(0, 1\], got 0.0"),
       (dict(method="gptq", options={"act_order": "yes"}), "gptq option act_order must be a bool"),
