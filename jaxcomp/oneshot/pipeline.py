@@ -29,6 +29,7 @@ from jaxcomp.oneshot.calibrate import (Capture, ConvCapture, LayerStats, catch_i
                                        low_precision_dot, natural_order, release_host_memory)
 from jaxcomp.quant import dot as qdot
 from jaxcomp.quant.qarray import canonical
+from jaxcomp.quant.spec import options_of
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import engine
 
@@ -153,24 +154,26 @@ def _capture_and_solve(todo: list[tuple[str, nnx.Module, Any]], run: Callable[[]
 def _float_acts(spec: Any) -> bool:
   """Whether calibration runs ``spec``'s solved layer with float activations (GPTQ's
   ``float_acts``)."""
-  return spec.method == "gptq" and bool(spec.options.get("float_acts", False))
+  return spec.method == "gptq" and options_of(spec).float_acts
 
 
 @contextlib.contextmanager
 def _calibration_dots(block: nnx.Module, dtype: Any):
   """Runs the weight-only quantized layers of ``block`` in ``dtype`` for the duration, and
   those solved with ``float_acts`` as weight-only layers (in ``dtype``, or as they are)."""
+  nodes = [node for _, node in nnx.iter_graph(block)]
+  for node in nodes:  # checked before anything is swapped
+    conv = getattr(node, "conv_general_dilated", None)
+    if isinstance(conv, qlayers.QuantConv) and _float_acts(conv.spec):
+      raise ValueError(f"GPTQ's float_acts covers dense layers; {type(node).__name__} is a "
+                       "convolution (drop the option for its rule)")
   swapped = []
-  for _, node in nnx.iter_graph(block):
+  for node in nodes:
     hook = getattr(node, "dot_general", None)
     if isinstance(hook, qlayers.QuantDot) and (
         (hook.spec.a_bits is None and dtype is not None) or _float_acts(hook.spec)):
       node.dot_general = nnx.data(_CalibQuantDot(hook, dtype))
       swapped.append((node, hook))
-    conv = getattr(node, "conv_general_dilated", None)
-    if isinstance(conv, qlayers.QuantConv) and _float_acts(conv.spec):
-      raise ValueError(f"GPTQ's float_acts covers dense layers; {type(node).__name__} is a "
-                       "convolution (drop the option for its rule)")
   try:
     yield
   finally:
