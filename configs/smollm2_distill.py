@@ -21,11 +21,11 @@ The report: student and teacher perplexity on the first ``eval.max_tokens`` toke
 WikiText-2 *valid*.
 """
 
-import os
 
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.data import default_data_dir
 
 STUDENT = r"student/layers/(\d+/)?(attn|mlp)/\w+_proj"
 VARIANTS = ("w4_2of4", "svd_llm_30", "depth15")
@@ -50,8 +50,7 @@ def get_config(arg: str = "w4_2of4") -> ml_collections.ConfigDict:
   config.student = dict(keep_layers=0, prune=None, factorize=None, calib_rows=8 if tiny else 64)
   config.distill = dict(alpha=0.0 if "ce" in mods else 0.9, temperature=2.0, top_k=0,
                         hidden_weight=0.0, hidden_kind="mse", attention_weight=0.0)
-  data_dir = os.environ.get("TFDS_DATA_DIR",
-                            os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  data_dir = default_data_dir()
   config.data = dict(corpus="files" if tiny else "austen", files="", files_name="tiny",
                      data_dir=data_dir, seq_len=32 if tiny else 128,
                      batch_size=8,

@@ -32,11 +32,11 @@ Modifiers: ",tiny" runs the same stages on a tiny random Llama with the byte tok
 ``calib.text`` / ``eval.text_path`` (tests).
 """
 
-import os
 
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.data import default_data_dir
 from jaxcomp.eval.perplexity import WIKITEXT2_DIR
 from jaxcomp.experiments.variants import parse_variant
 
@@ -89,8 +89,7 @@ def get_config(arg: str = "p_q") -> ml_collections.ConfigDict:
       convert=dict(kind="convert"),
       eval=dict(kind="eval"),
   )
-  data_dir = os.environ.get("TFDS_DATA_DIR",
-                            os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  data_dir = default_data_dir()
   # Distillation text: WikiText-2 *valid* (the tuning split, as calibration; test is only
   # reported), one document; tests give their own file.
   wiki_valid = str(WIKITEXT2_DIR / "valid.txt")

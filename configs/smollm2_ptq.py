@@ -38,11 +38,11 @@ tokenizer over ``calib.text`` / ``eval.text_path`` (for tests); any field can be
 """
 
 import dataclasses
-import os
 
 import ml_collections
 
 import jaxcomp as jc
+from jaxcomp.data import default_data_dir
 from jaxcomp.eval.perplexity import WIKITEXT2_DIR
 from jaxcomp.experiments.compress import oneshot_config
 from jaxcomp.experiments.variants import parse_variant
@@ -122,8 +122,7 @@ def get_config(arg: str = "gptq_w4g128") -> ml_collections.ConfigDict:
     names = config.stages.split(",")
     config.stages = ",".join(names[:names.index("convert")] + ["kd"] + names[
         names.index("convert"):])
-    data_dir = os.environ.get("TFDS_DATA_DIR",
-                              os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+    data_dir = default_data_dir()
     config.data = dict(corpus="files", files="" if tiny else str(WIKITEXT2_DIR / "valid.txt"),
                        files_name="tiny" if tiny else "wikitext2_valid", data_dir=data_dir,
                        seq_len=32 if tiny else 128, batch_size=8)

@@ -6,6 +6,7 @@ resumable batches (grain).
 """
 
 import importlib
+import os
 from typing import Any
 
 from jaxcomp.data.sampler import InMemorySource
@@ -19,10 +20,23 @@ __all__ = [
     "InMemorySource",
     "RandomAccessSource",
     "TrainSampler",
+    "default_data_dir",
     "eval_batches",
     "fashion_mnist",
     "read_batch",
 ]
+
+
+def default_data_dir() -> str:
+  """Where tfds builders write: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (tfds's
+  own default), for the configs' ``data.data_dir``.
+
+  Example:
+    >>> default_data_dir().endswith("tensorflow_datasets") or "TFDS_DATA_DIR" in os.environ
+    True
+  """
+  return os.environ.get("TFDS_DATA_DIR",
+                        os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
 
 
 def __getattr__(name: str) -> Any:

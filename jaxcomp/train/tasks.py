@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxcomp.data import default_data_dir
 from jaxcomp.models import CNN, CNNConfig, ViT, ViTConfig
 
 
@@ -153,9 +154,7 @@ def fmnist_config(*, tiny: bool = False) -> ml_collections.ConfigDict:
     config = fmnist_config(tiny=True)
     config.recipe = recipe.to_config()
   """
-  import os  # pylint: disable=import-outside-toplevel
-  data_dir = os.environ.get("TFDS_DATA_DIR",
-                            os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  data_dir = default_data_dir()
   config = ml_collections.ConfigDict()
   config.task = "image_classification"
   config.seed = 0
