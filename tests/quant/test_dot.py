@@ -223,8 +223,9 @@ def test_int4_skinny_dot_is_exact_for_every_row_count_and_group(data):
   rng = np.random.default_rng(seed)
   q = rng.integers(-8, 8, (n, k)).astype(np.int8)
   x = rng.integers(-128, 128, (r, k)).astype(np.int8)
-  got = qdot._int4_skinny_dot(jnp.asarray(x), jc.quant.pack_int4(jnp.asarray(q), 1), group,
-                               jnp.ones(()))
+  # one jitted program per example (eagerly, every op of the product compiles per shape)
+  got = jax.jit(lambda x, q: qdot._int4_skinny_dot(x, jc.quant.pack_int4(q, 1), group,
+                                                   jnp.ones(())))(jnp.asarray(x), jnp.asarray(q))
   gs = group or k
   want = np.stack([q[:, i:i + gs].astype(np.int64) @ x[:, i:i + gs].T.astype(np.int64)
                    for i in range(0, k, gs)])
