@@ -23,9 +23,11 @@ int4_arrays = hnp.arrays(
 @hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(q=int4_arrays, axis=st.sampled_from([0, -2]))
 def test_pack_unpack_roundtrip(q, axis):
-  packed = pack_int4(jnp.asarray(q), axis)
+  # one jitted program per example (eagerly, every op compiles per shape)
+  packed, unpacked = jax.jit(lambda q: (p := pack_int4(q, axis), unpack_int4(p, axis)))(
+      jnp.asarray(q))
   assert packed.dtype == jnp.int8 and packed.shape[0] == q.shape[0] // 2
-  np.testing.assert_array_equal(np.asarray(unpack_int4(packed, axis)), q)
+  np.testing.assert_array_equal(np.asarray(unpacked), q)
   # The layout's contract: the byte read as int8 is 16 * odd + even + 8 (what the packed
   # W4A8 decode multiplies directly), and its low nibble is even + 8.
   q = q.astype(np.int32)
@@ -42,10 +44,11 @@ def test_unpack_int4_refuses_other_byte_types():
 @hypothesis.given(codes=hnp.arrays(np.uint8, st.tuples(st.integers(1, 3), st.integers(1, 4).map(
     lambda n: 2 * n)), elements=st.integers(0, 15)))
 def test_pack_codes_roundtrip(codes):
-  packed = pack_codes(jnp.asarray(codes), 1)
+  packed, unpacked = jax.jit(lambda c: (p := pack_codes(c, 1), unpack_codes(p, 1)))(
+      jnp.asarray(codes))
   assert packed.dtype == jnp.uint8
   np.testing.assert_array_equal(np.asarray(packed), codes[:, 0::2] | (codes[:, 1::2] << 4))
-  np.testing.assert_array_equal(np.asarray(unpack_codes(packed, 1)), codes)
+  np.testing.assert_array_equal(np.asarray(unpacked), codes)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
@@ -56,10 +59,12 @@ def test_pack_bits_roundtrip_and_size(data, bits, axis):
   shape[axis] *= per
   lo = -(1 << (bits - 1))
   q = data.draw(hnp.arrays(np.int8, tuple(shape), elements=st.integers(lo, -lo - 1)))
-  packed = pack_bits(jnp.asarray(q), bits, axis)
+  # one jitted program per example (eagerly, every op compiles per shape)
+  packed, unpacked = jax.jit(
+      lambda q: (p := pack_bits(q, bits, axis), unpack_bits(p, bits, axis)))(jnp.asarray(q))
   assert packed.dtype == (jnp.int8 if bits == 4 else jnp.uint8)  # 4 bits: pack_int4's bytes
   assert packed.shape[axis] == shape[axis] * bits // 8
-  np.testing.assert_array_equal(np.asarray(unpack_bits(packed, bits, axis)), q)
+  np.testing.assert_array_equal(np.asarray(unpacked), q)
 
 
 def test_pack_bits_layout_and_errors():
