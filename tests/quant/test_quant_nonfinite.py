@@ -1,6 +1,8 @@
 """Non-finite values propagate, never hide: each numerics function's NaN / inf behaviour as its
 docstring states it, `lsq_fake_quant`'s step validation, and the shared `check_finite`."""
 
+import functools
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -47,6 +49,12 @@ def _assert_propagated(out, clean, sharing):
   np.testing.assert_array_equal(out[~sharing], clean[~sharing])
 
 
+@functools.cache
+def _jitted(spec):
+  return (jax.jit(lambda w: qarray.quantize_weight(w, (0,), spec).dequantize()),
+          jax.jit(lambda w: fake_quant_weight(w, (0,), spec)))
+
+
 @SETTINGS
 @hypothesis.given(spec=st.sampled_from(SPECS), k=st.integers(0, K - 1), n=st.integers(0, N - 1),
                   bad=BAD)
@@ -54,10 +62,9 @@ def test_quantize_weight_and_fake_quant_weight_make_the_scale_group_nan(spec, k,
   w = W.copy()
   w[k, n] = bad
   sharing = _sharing(spec, k, n)
-  _assert_propagated(qarray.quantize_weight(w, (0,), spec).dequantize(),
-                     qarray.quantize_weight(W, (0,), spec).dequantize(), sharing)
-  _assert_propagated(fake_quant_weight(jnp.asarray(w), (0,), spec),
-                     fake_quant_weight(jnp.asarray(W), (0,), spec), sharing)
+  packed, fake = _jitted(spec)  # one program each per spec (eagerly, one per op)
+  _assert_propagated(packed(w), packed(W), sharing)
+  _assert_propagated(fake(w), fake(W), sharing)
 
 
 @SETTINGS
