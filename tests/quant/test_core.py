@@ -28,8 +28,11 @@ def test_qrange(bits, sym, expected):
 @hypothesis.given(x=arrays, bits=st.integers(2, 8), sym=st.booleans())
 def test_roundtrip_error_within_half_step(x, bits, sym):
   """Inside the calibrated range, |dequantize(quantize(x)) - x| <= scale / 2."""
-  s, z = core.compute_scale(x, bits, axes=None, symmetric=sym)
-  x_hat = core.dequantize(core.quantize(x, s, z, bits=bits, symmetric=sym), s, z)
+  @jax.jit  # one program per example (eagerly, every op compiles per shape)
+  def roundtrip(x):
+    s, z = core.compute_scale(x, bits, axes=None, symmetric=sym)
+    return s, core.dequantize(core.quantize(x, s, z, bits=bits, symmetric=sym), s, z)
+  s, x_hat = roundtrip(x)
   err = np.abs(np.asarray(x_hat) - x)
   assert np.all(err <= np.asarray(s) / 2 * (1 + 1e-5) + 1e-30)
 
@@ -38,9 +41,10 @@ def test_roundtrip_error_within_half_step(x, bits, sym):
 @hypothesis.given(x=arrays, bits=st.integers(2, 8), sym=st.booleans())
 def test_fake_quant_idempotent(x, bits, sym):
   """Quantizing an already quantized tensor with its own scale changes nothing."""
-  s, z = core.compute_scale(x, bits, axes=None, symmetric=sym)
-  once = core.fake_quant_with_scale(jnp.asarray(x), s, z, bits, sym)
-  twice = core.fake_quant_with_scale(once, s, z, bits, sym)
+  s, z = jax.jit(lambda x: core.compute_scale(x, bits, axes=None, symmetric=sym))(x)
+  fq = jax.jit(lambda x, s, z: core.fake_quant_with_scale(x, s, z, bits, sym))  # one program
+  once = fq(jnp.asarray(x), s, z)
+  twice = fq(once, s, z)
   np.testing.assert_allclose(twice, once, rtol=0, atol=float(np.max(s)) * 1e-4)
 
 
@@ -50,9 +54,15 @@ def test_fake_quant_idempotent(x, bits, sym):
 def test_fake_quant_equals_quantize_dequantize(x, bits, sym, calib):
   x = jnp.asarray(x)
   axes = 0 if x.ndim > 1 else None
-  fq = core.fake_quant(x, bits, axes=axes, symmetric=sym, calibration=calib, percentile=99.0)
-  s, z = core.compute_scale(x, bits, axes=axes, symmetric=sym, calibration=calib, percentile=99.0)
-  ref = core.dequantize(core.quantize(x, s, z, bits=bits, symmetric=sym), s, z)
+  # two jitted programs per example (eagerly, every op compiles per shape)
+  fq = jax.jit(lambda x: core.fake_quant(x, bits, axes=axes, symmetric=sym, calibration=calib,
+                                         percentile=99.0))(x)
+  @jax.jit
+  def ref(x):
+    s, z = core.compute_scale(x, bits, axes=axes, symmetric=sym, calibration=calib,
+                              percentile=99.0)
+    return core.dequantize(core.quantize(x, s, z, bits=bits, symmetric=sym), s, z)
+  ref = ref(x)
   np.testing.assert_array_equal(np.asarray(fq), np.asarray(ref))
 
 
