@@ -18,11 +18,12 @@ from jaxcomp.sparse.block_sparse import BlockSparse, block_sparse_matmul
 def test_roundtrip_and_matmul_equal_masked_dense(k, n, block, p, seed):
   rng = np.random.default_rng(seed)
   w = rng.normal(size=(k, n)).astype(np.float32)
-  keep = np.asarray(sparse.block_mask(np.abs(w), p, block))
+  # jitted: one program per function and example (eagerly, every op compiles per shape)
+  keep = np.asarray(jax.jit(lambda s: sparse.block_mask(s, p, block))(np.abs(w)))
   bs = BlockSparse.from_dense(w, keep, block)
-  np.testing.assert_array_equal(np.asarray(bs.to_dense()), w * keep)
+  np.testing.assert_array_equal(np.asarray(jax.jit(BlockSparse.to_dense)(bs)), w * keep)
   x = rng.normal(size=(3, 5, k)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(block_sparse_matmul(jnp.asarray(x), bs)),
+  np.testing.assert_allclose(np.asarray(jax.jit(block_sparse_matmul)(jnp.asarray(x), bs)),
                              x @ (w * keep), rtol=1e-5, atol=1e-5)
   gk, gn = -(-k // block[0]), -(-n // block[1])
   assert int(bs.counts.sum()) == gk * gn - round(p * (gk * gn))  # round(p * n) of n tiles
