@@ -16,6 +16,12 @@ SETTINGS = hypothesis.settings(max_examples=25, deadline=None,
 FRACTIONS = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
 
 
+def _jit(mask_fn, *args, **kwargs):
+  """``mask_fn(scores, *args, **kwargs)`` as one jitted program (hypothesis draws a new shape
+  each example; eagerly, every op of the mask compiles per shape)."""
+  return jax.jit(lambda s: mask_fn(s, *args, **kwargs))
+
+
 def _scores(shape, seed):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
@@ -25,7 +31,7 @@ def _scores(shape, seed):
                   seed=st.integers(0, 2**16))
 def test_unstructured_exact_count(shape, p, seed):
   s = _scores(shape, seed)
-  mask = np.asarray(sparse.unstructured_mask(s, p))
+  mask = np.asarray(_jit(sparse.unstructured_mask, p)(s))
   assert mask.shape == s.shape and mask.dtype == bool
   assert (~mask).sum() == round(p * s.size)
   if mask.any() and (~mask).any():  # every kept score >= every pruned one
@@ -37,7 +43,7 @@ def test_unstructured_exact_count(shape, p, seed):
                   seed=st.integers(0, 2**16))
 def test_unstructured_per_output_exact_in_every_column(shape, p, seed):
   s = _scores(shape, seed)
-  mask = np.asarray(sparse.unstructured_mask(s, p, axis=0))
+  mask = np.asarray(_jit(sparse.unstructured_mask, p, axis=0)(s))
   np.testing.assert_array_equal((~mask).sum(axis=0), round(p * shape[0]))
 
 
@@ -64,7 +70,7 @@ def test_nm_holds_in_every_group(nm, groups, cols, axis, seed):
   n, m = nm
   shape = (groups * m, cols) if axis == 0 else (cols, groups * m)
   s = _scores(shape, seed)
-  mask = np.asarray(sparse.nm_mask(s, n, m, axis=axis))
+  mask = np.asarray(_jit(sparse.nm_mask, n, m, axis=axis)(s))
   grouped = np.moveaxis(mask, axis, -1).reshape(-1, m)
   np.testing.assert_array_equal(grouped.sum(axis=1), n)
   assert sparse.sparsity(mask) == pytest.approx(1 - n / m)
@@ -80,7 +86,7 @@ def test_nm_holds_in_every_group(nm, groups, cols, axis, seed):
                   seed=st.integers(0, 2**16))
 def test_block_exact_and_whole_tiles(k, n, block, p, seed):
   s = np.abs(_scores((k, n), seed))
-  mask = np.asarray(sparse.block_mask(s, p, block))
+  mask = np.asarray(_jit(sparse.block_mask, p, block)(s))
   bk, bn = block
   gk, gn = -(-k // bk), -(-n // bn)
   padded = np.zeros((gk * bk, gn * bn), bool)
@@ -109,9 +115,9 @@ def test_block_tpu_tile_on_a_ragged_kernel():
                   p=FRACTIONS, seed=st.integers(0, 2**16))
 def test_structured_channels_exact(shape, p, seed):
   s = np.abs(_scores(shape, seed))
-  keep = np.asarray(sparse.structured_keep(s, p, axis=-1))
+  keep = np.asarray(_jit(sparse.structured_keep, p, axis=-1)(s))
   assert (~keep).sum() == round(p * shape[-1])
-  mask = np.asarray(sparse.structured_mask(s, p, axis=-1))
+  mask = np.asarray(_jit(sparse.structured_mask, p, axis=-1)(s))
   np.testing.assert_array_equal(mask, np.broadcast_to(keep, shape))
 
 
