@@ -76,13 +76,13 @@ def test_missing_config_file_with_an_override_is_one_line(data_dir, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--config.data.batch_size=0",), "data.batch_size must be a positive integer, got 0"),
-    (("--config.train.epochs=0",), "train.steps and train.epochs are both 0"),
+@pytest.mark.parametrize("args,message,fix", [
+    (("--config.data.batch_size=0",), "data.batch_size must be a positive integer, got 0", False),
+    (("--config.train.epochs=0",), "train.steps and train.epochs are both 0", False),
     (("--config.recipe.rules.all.pattern=nothing_is_called_this",),
-     "strict: rule 'all' matched no layer"),
+     "strict: rule 'all' matched no layer", True),
 ])
-def test_invalid_config_creates_no_workdir_and_the_fix_runs_there(args, message, data_dir,
+def test_invalid_config_creates_no_workdir_and_the_fix_runs_there(args, message, fix, data_dir,
                                                                   tmp_path):
   work = tmp_path / "w"
   r = _run(work, data_dir, *args)
@@ -90,8 +90,9 @@ def test_invalid_config_creates_no_workdir_and_the_fix_runs_there(args, message,
   lines = _stderr_lines(r)
   assert len(lines) == 1 and lines[0].startswith("jaxcomp: error:") and message in lines[0], lines
   assert not work.exists()  # validated before the workdir is created
-  fixed = _run(work, data_dir, "--config.train.epochs=1")
-  assert fixed.returncode == 0, fixed.stderr[-2000:]
+  if fix:  # with no workdir left, the fixed run is the same whichever check refused: run it once
+    fixed = _run(work, data_dir, "--config.train.epochs=1")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
 
 
 def test_bad_input_on_an_existing_workdir_leaves_its_bytes(finished, data_dir, snapshot):
