@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # this process's topology, the suite's compile flags
        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                     + os.environ.get("JAXCOMP_TEST_XLA_FLAGS", "")}
-STEPS = 24
+STEPS = 16  # checkpoints every 4: the kills below land after 4, 8 or 12
 
 
 def _cmd(workdir, files, tmp):
