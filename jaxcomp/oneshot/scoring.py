@@ -34,7 +34,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from tqdm.auto import tqdm
 
 from jaxcomp.lowrank.spec import LowRank
@@ -154,6 +153,7 @@ class Sensitivity:
     if self.kl is None:
       raise ValueError("spearman: the direct score was not measured; pass kl_tokens= to "
                        "jc.sensitivity")
+    import scipy.stats  # pylint: disable=import-outside-toplevel  (~0.7 s; only this needs it)
     return {n: float(scipy.stats.spearmanr(cheap[:, c], self.kl[:, c]).statistic)
             for c, n in enumerate(self.names) if not np.isnan(self.kl[:, c]).any()}
 
