@@ -47,18 +47,25 @@ def _proj_kernels(model):
           if "_proj" in "/".join(map(str, p)) and p[-1] == "kernel"}
 
 
-def test_two_orders_give_the_expected_models(texts, tmp_path):
-  pq = pipeline.run_pipeline(_config("p_q", texts), str(tmp_path / "p_q"))
+@pytest.fixture(scope="module")
+def pq_run(texts, tmp_path_factory):
+  """An uninterrupted in-process run of p_q on the tiny model: its workdir and report."""
+  work = tmp_path_factory.mktemp("pq_run") / "p_q"
+  return work, pipeline.run_pipeline(_config("p_q", texts), str(work))
+
+
+def test_two_orders_give_the_expected_models(texts, pq_run, tmp_path):
+  work, pq = pq_run
   q = pipeline.run_pipeline(_config("q_only", texts), str(tmp_path / "q_only"))
   assert [s["name"] for s in pq["stages"]] == ["prune", "gptq", "convert", "eval"]
   # 2:4 zeros survive GPTQ and packing: half the projection weights are exactly zero.
-  pruned = _restored(tmp_path / "p_q", _config("p_q", texts), 0)
+  pruned = _restored(work, _config("p_q", texts), 0)
   for k in _proj_kernels(pruned).values():
     assert (k == 0).mean() == pytest.approx(0.5)
-  solved = _restored(tmp_path / "p_q", _config("p_q", texts), 1)
+  solved = _restored(work, _config("p_q", texts), 1)
   for path, k in _proj_kernels(solved).items():
     assert np.all(k[_proj_kernels(pruned)[path] == 0] == 0), path
-  packed = _restored(tmp_path / "p_q", _config("p_q", texts), 2)
+  packed = _restored(work, _config("p_q", texts), 2)
   tokens = np.arange(32, dtype=np.int32)[None] % 200
   np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(jc.convert(solved)(tokens)))
   assert pq["size"]["sparsity"] > q["size"]["sparsity"] + 0.2
@@ -66,18 +73,19 @@ def test_two_orders_give_the_expected_models(texts, tmp_path):
   for r in (pq, q):
     assert r["scores"]["quality_ratio"] == pytest.approx(r["baseline"]["ppl"] / r["quality"]["ppl"])
   # The finished runs compare.
-  for name, r in (("p_q", pq), ("q_only", q)):
-    (tmp_path / name / "report.json").write_text(json.dumps(r))
-  rows = compare.compare({n: compare.find_report(tmp_path / n) for n in ("p_q", "q_only")})
+  for w, r in ((work, pq), (tmp_path / "q_only", q)):
+    (w / "report.json").write_text(json.dumps(r))
+  rows = compare.compare({"p_q": compare.find_report(work),
+                          "q_only": compare.find_report(tmp_path / "q_only")})
   assert {r["run"] for r in rows} == {"p_q", "q_only"}
   # `python -m jaxcomp eval --workdir` re-evaluates the final (packed) model of a run.
-  again = pipeline.evaluate_workdir(str(tmp_path / "p_q"))
+  again = pipeline.evaluate_workdir(str(work))
   assert again["quality"] == pq["quality"]
-  assert (tmp_path / "p_q" / "eval" / "report.json").is_file()
+  assert (work / "eval" / "report.json").is_file()
 
 
-def test_an_interrupted_run_resumes_at_its_first_unfinished_stage(texts, tmp_path):
-  full = pipeline.run_pipeline(_config("p_q", texts), str(tmp_path / "once"))
+def test_an_interrupted_run_resumes_at_its_first_unfinished_stage(texts, pq_run, tmp_path):
+  _, full = pq_run
   # Interrupted after stage 1: the first two stages' outputs are on disk, nothing else.
   part = pipeline.run_pipeline(_config("p_q", texts, stages="prune,gptq"), str(tmp_path / "two"))
   assert [s["name"] for s in part["stages"]] == ["prune", "gptq"]
