@@ -102,19 +102,20 @@ def test_gptq_on_a_float_grid_lands_on_it_and_beats_rtn(fmt):
 def test_gptq_convert_save_restore_on_a_tiny_llama_with_float_formats(tmp_path, fmt):
   model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(6), (4, 32), 0, 256)
-  logits = model(tokens)
+  forward = nnx.jit(lambda m: m(tokens))  # one program per model, not one per op
+  logits = forward(model)
   recipe = jc.Recipe([jc.Rule(r".*_proj", quant=jc.Quant(w_format=fmt, method="gptq"))])
   ptq = jc.ptq(model, recipe, calib=tokens)
-  out = ptq(tokens)
+  out = forward(ptq)
   assert np.isfinite(np.asarray(out)).all()
   rel = float(jnp.linalg.norm(out - logits) / jnp.linalg.norm(logits))
   assert 0 < rel < 0.5, (fmt, rel)
   packed = jc.convert(ptq)
-  np.testing.assert_array_equal(packed(tokens), out)  # the stored codes: the same logits
+  np.testing.assert_array_equal(forward(packed), out)  # the stored codes: the same logits
   jc.save_packed(packed, tmp_path / fmt)
   like = nnx.eval_shape(lambda: jc.packed_skeleton(
       Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0)), recipe))
-  np.testing.assert_array_equal(jc.restore_packed(tmp_path / fmt, like)(tokens), out)
+  np.testing.assert_array_equal(forward(jc.restore_packed(tmp_path / fmt, like)), out)
 
 
 def test_qat_gradients_on_a_tiny_llama_with_fp8_weights_and_activations():
@@ -122,7 +123,7 @@ def test_qat_gradients_on_a_tiny_llama_with_fp8_weights_and_activations():
   tokens = jax.random.randint(jax.random.key(6), (4, 32), 0, 256)
   qat = jc.quantize(model, jc.Recipe([jc.Rule(r".*_proj", quant=jc.Quant(
       w_format="e4m3", a_format="e4m3"))]))
-  grads = nnx.grad(lambda m: m(tokens).astype(jnp.float32).mean())(qat)
+  grads = nnx.jit(nnx.grad(lambda m: m(tokens).astype(jnp.float32).mean()))(qat)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
@@ -130,10 +131,13 @@ def test_qat_gradients_on_a_tiny_llama_with_fp8_weights_and_activations():
 @pytest.mark.parametrize("shape, contracting", [((64, 24), (0,)), ((4, 16, 12), (0, 1)),
                                                 ((66, 8), (0,))])
 def test_packed_float_formats_dequantize_to_the_fake_quant_kernel(fmt, shape, contracting):
+  # each side jitted: one program per computation, not one per op and shape
   w = jax.random.normal(jax.random.key(7), shape) * 3
   spec = jc.Quant(w_format=fmt)
-  qa = jc.quant.quantize_weight(w, contracting, spec)
-  np.testing.assert_array_equal(qa.dequantize(), qdot.fake_quant_weight(w, contracting, spec))
+  qa = jax.jit(lambda w: jc.quant.quantize_weight(w, contracting, spec))(w)
+  dequantize = jax.jit(lambda q: q.dequantize())
+  np.testing.assert_array_equal(
+      dequantize(qa), jax.jit(lambda w: qdot.fake_quant_weight(w, contracting, spec))(w))
   k = int(np.prod([shape[a] for a in contracting]))
   n = w.size // k
   assert qa.values.dtype == jnp.uint8
@@ -142,22 +146,22 @@ def test_packed_float_formats_dequantize_to_the_fake_quant_kernel(fmt, shape, co
   if fmt in ("mxfp4", "nvfp4"):
     assert qa.scale.dtype == jnp.uint8 and qa.scale.shape == (n, -(-k // spec.group))
   # a solved step (PTQ) packs to the same codes
-  step = jc.quant.qarray.initial_step(w, contracting, spec)
-  again = jc.quant.qarray.quantize_with_step(w, contracting, step, spec.w_bits, spec.group,
-                                             fmt=fmt)
-  np.testing.assert_array_equal(again.dequantize(), qa.dequantize())
+  step = jax.jit(lambda w: jc.quant.qarray.initial_step(w, contracting, spec))(w)
+  again = jax.jit(lambda w, step: jc.quant.qarray.quantize_with_step(
+      w, contracting, step, spec.w_bits, spec.group, fmt=fmt))(w, step)
+  np.testing.assert_array_equal(dequantize(again), dequantize(qa))
   # the packed dot (weight-only and with fp8 activations) equals the fake-quant dot
   x = jax.random.normal(jax.random.key(8), (3,) + tuple(shape[a] for a in contracting))
   dims = ((tuple(range(1, 1 + len(contracting))), contracting), ((), ()))
   for s in (spec, dataclasses.replace(spec, a_format="e4m3", a_bits=8)):
-    np.testing.assert_allclose(qdot.quant_dot_general(x, qa, dims, s),
-                               qdot.quant_dot_general(x, w, dims, s), rtol=1e-6, atol=1e-5)
+    dot = jax.jit(lambda x, w, s=s: qdot.quant_dot_general(x, w, dims, s))
+    np.testing.assert_allclose(dot(x, qa), dot(x, w), rtol=1e-6, atol=1e-5)
 
 
 def test_packed_float_formats_bits_per_weight():
   w = jax.random.normal(jax.random.key(9), (512, 64))
-  bits = {f: 8 * jc.quant.quantize_weight(w, (0,), jc.Quant(w_format=f)).nbytes / w.size
-          for f in W_FORMATS}
+  pack = lambda f: jax.jit(lambda w: jc.quant.quantize_weight(w, (0,), jc.Quant(w_format=f)))(w)
+  bits = {f: 8 * pack(f).nbytes / w.size for f in W_FORMATS}
   assert bits["mxfp4"] == 4.25 and bits["nvfp4"] == 4.5 + 32 / w.size
   assert bits["e4m3"] == bits["e5m2"] == 8 + 32 / 512
 
