@@ -22,6 +22,12 @@ def pair():
   return model, scan_layers(model), tokens
 
 
+@nnx.jit
+def _logits(model, tokens):
+  """``model(tokens)`` as one program (eager runs compile one per op and shape)."""
+  return model(tokens)
+
+
 def _close(a, b, tol=1e-5):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
@@ -56,9 +62,9 @@ def test_ptq_and_convert_equal_the_unrolled_model(pair, spec):
   q = jc.ptq(scanned, jc.Recipe([jc.Rule(SCANNED, quant=spec)]), calib, **kw)
   ref = jc.ptq(model, jc.Recipe([jc.Rule(UNROLLED, quant=spec)]), calib, **kw)
   tol = 1e-2 if spec.a_bits else 1e-4  # per-token int8 rounding turns last-ulp diffs into steps
-  _close(q(tokens), ref(tokens), tol)
+  _close(_logits(q, tokens), _logits(ref, tokens), tol)
   packed = jc.convert(q)
-  _close(packed(tokens), q(tokens), tol)
+  _close(_logits(packed, tokens), _logits(q, tokens), tol)
 
 
 def test_pruning_and_qat_equal_the_unrolled_model(pair):
@@ -68,9 +74,9 @@ def test_pruning_and_qat_equal_the_unrolled_model(pair):
   kw = dict(progress=False, calib_dtype=None, strict=True)
   p = jc.prune(scanned, jc.Recipe([jc.Rule(SCANNED, sparsity=sparse)]), calib, **kw)
   ref = jc.prune(model, jc.Recipe([jc.Rule(UNROLLED, sparsity=sparse)]), calib, **kw)
-  _close(p(tokens), ref(tokens), 1e-4)
+  _close(_logits(p, tokens), _logits(ref, tokens), 1e-4)
   lsq = jc.Quant(w_bits=4, group=32, learn_scale=True)
   q = jc.quantize(scanned, jc.Recipe([jc.Rule(SCANNED, quant=lsq)]), strict=True)
   qref = jc.quantize(model, jc.Recipe([jc.Rule(UNROLLED, quant=lsq)]), strict=True)
-  _close(q(tokens), qref(tokens))
+  _close(_logits(q, tokens), _logits(qref, tokens))
   assert q.layers.attn.q_proj.dot_general.w_step.shape == (3, 2, 64)
