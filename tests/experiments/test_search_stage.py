@@ -24,6 +24,18 @@ sys.path.insert(0, str(ROOT / "configs"))
 import smollm2_search  # noqa: E402  pylint: disable=wrong-import-position
 
 
+# The tiny config's grids and ranks, cut to what the assertions need (each candidate costs one
+# GPTQ or SVD-LLM compile per kernel shape): per group and per channel, low and high widths;
+# ranks on both sides of the budget, and dense.
+MIXED = ("w2g32", "w3", "w3g32", "w8")
+RANKS = ("r20", "r40", "r60", "dense")
+
+
+def _subset(variant, names):
+  cands = smollm2_search.get_config(variant + ",tiny").stage.search.candidates
+  return {n: cands[n] for n in names}
+
+
 def _config(variant, texts, **search):
   config = smollm2_search.get_config(variant + ",tiny")
   config.calib.text = str(texts / "train.txt")
@@ -48,7 +60,7 @@ def _packed_bits(model):
 @pytest.fixture(scope="module")
 def mixed(texts, tmp_path_factory):
   work = tmp_path_factory.mktemp("mixed")
-  config = _config("mixed", texts, budget=4.0, kl_n_seq=2)
+  config = _config("mixed", texts, budget=4.0, kl_n_seq=2, candidates=_subset("mixed", MIXED))
   return config, work, pipeline.run_pipeline(config, str(work))
 
 
@@ -83,7 +95,8 @@ def test_rerun_resumes_and_scores_are_reused_at_another_budget(mixed, texts, tmp
   again = pipeline.run_pipeline(config, str(work))  # finished: gathers the reports
   assert again["quality"]["ppl"] == report["quality"]["ppl"]
   scores = work / "stages" / "0_search" / "sensitivity.json"
-  cheaper = _config("mixed", texts, budget=3.25, scores=str(scores))
+  cheaper = _config("mixed", texts, budget=3.25, scores=str(scores),
+                    candidates=_subset("mixed", MIXED))
   r = pipeline.run_pipeline(cheaper, str(tmp_path / "cheaper"))
   search = json.loads((tmp_path / "cheaper" / "stages" / "0_search" / "report.json").read_text())
   assert search["scores_from"] == str(scores) and search["bits_per_param"] <= 3.25
@@ -91,7 +104,8 @@ def test_rerun_resumes_and_scores_are_reused_at_another_budget(mixed, texts, tmp
   assert bits / params == pytest.approx(search["bits_per_param"])
   assert r["size"]["bytes"] < report["size"]["bytes"]
   # Other candidates than the scores file's: refused.
-  other = _config("mixed", texts, budget=3.25, scores=str(scores))
+  other = _config("mixed", texts, budget=3.25, scores=str(scores),
+                  candidates=_subset("mixed", MIXED))
   del other.stage.search.candidates["w8"]
   with pytest.raises(ValueError, match="scored other candidates"):
     pipeline.run_pipeline(other, str(tmp_path / "other"))
@@ -112,7 +126,8 @@ def test_owl_keeps_the_total_sparsity(texts, tmp_path):
 
 
 def test_rank_allocation_fits_the_budget(texts, tmp_path):
-  pipeline.run_pipeline(_config("ranks", texts, budget=0.7 * 32), str(tmp_path))
+  pipeline.run_pipeline(_config("ranks", texts, budget=0.7 * 32,
+                                candidates=_subset("ranks", RANKS)), str(tmp_path))
   search = json.loads((tmp_path / "stages" / "0_search" / "report.json").read_text())
   per_layer = json.loads((tmp_path / "stages" / "0_search" / "layers.json").read_text())
   model = pipeline.final_model(tmp_path)[0]
