@@ -109,7 +109,8 @@ def main() -> None:
     for v, r in reports.items():
       inc = ("" if v == "float" else f"{r['ppl'] - base:+.3f}") + ood_cells(v, r)
       params = r.get("params")
-      frac = f"{params / r['params_before']:.4f}" if params else "1"
+      before = r.get("params_before", first.get("params"))  # the float row has none
+      frac = f"{params / before:.4f}" if params and before else "1"
       print(f"| {v} | {r['ppl']:.3f} | {inc} | {params or ''} | {frac} | "
             f"{r.get('factorize_s', '')} |")
     print()
