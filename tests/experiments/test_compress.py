@@ -62,11 +62,24 @@ def test_kd_variant_distills_the_fp8_model_before_packing_it(texts, tmp_path):
   assert s["saved"]["packed_bytes"] > 0  # convert packs the distilled model (test_pipeline)
 
 
+@pytest.fixture(scope="module")
+def gptq_w4g128_run(texts, tmp_path_factory):
+  """The unrolled gptq_w4g128 run, finished once for the packed-model and the scanned-model
+  tests (both only read it)."""
+  work = tmp_path_factory.mktemp("gptq_w4g128") / "run"
+  config = _config("gptq_w4g128", texts)
+  pipeline.run_pipeline(config, str(work))
+  return config, work
+
+
 @pytest.mark.parametrize("variant", ["gptq_w4g128", "smoothquant_w8a8", "float"])
-def test_ptq_run_saves_a_restorable_packed_model(variant, texts, tmp_path):
-  config = _config(variant, texts)
-  pipeline.run_pipeline(config, str(tmp_path / "run"))
-  s = summary(tmp_path / "run")
+def test_ptq_run_saves_a_restorable_packed_model(variant, texts, tmp_path, request):
+  if variant == "gptq_w4g128":
+    config, work = request.getfixturevalue("gptq_w4g128_run")
+  else:
+    config, work = _config(variant, texts), tmp_path / "run"
+    pipeline.run_pipeline(config, str(work))
+  s = summary(work)
   assert np.isfinite(s["ppl"]) and s["eval_tokens"] > 1000
   if variant == "float":
     assert "saved" not in s and s["bits_per_param"] == 32
@@ -74,7 +87,7 @@ def test_ptq_run_saves_a_restorable_packed_model(variant, texts, tmp_path):
   assert s["ptq_layers"] == 14 and s["ptq_rel_error"] < 0.1
   assert s["saved"]["packed_bits_per_param"] > 0 and s["saved"]["packed_bytes"] > 0
   # Eq. 2 per layer beside the convert stage's report.
-  layers = json.loads((tmp_path / "run" / "stages" / "1_convert" / "layers.json").read_text())
+  layers = json.loads((work / "stages" / "1_convert" / "layers.json").read_text())
   assert len(layers) == 14 and all(0 < l["rel_frobenius"] < 0.2 for l in layers)
   # The serving artifact restores with the public API and gives the same perplexity.
   from jaxcomp.models.llama import Llama, LlamaConfig  # pylint: disable=import-outside-toplevel
@@ -135,15 +148,15 @@ def test_lowrank_run_removes_the_budgeted_parameters(texts, tmp_path):
   assert 0 < s["factorize_rel_error"] < 1
 
 
-def test_scanned_model_gives_the_unrolled_perplexity(texts, tmp_path):
+def test_scanned_model_gives_the_unrolled_perplexity(gptq_w4g128_run, texts, tmp_path):
   """`config.model.scan_layers`: the same stages on the stacked-blocks Llama (the recipe's
   ``layers/(\\d+/)?...`` pattern takes both), GPTQ walking the stack layer by layer."""
-  ppl = {}
-  for scan in (False, True):
-    config = _config("gptq_w4g128", texts)
-    config.model.scan_layers = scan
-    pipeline.run_pipeline(config, str(tmp_path / f"run{scan}"))
-    ppl[scan] = summary(tmp_path / f"run{scan}")["ppl"]
+  unrolled, work = gptq_w4g128_run
+  assert not unrolled.model.scan_layers
+  config = _config("gptq_w4g128", texts)
+  config.model.scan_layers = True
+  pipeline.run_pipeline(config, str(tmp_path / "runTrue"))
+  ppl = {False: summary(work)["ppl"], True: summary(tmp_path / "runTrue")["ppl"]}
   assert ppl[True] == pytest.approx(ppl[False], rel=1e-4)
   layers = json.loads((tmp_path / "runTrue" / "stages" / "1_convert" / "layers.json").read_text())
   assert len(layers) == 14 and layers[0]["path"].startswith("layers/")
