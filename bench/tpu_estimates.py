@@ -54,6 +54,9 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 D, HIDDEN, BLOCKS, TOKENS = 2048, 8192, 4, 8192
 W8A8 = jc.Quant(w_bits=8, a_bits=8)
 W8A8_G8 = jc.Quant(w_bits=8, a_bits=8, g_bits=8)
+# Delayed scaling: per-tensor activation / gradient scales from the last 16 steps' absmax.
+W8A8_G8_DELAYED = jc.Quant(w_bits=8, a_bits=8, g_bits=8, a_granularity="tensor",
+                           scaling="delayed")
 
 
 class MLP(nnx.Module):
@@ -86,13 +89,17 @@ def _quantized(make, quant: jc.Quant | None, packed: bool = False, layers: str =
 
 def mlp_step(quant: jc.Quant | None, backend: str = "xla"):
   model = _quantized(lambda: MLP(nnx.Rngs(0)), quant, backend=backend)
-  opt = nnx.eval_shape(lambda: nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
+  delayed = quant is not None and quant.scaling == "delayed"
+  # Delayed scaling: the absmax histories are differentiated too, and overwritten.
+  wrt = (nnx.Param, jc.AmaxHistory) if delayed else nnx.Param
+  tx = jc.amax_overwrite(optax.adam(1e-3)) if delayed else optax.adam(1e-3)
+  opt = nnx.eval_shape(lambda: nnx.Optimizer(model, tx, wrt=wrt))
   graphdef, state = nnx.split((model, opt))
 
   def step(state, x, y):
     model, opt = nnx.merge(graphdef, state)
     loss = lambda m: jnp.mean(jnp.square(m(x).astype(jnp.float32) - y.astype(jnp.float32)))
-    value, grads = nnx.value_and_grad(loss)(model)
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt))(model)
     opt.update(model, grads)
     return nnx.state((model, opt)), value
 
@@ -121,6 +128,7 @@ def llama_forward(quant: jc.Quant | None, backend: str = "xla"):
 PROGRAMS = {
     "mlp step": (mlp_step, [("bf16", None, "xla"), ("w8a8 (int8 forward)", W8A8, "xla"),
                             ("w8a8 g8 (3 int8 dots)", W8A8_G8, "xla"),
+                            ("w8a8 g8, delayed per-tensor scales", W8A8_G8_DELAYED, "xla"),
                             ("w8a8 g8, kernel path (roofline)", W8A8_G8, "tpu")]),
     "mlp forward": (mlp_forward, [("bf16", None, "xla"), ("packed W8A8", W8A8, "xla"),
                                   ("packed W8A8, kernel path (roofline)", W8A8, "tpu")]),

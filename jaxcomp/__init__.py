@@ -5,6 +5,7 @@ No subpackage shares a name with a public function (``jaxcomp.ptq`` is the funct
 solvers live in ``jaxcomp.quantizers``, the pipeline in ``jaxcomp.oneshot``).
 """
 
+from jaxcomp.layers import AmaxHistory
 from jaxcomp.layers import QuantScale
 from jaxcomp.lowrank.spec import LowRank
 from jaxcomp.oneshot import factorize
@@ -28,6 +29,8 @@ from jaxcomp.recipe import Recipe
 from jaxcomp.recipe import RecipeError
 from jaxcomp.recipe import Rule
 from jaxcomp.rewrite import add_lora
+from jaxcomp.rewrite import amax_overwrite
+from jaxcomp.rewrite import calibrate_amax
 from jaxcomp.rewrite import merge_lora
 from jaxcomp.rewrite import quantize
 from jaxcomp.rewrite import report
@@ -38,6 +41,7 @@ from jaxcomp.serve import save_packed
 from jaxcomp.sparse.spec import Sparsity
 
 __all__ = [
+    "AmaxHistory",
     "LowRank",
     "MatchReport",
     "QArray",
@@ -50,6 +54,8 @@ __all__ = [
     "Sparsity",
     "SpecError",
     "add_lora",
+    "amax_overwrite",
+    "calibrate_amax",
     "compute_scale",
     "convert",
     "dequantize",

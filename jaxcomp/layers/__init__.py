@@ -1,5 +1,6 @@
 """Flax NNX modules that rewrites put in place of (or into) the original layers."""
 
+from jaxcomp.layers.quant import AmaxHistory
 from jaxcomp.layers.quant import QuantConv
 from jaxcomp.layers.quant import QuantDot
 from jaxcomp.layers.quant import QuantEinsum
@@ -7,6 +8,7 @@ from jaxcomp.layers.quant import QuantEmbed
 from jaxcomp.layers.quant import QuantScale
 
 __all__ = [
+    "AmaxHistory",
     "QuantConv",
     "QuantDot",
     "QuantEinsum",

@@ -46,6 +46,28 @@ class SmoothScale(nnx.Variable):
   solved from calibration data, not trained."""
 
 
+class AmaxHistory(nnx.Variable):
+  """The absmax of a delayed-scaling layer's activations (row 0) and output gradient (row 1)
+  at its last steps, newest first: ``(2, Quant.amax_history)``, with a stack's leading axes.
+
+  Not a `nnx.Param`: its "gradient" is its next value (`jaxcomp.quant.dot.delayed_int_dot`),
+  which `jaxcomp.amax_overwrite` writes in place of an optimizer update. All zeros until
+  `jaxcomp.calibrate_amax` fills it (an uncalibrated layer computes NaN)."""
+
+
+def amax_history(spec: Quant, stack_shape: Sequence[int] = ()) -> AmaxHistory | None:
+  """An empty `AmaxHistory` for a layer quantized with ``spec`` (None unless delayed).
+
+  Example:
+    >>> amax_history(jc.Quant(w_bits=8, a_bits=8, g_bits=8, a_granularity="tensor",
+    ...                       scaling="delayed", amax_history=4), (3,)).shape
+    (3, 2, 4)
+  """
+  if spec.scaling != "delayed":
+    return None
+  return AmaxHistory(jnp.zeros((*stack_shape, 2, spec.amax_history), jnp.float32))
+
+
 def promote_keep_packed(args: Sequence[Any], dtype: Any = None, inexact: bool = True) -> list[Any]:
   """Flax's ``promote_dtype`` for layers whose kernel may be a packed `QArray`.
 
@@ -140,11 +162,13 @@ class QuantDot(nnx.Module):
 
   def __init__(self, spec: Quant, w_step: QuantScale | None = None,
                in_scale: SmoothScale | None = None, backend: str | None = None,
-               w_zero: QuantZero | None = None):
+               w_zero: QuantZero | None = None, amax_history: AmaxHistory | None = None):
     self.spec = spec
     self.w_step = nnx.data(w_step)
     self.w_zero = nnx.data(w_zero)  # zero points of a solved asymmetric grid
     self.in_scale = nnx.data(in_scale)  # AWQ / SmoothQuant smoothing of the input features
+    self.amax_history = nnx.data(amax_history)  # delayed scaling's absmax history
+    self.calibrating = False  # static: set by jaxcomp.calibrate_amax on its own copy
     self.backend = qdot.kernel_backend(backend)  # resolved once, here (static)
 
   def __call__(self, lhs: Array, rhs: Array | QArray, dimension_numbers: Any,
@@ -156,7 +180,8 @@ class QuantDot(nnx.Module):
         lhs, rhs, dimension_numbers, self.spec, w_step=_value(self.w_step),
         w_zero=_value(self.w_zero), precision=precision,
         preferred_element_type=preferred_element_type, out_sharding=out_sharding,
-        backend=self.backend)
+        backend=self.backend, amax_history=_value(self.amax_history),
+        calibrating=self.calibrating)
 
 
 class QuantEinsum(nnx.Module):
@@ -170,9 +195,11 @@ class QuantEinsum(nnx.Module):
   """
 
   def __init__(self, spec: Quant, w_step: QuantScale | None = None,
-               backend: str | None = None):
+               backend: str | None = None, amax_history: AmaxHistory | None = None):
     self.spec = spec
     self.w_step = nnx.data(w_step)
+    self.amax_history = nnx.data(amax_history)  # delayed scaling's absmax history
+    self.calibrating = False  # static: set by jaxcomp.calibrate_amax on its own copy
     self.backend = qdot.kernel_backend(backend)
 
   def __call__(self, einsum_str: str, lhs: Array, rhs: Array, precision: Any = None,
@@ -180,7 +207,8 @@ class QuantEinsum(nnx.Module):
     dims, perm = einsum_dimension_numbers(einsum_str, lhs.ndim, rhs.ndim)
     y = qdot.quant_dot_general(lhs, rhs, dims, self.spec, w_step=_value(self.w_step),
                                precision=precision, preferred_element_type=preferred_element_type,
-                               backend=self.backend)
+                               backend=self.backend, amax_history=_value(self.amax_history),
+                               calibrating=self.calibrating)
     return jnp.transpose(y, perm)
 
 

@@ -210,6 +210,11 @@ def ptq(model: nnx.Module | nn.Module, recipe: Recipe, calib: Any = None, *, bat
     qmodel, layers = jc.ptq(model, recipe, calib=tokens, return_report=True)
     qmodule, qvars = jc.ptq(linen_lm, recipe, calib=tokens, variables=variables)   # Linen
   """
+  for rule in recipe.rules:
+    if rule.quant is not None and rule.quant.scaling == "delayed":
+      raise ValueError(f"ptq: rule {rule.label!r} has Quant(scaling='delayed'), whose scales "
+                       "come from training steps; post-training quantization takes "
+                       "scaling='dynamic'")
   if isinstance(model, nn.Module):
     return _linen("quant", "ptq", model, recipe, calib, lambda r: r.quant,
                   lambda m: QuantizedLinen(inner=m, recipe=recipe,

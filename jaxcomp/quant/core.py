@@ -128,8 +128,8 @@ def _range_bounds(
   A slice holding a NaN or +-inf gets NaN bounds (so a NaN scale and zero point). Set
   explicitly: XLA's max-reductions need not propagate NaN (on CPU, a row reduction skips it),
   a percentile may clip an inf away, and an inf bound would give an inf scale instead."""
-  bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)  # fused with the range reduction
   if calibration == "percentile" and percentile < 100.0:
+    bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
     if symmetric:
       hi = jnp.percentile(jnp.abs(x), percentile, axis=axes, keepdims=True)
       lo = -hi
@@ -137,12 +137,17 @@ def _range_bounds(
       lo = jnp.percentile(x, 100.0 - percentile, axis=axes, keepdims=True)
       hi = jnp.percentile(x, percentile, axis=axes, keepdims=True)
   else:
+    # A non-finite element becomes an infinite bound inside the one reduction (a separate
+    # isfinite reduction is a pass of its own on TPU), and the infinite bound is then poisoned.
+    finite = jnp.isfinite(x)
     if symmetric:
-      hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+      hi = jnp.max(jnp.where(finite, jnp.abs(x), jnp.inf), axis=axes, keepdims=True)
       lo = -hi
+      bad = jnp.isinf(hi)
     else:
-      lo = jnp.min(x, axis=axes, keepdims=True)
-      hi = jnp.max(x, axis=axes, keepdims=True)
+      lo = jnp.min(jnp.where(finite, x, -jnp.inf), axis=axes, keepdims=True)
+      hi = jnp.max(jnp.where(finite, x, jnp.inf), axis=axes, keepdims=True)
+      bad = jnp.isinf(lo) | jnp.isinf(hi)
   # The range always holds 0 so that zero (padding, ReLU outputs) is exact.
   poison = lambda b: jnp.where(bad, jnp.nan, b)
   return poison(jnp.minimum(lo, 0.0)), poison(jnp.maximum(hi, 0.0))

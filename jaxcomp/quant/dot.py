@@ -123,8 +123,13 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None,
                          full_range=spec.full_range, fmt=spec.w_format), s
 
 
-def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
-  """Dynamic grid of a canonical (B, M, K) activation: per token (B, M, 1) or per tensor."""
+def _act_grid(x3: Array, spec: Quant, amax_history: Array | None = None
+              ) -> tuple[Array, Array]:
+  """Grid of a canonical (B, M, K) activation: dynamic per token (B, M, 1) or per tensor, or
+  (``scaling="delayed"``) per tensor from ``amax_history`` (values outside it clip)."""
+  if spec.scaling == "delayed":
+    s = jax.lax.stop_gradient(amax_scale(_history(amax_history)[0], spec.a_bits))
+    return core.grid_value(x3, s, None, spec.a_bits), s
   axes = (2,) if spec.a_granularity == "token" else None
   s, z = core.compute_scale(x3, spec.a_bits, axes=axes, symmetric=spec.a_symmetric,
                             fmt=spec.a_format)
@@ -133,11 +138,43 @@ def _act_grid(x3: Array, spec: Quant) -> tuple[Array, Array]:
                          fmt=spec.a_format), s
 
 
-def _act_scale(x3: Array, spec: Quant) -> Array:
+def _act_scale(x3: Array, spec: Quant, amax_history: Array | None = None) -> Array:
   """The scale `_act_grid` gives a symmetric activation grid, without the grid: (B, M, 1) per
   token, (1, 1, 1) per tensor (for kernels that quantize as they load)."""
+  if spec.scaling == "delayed":
+    return jax.lax.stop_gradient(amax_scale(_history(amax_history)[0], spec.a_bits))
   axes = (2,) if spec.a_granularity == "token" else None
   return jax.lax.stop_gradient(core.compute_scale(x3, spec.a_bits, axes=axes)[0])
+
+
+def _history(amax_history: Array | None) -> Array:
+  if amax_history is None:
+    raise ValueError("Quant(scaling='delayed') needs the layer's amax history "
+                     "(jaxcomp.AmaxHistory, made by jc.quantize); none was given")
+  if amax_history.ndim != 2 or amax_history.shape[0] != 2:
+    raise ValueError(f"amax history must be (2, steps), got shape {amax_history.shape}")
+  return amax_history
+
+
+def amax_scale(history: Array, bits: int) -> Array:
+  """The delayed per-tensor scale: the largest absmax in ``history`` over ``qmax``.
+
+  An empty history (all zeros: the layer was never calibrated, see `jaxcomp.calibrate_amax`)
+  gives NaN, so an uncalibrated layer cannot pass for a trained one.
+
+  Args:
+    history: float (steps,) absmax of the tensor at the last steps (newest first).
+    bits: the grid's bits (qmax = 2**(bits-1) - 1).
+
+  Returns:
+    float32 scalar.
+
+  Example:
+    >>> amax_scale(jnp.array([2.54, 1.0, 0.0]), 8)
+    Array(0.02, dtype=float32)
+  """
+  m = jnp.max(history).astype(jnp.float32)
+  return jnp.where(m > 0, m / core.qrange(bits)[1], jnp.nan)
 
 
 def fake_quant_weight(
@@ -340,6 +377,101 @@ def _unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
 _int_dot.defvjp(_int_dot_fwd, _int_dot_bwd)
 
 
+def delayed_int_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, amax_history: Array,
+                    amax_x: Array, g_bits: int | None, backend: str | None = None,
+                    calibrating: bool = False) -> Array:
+  """`int_dot` with per-tensor activation and gradient scales from earlier steps (delayed
+  scaling, as fp8 training recipes do).
+
+  Forward as `int_dot` (``s_x`` one value per tensor). Backward with ``g_bits``: the output
+  gradient ``G`` is quantized **once**, per tensor, with the scale ``amax_scale`` gives for
+  the history's gradient row, and both backward dots read it: ``d lhs = G W^T`` against the
+  weight re-quantized per row of ``W`` (per input feature: the output-channel scales lie on
+  the contracted axis there) and ``d rhs = X^T G`` against the forward pass's int8 ``X``.
+  Nothing waits for a reduction over a whole tensor before it rounds, so XLA fuses every
+  quantization into the op producing its tensor (on TPU; docs/quantization.md).
+
+  The cotangent of ``amax_history`` is not a gradient: it is the history with this step's
+  absmax of ``X`` (``amax_x``) and of ``G`` pushed in front, which the training step writes
+  back (`jaxcomp.amax_overwrite`). ``calibrating`` takes this step's own absmax for the
+  gradient's scale instead (`jaxcomp.calibrate_amax`).
+
+  Args:
+    u_x: float (B, M, K), integer-valued (the activation grid on the delayed scale).
+    s_x: float (B, M, 1), one value (the delayed scale, broadcast).
+    u_w: float (B, K, N), integer-valued (a weight grid).
+    s_w: float (B, 1, N) per-column scales (or one value).
+    amax_history: float (2, steps): absmax of the activations (row 0) and of the output
+      gradient (row 1) at the last steps, newest first.
+    amax_x: float scalar, this step's absmax of the activations.
+    g_bits: None for float backward dots (the gradient row is then left as it is), else the
+      bits of the quantized output gradient.
+    backend: where the int8 products run (`kernel_backend`).
+    calibrating: the gradient scale from this step's absmax instead of the history.
+
+  Returns:
+    float32 (B, M, N).
+
+  Example:
+    >>> u = jnp.ones((1, 4, 8)); v = jnp.ones((1, 8, 2)); h = jnp.ones((2, 3))
+    >>> delayed_int_dot(u, jnp.full((1, 4, 1), 0.5), v, jnp.ones((1, 1, 2)), h,
+    ...                 jnp.float32(0.5), 8)[0, 0]
+    Array([4., 4.], dtype=float32)
+  """
+  return _delayed_dot(u_x, s_x, u_w, s_w, amax_history, amax_x, g_bits,
+                      kernel_backend(backend), calibrating)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _delayed_dot(u_x, s_x, u_w, s_w, hist, amax_x, g_bits, backend, calibrating):
+  return _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits, backend)[0]
+
+
+def _delayed_dot_fwd(u_x, s_x, u_w, s_w, hist, amax_x, g_bits, backend, calibrating):
+  y, res = _int_dot_fwd(u_x, s_x, u_w, s_w, g_bits, backend)
+  return y, res + (hist, amax_x)
+
+
+def _delayed_dot_bwd(g_bits, backend, calibrating, res, g):
+  qx, s_x, qw, s_w, hist, amax_x = res
+  if g_bits is None:
+    dux = jnp.einsum("bmn,bkn->bmk", g * s_w, qw.astype(jnp.float32))
+    duw = jnp.einsum("bmk,bmn->bkn", qx.astype(jnp.float32), g * s_x)
+    amax_g = hist[1, 0]
+  else:
+    g = g.astype(jnp.float32)
+    amax_g = jnp.max(jnp.where(jnp.isfinite(g), jnp.abs(g), jnp.inf))  # as amax_x
+    s_g = amax_g / core.qrange(g_bits)[1] if calibrating else amax_scale(hist[1], g_bits)
+    qg = core.quantize(g, s_g, bits=g_bits)  # once, for both dots
+    # A non-finite gradient poisons the products (int8 codes cannot carry it). Applied to the
+    # dots' outputs, not to the rounding, so nothing waits for the absmax before rounding.
+    s_g = jnp.where(jnp.isinf(amax_g), jnp.nan, s_g)
+    # The weight re-quantized per input feature (its row): the output-channel scales lie
+    # on the axis d lhs contracts.
+    w_hat = qw.astype(jnp.float32) * s_w
+    s_k, _ = core.compute_scale(w_hat, 8, axes=2)  # (B, K, 1)
+    q_k = core.quantize(w_hat, s_k, bits=8)
+    if backend == "xla" and pallas_kernels.target_platform() != "cpu":
+      # XLA:TPU / GPU pick the operand layouts themselves (explicit transposes only add
+      # copies here: every operand is produced by a fusion that can write either layout).
+      idot = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((0,), (0,))),
+                                                    preferred_element_type=jnp.int32)
+      dux_i, duw_i = idot(qg, q_k, ((2,), (2,))), idot(qx, qg, ((1,), (1,)))
+    else:
+      dux_i = _idot(qg, q_k, backend, b_transposed=True)
+      duw_i = _idot_tn(qx, qg, backend)
+    dux = dux_i.astype(jnp.float32) * (s_g * jnp.swapaxes(s_k, 1, 2))
+    duw = duw_i.astype(jnp.float32) * (s_g * s_x[:, :1])
+  ds_w = jnp.sum(qw.astype(jnp.float32) * duw, axis=1, keepdims=True)
+  amax = jnp.stack([amax_x, amax_g]).astype(hist.dtype)
+  new_hist = jnp.concatenate([amax[:, None], hist[:, :-1]], axis=1)
+  return (dux * s_x, jnp.zeros_like(s_x), duw * s_w, _unbroadcast(ds_w, s_w.shape), new_hist,
+          jnp.zeros_like(amax_x))
+
+
+_delayed_dot.defvjp(_delayed_dot_fwd, _delayed_dot_bwd)
+
+
 def fp8_dot(u_x: Array, s_x: Array, u_w: Array, s_w: Array, fmt: str) -> Array:
   """``(u_x s_x) @ (u_w s_w)`` batched, the product ``u_x @ u_w`` run on fp8 operands
   (``fmt`` "e4m3" or "e5m2", the grids' own values) with float32 accumulation.
@@ -436,6 +568,8 @@ def quant_dot_general(
     preferred_element_type: Any = None,
     out_sharding: Any = None,
     backend: str | None = None,
+    amax_history: Array | None = None,
+    calibrating: bool = False,
 ) -> Array:
   """``lax.dot_general(lhs, rhs)`` with ``rhs`` (the weight) and optionally ``lhs`` quantized.
 
@@ -459,6 +593,10 @@ def quant_dot_general(
     backend: where integer / packed products run: "xla", or "tpu" / "gpu" for the Pallas
       kernels; None resolves `kernel_backend` now (quantized layers pass the backend they
       resolved when built).
+    amax_history: with ``spec.scaling="delayed"``: the layer's (2, steps) absmax history
+      (`delayed_int_dot`), which then receives the new history as its cotangent.
+    calibrating: delayed scaling only: scales from this call's own absmax
+      (`jaxcomp.calibrate_amax`).
 
   Returns:
     The dot_general output, in ``preferred_element_type`` or the promoted input dtype.
@@ -473,7 +611,8 @@ def quant_dot_general(
   if isinstance(rhs, QArray):
     return _packed_dot_general(lhs, rhs, dimension_numbers, spec, precision=precision,
                                preferred_element_type=preferred_element_type,
-                               out_sharding=out_sharding, backend=backend)
+                               out_sharding=out_sharding, backend=backend,
+                               amax_history=amax_history)
   frame = _Frame(lhs.shape, rhs.shape, dimension_numbers)
   out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
   if w_step is not None and w_step.ndim != rhs.ndim:
@@ -488,8 +627,38 @@ def quant_dot_general(
   step3 = None if w_step is None else frame.rhs(w_step)
   zero3 = None if w_zero is None else frame.rhs(w_zero)
   u_w, s_w = _weight_grid(w3, spec, step3, zero3)
+  if spec.scaling == "delayed":
+    return _delayed_act_dot(lhs, u_w, s_w, frame, spec, out_dtype, backend,
+                            _history(amax_history), calibrating)
   return _quantized_act_dot(lhs, u_w, s_w, frame, spec, precision, preferred_element_type,
                             out_dtype, rhs.dtype, backend)
+
+
+def _delayed_act_dot(lhs, u_w, s_w, frame, spec, out_dtype, backend, hist, calibrating):
+  """The activations on the delayed per-tensor scale, times the weight grid (`delayed_int_dot`).
+
+  The rounding and the clipping pass the gradient straight through (as casts do in fp8
+  training; a clipped STE would read the tensor again for its mask). A NaN or inf in the
+  activations makes their absmax infinite, which turns this call's output (and, through the
+  history, the next steps') into NaN: int8 codes cannot carry it.
+  """
+  x3 = frame.lhs(lhs).astype(jnp.float32)
+  # One reduction beside the rounding, in float32 as the grid divides (XLA fuses both into
+  # the op producing x); a non-finite element gives an infinite absmax.
+  amax_x = jax.lax.stop_gradient(
+      jnp.max(jnp.where(jnp.isfinite(x3), jnp.abs(x3), jnp.inf)))
+  qmax = core.qrange(spec.a_bits)[1]
+  if calibrating:
+    s_x = amax_x / qmax
+  else:
+    s_x = jax.lax.stop_gradient(amax_scale(hist[0], spec.a_bits))
+  v = x3 / s_x
+  u_x = v + jax.lax.stop_gradient(jnp.clip(jnp.round(v), -qmax, qmax) - v)
+  s_x = jnp.where(jnp.isinf(amax_x), jnp.nan, s_x)
+  y = delayed_int_dot(u_x, jnp.broadcast_to(s_x, (frame.B, frame.M, 1)), u_w,
+                      jnp.broadcast_to(s_w, (frame.B, 1, frame.N)), hist, amax_x, spec.g_bits,
+                      backend, calibrating)
+  return frame.out(y).astype(out_dtype)
 
 
 def _float_dot(lhs, w_hat, frame, dimension_numbers, precision, preferred_element_type,
@@ -547,7 +716,8 @@ _CPU_SKINNY_ROWS = 8
 
 def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumbers,
                         spec: Quant, *, precision: Any, preferred_element_type: Any,
-                        out_sharding: Any, backend: str) -> Array:
+                        out_sharding: Any, backend: str, amax_history: Array | None = None
+                        ) -> Array:
   """`quant_dot_general` with a packed `QArray` weight: the serving path.
 
   Its result equals the fake-quant layer's (the same integers and scales, the same int32 or
@@ -571,7 +741,7 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
       and x2.shape[1] < _CPU_SKINNY_ROWS and (qa.group or 2) % 2 == 0):
     # Packed int4 x int8 at decode (per channel, or G groups): GEMMs on the packed bytes, each
     # group's int32 sums scaled as the other paths scale them, then summed (exact for G = 1).
-    u_x, s_x = _act_grid(x2, spec)
+    u_x, s_x = _act_grid(x2, spec, amax_history)
     acc = _int4_skinny_dot(_int8(u_x[0]), qa.values, qa.group, s_x).transpose(0, 2, 1)  # G, M, N
     y = acc.astype(jnp.float32) * s_x * qa.scales().T[:, None, :]
     return frame.out(y.sum(axis=0)[None]).astype(out_dtype)
@@ -579,12 +749,12 @@ def _packed_dot_general(lhs: Array, qa: QArray, dimension_numbers: DimensionNumb
     if backend != "xla":
       # The Pallas W8A8 kernel: the activations quantized per token inside it, as each tile
       # is loaded (the int8 activations never reach HBM); int32 accumulator, scales fused.
-      s_x = jnp.broadcast_to(_act_scale(x2, spec), x2.shape[:2] + (1,))[0, :, 0]
+      s_x = jnp.broadcast_to(_act_scale(x2, spec, amax_history), x2.shape[:2] + (1,))[0, :, 0]
       y = pallas_kernels.int8_matmul(x2[0], qa.ints(), s_x, qa.scales()[:, 0], w_layout="nk",
                                      x_bits=spec.a_bits, out_dtype=jnp.float32,
                                      backend=backend)
       return frame.out(y[None]).astype(out_dtype)
-    u_x, s_x = _act_grid(x2, spec)
+    u_x, s_x = _act_grid(x2, spec, amax_history)
     qx, qw = _int8(u_x[0]), qa.ints()  # (M, K), (N, K)
     m = qx.shape[0]
     if pallas_kernels.target_platform() == "cpu" and m < _CPU_SKINNY_ROWS:

@@ -221,7 +221,10 @@ def migrate_moved(d: dict[str, Any], moved: Mapping[str, tuple[str, str]],
 
 
 # Fields added to `Quant` after configs and fingerprints were first stored, with their defaults.
-LATER_FIELDS = {"w_format": "int", "a_format": "int", "scale_dtype": "float32"}
+LATER_FIELDS = {"w_format": "int", "a_format": "int", "scale_dtype": "float32",
+                "scaling": "dynamic", "amax_history": 16}
+
+SCALINGS = ("dynamic", "delayed")
 
 # Fields of earlier versions that are solver options now: old field -> (method, option).
 QUANT_MOVED = {"act_order": ("gptq", "act_order"), "damp": ("gptq", "damp"),
@@ -259,6 +262,14 @@ class Quant:
   dtype before quantizing (so nothing clips), in training and serving alike; w3g128 then
   costs 3.125 bits per weight instead of 3.25.
 
+  ``scaling="delayed"`` (with ``a_granularity="tensor"``; for training) takes the per-tensor
+  scales of the activations and of the output gradient (``g_bits``) from the absmax of the
+  last ``amax_history`` steps, kept in the layer's `jaxcomp.AmaxHistory`, as fp8 training
+  recipes do: quantizing then needs no pass over the tensor first, so XLA fuses it into the
+  op that produces the tensor (docs/quantization.md). The layer records each step's absmax
+  through the gradient of its history; `jaxcomp.calibrate_amax` fills it before the first
+  step and `jaxcomp.amax_overwrite` makes an optimizer write it.
+
   ``method`` picks the post-training solver used by `jaxcomp.ptq`, one of the registered
   solvers of `jaxcomp.oneshot.registry` (``"rtn"``: round to nearest; ``"gptq"``: Frantar et
   al., 2022; ``"awq"``: activation-aware scaling, Lin et al., 2023; ``"smoothquant"``:
@@ -283,6 +294,8 @@ class Quant:
   w_format: str = "int"  # weight elements: int (the w_bits grid), e4m3 / e5m2 (fp8), mxfp4 / nvfp4.
   a_format: str = "int"  # activation elements: int (the a_bits grid) or e4m3 / e5m2 (fp8).
   scale_dtype: str = "float32"  # stored weight scales (and zero points): float32, bfloat16, float16.
+  scaling: str = "dynamic"  # activation / gradient scales: of this step's tensor, or delayed (past steps').
+  amax_history: int = 16  # scaling="delayed": steps of absmax kept; the scale is their max / qmax.
   method: str = "rtn"  # PTQ solver: rtn, gptq, awq, smoothquant (see `jaxcomp.ptq`).
   options: Mapping[str, Any] = SolverOptions()  # the solver's options that differ from its defaults.
 
@@ -324,7 +337,28 @@ class Quant:
     if self.scale_dtype != "float32" and (self.learn_scale or self.w_format != "int"):
       raise SpecError(f"Quant.scale_dtype={self.scale_dtype!r} rounds calibrated integer-grid "
                       "scales; learn_scale and float formats keep float32 (their own) scales")
+    self._check_scaling()
     object.__setattr__(self, "options", check_method(o, "quant", self))
+
+  def _check_scaling(self) -> None:
+    """Delayed scaling: per-tensor scales of the integer dots from earlier steps' absmax."""
+    _check_choice("Quant", "scaling", self.scaling, SCALINGS)
+    h = self.amax_history
+    if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+      raise SpecError(f"Quant.amax_history must be a positive int, got {h!r}")
+    if self.scaling == "dynamic":
+      if h != 16:
+        raise SpecError("Quant.amax_history applies to scaling='delayed' only; drop it")
+      return
+    if not self.int_dot:
+      raise SpecError("Quant.scaling='delayed' scales the operands of the integer dots: it "
+                      "needs a_bits with symmetric integer weights and activations")
+    if self.a_granularity != "tensor":
+      raise SpecError("Quant.scaling='delayed' keeps one scale per tensor (a token's scale "
+                      "cannot come from earlier steps): set a_granularity='tensor'")
+    if self.granularity == "group":
+      raise SpecError("Quant.scaling='delayed' needs per-channel or per-tensor weights, "
+                      f"not groups (group={self.group})")
 
   def _check_formats(self) -> None:
     """Float element formats: the bits and group they imply, and the fields they exclude."""

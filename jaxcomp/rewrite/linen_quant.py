@@ -536,6 +536,11 @@ def quantize_linen(module: nn.Module, recipe: Recipe, *, variables: Any, args: t
                    ) -> tuple[nn.Module, Any, MatchReport]:
   """``(QuantizedLinen(module), new variables, report)``; ``variables`` is not modified."""
   kwargs = kwargs or {}
+  for rule in recipe.rules:
+    if rule.quant is not None and rule.quant.scaling == "delayed":
+      raise ValueError(f"rule {rule.label!r}: Quant(scaling='delayed') is NNX-only for now "
+                       "(its absmax histories are NNX variables); on Linen use "
+                       "scaling='dynamic'")
   report, layers = _report_and_layers(module, recipe, variables, args, kwargs)
   if strict:
     report.check()

@@ -35,15 +35,25 @@ _INJECTION = {nnx.Linear: ("dot_general", qlayers.QuantDot),
 
 def _quant_layer(m: nnx.Module, spec: Quant) -> nnx.Module:
   """Sets the layer's injection point to its quantized hook (the layer itself is kept)."""
-  _, _, step = _prepare(m, spec)
+  kernel, _, step = _prepare(m, spec)
   attr, hook = _INJECTION[type(m)]
   if type(m) is nnx.LinearGeneral:
     m.dot_general_cls = None
-  setattr(m, attr, nnx.data(hook(spec, step)))
+  if spec.scaling == "delayed":
+    if hook is qlayers.QuantConv:
+      raise ValueError(f"Quant(scaling='delayed') needs an integer dot; {type(m).__name__} "
+                       "convolves in float (use scaling='dynamic' for it)")
+    stack = kernel[...].shape[:kernel_axes(m).stack]
+    setattr(m, attr, nnx.data(hook(spec, step, amax_history=qlayers.amax_history(spec, stack))))
+  else:
+    setattr(m, attr, nnx.data(hook(spec, step)))
   return m
 
 
 def _quant_embed(m: nnx.Embed, spec: Quant) -> nnx.Module:
+  if spec.scaling == "delayed":
+    raise ValueError("Quant(scaling='delayed') is not supported on Embed (its lookup has no "
+                     "integer dot); use scaling='dynamic' for it")
   _, _, step = _prepare(m, spec)
   return qlayers.QuantEmbed(m, spec, step)
 

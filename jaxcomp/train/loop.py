@@ -28,6 +28,7 @@ from tqdm import tqdm
 from jaxcomp.eval.size import kernel_sparsity, model_bits
 from jaxcomp.recipe import Recipe
 from jaxcomp.rewrite import engine, quantize
+from jaxcomp.rewrite import delayed
 from jaxcomp.sparse.spec import Sparsity
 from jaxcomp.sparse.training import cubic_schedule, sparsify
 from jaxcomp.train import sharding as sh
@@ -41,7 +42,7 @@ class TrainState(NamedTuple):
   """Everything that changes during training (checkpointed as one pytree)."""
 
   step: jax.Array  # int32 scalar: steps taken.
-  params: nnx.State  # the model's nnx.Param leaves (quantization steps included).
+  params: nnx.State  # the model's nnx.Param leaves (quantization steps included) and absmax histories.
   opt_state: optax.OptState  # optimizer state, mirroring params.
   rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s).
 
@@ -188,10 +189,28 @@ def make_step(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State,
     (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(delayed.without_amax(grads))}
     return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def make_calibration(loss: Any, graphdef: nnx.GraphDef, rest: nnx.State) -> Any:
+  """``(state, batch, frozen) -> state`` with the absmax histories of the delayed-scaling
+  layers filled from ``batch`` (`jaxcomp.calibrate_amax`); run once before the first step.
+
+  Example::
+
+    state = jax.jit(make_calibration(task.loss, graphdef, rest))(state, batch)
+  """
+
+  def calibrate(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    model = nnx.merge(graphdef, state.params, rest)
+    model = delayed.calibrate_amax(model, lambda m: loss(m, batch, rng, frozen)[0])
+    return state._replace(params=nnx.state(model, delayed.TRAINED))
+
+  return calibrate
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -239,13 +258,15 @@ def _assemble(config: ml_collections.ConfigDict, task: tasks.Task, recipe: Recip
   # Abstract: traced, so that the rewrites read shapes from tracers.
   model = nnx.eval_shape(compress, model) if abstract else compress(model)
   sparse_kernels = found["sparse"]
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, delayed.TRAINED, ...)
   tx = make_optimizer(config.train, total_steps)
   if sparse_kernels:
     tx = make_sparsity(config.train.get("sparsity"), tx, sparse_kernels, total_steps)
   update_mask = getattr(task, "update_mask", None)
   if update_mask is not None and not abstract:  # e.g. a pruned student keeps its zeros
     tx = optax.chain(tx, masked_updates(update_mask(params)))
+  if delayed.has_delayed(params):  # absmax histories take their cotangent as their value
+    tx = delayed.amax_overwrite(tx)
   opt_state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
   rng = jax.random.key_data(jax.random.key(config.seed))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
@@ -404,6 +425,12 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, task: tasks.Task,
 
     # --------------------------------------------------------------------- step
     train_step = _jit_step(task, run, batch_sharding)
+    if start == 0 and delayed.has_delayed(state.params):  # delayed scaling: fill the histories
+      calibrate = jax.jit(make_calibration(task.loss, graphdef, rest),
+                          in_shardings=(run.state_sharding, batch_sharding, run.frozen_sharding),
+                          out_shardings=run.state_sharding)
+      with sh.activation_rules(mesh, config.mesh.rules):
+        state = calibrate(state, global_batch(data.batch_at(0), batch_sharding), frozen)
 
     # --------------------------------------------------------------------- loop
     marks: list[tuple[int, float]] = []  # (step, time) at each host sync, for step times
