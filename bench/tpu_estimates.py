@@ -11,7 +11,9 @@ Programs (bf16 parameters and activations throughout):
 
 * ``mlp step``: Adam step of 4 residual blocks ``x + W2 relu(W1 x)`` (2048 -> 8192 -> 2048) on
   8192 tokens, MSE loss: bf16; w8a8 with int8 forward dots (backward dots in float); w8a8 with
-  all three dots in int8 (``g_bits=8``: forward, input gradient, weight gradient).
+  all three dots in int8 (``g_bits=8``: forward, input gradient, weight gradient), with dynamic
+  scales and with delayed per-tensor scales (``scaling="delayed"``: the absmax histories
+  differentiated too and overwritten by `jaxcomp.amax_overwrite`).
 * ``mlp forward``: the same blocks, bf16 vs packed W8A8 (`jaxcomp.convert`: int8 weights per
   channel, int8 activations per token).
 * ``llama forward``: SmolLM2-135M's shapes (30 blocks, d 576, ffn 1536, vocab 49152), 8 x 512
@@ -27,7 +29,7 @@ add to the XLA fusions' cycles each kernel call's **roofline model** (`pallas_ke
 its tiles, HBM traffic with re-reads, int8 peak, per-step overhead) at the chip's clock
 (JAX's chip table: bf16 peak / (2 x MXUs x MXU width**2); 1.50 GHz v5e): a model, labelled so.
 
-    python bench/tpu_estimates.py                       # v5e and v6e, ~6 minutes
+    python bench/tpu_estimates.py                       # v5e and v6e, ~10 minutes
     python bench/tpu_estimates.py --targets v5e --json /tmp/estimates.json
 """
 

@@ -55,8 +55,13 @@ def test_forward_backward_and_history_match_a_numpy_reference():
   g = jax.random.normal(kg, (24, 16)) * 1e-3
   hist = jnp.array([[3.0, 4.5, 0.0, 1.0], [2e-3, 1e-3, 4e-3, 0.0]])
   f = lambda x, w, h: qdot.quant_dot_general(x, w, DN, DELAYED, amax_history=h)
-  y, vjp = jax.vjp(f, x, w, hist)
-  dx, dw, dh = vjp(g)
+
+  @jax.jit
+  def forward_backward(x, w, h, g):
+    y, vjp = jax.vjp(f, x, w, h)
+    return (y, *vjp(g))
+
+  y, dx, dw, dh = forward_backward(x, w, hist, g)
 
   xn, wn, gn = (np.asarray(a, np.float64) for a in (x, w, g))
   s_x, s_g = 4.5 / 127, 4e-3 / 127
@@ -87,6 +92,10 @@ def _loss(model, x, y):
   return jnp.mean((model(x) - y) ** 2)
 
 
+_jit_loss = nnx.jit(_loss)
+_calibrate = nnx.jit(jc.calibrate_amax, static_argnums=1)  # as users would for large models
+
+
 @pytest.fixture(scope="module")
 def data():
   kx, ky = jax.random.split(jax.random.key(3))
@@ -97,13 +106,13 @@ def test_calibrate_then_train_with_the_overwriting_optimizer(data):
   x, y = data
   q = jc.quantize(_mlp(), jc.Recipe([jc.Rule(".*", quant=DELAYED)]))
   assert q.layers[0].dot_general.amax_history.shape == (2, 4)
-  assert np.isnan(float(_loss(q, x, y)))  # uncalibrated: NaN, never a silent guess
-  cal = jc.calibrate_amax(q, _loss, x, y)
+  assert np.isnan(float(_jit_loss(q, x, y)))  # uncalibrated: NaN, never a silent guess
+  cal = _calibrate(q, _loss, x, y)
   assert not np.asarray(q.layers[0].dot_general.amax_history[...]).any()  # input untouched
   h0 = np.asarray(cal.layers[0].dot_general.amax_history[...])
   assert h0[0, 0] == pytest.approx(float(jnp.max(jnp.abs(x))))
   assert h0[1, 0] > 0 and not h0[:, 1:].any()
-  assert float(_loss(cal, x, y)) == pytest.approx(float(_loss(_mlp(), x, y)), rel=0.02)
+  assert float(_jit_loss(cal, x, y)) == pytest.approx(float(_jit_loss(_mlp(), x, y)), rel=0.02)
 
   wrt = (nnx.Param, jc.AmaxHistory)
   tx = jc.amax_overwrite(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)))
@@ -139,7 +148,7 @@ def test_amax_overwrite_keeps_histories_out_of_the_optimizer():
 def test_convert_serves_the_trained_numerics_and_round_trips(data, tmp_path):
   x, y = data
   recipe = jc.Recipe([jc.Rule(".*", quant=DELAYED)])
-  cal = jc.calibrate_amax(jc.quantize(_mlp(), recipe), _loss, x, y)
+  cal = _calibrate(jc.quantize(_mlp(), recipe), _loss, x, y)
   packed = jc.convert(cal)
   np.testing.assert_array_equal(np.asarray(packed(x)), np.asarray(cal(x)))
   jc.save_packed(packed, tmp_path / "ckpt")
@@ -182,15 +191,14 @@ def test_stacked_layers_keep_one_history_per_layer():
   x = jax.random.normal(jax.random.key(5), (32, 8))
   loss = lambda m, x: jnp.mean(m(x) ** 2)
   recipe = jc.Recipe([jc.Rule("blocks/.*", quant=DELAYED)])
-  model = jc.calibrate_amax(jc.quantize(_Scanned(nnx.Rngs(0)), recipe), loss, x)
+  model = _calibrate(jc.quantize(_Scanned(nnx.Rngs(0)), recipe), loss, x)
   hist = np.asarray(model.blocks.up.dot_general.amax_history[...])
   assert hist.shape == (3, 2, 4)
   graphdef, state = nnx.split(model.blocks)
-  h = x
-  for i in range(3):
-    block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+  inputs = nnx.jit(lambda blocks, x: [x := blocks[i](x) for i in range(2)])(
+      [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(3)], x)
+  for i, h in enumerate([x] + inputs):
     assert hist[i, 0, 0] == pytest.approx(float(jnp.max(jnp.abs(h))), rel=1e-6)
-    h = block(h)
   assert len(set(hist[:, 1, 0].tolist())) == 3 and (hist[:, 1, 0] > 0).all()
   mix = np.asarray(model.blocks.mix.einsum_op.amax_history[...])
   assert mix.shape == (3, 2, 4) and (mix[:, :, 0] > 0).all()
