@@ -20,6 +20,7 @@ from flax.core import meta
 from flax.core import spmd as core_spmd
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcomp.layers import quant as qlayers
 from jaxcomp.quant.finite import check_finite
@@ -114,6 +115,7 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
   if not layers:
     raise ValueError("convert: the model has no quantized layers; run jc.quantize or jc.ptq first")
   check_finite(_convert_inputs(layers), refuses="jc.convert refuses non-finite weights")
+  _check_calibrated(layers)
   for layer in layers:
     var = getattr(layer.module, layer.kernel_name)
     value = var[...]
@@ -133,6 +135,20 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
     if not isinstance(layer.module, qlayers.QuantEmbed):
       layer.module.promote_dtype = qlayers.promote_keep_packed
   return new
+
+
+def _check_calibrated(layers: list[Any]) -> None:
+  """Delayed-scaling layers serve on their activation history's scale: one never filled
+  (`jaxcomp.calibrate_amax`, or training) would serve NaN, so it is refused by name."""
+  for layer in layers:
+    var = getattr(layer.hook, "amax_history", None)
+    if (var is None or isinstance(var[...], jax.core.Tracer)
+        or not isinstance(var[...], (jax.Array, np.ndarray))):
+      continue  # no delayed scaling, or traced / abstract (nnx.eval_shape of a skeleton)
+    activations = np.asarray(var[...])[..., 0, :]  # (stack..., steps)
+    if not activations.any(axis=-1).all():
+      raise ValueError(f"convert: {layer.path}: its amax history is empty (Quant(scaling="
+                       "'delayed') layers need jc.calibrate_amax or training first)")
 
 
 def _convert_inputs(layers: list[Any]) -> list[tuple[str, Any, tuple[int, ...]]]:

@@ -148,7 +148,10 @@ def test_amax_overwrite_keeps_histories_out_of_the_optimizer():
 def test_convert_serves_the_trained_numerics_and_round_trips(data, tmp_path):
   x, y = data
   recipe = jc.Recipe([jc.Rule(".*", quant=DELAYED)])
-  cal = _calibrate(jc.quantize(_mlp(), recipe), _loss, x, y)
+  q = jc.quantize(_mlp(), recipe)
+  with pytest.raises(ValueError, match="layers/0: its amax history is empty"):
+    jc.convert(q)
+  cal = _calibrate(q, _loss, x, y)
   packed = jc.convert(cal)
   np.testing.assert_array_equal(np.asarray(packed(x)), np.asarray(cal(x)))
   jc.save_packed(packed, tmp_path / "ckpt")
