@@ -16,7 +16,7 @@ def _args(tmp_path, workdir):
   return [f"--config={ROOT}/configs/smollm2_distill.py:w4_2of4,tiny",
           f"--config.data.files={files}", f"--config.data.data_dir={tmp_path / 'tfds'}",
           f"--config.eval.text_path={tmp_path / 'doc2.txt'}", "--config.mesh.shape.data=2",
-          "--config.mesh.shape.fsdp=4", "--config.mesh.rules=fsdp", "--config.train.steps=6",
+          "--config.mesh.shape.fsdp=4", "--config.mesh.rules=fsdp", "--config.train.steps=4",
           f"--workdir={workdir}"]
 
 
@@ -48,6 +48,6 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, text_files
   assert "process 1 of 2, 4 local / 8 global devices" in logs[1]
   steps1, loss1, ppl1 = _losses(tmp_path / "one")
   steps2, loss2, ppl2 = _losses(tmp_path / "two")
-  assert steps1 == steps2 == [2, 4, 6]
+  assert steps1 == steps2 == [2, 4]
   np.testing.assert_allclose(loss2, loss1, atol=1e-5, rtol=0)
   np.testing.assert_allclose(ppl2, ppl1, rtol=5e-5)  # float32 sums, another order
