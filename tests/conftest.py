@@ -107,16 +107,3 @@ def data_dir(tmp_path_factory):
   fm.prepare(str(out), str(src))
   return str(out)
 
-
-# Files whose tests take 15-45 s each (measured: `--durations=60`, 2026-12-07) run first, so
-# that with `-n 2 --dist worksteal` no long test is left running alone at the end of the suite
-# while the other worker idles. Order within a file is kept.
-_LONG_FIRST = ("tests/train/test_multiprocess.py", "tests/test_colab.py", "tests/test_demo.py",
-               "tests/train/test_integrity.py", "tests/distill/test_resume.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = lambda item: next((i for i, f in enumerate(_LONG_FIRST) if item.nodeid.startswith(f)),
-                           len(_LONG_FIRST))
-  items.sort(key=rank)  # stable: the rest keep their collection order
