@@ -437,7 +437,7 @@ def _delayed_dot_bwd(g_bits, backend, calibrating, res, g):
   if g_bits is None:
     dux = jnp.einsum("bmn,bkn->bmk", g * s_w, qw.astype(jnp.float32))
     duw = jnp.einsum("bmk,bmn->bkn", qx.astype(jnp.float32), g * s_x)
-    amax_g = hist[1, 0]
+    amax_g = None  # float backward dots: the gradient row is left as it is
   else:
     g = g.astype(jnp.float32)
     amax_g = jnp.max(jnp.where(jnp.isfinite(g), jnp.abs(g), jnp.inf))  # as amax_x
@@ -463,8 +463,9 @@ def _delayed_dot_bwd(g_bits, backend, calibrating, res, g):
     dux = dux_i.astype(jnp.float32) * (s_g * jnp.swapaxes(s_k, 1, 2))
     duw = duw_i.astype(jnp.float32) * (s_g * s_x[:, :1])
   ds_w = jnp.sum(qw.astype(jnp.float32) * duw, axis=1, keepdims=True)
-  amax = jnp.stack([amax_x, amax_g]).astype(hist.dtype)
-  new_hist = jnp.concatenate([amax[:, None], hist[:, :-1]], axis=1)
+  push = lambda row, amax: jnp.concatenate([amax.astype(hist.dtype)[None], row[:-1]])
+  new_hist = jnp.stack([push(hist[0], amax_x),
+                        hist[1] if g_bits is None else push(hist[1], amax_g)])
   return (dux * s_x, jnp.zeros_like(s_x), duw * s_w, _unbroadcast(ds_w, s_w.shape), new_hist,
           jnp.zeros_like(amax_x))
 

@@ -77,6 +77,15 @@ def test_forward_backward_and_history_match_a_numpy_reference():
   np.testing.assert_allclose(np.asarray(dh), want, rtol=1e-6)
 
 
+def test_float_backward_leaves_the_gradient_row():
+  spec = jc.Quant(w_bits=8, a_bits=8, a_granularity="tensor", scaling="delayed", amax_history=3)
+  hist = jnp.array([[2.0, 1.0, 0.5], [7.0, 6.0, 5.0]])
+  x = jnp.full((4, 8), 0.5)
+  dh = jax.grad(lambda h: qdot.quant_dot_general(x, jnp.ones((8, 3)), DN, spec,
+                                                 amax_history=h).sum())(hist)
+  np.testing.assert_array_equal(dh, [[0.5, 2.0, 1.0], [7.0, 6.0, 5.0]])
+
+
 def test_non_finite_activations_poison_the_output():
   x = jnp.ones((4, 8)).at[1, 2].set(jnp.nan)
   y = qdot.quant_dot_general(x, jnp.ones((8, 3)), DN, DELAYED, amax_history=jnp.ones((2, 4)))
