@@ -31,6 +31,7 @@ MODULES = [
     "jaxcomp.oneshot.calibrate",
     "jaxcomp.rewrite.engine",
     "jaxcomp.rewrite.nnx_quant",
+    "jaxcomp.rewrite.delayed",
     "jaxcomp.eval.size",
     "jaxcomp.experiments.variants",
     "jaxcomp.sparse.spec",
