@@ -440,7 +440,7 @@ def _delayed_dot_bwd(g_bits, backend, calibrating, res, g):
     amax_g = None  # float backward dots: the gradient row is left as it is
   else:
     g = g.astype(jnp.float32)
-    amax_g = jnp.max(jnp.where(jnp.isfinite(g), jnp.abs(g), jnp.inf))  # as amax_x
+    amax_g = _absmax_or_inf(g)
     s_g = amax_g / core.qrange(g_bits)[1] if calibrating else amax_scale(hist[1], g_bits)
     qg = core.quantize(g, s_g, bits=g_bits)  # once, for both dots
     # A non-finite gradient poisons the products (int8 codes cannot carry it). Applied to the
@@ -635,6 +635,12 @@ def quant_dot_general(
                             out_dtype, rhs.dtype, backend)
 
 
+def _absmax_or_inf(x: Array) -> Array:
+  """``max |x|`` in one reduction, +inf when ``x`` holds a NaN or inf (XLA's max need not
+  propagate NaN)."""
+  return jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf))
+
+
 def _delayed_act_dot(lhs, u_w, s_w, frame, spec, out_dtype, backend, hist, calibrating):
   """The activations on the delayed per-tensor scale, times the weight grid (`delayed_int_dot`).
 
@@ -646,8 +652,7 @@ def _delayed_act_dot(lhs, u_w, s_w, frame, spec, out_dtype, backend, hist, calib
   x3 = frame.lhs(lhs).astype(jnp.float32)
   # One reduction beside the rounding, in float32 as the grid divides (XLA fuses both into
   # the op producing x); a non-finite element gives an infinite absmax.
-  amax_x = jax.lax.stop_gradient(
-      jnp.max(jnp.where(jnp.isfinite(x3), jnp.abs(x3), jnp.inf)))
+  amax_x = jax.lax.stop_gradient(_absmax_or_inf(x3))
   qmax = core.qrange(spec.a_bits)[1]
   if calibrating:
     s_x = amax_x / qmax
