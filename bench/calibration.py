@@ -16,7 +16,8 @@ included). RTN w4 (no calibration) runs once as the reference of GPTQ's ratio. S
   no external text at all; ``self_raw``: the same with control tokens allowed (as the
   sampling first ran); ``self_t08``: that at temperature 0.8, top-p 0.95; ``self_sched``:
   ``self`` with self-calibration's temperature schedule (Williams et al., 2025), from 2.0
-  down to 1.0 over the first 16 sampled tokens.
+  down to 1.0 over the first 16 sampled tokens; ``self_llmqat``: ``self`` with LLM-QAT's start,
+  the 4 tokens after the random first one taken greedily (Liu et al., 2023).
 
 Acceptance lines printed: GPTQ w4 per channel increase / RTN's (target <= 0.6, in and out of
 domain, at the default calibration); self-generated vs the best external source, GPTQ w4g128
@@ -47,12 +48,13 @@ METHODS = {"gptq_w4": smollm2_ptq, "gptq_w4g128": smollm2_ptq, "awq_w4g128": smo
            "wanda_50": smollm2_sparse, "svd_llm_40": smollm2_lowrank}
 SOURCES = {"wikitext2": "wikitext2_valid:1", "austen": "austen:1",
            "mixed": "wikitext2_valid:1,austen:1", "self": "self:1", "self_raw": "self:1",
-           "self_t08": "self:1", "self_sched": "self:1"}
+           "self_t08": "self:1", "self_sched": "self:1", "self_llmqat": "self:1"}
 # Sampling of the self-generated sources other than the configs' default (temperature 1,
 # top-p 1, a random first token, control tokens suppressed).
 GENERATION = {"self_raw": dict(suppress_special=False),
               "self_t08": dict(temperature=0.8, top_p=0.95, suppress_special=False),
-              "self_sched": dict(temperature_start=2.0, schedule_tokens=16)}
+              "self_sched": dict(temperature_start=2.0, schedule_tokens=16),
+              "self_llmqat": dict(greedy_tokens=4)}
 DEFAULT_SOURCE = "mixed"  # the one-shot configs' default (`compress.DEFAULT_SOURCES`)
 
 
