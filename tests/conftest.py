@@ -59,7 +59,15 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 
 import random  # noqa: E402
 
+import hypothesis  # noqa: E402
 import pytest  # noqa: E402
+
+# Property tests draw the same examples every run (a CI run passes or fails on the code alone,
+# and never spends minutes shrinking a draw no earlier run saw); `HYPOTHESIS_PROFILE=explore`
+# draws fresh ones, as hypothesis does by default. The tests' own settings keep their counts.
+hypothesis.settings.register_profile("suite", derandomize=True, database=None)
+hypothesis.settings.register_profile("explore")
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 _WORDS = "the a of to and in that it was her she he had be not for his as with".split()
 

@@ -126,8 +126,10 @@ def test_direct_kl_is_the_model_with_only_that_layer_compressed():
                  progress=False)
     p, q = (jax.nn.log_softmax(m(held_out), -1) for m in (model, one))
     kl = float(jnp.sum(jnp.exp(p) * (p - q))) / held_out.size
-    # ptq's dots run in bfloat16: 3% of the KL, or 1e-8 nats for the layers that barely move it
-    np.testing.assert_allclose(sens.kl[l, 0], kl, rtol=3e-2, atol=1e-8)
+    # ptq's dots run in bfloat16: 3% of the KL, or 1e-7 nats for the layers that barely move
+    # it (float32 log-probabilities near -5.5 are 4.8e-7 apart: a KL of 4e-7 is at that floor,
+    # and moves by 5% with the CPU's summation order)
+    np.testing.assert_allclose(sens.kl[l, 0], kl, rtol=3e-2, atol=1e-7)
   # The stacked model: the same direct scores, layer by layer.
   stacked = jc.sensitivity(scan_layers(model), r".*_proj", cands, calib=tokens, progress=False,
                            kl_tokens=held_out)
