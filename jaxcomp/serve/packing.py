@@ -49,6 +49,11 @@ def pack_kernel(kernel: Any, contracting: tuple[int, ...], spec: Quant,
   return quantize_weight(kernel, contracting, spec)
 
 
+# One program per kernel shape and spec: packing compiles once where its eager form compiles
+# each of its ops per shape (the integer codes and scales are the same either way).
+_pack_kernel_jit = jax.jit(pack_kernel, static_argnums=(1, 2))
+
+
 def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple[Any, ...] = (),
             kwargs: dict[str, Any] | None = None, backend: str | None = None) -> Any:
   """Returns the packed serving form of a quantized model; ``model`` is left untouched.
@@ -125,7 +130,8 @@ def convert(model: nnx.Module | nn.Module, *, variables: Any = None, args: tuple
       raise ValueError(f"{layer.path}: convert does not pack LinearGeneral kernels with batch axes")
     step, zero = layer.hook.w_step, getattr(layer.hook, "w_zero", None)
     pack = engine.over_stack(  # a stacked layer packs per layer: values and scales keep the stack axes
-        lambda w, s, z, c=layer.contracting, q=layer.spec: pack_kernel(w, c, q, s, z), layer.stack,
+        lambda w, s, z, c=layer.contracting, q=layer.spec: _pack_kernel_jit(w, c, q, s, z),
+        layer.stack,
         sequential=True)  # one layer's intermediates at a time
     qa = pack(value, None if step is None else step[...], None if zero is None else zero[...])
     setattr(layer.module, layer.kernel_name, _packed_variable(var, qa, layer.stack))
@@ -226,7 +232,7 @@ def _pack_linen(path: str, stored: Any, step: Any, layer: QuantizedLayer,
   axis = stack_axis(path, stored, layer.shape, layer.names)
   kernel = box_value(stored)
   step, zero = (None if x is None else box_value(x) for x in (step, zero))
-  pack = lambda w, s, z: pack_kernel(w, layer.contracting, layer.spec, s, z)
+  pack = lambda w, s, z: _pack_kernel_jit(w, layer.contracting, layer.spec, s, z)
   if axis is None:
     qa = pack(kernel, step, zero)
   else:
