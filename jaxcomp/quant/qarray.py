@@ -11,6 +11,7 @@ its packed serving form compute the same thing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -317,16 +318,21 @@ class QArray:
 
   def dequantize_canonical(self, dtype: jnp.dtype = jnp.float32) -> Array:
     """``(q - z) * s`` as the canonical (N, K) matrix."""
-    q = self.grid()
-    k = q.shape[1]
-    s = core.expand_groups(self.scales(), 1, self.group or k, k)
-    if self.zero_point is not None:
-      q = q - core.expand_groups(self.zero_point.astype(jnp.float32), 1, self.group or k, k)
-    return (q * s).astype(dtype)
+    return _dequantize_canonical(self, jnp.dtype(dtype))
 
   def dequantize(self, dtype: jnp.dtype = jnp.float32) -> Array:
     """The fake-quantized kernel in its logical shape and layout."""
     return from_canonical(self.dequantize_canonical(dtype), self.shape, self.contracting)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program, not one per op when called eagerly
+def _dequantize_canonical(qa: QArray, dtype: jnp.dtype) -> Array:
+  q = qa.grid()
+  k = q.shape[1]
+  s = core.expand_groups(qa.scales(), 1, qa.group or k, k)
+  if qa.zero_point is not None:
+    q = q - core.expand_groups(qa.zero_point.astype(jnp.float32), 1, qa.group or k, k)
+  return (q * s).astype(dtype)
 
 
 def _from_ints(q: Array, s: Array, z: Array | None, bits: int, shape: Sequence[int],
