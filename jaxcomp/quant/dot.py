@@ -83,6 +83,9 @@ class _Frame:
 # --------------------------------------------------------------------------- operand grids
 
 
+# One program per weight shape and spec: called eagerly (a model run outside jit, `convert`),
+# its ops would each compile per shape; inside a traced function it inlines as before.
+@functools.partial(jax.jit, static_argnums=1)
 def _weight_grid(w3: Array, spec: Quant, step3: Array | None,
                  zero3: Array | None = None) -> tuple[Array, Array]:
   """Integer-valued grid ``u`` and scale ``s`` of a canonical (B, K, N) weight.
