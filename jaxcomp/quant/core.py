@@ -18,6 +18,7 @@ Nothing here imports flax: these are the functions another codebase may want on 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -242,7 +243,16 @@ def compute_scale(
     >>> s.shape, round(float(s[0, 1]) * 127, 4)
     ((1, 2), 4.0)
   """
-  axes = _axes(x, axes)
+  return _compute_scale(x, bits, _axes(x, axes), symmetric, calibration, float(percentile),
+                        full_range, fmt, scale_dtype)
+
+
+# One program per shape and settings: called eagerly (RTN, convert, a model run outside jit)
+# its ops would each compile per shape; inside a traced function it inlines as before.
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 9)))
+def _compute_scale(x: Array, bits: int, axes: tuple[int, ...], symmetric: bool,
+                   calibration: str, percentile: float, full_range: bool, fmt: str,
+                   scale_dtype: str) -> tuple[Array, Array | None]:
   if fmt != "int":
     return formats.format_scale(x, fmt, axes), None
   x = x.astype(jnp.float32)
