@@ -126,6 +126,7 @@ def _weight_grid(w3: Array, spec: Quant, step3: Array | None,
                          full_range=spec.full_range, fmt=spec.w_format), s
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program per shape and spec (as _weight_grid)
 def _act_grid(x3: Array, spec: Quant, amax_history: Array | None = None
               ) -> tuple[Array, Array]:
   """Grid of a canonical (B, M, K) activation: dynamic per token (B, M, 1) or per tensor, or
