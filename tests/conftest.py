@@ -114,4 +114,3 @@ def data_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("tfds")
   fm.prepare(str(out), str(src))
   return str(out)
-
